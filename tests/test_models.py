@@ -1,0 +1,194 @@
+"""The model zoo: exact parameter counts, layouts, options, equivalences and errors."""
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax import models
+from vit_jax.errors import ConfigError
+from vit_jax.models import scan_layout
+from vit_jax.models.flops import forward_flops
+
+
+def _init(model, shape=(2, 32, 32, 3), seed=0):
+  return flax.core.unfreeze(
+      flax.linen.meta.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros(shape))))
+
+
+def _count(variables) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables['params']))
+
+
+@pytest.mark.parametrize('name,expected', [
+    ('ViT-Ti_16', 5_717_416), ('ViT-S_16', 22_050_664), ('ViT-B_16', 86_567_656),
+    ('ViT-L_16', 304_326_632), ('ViT-H_14', 632_045_800), ('R50+ViT-B_16', 98_659_112)])
+def test_parameter_counts_match_the_paper(name, expected):
+  model = models.create(name, num_classes=1000)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3))))
+  assert _count(shapes) == expected
+
+
+def test_released_layout_names_and_shapes():
+  model = models.create('ViT-B_16', num_classes=10, representation_size=768)
+  shapes = flax.linen.meta.unbox(jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))))['params']
+  flat = {'/'.join(k): v.shape for k, v in flax.traverse_util.flatten_dict(shapes).items()}
+  block = 'Transformer/encoderblock_11/'
+  assert flat['embedding/kernel'] == (16, 16, 3, 768)
+  assert flat['cls'] == (1, 1, 768)
+  assert flat['Transformer/posembed_input/pos_embedding'] == (1, 197, 768)
+  assert flat[block + 'MultiHeadDotProductAttention_1/query/kernel'] == (768, 12, 64)
+  assert flat[block + 'MultiHeadDotProductAttention_1/value/bias'] == (12, 64)
+  assert flat[block + 'MultiHeadDotProductAttention_1/out/kernel'] == (12, 64, 768)
+  assert flat[block + 'MlpBlock_3/Dense_0/kernel'] == (768, 3072)
+  assert flat[block + 'MlpBlock_3/Dense_1/kernel'] == (3072, 768)
+  for key in (block + 'LayerNorm_0/scale', block + 'LayerNorm_2/bias',
+              'Transformer/encoder_norm/scale'):
+    assert flat[key] == (768,)
+  assert flat['pre_logits/kernel'] == (768, 768)
+  assert flat['head/kernel'] == (768, 10)
+
+
+def test_hybrid_keys_sit_at_the_top_level():
+  model = models.create('R50+ViT-B_16', num_classes=10)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3))))
+  params = flax.linen.meta.unbox(shapes)['params']
+  assert params['conv_root']['kernel'].shape == (7, 7, 3, 64)
+  assert set(params['block1']['unit1']) == {
+      'conv1', 'conv2', 'conv3', 'gn1', 'gn2', 'gn3', 'conv_proj', 'gn_proj'}
+  assert set(params['block3']) == {f'unit{i}' for i in range(1, 10)}
+  assert params['embedding']['kernel'].shape == (1, 1, 1024, 768)
+
+
+def test_init_is_deterministic_and_head_is_zero():
+  model = models.create('ViT-Mu_4', num_classes=10, head_bias_init=-10.)
+  a, b = _init(model, seed=3), _init(model, seed=3)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert not np.any(a['params']['head']['kernel'])
+  np.testing.assert_array_equal(a['params']['head']['bias'], -10.)
+  assert not np.any(a['params']['cls'])
+  assert np.std(a['params']['Transformer']['posembed_input']['pos_embedding']) == pytest.approx(
+      0.02, rel=0.15)
+
+
+@pytest.mark.parametrize('classifier', ['token', 'gap', 'map'])
+@pytest.mark.parametrize('posemb', ['learn', 'sincos2d'])
+def test_output_shapes_for_every_pooling_and_posemb(classifier, posemb):
+  model = models.create('ViT-Mu_4', num_classes=7, classifier=classifier, posemb=posemb,
+                        representation_size=48)
+  variables = _init(model)
+  logits = model.apply(variables, jnp.ones((2, 32, 32, 3)))
+  assert logits.shape == (2, 7)
+  features = models.create('ViT-Mu_4', num_classes=0, classifier=classifier, posemb=posemb)
+  assert features.apply(_init(features), jnp.ones((2, 32, 32, 3))).shape == (2, 64)
+  has_posemb = 'posembed_input' in variables['params']['Transformer']
+  assert has_posemb == (posemb == 'learn')
+  assert ('cls' in variables['params']) == (classifier == 'token')
+
+
+def test_non_square_resolution_and_hybrid_forward():
+  model = models.create('ViT-Mu_4', num_classes=3)
+  variables = _init(model, shape=(1, 24, 40, 3))
+  assert variables['params']['Transformer']['posembed_input']['pos_embedding'].shape == (
+      1, 6 * 10 + 1, 64)
+  assert model.apply(variables, jnp.ones((2, 24, 40, 3))).shape == (2, 3)
+  hybrid = models.create('R26+ViT-Mu_8', num_classes=3)
+  assert hybrid.apply(_init(hybrid), jnp.ones((2, 32, 32, 3))).shape == (2, 3)
+
+
+def test_scan_and_unrolled_give_the_same_outputs():
+  unrolled = models.create('ViT-Mu_4', num_classes=5)
+  scanned = models.create('ViT-Mu_4', num_classes=5, scan=True, remat='full')
+  variables = _init(unrolled)
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  head = variables['params']['head']
+  head['kernel'] = jax.random.normal(jax.random.PRNGKey(2), head['kernel'].shape)
+  as_scanned = {'params': scan_layout.unrolled_to_scanned(variables['params'])}
+  assert as_scanned['params']['Transformer']['encoderblock']['LayerNorm_0']['scale'].shape == (
+      4, 64)
+  expected = unrolled.apply(variables, images)
+  np.testing.assert_allclose(scanned.apply(as_scanned, images), expected, rtol=1e-5, atol=1e-4)
+  back = scan_layout.scanned_to_unrolled(as_scanned['params'])
+  jax.tree.map(np.testing.assert_array_equal, back, variables['params'])
+  # A scanned init has the same tree (after conversion) as an unrolled one.
+  scanned_init = _init(scanned)['params']
+  assert (jax.tree.structure(scan_layout.scanned_to_unrolled(scanned_init))
+          == jax.tree.structure(variables['params']))
+
+
+def test_fused_attention_matches_explicit_softmax():
+  model = models.create('ViT-Mu_4', num_classes=5)
+  variables = _init(model)
+  variables['params']['head']['kernel'] += 0.1
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  fused = model.apply(variables, images)
+  explicit, inter = model.apply(variables, images, mutable='intermediates')
+  np.testing.assert_allclose(fused, explicit, atol=1e-5)
+  attention = inter['intermediates']['Transformer']['encoderblock_0'][
+      'MultiHeadDotProductAttention_1']['attention'][0]
+  assert attention.shape == (2, 2, 65, 65)
+  np.testing.assert_allclose(attention.sum(-1), 1., atol=1e-5)
+
+
+def test_bfloat16_forward_is_close_to_float32():
+  f32 = models.create('ViT-Mu_4', num_classes=5)
+  bf16 = models.create('ViT-Mu_4', num_classes=5, dtype='bfloat16')
+  variables = _init(f32)
+  variables['params']['head']['kernel'] = jax.random.normal(
+      jax.random.PRNGKey(2), variables['params']['head']['kernel'].shape)
+  images = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
+  out32, out16 = f32.apply(variables, images), bf16.apply(variables, images)
+  assert out16.dtype == jnp.bfloat16
+  assert jax.tree.leaves(_init(bf16))[0].dtype == jnp.float32  # params stay float32
+  error = np.abs(np.asarray(out16, np.float32) - out32).max()
+  assert error < 0.03 * np.abs(out32).max()  # bf16 keeps ~3 significant digits
+
+
+def test_dropout_is_active_only_in_training():
+  model = models.create('ViT-Mu_4', num_classes=5, dropout_rate=0.5, attention_dropout_rate=0.5)
+  variables = _init(model)
+  variables['params']['head']['kernel'] += 1.
+  images = jnp.ones((2, 32, 32, 3))
+  np.testing.assert_array_equal(model.apply(variables, images), model.apply(variables, images))
+  rngs = lambda s: {'dropout': jax.random.PRNGKey(s)}
+  a = model.apply(variables, images, train=True, rngs=rngs(0))
+  b = model.apply(variables, images, train=True, rngs=rngs(1))
+  assert not np.allclose(a, b)
+
+
+def test_forward_flops_agree_with_xla_cost_analysis():
+  for name, kwargs in [('ViT-Mu_4', {}), ('ViT-Mu_4', dict(classifier='map')),
+                       ('R26+ViT-Mu_8', {})]:
+    model = models.create(name, num_classes=10, **kwargs)
+    images = jnp.zeros((1, 32, 32, 3))
+    variables = _init(model, shape=images.shape)
+    xla = jax.jit(model.apply).lower(variables, images).compile().cost_analysis()['flops']
+    # XLA also counts the elementwise work (norms, softmax, GELU), a few percent on top.
+    assert 0.9 * xla <= forward_flops(model, 32, 32) <= xla
+
+
+def test_flops_of_vit_b16_match_the_usual_figure():
+  # ViT-B/16 at 224 px is quoted as 17.6 GFLOPs (multiply-adds x 2 ~ 35 GFLOP).
+  model = models.create('ViT-B_16', num_classes=1000)
+  assert forward_flops(model, 224, 224) / 2e9 == pytest.approx(17.6, rel=0.01)
+
+
+@pytest.mark.parametrize('call,message', [
+    (lambda: models.create('ViT-Q_16'), 'unknown model'),
+    (lambda: models.create('ViT-B16'), "did you mean 'ViT-B_16'"),
+    (lambda: models.create('ViT-Mu_4', num_heads=3), 'not divisible by num_heads'),
+    (lambda: models.create('ViT-Mu_4', classifier='cls'), 'classifier'),
+    (lambda: models.create('ViT-Mu_4', depth=3), 'unknown model option'),
+    (lambda: _init(models.create('ViT-Mu_4'), shape=(1, 30, 30, 3)), 'does not divide'),
+])
+def test_bad_input_gives_one_line_error(call, message):
+  with pytest.raises(ConfigError, match=message) as info:
+    call()
+  assert '\n' not in str(info.value)
+
+
+def test_names_lists_the_released_variants():
+  assert {'ViT-Ti_16', 'ViT-B_16', 'ViT-H_14', 'R50+ViT-B_16'} <= set(models.names())
+  for name in models.names():
+    models.create(name)

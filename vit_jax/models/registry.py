@@ -1,0 +1,100 @@
+"""Named ViT variants under the released names (`ViT-B_16`, `R50+ViT-B_16`, ...)."""
+import dataclasses
+import difflib
+import re
+from typing import Any, Optional
+
+import jax.numpy as jnp
+
+from vit_jax.errors import ConfigError
+from vit_jax.models import resnet
+from vit_jax.models.vit import REMAT_POLICIES, VisionTransformer
+
+# hidden_size, mlp_dim, num_heads, num_layers (the paper's Table 1, plus Ti and S from DeiT/AugReg,
+# plus small widths sized for CPU work).
+SIZES = {
+    'Ti': (192, 768, 3, 12),
+    'S': (384, 1536, 6, 12),
+    'B': (768, 3072, 12, 12),
+    'L': (1024, 4096, 16, 24),
+    'H': (1280, 5120, 16, 32),
+    # CPU-sized: a few minutes of training on a laptop.
+    'Mu': (64, 256, 2, 4),
+    'Pico': (128, 512, 4, 6),
+}
+RELEASED = ('ViT-Ti_16', 'ViT-S_16', 'ViT-S_32', 'ViT-B_8', 'ViT-B_16', 'ViT-B_32', 'ViT-L_16',
+            'ViT-L_32', 'ViT-H_14', 'R50+ViT-B_16')
+CPU_SIZED = ('ViT-Mu_4', 'ViT-Pico_4', 'ViT-Ti_4', 'ViT-Ti_7', 'R26+ViT-Mu_8')
+# Hybrid stems: R50 = BiT-R50 stages (3, 4, 9) (the third stage dropped, as in the paper);
+# R26 = a two-stage (2, 2) stem, /8, for small images on CPU. Hybrid names give the effective
+# patch on the image (R50+ViT-B_16 embeds the /16 feature map with 1x1 patches).
+STEMS = {'R50': (3, 4, 9), 'R26': (2, 2)}
+_NAME = re.compile(r'^(?:(?P<stem>R\d+)\+)?ViT-(?P<size>[A-Za-z]+)_(?P<patch>\d+)$')
+_CHOICES = {'classifier': ('token', 'gap', 'map'), 'posemb': ('learn', 'sincos2d'),
+            'remat': tuple(REMAT_POLICIES)}
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def names() -> list[str]:
+  """The released variants first, then the CPU-sized ones."""
+  return list(RELEASED + CPU_SIZED)
+
+
+def _parse(name: str) -> dict[str, Any]:
+  match = _NAME.match(name)
+  if not match or match['size'] not in SIZES or (match['stem'] and match['stem'] not in STEMS):
+    close = difflib.get_close_matches(name, names(), n=1)
+    hint = f'did you mean {close[0]!r}? ' if close else ''
+    raise ConfigError(f'unknown model {name!r}: {hint}known: {", ".join(names())} '
+                      f'(any ViT-<{"|".join(SIZES)}>_<patch> also works)')
+  hidden, mlp, heads, layers = SIZES[match['size']]
+  kwargs = dict(hidden_size=hidden, mlp_dim=mlp, num_heads=heads, num_layers=layers,
+                patch_size=int(match['patch']))
+  if match['stem']:
+    # The name gives the effective patch on the image; the stem already downsampled part of it.
+    stages = STEMS[match['stem']]
+    stride = resnet.total_stride(stages)
+    if kwargs['patch_size'] % stride:
+      raise ConfigError(f'{name}: the {match["stem"]} stem downsamples by {stride}, so the patch '
+                        f'size must be a multiple of {stride}')
+    kwargs.update(resnet=dict(num_layers=stages), patch_size=kwargs['patch_size'] // stride)
+  return kwargs
+
+
+def model_kwargs(name: str, num_classes: int, **overrides) -> dict[str, Any]:
+  """The resolved keyword arguments of `VisionTransformer` for a name plus overrides."""
+  kwargs = _parse(name)
+  kwargs.update(num_classes=num_classes, **overrides)
+  fields = {f.name for f in dataclasses.fields(VisionTransformer)} - {'parent', 'name'}
+  unknown = sorted(set(kwargs) - fields)
+  if unknown:
+    raise ConfigError(f'unknown model option(s) {unknown} for {name}: known are {sorted(fields)}')
+  for key, choices in _CHOICES.items():
+    if key in kwargs and kwargs[key] not in choices:
+      raise ConfigError(f'model option {key}={kwargs[key]!r} is not one of {choices}')
+  if kwargs['hidden_size'] % kwargs['num_heads']:
+    raise ConfigError(f'hidden_size {kwargs["hidden_size"]} is not divisible by num_heads '
+                      f'{kwargs["num_heads"]}: change one so that it is')
+  return kwargs
+
+
+def create(name: str, num_classes: int = 1000, **overrides) -> VisionTransformer:
+  """The flax module for a named variant; `overrides` replace any field (dtype may be a string)."""
+  kwargs = model_kwargs(name, num_classes, **overrides)
+  patch = kwargs['patch_size']
+  kwargs['patch_size'] = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+  stem = kwargs.get('resnet')
+  if isinstance(stem, dict) or hasattr(stem, 'to_dict'):
+    stem = dict(stem)
+    kwargs['resnet'] = resnet.ResNetConfig(
+        num_layers=tuple(stem.get('num_layers', (3, 4, 9))),
+        width_factor=stem.get('width_factor', 1.0))
+  if isinstance(kwargs.get('dtype'), str):
+    kwargs['dtype'] = _dtype(kwargs['dtype'])
+  return VisionTransformer(**kwargs)
+
+
+def _dtype(name: str) -> Optional[Any]:
+  if name not in _DTYPES:
+    raise ConfigError(f'unknown dtype {name!r}: use one of {list(_DTYPES)}')
+  return _DTYPES[name]

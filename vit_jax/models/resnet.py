@@ -1,0 +1,85 @@
+"""The BiT ResNet stem of the hybrid ViT: weight-standardised convs with GroupNorm.
+
+Names (`conv_root`, `gn_root`, `block{n}/unit{m}/conv1..3, gn1..3, conv_proj, gn_proj`) follow
+the released R50+ViT checkpoints. The stem downsamples by 4 at the root and by 2 in every stage
+after the first, so stages (3, 4, 9) turn 224 px into a 14x14 map that ViT embeds with 1x1 patches.
+"""
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetConfig:
+  num_layers: tuple[int, ...] = (3, 4, 9)
+  width_factor: float = 1.0
+
+
+def total_stride(num_layers: tuple[int, ...]) -> int:
+  """Downsampling of the stem: 4 at the root, 2 in every stage after the first."""
+  return 4 * 2**(len(num_layers) - 1)
+
+
+def weight_standardize(w: jnp.ndarray, axis, eps: float) -> jnp.ndarray:
+  """Zero mean, unit variance per output filter: BiT's trick that lets GroupNorm train well."""
+  w = w - jnp.mean(w, axis=axis, keepdims=True)
+  return w / jnp.sqrt(jnp.var(w, axis=axis, keepdims=True) + eps)
+
+
+class StdConv(nn.Conv):
+  """Conv whose kernel is weight-standardised on every use (the stored kernel stays raw)."""
+
+  def param(self, name, *args, **kwargs):  # pylint: disable=arguments-differ
+    value = super().param(name, *args, **kwargs)
+    if name == 'kernel':
+      value = weight_standardize(value, axis=(0, 1, 2), eps=1e-5)
+    return value
+
+
+class BottleneckUnit(nn.Module):
+  """1x1 -> 3x3 (strided) -> 1x1 (x4 features), projection shortcut when the shape changes."""
+  features: int
+  strides: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    conv = lambda f, k, s, name: StdConv(  # pylint: disable=g-long-lambda
+        f, (k, k), (s, s), use_bias=False, dtype=self.dtype, name=name)
+    gn = lambda name, **kw: nn.GroupNorm(dtype=self.dtype, name=name, **kw)
+    residual = x
+    if x.shape[-1] != self.features * 4 or self.strides != 1:
+      residual = gn('gn_proj')(conv(self.features * 4, 1, self.strides, 'conv_proj')(x))
+    y = nn.relu(gn('gn1')(conv(self.features, 1, 1, 'conv1')(x)))
+    y = nn.relu(gn('gn2')(conv(self.features, 3, self.strides, 'conv2')(y)))
+    y = gn('gn3', scale_init=nn.initializers.zeros)(conv(self.features * 4, 1, 1, 'conv3')(y))
+    return nn.relu(residual + y)
+
+
+class ResNetStage(nn.Module):
+  """`num_units` bottleneck units; the first one strides."""
+  num_units: int
+  features: int
+  first_stride: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    for unit in range(self.num_units):
+      x = BottleneckUnit(self.features, self.first_stride if unit == 0 else 1, dtype=self.dtype,
+                         name=f'unit{unit + 1}')(x)
+    return x
+
+
+def resnet_stem(x: jnp.ndarray, config: ResNetConfig, dtype: Any) -> jnp.ndarray:
+  """Root conv + max-pool, then the stages; called inside the ViT so its names sit at the top."""
+  width = int(64 * config.width_factor)
+  x = StdConv(width, (7, 7), (2, 2), use_bias=False, dtype=dtype, name='conv_root')(x)
+  x = nn.relu(nn.GroupNorm(dtype=dtype, name='gn_root')(x))
+  x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+  for stage, units in enumerate(config.num_layers):
+    x = ResNetStage(units, width * 2**stage, 2 if stage > 0 else 1, dtype=dtype,
+                    name=f'block{stage + 1}')(x)
+  return x

@@ -1,0 +1,285 @@
+"""The Vision Transformer of Dosovitskiy et al. (ICLR 2021), in the released checkpoints' layout.
+
+Submodule names are fixed explicitly (`embedding`, `Transformer/encoderblock_{i}/...`) so that the
+parameter tree *is* the layout of the released `.npz` files: loading one is unflattening it.
+Parameters carry logical axis names (`embed`, `mlp`, `heads`, ...); how those map onto a device
+mesh lives in `vit_jax.sharding`, never here.
+"""
+from typing import Any, Callable, Optional, Sequence
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax.errors import ConfigError
+from vit_jax.models import resnet as resnet_lib
+
+Dtype = Any
+
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _init(initializer: Callable, names: Sequence[Optional[str]]) -> Callable:
+  return nn.with_logical_partitioning(initializer, tuple(names))
+
+
+def sincos2d_posemb(height: int, width: int, dim: int, temperature: float = 10_000.) -> jnp.ndarray:
+  """Fixed 2D sin-cos position embedding (MoCo v3 / big_vision style), shape (1, h*w, dim)."""
+  if dim % 4:
+    raise ConfigError(f'posemb=sincos2d needs hidden_size divisible by 4, got {dim}')
+  y, x = np.mgrid[:height, :width]
+  omega = 1. / temperature**(np.arange(dim // 4) / (dim // 4 - 1))
+  y = np.einsum('m,d->md', y.flatten(), omega)
+  x = np.einsum('m,d->md', x.flatten(), omega)
+  pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  return jnp.asarray(pe, jnp.float32)[None]
+
+
+class AddPositionEmbs(nn.Module):
+  """Learned 1D position embeddings, one per token (the paper's default)."""
+  posemb_init: Callable = nn.initializers.normal(stddev=0.02)
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    pe = self.param('pos_embedding', _init(self.posemb_init, (None, 'length', 'embed')),
+                    (1,) + x.shape[1:], jnp.float32)
+    return x + pe.astype(x.dtype)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Self-attention with the released layout: query/key/value (D, heads, D/heads), out (heads, D/heads, D).
+
+  The fused `jax.nn.dot_product_attention` runs by default (cuDNN flash on GPUs). When the
+  'intermediates' collection is mutable the weights are computed explicitly and sown as
+  `attention`, which is how the analyses read them from this same code.
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  dropout_rate: float = 0.0
+  implementation: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, deterministic: bool) -> jnp.ndarray:
+    features = x.shape[-1]
+    head_dim = features // self.num_heads
+    dense = lambda name: nn.DenseGeneral(  # pylint: disable=g-long-lambda
+        features=(self.num_heads, head_dim), dtype=self.dtype, name=name,
+        kernel_init=_init(nn.initializers.xavier_uniform(), ('embed', 'heads', 'kv')),
+        bias_init=_init(nn.initializers.zeros, ('heads', 'kv')))
+    q, k, v = dense('query')(x), dense('key')(x), dense('value')(x)
+    use_dropout = self.dropout_rate > 0 and not deterministic
+    if self.is_mutable_collection('intermediates') or use_dropout:
+      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(head_dim).astype(self.dtype)
+      weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(self.dtype)
+      self.sow('intermediates', 'attention', weights)
+      if use_dropout:
+        weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
+      y = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+    else:
+      y = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    return nn.DenseGeneral(
+        features=features, axis=(-2, -1), dtype=self.dtype, name='out',
+        kernel_init=_init(nn.initializers.xavier_uniform(), ('heads', 'kv', 'embed')),
+        bias_init=_init(nn.initializers.zeros, ('embed',)))(y)
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU -> dropout -> Dense -> dropout."""
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  dropout_rate: float = 0.0
+  gelu_approximate: bool = True
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, deterministic: bool) -> jnp.ndarray:
+    dense = lambda features, axes, name: nn.Dense(  # pylint: disable=g-long-lambda
+        features, dtype=self.dtype, name=name,
+        kernel_init=_init(nn.initializers.xavier_uniform(), axes),
+        bias_init=_init(nn.initializers.normal(stddev=1e-6), axes[1:]))
+    y = dense(self.mlp_dim, ('embed', 'mlp'), 'Dense_0')(x)
+    y = nn.gelu(y, approximate=self.gelu_approximate)
+    y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    y = dense(x.shape[-1], ('mlp', 'embed'), 'Dense_1')(y)
+    return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+
+
+def _layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=1e-6, dtype=dtype, name=name,
+                      scale_init=_init(nn.initializers.ones, ('embed',)),
+                      bias_init=_init(nn.initializers.zeros, ('embed',)))
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LN transformer block: x + MSA(LN(x)), then x + MLP(LN(x))."""
+  mlp_dim: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  gelu_approximate: bool = True
+  attention_impl: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+    y = _layer_norm('LayerNorm_0', self.dtype)(x)
+    y = MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype, dropout_rate=self.attention_dropout_rate,
+        implementation=self.attention_impl, name='MultiHeadDotProductAttention_1')(
+            y, deterministic=deterministic)
+    x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    y = _layer_norm('LayerNorm_2', self.dtype)(x)
+    y = MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, dropout_rate=self.dropout_rate,
+                 gelu_approximate=self.gelu_approximate, name='MlpBlock_3')(
+                     y, deterministic=deterministic)
+    return x + y
+
+
+class _ScanBlock(Encoder1DBlock):
+  """The same block with the (carry, out) signature `nn.scan` wants."""
+
+  def __call__(self, x, deterministic):  # pylint: disable=arguments-renamed
+    return super().__call__(x, deterministic), None
+
+
+class Encoder(nn.Module):
+  """Position embeddings, a stack of blocks (unrolled or scanned), final LayerNorm."""
+  num_layers: int
+  mlp_dim: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  gelu_approximate: bool = True
+  attention_impl: Optional[str] = None
+  posemb: str = 'learn'
+  remat: str = 'none'
+  scan: bool = False
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    if self.posemb == 'learn':
+      x = AddPositionEmbs(name='posembed_input')(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    block_kwargs = dict(
+        mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype,
+        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
+        gelu_approximate=self.gelu_approximate, attention_impl=self.attention_impl)
+    policy = REMAT_POLICIES[self.remat]
+    if self.scan:
+      block = _ScanBlock
+      if self.remat != 'none':
+        block = nn.remat(block, policy=policy, static_argnums=(2,), prevent_cse=False)
+      x, _ = nn.scan(
+          block, variable_axes={'params': 0, 'intermediates': 0},
+          split_rngs={'params': True, 'dropout': True}, in_axes=nn.broadcast,
+          length=self.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})(
+              name='encoderblock', **block_kwargs)(x, not train)
+    else:
+      block = Encoder1DBlock
+      if self.remat != 'none':
+        block = nn.remat(block, policy=policy, static_argnums=(2,))
+      for i in range(self.num_layers):
+        x = block(name=f'encoderblock_{i}', **block_kwargs)(x, not train)
+    return _layer_norm('encoder_norm', self.dtype)(x)
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling: a learned probe attends over the tokens."""
+  mlp_dim: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  gelu_approximate: bool = True
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    probe = self.param('probe', _init(nn.initializers.xavier_uniform(), (None, None, 'embed')),
+                       (1, 1, x.shape[-1]), jnp.float32)
+    probe = jnp.broadcast_to(probe.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype,
+        kernel_init=nn.initializers.xavier_uniform())(probe, x)
+    y = y + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype,
+                     gelu_approximate=self.gelu_approximate)(
+                         nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(y), deterministic=True)
+    return y[:, 0]
+
+
+class VisionTransformer(nn.Module):
+  """ViT (optionally hybrid). Returns logits, or pre-logit features when `num_classes == 0`.
+
+  Pre-logit features are always sown as intermediates/pre_logits (for few-shot probes).
+  """
+  num_classes: int
+  patch_size: tuple[int, int]
+  hidden_size: int
+  mlp_dim: int
+  num_heads: int
+  num_layers: int
+  representation_size: Optional[int] = None
+  classifier: str = 'token'
+  posemb: str = 'learn'
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  head_bias_init: float = 0.0
+  gelu_approximate: bool = True
+  resnet: Optional[resnet_lib.ResNetConfig] = None
+  dtype: Dtype = jnp.float32
+  remat: str = 'none'
+  scan: bool = False
+  attention_impl: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, images: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
+    x = images.astype(self.dtype)
+    if self.resnet is not None:
+      x = resnet_lib.resnet_stem(x, self.resnet, self.dtype)
+    ph, pw = self.patch_size
+    if x.shape[1] % ph or x.shape[2] % pw:
+      raise ConfigError(
+          f'patch size {ph}x{pw} does not divide the {x.shape[1]}x{x.shape[2]} '
+          f'{"feature map" if self.resnet else "image"}: choose an image size that is a '
+          f'multiple of {ph}x{pw}')
+    x = nn.Conv(self.hidden_size, (ph, pw), strides=(ph, pw), padding='VALID',
+                dtype=self.dtype, name='embedding',
+                kernel_init=_init(nn.initializers.lecun_normal(), (None, None, None, 'embed')),
+                bias_init=_init(nn.initializers.zeros, ('embed',)))(x)
+    gh, gw = x.shape[1:3]
+    x = einops.rearrange(x, 'b h w d -> b (h w) d')
+    if self.posemb == 'sincos2d':
+      x = x + sincos2d_posemb(gh, gw, self.hidden_size).astype(x.dtype)
+    if self.classifier == 'token':
+      cls = self.param('cls', _init(nn.initializers.zeros, (None, None, 'embed')),
+                       (1, 1, self.hidden_size), jnp.float32)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, x.shape[2])), x],
+                          axis=1)
+    x = Encoder(
+        num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+        dtype=self.dtype, dropout_rate=self.dropout_rate,
+        attention_dropout_rate=self.attention_dropout_rate,
+        gelu_approximate=self.gelu_approximate, attention_impl=self.attention_impl,
+        posemb=self.posemb, remat=self.remat, scan=self.scan, name='Transformer')(x, train=train)
+    if self.classifier == 'token':
+      x = x[:, 0]
+    elif self.classifier == 'gap':
+      x = jnp.mean(x, axis=1)
+    else:
+      x = MAPHead(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dtype=self.dtype,
+                  gelu_approximate=self.gelu_approximate)(x)
+    if self.representation_size is not None:
+      x = nn.Dense(self.representation_size, dtype=self.dtype, name='pre_logits',
+                   kernel_init=_init(nn.initializers.lecun_normal(), ('embed', 'mlp')),
+                   bias_init=_init(nn.initializers.zeros, ('mlp',)))(x)
+      x = jnp.tanh(x)
+    self.sow('intermediates', 'pre_logits', x)
+    if not self.num_classes:
+      return x
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='head',
+                    kernel_init=_init(nn.initializers.zeros, ('embed', 'classes')),
+                    bias_init=_init(nn.initializers.constant(self.head_bias_init), ('classes',)))(x)
