@@ -33,6 +33,9 @@ Step = Callable[[argparse.Namespace], List[Cmd]]
 # Layout on each TPU VM worker, relative to the login user's home directory.
 REMOTE_DIR = 'vit_jax'
 REMOTE_TARBALL = 'vit_jax.tar.gz'
+REMOTE_VENV = 'vit_jax_venv'  # outside REMOTE_DIR: survives a fresh setup
+# The venv's python as seen from inside REMOTE_DIR, where runs start.
+REMOTE_PYTHON = posixpath.join('..', REMOTE_VENV, 'bin', 'python')
 DEFAULT_LOG = 'vit_jax_run.log'
 # Where `setup` packs the local tree; inside the source tree so no shared /tmp.
 PACK_DIR = 'build/launch'
@@ -47,9 +50,7 @@ RUNTIMES = {
     'v5litepod': 'v2-alpha-tpuv5-lite',
     'v6e': 'v2-alpha-tpuv6e',
 }
-ACCELERATOR_RE = re.compile(r'(%s)-[1-9][0-9]*' % '|'.join(RUNTIMES))
-WORKER_RE = re.compile(r'all|[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*')
-ENV_KEY_RE = re.compile(r'[A-Za-z_][A-Za-z0-9_]*')
+
 
 
 class LaunchError(Exception):
@@ -86,37 +87,32 @@ def _ssh(args: argparse.Namespace, remote: str) -> Cmd:
                  f'--command={remote}')
 
 
-def _tpu_name(value: str) -> str:
-  """Rejects names gcloud would read as a flag (e.g. `--project=other`)."""
-  if not value or value.startswith('-'):
-    raise argparse.ArgumentTypeError(
-        f'{value!r}: must be non-empty and not start with "-"')
-  return value
+def _matching(pattern: str, want: str) -> Callable[[str], str]:
+  """An argparse type that accepts only full matches of `pattern`."""
+  regex = re.compile(pattern, re.DOTALL)
+
+  def check(value: str) -> str:
+    if not regex.fullmatch(value):
+      raise argparse.ArgumentTypeError(f'{value!r}: want {want}')
+    return value
+
+  return check
 
 
-def _accelerator(value: str) -> str:
-  """Catches typos (v5e-8 is v5litepod-8) before a slow gcloud round trip."""
-  if not ACCELERATOR_RE.fullmatch(value):
-    raise argparse.ArgumentTypeError(
-        f'unknown type {value!r}: expected GENERATION-SIZE with GENERATION in '
-        f'{"|".join(RUNTIMES)}, e.g. v4-32, v5p-16, v5litepod-16, v6e-8')
-  return value
-
-
-def _worker(value: str) -> str:
-  """Only what `gcloud ... ssh --worker` accepts."""
-  if not WORKER_RE.fullmatch(value):
-    raise argparse.ArgumentTypeError(f'{value!r}: use all, N, N,M or N-M')
-  return value
-
-
-def _env_pair(value: str) -> str:
-  """KEY=VALUE with KEY a shell name, so `env` cannot take it for an option."""
-  key, sep, _ = value.partition('=')
-  if not sep or not ENV_KEY_RE.fullmatch(key):
-    raise argparse.ArgumentTypeError(
-        f'{value!r}: want KEY=VALUE with KEY a shell name')
-  return value
+# gcloud would read a name starting with "-" as a flag (e.g. --project=other).
+_tpu_name = _matching(r'[^-].*', 'a name that does not start with "-"')
+# Catches typos (v5e-8 is v5litepod-8) before a slow gcloud round trip.
+_accelerator = _matching(
+    r'(%s)-[1-9][0-9]*' % '|'.join(RUNTIMES),
+    f'GENERATION-SIZE, GENERATION in {"|".join(RUNTIMES)} (e.g. v4-32, '
+    'v5p-16, v5litepod-16, v6e-8)')
+# What `gcloud compute tpus tpu-vm ssh --worker` accepts.
+_worker = _matching(r'all|[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*',
+                    'all, N, N,M or N-M')
+# A shell name as KEY, so that `env` cannot take the pair for an option.
+_env_pair = _matching(r'[A-Za-z_][A-Za-z0-9_]*=.*', 'KEY=VALUE')
+# Also an apt package name, so nothing apt could take as a flag.
+_python = _matching(r'python3(\.[0-9]+)?', 'python3.X')
 
 
 def _queued_id(args: argparse.Namespace) -> Optional[str]:
@@ -179,13 +175,22 @@ def pack(source: str, out: str) -> int:
   return len(files)
 
 
-def _install_words(args: argparse.Namespace) -> str:
-  """Installs the package and a TPU jaxlib; jax[tpu] last so it matches jax."""
-  pip = ('python3', '-m', 'pip', 'install')
+def _install(args: argparse.Namespace) -> str:
+  """Installs as the Makefile does, in a venv of --python on each worker.
+
+  The package needs Python 3.11 while TPU images ship 3.10, so apt adds it when
+  missing; jax[tpu] goes last so that libtpu matches the pinned jax.
+  """
+  py = args.python
+  pip = (REMOTE_PYTHON, '-m', 'pip', 'install', '-q')
   return ' && '.join([
+      f'(command -v {_sh(py)} > /dev/null || (sudo apt-get update -q && '
+      f'{_sh("sudo", "apt-get", "install", "-y", "-q", py, py + "-venv")}))',
+      _sh(py, '-m', 'venv', REMOTE_VENV),
       _sh('cd', REMOTE_DIR),
+      _sh(*pip, '--upgrade', 'pip'),
       _sh(*pip, '-r', 'requirements.txt'),
-      _sh(*pip, '-e', '.'),
+      _sh(*pip, '--no-deps', '-e', '.'),
       _sh(*pip, args.jax, '-f', LIBTPU_INDEX),
   ])
 
@@ -197,7 +202,7 @@ def setup(args: argparse.Namespace) -> List[Cmd]:
     branch = [f'--branch={args.branch}'] if args.branch else []
     fetch = _sh('git', 'clone', '--depth=1', *branch, '--', args.repo,
                 REMOTE_DIR)
-    return [_ssh(args, ' && '.join([fresh, fetch, _install_words(args)]))]
+    return [_ssh(args, ' && '.join([fresh, fetch, _install(args)]))]
   if args.branch:
     raise LaunchError('--branch needs --repo=URL (a local tree goes as it is)')
   source = os.path.abspath(args.source)
@@ -213,7 +218,7 @@ def setup(args: argparse.Namespace) -> List[Cmd]:
       _gcloud(args, 'tpu-vm', 'scp', tarball,
               f'{args.name}:{REMOTE_TARBALL}', f'--worker={args.worker}'),
       ['rm', '-f', tarball],
-      _ssh(args, ' && '.join([unpack, _install_words(args)])),
+      _ssh(args, ' && '.join([unpack, _install(args)])),
   ]
 
 
@@ -222,7 +227,7 @@ def run(args: argparse.Namespace) -> List[Cmd]:
   env = [f'TFDS_DATA_DIR={args.tfds_data_dir}'] if args.tfds_data_dir else []
   env += args.env
   train = (['env', *env] if env else []) + [
-      'python3', '-m', 'vit_jax.main', f'--config={args.config}',
+      REMOTE_PYTHON, '-m', 'vit_jax.main', f'--config={args.config}',
       f'--workdir={args.workdir}', *args.overrides]
   remote = _sh('cd', REMOTE_DIR) + ' && '
   if args.detach:
@@ -319,6 +324,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--source', default=os.path.dirname(
       os.path.dirname(os.path.abspath(__file__))),
                  help='local tree to copy (default: this checkout)')
+  p.add_argument('--python', default='python3.11', type=_python,
+                 help='interpreter for the venv on the workers; apt installs '
+                 'it (and its -venv) when missing')
   p.add_argument('--jax', default='jax[tpu]',
                  help='pip spec of JAX for TPU, e.g. "jax[tpu]==0.4.35"')
 
