@@ -1,0 +1,51 @@
+"""Finds a prepared TFDS dataset by name, or says in one line how to prepare it.
+
+Reading never downloads: a dataset not prepared in data_dir is a ConfigError
+naming the command that prepares it.
+"""
+import os
+
+import tensorflow_datasets as tfds
+
+from vit_jax.data import digits  # pylint: disable=unused-import  # Registers 'digits'.
+from vit_jax.errors import ConfigError
+
+OFFLINE = ('fashion_mnist', 'digits')  # What `vit_jax.datasets prepare` makes without --source.
+
+
+def resolve_data_dir(data_dir: str | None) -> str:
+  """The directory TFDS uses: the argument, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+  return os.path.expanduser(
+      data_dir or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets')
+
+
+def how_to_prepare(name: str, data_dir: str) -> str:
+  """The command that prepares `name` in `data_dir`."""
+  base = name.split('/')[0].split(':')[0]
+  if base in OFFLINE:
+    return f'run `python -m vit_jax.datasets prepare {base} --data_dir={data_dir}`'
+  if base in tfds.list_builders(with_community_datasets=False):
+    return (f'run `tfds build {base} --data_dir={data_dir}` where the network '
+            '(or its manual download) is available')
+  return (f'for an image folder ROOT/<split>/<label>/*.jpg run `python -m '
+          f'vit_jax.datasets prepare {base} --source=ROOT --data_dir={data_dir}`')
+
+
+def registered_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+  """The builder of a catalogue dataset, prepared or not."""
+  return tfds.builder(name, data_dir=data_dir)
+
+
+def load_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+  """The builder of a dataset prepared in `data_dir`; ConfigError otherwise."""
+  data_dir = resolve_data_dir(data_dir)
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:
+    raise ConfigError(
+        f'unknown dataset {name!r} (not in the TFDS catalogue nor prepared in '
+        f'{data_dir}): {how_to_prepare(name, data_dir)}') from e
+  if not builder.is_prepared():
+    raise ConfigError(f'dataset {name!r} is not prepared in {data_dir}: '
+                      f'{how_to_prepare(name, data_dir)}')
+  return builder

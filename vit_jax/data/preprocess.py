@@ -1,0 +1,103 @@
+"""Per-example image ops for tf.data; every random op is stateless.
+
+Randomness comes only from an explicit `seed` (int64 [2]) so the pipeline can
+derive it from (run seed, example position) and stay a pure function of them.
+Images stay in 0..255 (uint8 or float32) until `value_range` maps them to [-1, 1].
+"""
+import tensorflow as tf
+
+from vit_jax.errors import ConfigError
+
+
+def decode(data: tf.Tensor, channels: int) -> tf.Tensor:
+  """Encoded PNG/JPEG/... bytes -> uint8 [H, W, channels]."""
+  return tf.io.decode_image(data, channels=channels, expand_animations=False)
+
+
+def decode_and_inception_crop(data: tf.Tensor, seed: tf.Tensor, channels: int,
+                              area_min: float) -> tf.Tensor:
+  """Random crop of 'area_min'..100% of the area, aspect 3/4..4/3 (Inception).
+
+  JPEGs decode only the crop window (the ImageNet hot path); other formats
+  decode fully and then slice.
+  """
+
+  def window(shape):
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, tf.zeros([0, 0, 4], tf.float32), seed=seed,
+        area_range=(area_min, 1.0), min_object_covered=0,
+        use_image_if_no_bounding_boxes=True)
+    return begin, size
+
+  def jpeg():
+    begin, size = window(tf.io.extract_jpeg_shape(data))
+    crop = tf.stack([begin[0], begin[1], size[0], size[1]])
+    return tf.io.decode_and_crop_jpeg(data, crop, channels=channels)
+
+  def other():
+    image = decode(data, channels)
+    begin, size = window(tf.shape(image))
+    return tf.slice(image, begin, size)
+
+  image = tf.cond(tf.io.is_jpeg(data), jpeg, other)
+  image.set_shape([None, None, channels])
+  return image
+
+
+def resize(image: tf.Tensor, size: int) -> tf.Tensor:
+  """Bilinear resize to [size, size] (antialiased when shrinking); float32.
+
+  Images already of that size pass through: resizing is the costliest op at 28px.
+  """
+  image = tf.cast(image, tf.float32)
+  same = tf.reduce_all(tf.shape(image)[:2] == size)
+  image = tf.cond(same, lambda: image,
+                  lambda: tf.image.resize(image, [size, size], antialias=True))
+  image.set_shape([size, size, image.shape[-1]])
+  return image
+
+
+def resize_small_and_central_crop(image: tf.Tensor, size: int,
+                                  crop_fraction: float = 0.875) -> tf.Tensor:
+  """Shorter side to size/crop_fraction, then the central size x size (eval)."""
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  small = size / crop_fraction
+  scaled = tf.cast(tf.math.ceil(shape * small / tf.reduce_min(shape)), tf.int32)
+  image = tf.image.resize(image, scaled, antialias=True)
+  top = (scaled[0] - size) // 2
+  left = (scaled[1] - size) // 2
+  return image[top:top + size, left:left + size]
+
+
+def padded_random_crop(image: tf.Tensor, seed: tf.Tensor, size: int,
+                       pad: int) -> tf.Tensor:
+  """Resize to size, reflect-pad by `pad`, crop size x size back (CIFAR-style)."""
+  image = tf.pad(resize(image, size), [[pad, pad], [pad, pad], [0, 0]],
+                 mode='REFLECT')
+  top_left = tf.random.stateless_uniform([2], seed, 0, 2 * pad + 1, tf.int32)
+  return tf.slice(image, tf.concat([top_left, [0]], 0),
+                  [size, size, image.shape[-1]])
+
+
+def to_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
+  """Grayscale <-> RGB so datasets of either kind feed any model."""
+  have = image.shape[-1]
+  if have == channels:
+    return image
+  if have == 1 and channels == 3:
+    return tf.image.grayscale_to_rgb(image)
+  if have == 3 and channels == 1:
+    return tf.image.rgb_to_grayscale(image)
+  raise ConfigError(f'cannot turn {have}-channel images into {channels}: '
+                    'set the model channels to 1 or 3')
+
+
+def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """Left-right flip with probability 1/2 (cheaper than tf.image's version)."""
+  flip = tf.random.stateless_uniform([], seed) < 0.5
+  return tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
+
+
+def value_range(image: tf.Tensor) -> tf.Tensor:
+  """0..255 -> float32 [-1, 1] as in the ViT paper."""
+  return tf.clip_by_value(tf.cast(image, tf.float32) / 127.5 - 1.0, -1.0, 1.0)

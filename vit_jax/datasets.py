@@ -1,0 +1,40 @@
+r"""Prepares datasets offline and shows what the pipeline will see.
+
+  python -m vit_jax.datasets prepare fashion_mnist [--data_dir=DIR]
+  python -m vit_jax.datasets prepare digits [--data_dir=DIR]
+  python -m vit_jax.datasets prepare NAME --source=ROOT [--data_dir=DIR]  # ROOT/<split>/<label>/*.jpg
+  python -m vit_jax.datasets info NAME [--split=train] [--data_dir=DIR]
+
+DIR defaults to $TFDS_DATA_DIR, else ~/tensorflow_datasets. The results are
+plain TFDS datasets: `tfds.load(NAME, data_dir=DIR)` reads them anywhere
+(`digits` after `import vit_jax.data.digits`).
+"""
+from absl import app
+from absl import flags
+
+from vit_jax.data import input_pipeline
+from vit_jax.data import prepare
+from vit_jax.errors import ConfigError, cli_main
+
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data directory.')
+_SOURCE = flags.DEFINE_string(
+    'source', None, 'fashion_mnist: folder with the idx .gz files; '
+    'other NAME: image folder ROOT/<split>/<label>/*.jpg|png.')
+_SPLIT = flags.DEFINE_string('split', 'train', 'Split that `info` describes.')
+
+
+@cli_main
+def main(argv: list[str]) -> None:
+  if len(argv) != 3 or argv[1] not in ('prepare', 'info'):
+    raise ConfigError('usage: python -m vit_jax.datasets prepare|info NAME '
+                      '[--data_dir=DIR] [--source=ROOT]')
+  command, name = argv[1:]
+  if command == 'prepare':
+    data_dir = prepare.prepare(name, _DATA_DIR.value, _SOURCE.value)
+    print(f'prepared {name} in {data_dir}')
+  info = input_pipeline.get_info(name, _SPLIT.value, _DATA_DIR.value)
+  print(f'{name}[{_SPLIT.value}]: {info}')
+
+
+if __name__ == '__main__':
+  app.run(main)
