@@ -150,11 +150,10 @@ def delete(args: argparse.Namespace) -> List[Cmd]:
   return [_gcloud(args, 'tpu-vm', 'delete', args.name, '--quiet')]
 
 
-def pack(source: str, out: str) -> int:
-  """Tars the files git would version (tracked + untracked, not ignored).
+def _git_files(source: str) -> List[str]:
+  """Files git would version (tracked + untracked, not ignored), minus packs.
 
   Respecting .gitignore keeps virtualenvs, workdirs and data off the pod.
-  Returns the number of files packed.
   """
   try:
     listing = subprocess.run(
@@ -168,6 +167,12 @@ def pack(source: str, out: str) -> int:
                   and os.path.lexists(os.path.join(source, f))})
   if not files:
     raise LaunchError(f'nothing to pack in {source!r}')
+  return files
+
+
+def pack(source: str, out: str) -> int:
+  """Tars the files git would version; returns how many."""
+  files = _git_files(source)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with tarfile.open(out, 'w:gz') as tar:
     for f in files:
@@ -206,6 +211,7 @@ def setup(args: argparse.Namespace) -> List[Cmd]:
   if args.branch:
     raise LaunchError('--branch needs --repo=URL (a local tree goes as it is)')
   source = os.path.abspath(args.source)
+  _git_files(source)  # a bad --source fails here, in one line, before gcloud
   tarball = os.path.join(source, PACK_DIR,
                          re.sub(r'[^A-Za-z0-9_.-]', '_', args.name) + '.tar.gz')
   unpack = ' && '.join([
@@ -229,16 +235,15 @@ def run(args: argparse.Namespace) -> List[Cmd]:
   train = (['env', *env] if env else []) + [
       REMOTE_PYTHON, '-m', 'vit_jax.main', f'--config={args.config}',
       f'--workdir={args.workdir}', *args.overrides]
-  remote = _sh('cd', REMOTE_DIR) + ' && '
-  if args.detach:
-    # setsid + nohup + redirects: survives the ssh session; the pid (= process
-    # group, thanks to setsid) goes to a file so `stop` can end the whole run.
-    log = posixpath.join('..', args.log)
-    remote += (f'{_sh("setsid", "nohup", *train)} > {_sh(log)} 2>&1'
-               f' < /dev/null & echo $! > {_sh(log + ".pid")}')
-  else:
-    remote += _sh(*train)
-  return [_ssh(args, remote)]
+  if not args.detach:
+    return [_ssh(args, f'{_sh("cd", REMOTE_DIR)} && {_sh(*train)}')]
+  # setsid + nohup + redirects: survives the ssh session. The braces keep `&`
+  # to the one command, so $! is its pid (= its process group, thanks to
+  # setsid), saved for `stop` to end the whole run.
+  log = posixpath.join('..', args.log)
+  return [_ssh(args, f'{_sh("cd", REMOTE_DIR)} && {{ '
+               f'{_sh("setsid", "nohup", *train)} > {_sh(log)} 2>&1 < /dev/null'
+               f' & echo $! > {_sh(log + ".pid")}; }}')]
 
 
 def logs(args: argparse.Namespace) -> List[Cmd]:
@@ -352,7 +357,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--log', default=DEFAULT_LOG, help='log file of the run')
 
   p = sub.add_parser('pack', help='tar a git work tree (what setup copies)',
-                     description=pack.__doc__)
+                     description=_git_files.__doc__)
   p.set_defaults(fn=_pack_command, dry_run=False)
   p.add_argument('--source', default='.')
   p.add_argument('out', help='output .tar.gz')

@@ -1,0 +1,336 @@
+"""launch/tpu.py end to end, with a fake `gcloud` on PATH that records its argv.
+
+What matters: the exact gcloud argv, hostile values (spaces, quotes, `$(...)`,
+backticks, `;`) arriving as single intact words both locally and in the remote
+shell, --dry-run printing the same commands without running any, and mistakes
+ending in one stderr line.
+"""
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+TPU = str(Path(__file__).resolve().parents[1] / 'launch' / 'tpu.py')
+HOSTILE = 'a b \'c\' "d" $(touch pwned) `touch pwned`;touch pwned $HOME \\'
+VENV_PY = '../vit_jax_venv/bin/python'
+TPUS = ['compute', 'tpus']
+# The fake gcloud: records argv, plus the members of any .tar.gz it is handed.
+FAKE_GCLOUD = f"""#!{sys.executable} -S
+import json, os, sys, tarfile
+tars = {{a: sorted(tarfile.open(a).getnames()) for a in sys.argv[1:]
+        if a.endswith('.tar.gz') and os.path.isfile(a)}}
+with open(os.environ['FAKE_GCLOUD_LOG'], 'a') as f:
+  f.write(json.dumps({{'argv': sys.argv[1:], 'tars': tars}}) + '\\n')
+sys.exit(int(os.environ.get('FAKE_GCLOUD_RC', '0')))
+"""
+
+
+class Fake:
+  """Runs tpu.py with the fake gcloud first on PATH and reads what it saw."""
+
+  def __init__(self, tmp_path: Path):
+    self.tmp = tmp_path
+    self.log = tmp_path / 'gcloud_calls.jsonl'
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    (bin_dir / 'gcloud').write_text(FAKE_GCLOUD)
+    (bin_dir / 'gcloud').chmod(0o755)
+    self.env = dict(os.environ, FAKE_GCLOUD_LOG=str(self.log),
+                    PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}')
+
+  def run(self, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, TPU, *args], cwd=self.tmp,
+                          env=dict(self.env, **env), capture_output=True,
+                          text=True, timeout=60)
+
+  def records(self) -> List[Dict]:
+    if not self.log.exists():
+      return []
+    return [json.loads(line) for line in self.log.read_text().splitlines()]
+
+  def calls(self) -> List[List[str]]:
+    return [r['argv'] for r in self.records()]
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Fake:
+  return Fake(tmp_path)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+  assert result.returncode == 0, result.stderr
+  return result
+
+
+def remote_words(argv: List[str]) -> List[str]:
+  """The words the remote shell sees in `--command=...`."""
+  [command] = [a for a in argv if a.startswith('--command=')]
+  return shlex.split(command[len('--command='):])
+
+
+def alive(pid: int) -> bool:
+  """Running, i.e. neither gone nor a zombie awaiting its reaper."""
+  try:
+    stat = Path(f'/proc/{pid}/stat').read_text()
+    return stat.rsplit(')', 1)[1].split()[0] != 'Z'
+  except FileNotFoundError:
+    return False
+
+
+def git_tree(root: Path) -> Path:
+  """A small work tree: tracked, untracked and ignored files."""
+  for rel, text in {'requirements.txt': 'absl-py\n', 'setup.py': '',
+                    'vit_jax/__init__.py': '', 'new.py': '',
+                    '.gitignore': '.venv/\nworkdirs/\n',
+                    '.venv/junk': '', 'workdirs/ckpt': ''}.items():
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_text(text)
+  subprocess.run(['git', 'init', '-q', str(root)], check=True)
+  subprocess.run(['git', '-C', str(root), 'add', 'setup.py', 'vit_jax',
+                  'requirements.txt', '.gitignore'], check=True)
+  return root
+
+
+@pytest.mark.parametrize('accelerator,runtime', [
+    ('v4-32', 'tpu-ubuntu2204-base'), ('v5p-16', 'v2-alpha-tpuv5'),
+    ('v5litepod-16', 'v2-alpha-tpuv5-lite')])
+def test_create_picks_runtime_per_generation(fake, accelerator, runtime):
+  ok(fake.run('create', 'pod', '--zone=us-central2-b', '--project=proj',
+              f'--accelerator-type={accelerator}', '--spot'))
+  assert fake.calls() == [TPUS + [
+      'tpu-vm', 'create', 'pod', f'--accelerator-type={accelerator}',
+      f'--version={runtime}', '--spot', '--zone=us-central2-b',
+      '--project=proj']]
+
+
+def test_create_and_delete_queued_resource(fake):
+  ok(fake.run('create', 'pod', '--zone=z', '--accelerator-type=v5p-8',
+              '--queued', '--qr-id=qr', '--version=v2-alpha-tpuv5', '--spot'))
+  ok(fake.run('delete', 'pod', '--zone=z', '--queued', '--qr-id=qr'))
+  ok(fake.run('delete', 'pod', '--zone=z'))
+  ok(fake.run('create', 'pod', '--zone=z', '--accelerator-type=v4-8',
+              '--preemptible'))
+  assert fake.calls() == [
+      TPUS + ['queued-resources', 'create', 'qr', '--node-id=pod',
+              '--accelerator-type=v5p-8', '--runtime-version=v2-alpha-tpuv5',
+              '--spot', '--zone=z'],
+      TPUS + ['queued-resources', 'delete', 'qr', '--force', '--quiet',
+              '--zone=z'],
+      TPUS + ['tpu-vm', 'delete', 'pod', '--quiet', '--zone=z'],
+      TPUS + ['tpu-vm', 'create', 'pod', '--accelerator-type=v4-8',
+              '--version=tpu-ubuntu2204-base', '--preemptible', '--zone=z']]
+
+
+def test_hostile_values_arrive_as_single_argv_elements(fake):
+  ok(fake.run('create', HOSTILE, f'--zone={HOSTILE}', f'--project={HOSTILE}',
+              '--accelerator-type=v4-8', f'--version={HOSTILE}'))
+  assert fake.calls() == [TPUS + [
+      'tpu-vm', 'create', HOSTILE, '--accelerator-type=v4-8',
+      f'--version={HOSTILE}', f'--zone={HOSTILE}', f'--project={HOSTILE}']]
+  assert not list(fake.tmp.rglob('pwned'))
+
+
+def test_run_remote_command_keeps_every_word(fake):
+  override = f'--config.name={HOSTILE}'
+  ok(fake.run('run', 'pod', '--zone=z', f'--config=configs/{HOSTILE}.py',
+              f'--workdir=gs://b/{HOSTILE}',
+              f'--tfds-data-dir=gs://b/{HOSTILE}',
+              f'--env=XLA_FLAGS={HOSTILE}', '--', override, ';touch pwned'))
+  [argv] = fake.calls()
+  assert argv[:6] == TPUS + ['tpu-vm', 'ssh', 'pod', '--worker=all']
+  assert argv[-1] == '--zone=z'
+  assert remote_words(argv) == [
+      'cd', 'vit_jax', '&&', 'env', f'TFDS_DATA_DIR=gs://b/{HOSTILE}',
+      f'XLA_FLAGS={HOSTILE}', VENV_PY, '-m', 'vit_jax.main',
+      f'--config=configs/{HOSTILE}.py', f'--workdir=gs://b/{HOSTILE}',
+      override, ';touch pwned']
+
+
+def test_detached_run_and_stop_in_a_real_shell(fake, tmp_path):
+  """Runs the remote strings in bash: words intact, detached, stoppable."""
+  home = tmp_path / 'home'
+  (home / 'vit_jax').mkdir(parents=True)
+  (home / 'vit_jax_venv' / 'bin').mkdir(parents=True)
+  seen = home / 'seen.json'
+  python = home / 'vit_jax_venv' / 'bin' / 'python'
+  python.write_text(
+      f'#!{sys.executable} -S\nimport json, os, sys, time\n'
+      f'open({str(seen)!r}, "w").write(json.dumps([sys.argv[1:], '
+      'os.environ["TFDS_DATA_DIR"], os.getpid()]))\n'
+      'print("started", flush=True)\ntime.sleep(60)\n')
+  python.chmod(0o755)
+  override = f'--config.x={HOSTILE}'
+  ok(fake.run('run', 'pod', '--zone=z', '--config=c.py', '--workdir=gs://w',
+              f'--tfds-data-dir={HOSTILE}', '--detach', f'--log={HOSTILE}',
+              '--', override))
+  ok(fake.run('logs', 'pod', '--zone=z', f'--log={HOSTILE}'))
+  ok(fake.run('stop', 'pod', '--zone=z', f'--log={HOSTILE}'))
+  run, logs, stop = (argv[-2][len('--command='):] for argv in fake.calls())
+
+  def remote(command: str) -> str:
+    return subprocess.run(['bash', '-c', command], cwd=home, check=True,
+                          timeout=10, capture_output=True, text=True).stdout
+
+  remote(run)
+  pid_file = home / f'{HOSTILE}.pid'
+  deadline = time.time() + 10
+  while not (seen.exists() and pid_file.exists()) and time.time() < deadline:
+    time.sleep(0.05)
+  assert seen.exists(), 'the detached run did not start'
+  argv, tfds_data_dir, pid = json.loads(seen.read_text())
+  try:
+    assert argv == ['-m', 'vit_jax.main', '--config=c.py', '--workdir=gs://w',
+                    override]
+    assert tfds_data_dir == HOSTILE
+    assert int(pid_file.read_text()) == pid
+    assert os.getpgid(pid) == pid  # setsid: the run leads its own group
+    while 'started' not in remote(logs) and time.time() < deadline:
+      time.sleep(0.05)
+    assert remote(logs) == 'started\n'
+    remote(stop)
+    while alive(pid) and time.time() < deadline:
+      time.sleep(0.05)
+    assert not alive(pid), 'stop left the run alive'
+  finally:
+    if alive(pid):
+      os.kill(pid, signal.SIGKILL)
+  assert not pid_file.exists()
+  assert not list(tmp_path.rglob('pwned'))
+
+
+def test_setup_copies_the_local_tree(fake, tmp_path):
+  source = git_tree(tmp_path / 'src')
+  ok(fake.run('setup', 'pod', '--zone=z', f'--source={source}'))
+  tarball = str(source / 'build' / 'launch' / 'pod.tar.gz')
+  [scp, ssh] = fake.records()
+  assert scp['argv'] == TPUS + ['tpu-vm', 'scp', tarball, 'pod:vit_jax.tar.gz',
+                                '--worker=all', '--zone=z']
+  assert scp['tars'] == {tarball: ['.gitignore', 'new.py', 'requirements.txt',
+                                   'setup.py', 'vit_jax/__init__.py']}
+  assert not Path(tarball).exists()
+  pip = [VENV_PY, '-m', 'pip', 'install', '-q']
+  assert ssh['argv'][:6] == TPUS + ['tpu-vm', 'ssh', 'pod', '--worker=all']
+  assert remote_words(ssh['argv']) == [
+      'rm', '-rf', 'vit_jax', '&&', 'mkdir', '-p', 'vit_jax', '&&',
+      'tar', '-xzf', 'vit_jax.tar.gz', '-C', 'vit_jax', '&&',
+      'rm', '-f', 'vit_jax.tar.gz', '&&',
+      '(command', '-v', 'python3.11', '>', '/dev/null', '||', '(sudo',
+      'apt-get', 'update', '-q', '&&', 'sudo', 'apt-get', 'install', '-y',
+      '-q', 'python3.11', 'python3.11-venv))', '&&',
+      'python3.11', '-m', 'venv', 'vit_jax_venv', '&&', 'cd', 'vit_jax', '&&',
+      *pip, '--upgrade', 'pip', '&&', *pip, '-r', 'requirements.txt', '&&',
+      *pip, '--no-deps', '-e', '.', '&&', *pip, 'jax[tpu]', '-f',
+      'https://storage.googleapis.com/jax-releases/libtpu_releases.html']
+
+
+def test_setup_clones_without_option_injection(fake):
+  ok(fake.run('setup', 'pod', '--zone=z', '--repo=--upload-pack=touch pwned',
+              f'--branch={HOSTILE}', '--jax=jax[tpu]==0.10.2', '--worker=0-3'))
+  [argv] = fake.calls()
+  assert argv[:6] == TPUS + ['tpu-vm', 'ssh', 'pod', '--worker=0-3']
+  words = remote_words(argv)
+  assert words[:14] == ['rm', '-rf', 'vit_jax', '&&', 'git', 'clone',
+                        '--depth=1', f'--branch={HOSTILE}', '--',
+                        '--upload-pack=touch pwned', 'vit_jax', '&&',
+                        '(command', '-v']
+  assert words[-3:] == ['jax[tpu]==0.10.2', '-f', words[-1]]
+
+
+def test_logs_and_stop(fake):
+  ok(fake.run('logs', 'pod', '--zone=z', '--follow', '--lines=5',
+              f'--log={HOSTILE}'))
+  ok(fake.run('logs', 'pod', '--zone=z', '--worker=all'))
+  ok(fake.run('stop', 'pod', '--zone=z', f'--log={HOSTILE}'))
+  follow, every, stop = fake.calls()
+  assert follow[:6] == TPUS + ['tpu-vm', 'ssh', 'pod', '--worker=0']
+  assert remote_words(follow) == ['tail', '-n', '5', '-F', HOSTILE]
+  assert every[5] == '--worker=all'
+  pid_file = shlex.quote(f'{HOSTILE}.pid')  # shlex.split cannot parse $(...)
+  assert stop[-2] == (f'--command=kill -TERM -- -"$(cat {pid_file})" && '
+                      f'rm -f {pid_file}')
+
+
+@pytest.mark.parametrize('args', [
+    ['create', HOSTILE, '--zone=z', '--accelerator-type=v6e-8', '--queued'],
+    ['delete', 'pod', f'--zone={HOSTILE}'],
+    ['run', 'pod', '--zone=z', '--config=c.py', '--workdir=gs://w',
+     '--detach', '--', f'--config.a={HOSTILE}'],
+    ['logs', 'pod', '--zone=z', '--follow'],
+    ['stop', 'pod', '--zone=z', '--project=p'],
+    ['setup', 'pod', '--zone=z'],
+])
+def test_dry_run_prints_the_commands_and_runs_none(fake, tmp_path, args):
+  if args[0] == 'setup':
+    args = args + [f'--source={git_tree(tmp_path / "src")}']
+  dry = ok(fake.run(*args[:2], '--dry-run', *args[2:])).stdout
+  printed = [shlex.split(line) for line in dry.splitlines()]
+  assert not fake.log.exists()
+  assert not list(tmp_path.rglob('*.tar.gz'))
+  ok(fake.run(*args))
+  assert [p[1:] for p in printed if p[0] == 'gcloud'] == fake.calls()
+  if args[0] == 'setup':
+    tarball = fake.calls()[0][4]
+    assert printed[0] == [sys.executable, TPU, 'pack',
+                          f'--source={tmp_path / "src"}', tarball]
+    assert printed[2] == ['rm', '-f', tarball]
+
+
+@pytest.mark.parametrize('args,message', [
+    (['create', 'pod', '--accelerator-type=v4-8'], '--zone'),
+    (['create', 'pod', '--zone=z', '--accelerator-type=v5e-8'], 'v5e-8'),
+    (['create', 'pod', '--zone=z', '--accelerator-type=tpu-8'], 'GENERATION'),
+    (['create', 'pod', '--zone=z', '--accelerator-type=v4-8', '--queued',
+      '--preemptible'], '--spot'),
+    (['delete', 'pod', '--zone=z', '--qr-id=q'], '--queued'),
+    (['delete', '-1', '--zone=z'], 'name'),
+    (['logs', 'pod', '--zone=z', '--worker=0;reboot'], '--worker'),
+    (['run', 'pod', '--zone=z', '--config=c', '--workdir=w', '--env=A B=1'],
+     'KEY=VALUE'),
+    (['setup', 'pod', '--zone=z', '--python=python3;reboot'], 'python3.X'),
+    (['setup', 'pod', '--zone=z', '--branch=main'], '--repo'),
+    (['stop', 'pod', '--zone=z', '--', '--config.x=1'], 'only `run`'),
+    (['setup', 'pod', '--zone=z', '--source=.'], 'git'),
+    (['launch', 'pod'], 'invalid choice'),
+])
+def test_bad_input_is_one_line_without_traceback(fake, args, message):
+  result = fake.run(*args)
+  assert result.returncode == 2
+  assert result.stderr.count('\n') == 1 and 'Traceback' not in result.stderr
+  assert result.stderr.startswith('tpu.py') and message in result.stderr
+  assert not fake.log.exists()
+
+
+def test_failing_gcloud_stops_the_sequence_with_its_exit_code(fake, tmp_path):
+  source = git_tree(tmp_path / 'src')
+  result = fake.run('setup', 'pod', '--zone=z', f'--source={source}',
+                    FAKE_GCLOUD_RC='3')
+  assert result.returncode == 3
+  assert [c[3] for c in fake.calls()] == ['scp']
+  last = result.stderr.splitlines()[-1]
+  assert last.startswith('tpu.py: error: exit 3 from: gcloud compute tpus')
+
+
+def test_missing_gcloud_is_one_line(fake, tmp_path):
+  result = fake.run('delete', 'pod', '--zone=z', PATH=str(tmp_path / 'empty'))
+  assert result.returncode == 2
+  assert result.stderr.splitlines()[-1].startswith(
+      'tpu.py: error: gcloud not found on PATH')
+  assert 'Traceback' not in result.stderr
+
+
+def test_pack_keeps_what_git_would_version(fake, tmp_path):
+  source = git_tree(tmp_path / 'src')
+  out = tmp_path / 'out' / 'code.tar.gz'
+  ok(fake.run('pack', f'--source={source}', str(out)))
+  with tarfile.open(out) as tar:
+    assert sorted(tar.getnames()) == ['.gitignore', 'new.py',
+                                      'requirements.txt', 'setup.py',
+                                      'vit_jax/__init__.py']
