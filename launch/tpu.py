@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-r"""Cloud TPU VM (pod) launcher for vit_jax: create, setup, run, logs, delete.
+r"""Cloud TPU VM pod launcher: create, setup, run, logs, stop, delete (vit_jax).
 
 Why Python and not bash: every step is an argv list run without a local shell,
 so names, paths and config overrides reach gcloud intact whatever characters
@@ -50,7 +50,6 @@ RUNTIMES = {
     'v5litepod': 'v2-alpha-tpuv5-lite',
     'v6e': 'v2-alpha-tpuv6e',
 }
-
 
 
 class LaunchError(Exception):
