@@ -13,7 +13,7 @@ from vit_jax.models.flops import forward_flops
 
 def _init(model, shape=(2, 32, 32, 3), seed=0):
   return flax.core.unfreeze(
-      flax.linen.meta.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros(shape))))
+      model.init(jax.random.PRNGKey(seed), jnp.zeros(shape)))
 
 
 def _count(variables) -> int:
@@ -31,8 +31,8 @@ def test_parameter_counts_match_the_paper(name, expected):
 
 def test_released_layout_names_and_shapes():
   model = models.create('ViT-B_16', num_classes=10, representation_size=768)
-  shapes = flax.linen.meta.unbox(jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))))['params']
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3))))['params']
   flat = {'/'.join(k): v.shape for k, v in flax.traverse_util.flatten_dict(shapes).items()}
   block = 'Transformer/encoderblock_11/'
   assert flat['embedding/kernel'] == (16, 16, 3, 768)
@@ -53,7 +53,7 @@ def test_released_layout_names_and_shapes():
 def test_hybrid_keys_sit_at_the_top_level():
   model = models.create('R50+ViT-B_16', num_classes=10)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3))))
-  params = flax.linen.meta.unbox(shapes)['params']
+  params = shapes['params']
   assert params['conv_root']['kernel'].shape == (7, 7, 3, 64)
   assert set(params['block1']['unit1']) == {
       'conv1', 'conv2', 'conv3', 'gn1', 'gn2', 'gn3', 'conv_proj', 'gn_proj'}

@@ -2,10 +2,10 @@
 
 Submodule names are fixed explicitly (`embedding`, `Transformer/encoderblock_{i}/...`) so that the
 parameter tree *is* the layout of the released `.npz` files: loading one is unflattening it.
-Parameters carry logical axis names (`embed`, `mlp`, `heads`, ...); how those map onto a device
-mesh lives in `vit_jax.sharding`, never here.
+How parameters and activations map onto a device mesh lives in `vit_jax.sharding` (rules keyed
+by these names), never here; the one hint here is the logical name of the residual stream.
 """
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import einops
 import flax.linen as nn
@@ -23,10 +23,6 @@ REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
-
-
-def _init(initializer: Callable, names: Sequence[Optional[str]]) -> Callable:
-  return nn.with_logical_partitioning(initializer, tuple(names))
 
 
 def sincos2d_posemb(height: int, width: int, dim: int, temperature: float = 10_000.) -> jnp.ndarray:
@@ -47,7 +43,7 @@ class AddPositionEmbs(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    pe = self.param('pos_embedding', _init(self.posemb_init, (None, 'length', 'embed')),
+    pe = self.param('pos_embedding', self.posemb_init,
                     (1,) + x.shape[1:], jnp.float32)
     return x + pe.astype(x.dtype)
 
@@ -70,8 +66,8 @@ class MultiHeadDotProductAttention(nn.Module):
     head_dim = features // self.num_heads
     dense = lambda name: nn.DenseGeneral(  # pylint: disable=g-long-lambda
         features=(self.num_heads, head_dim), dtype=self.dtype, name=name,
-        kernel_init=_init(nn.initializers.xavier_uniform(), ('embed', 'heads', 'kv')),
-        bias_init=_init(nn.initializers.zeros, ('heads', 'kv')))
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.zeros)
     q, k, v = dense('query')(x), dense('key')(x), dense('value')(x)
     use_dropout = self.dropout_rate > 0 and not deterministic
     if self.is_mutable_collection('intermediates') or use_dropout:
@@ -85,8 +81,8 @@ class MultiHeadDotProductAttention(nn.Module):
       y = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
     return nn.DenseGeneral(
         features=features, axis=(-2, -1), dtype=self.dtype, name='out',
-        kernel_init=_init(nn.initializers.xavier_uniform(), ('heads', 'kv', 'embed')),
-        bias_init=_init(nn.initializers.zeros, ('embed',)))(y)
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.zeros)(y)
 
 
 class MlpBlock(nn.Module):
@@ -98,21 +94,21 @@ class MlpBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, deterministic: bool) -> jnp.ndarray:
-    dense = lambda features, axes, name: nn.Dense(  # pylint: disable=g-long-lambda
+    dense = lambda features, name: nn.Dense(  # pylint: disable=g-long-lambda
         features, dtype=self.dtype, name=name,
-        kernel_init=_init(nn.initializers.xavier_uniform(), axes),
-        bias_init=_init(nn.initializers.normal(stddev=1e-6), axes[1:]))
-    y = dense(self.mlp_dim, ('embed', 'mlp'), 'Dense_0')(x)
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(stddev=1e-6))
+    y = dense(self.mlp_dim, 'Dense_0')(x)
     y = nn.gelu(y, approximate=self.gelu_approximate)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    y = dense(x.shape[-1], ('mlp', 'embed'), 'Dense_1')(y)
+    y = dense(x.shape[-1], 'Dense_1')(y)
     return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
 
 def _layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=1e-6, dtype=dtype, name=name,
-                      scale_init=_init(nn.initializers.ones, ('embed',)),
-                      bias_init=_init(nn.initializers.zeros, ('embed',)))
+                      scale_init=nn.initializers.ones,
+                      bias_init=nn.initializers.zeros)
 
 
 class Encoder1DBlock(nn.Module):
@@ -179,7 +175,7 @@ class Encoder(nn.Module):
       x, _ = nn.scan(
           block, variable_axes={'params': 0, 'intermediates': 0},
           split_rngs={'params': True, 'dropout': True}, in_axes=nn.broadcast,
-          length=self.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})(
+          length=self.num_layers)(
               name='encoderblock', **block_kwargs)(x, not train)
     else:
       block = Encoder1DBlock
@@ -199,7 +195,7 @@ class MAPHead(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    probe = self.param('probe', _init(nn.initializers.xavier_uniform(), (None, None, 'embed')),
+    probe = self.param('probe', nn.initializers.xavier_uniform(),
                        (1, 1, x.shape[-1]), jnp.float32)
     probe = jnp.broadcast_to(probe.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
     y = nn.MultiHeadDotProductAttention(
@@ -248,14 +244,14 @@ class VisionTransformer(nn.Module):
           f'multiple of {ph}x{pw}')
     x = nn.Conv(self.hidden_size, (ph, pw), strides=(ph, pw), padding='VALID',
                 dtype=self.dtype, name='embedding',
-                kernel_init=_init(nn.initializers.lecun_normal(), (None, None, None, 'embed')),
-                bias_init=_init(nn.initializers.zeros, ('embed',)))(x)
+                kernel_init=nn.initializers.lecun_normal(),
+                bias_init=nn.initializers.zeros)(x)
     gh, gw = x.shape[1:3]
     x = einops.rearrange(x, 'b h w d -> b (h w) d')
     if self.posemb == 'sincos2d':
       x = x + sincos2d_posemb(gh, gw, self.hidden_size).astype(x.dtype)
     if self.classifier == 'token':
-      cls = self.param('cls', _init(nn.initializers.zeros, (None, None, 'embed')),
+      cls = self.param('cls', nn.initializers.zeros,
                        (1, 1, self.hidden_size), jnp.float32)
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, x.shape[2])), x],
                           axis=1)
@@ -274,12 +270,12 @@ class VisionTransformer(nn.Module):
                   gelu_approximate=self.gelu_approximate)(x)
     if self.representation_size is not None:
       x = nn.Dense(self.representation_size, dtype=self.dtype, name='pre_logits',
-                   kernel_init=_init(nn.initializers.lecun_normal(), ('embed', 'mlp')),
-                   bias_init=_init(nn.initializers.zeros, ('mlp',)))(x)
+                   kernel_init=nn.initializers.lecun_normal(),
+                   bias_init=nn.initializers.zeros)(x)
       x = jnp.tanh(x)
     self.sow('intermediates', 'pre_logits', x)
     if not self.num_classes:
       return x
     return nn.Dense(self.num_classes, dtype=self.dtype, name='head',
-                    kernel_init=_init(nn.initializers.zeros, ('embed', 'classes')),
-                    bias_init=_init(nn.initializers.constant(self.head_bias_init), ('classes',)))(x)
+                    kernel_init=nn.initializers.zeros,
+                    bias_init=nn.initializers.constant(self.head_bias_init))(x)

@@ -1,0 +1,82 @@
+"""Orbax checkpoints of the train state: async saves, keep-last-K, resume with fallback.
+
+A workdir holds `checkpoints/<step>/{state,meta}`; `meta` is JSON (the step and the config)
+so other commands (fine-tune, export, analyze) can rebuild the architecture from it alone.
+"""
+import logging
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from vit_jax.errors import ConfigError
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir) if '://' not in workdir else workdir,
+                      'checkpoints')
+
+
+class Checkpointer:
+  """A thin policy layer over `ocp.CheckpointManager` (which does the real work)."""
+
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=not read_only,
+        read_only=read_only, enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                                         item_names=('state', 'meta'))
+
+  def save(self, step: int, state: Any, meta: dict) -> None:
+    """Starts an asynchronous save (the loop decides when); training goes on meanwhile."""
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)), force=True)
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process once any of them got the preemption notice (multi-host TPU)."""
+    return self.manager.reached_preemption(step)
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def restore_latest(self, abstract_state: Any) -> tuple[Optional[Any], Optional[dict]]:
+    """The newest readable checkpoint (state, meta); a corrupt newest one falls back to older.
+
+    `abstract_state` is a tree of `jax.ShapeDtypeStruct`s with shardings, so each array is
+    restored straight into its place on the mesh.
+    """
+    steps = self.all_steps()
+    for step in reversed(steps):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('checkpoint at step %d is unreadable (%s: %s); trying an older one',
+                        step, type(e).__name__, str(e).splitlines()[0] if str(e) else '')
+        continue
+      return restored['state'], restored['meta']
+    if steps:
+      raise ConfigError(f'none of the checkpoints {steps} in {self.manager.directory} could be '
+                        'read: move the directory away to start afresh')
+    return None, None
+
+  def restore_meta(self, step: Optional[int] = None) -> dict:
+    step = self.manager.latest_step() if step is None else step
+    if step is None:
+      raise ConfigError(f'no checkpoint in {self.manager.directory}: train one with '
+                        'python -m vit_jax.main, or pass a .npz file')
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs with shardings: the target Orbax restores into."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)

@@ -1,0 +1,37 @@
+"""Pre-train a ViT: `python -m vit_jax.main --config=configs/default.py --workdir=DIR`.
+
+Override any config key with `--config.key=value`; a config file may take an argument, as in
+`--config=configs/vit_b16.py:imagenet21k`. Rerunning with the same workdir resumes.
+"""
+import logging
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from vit_jax.errors import cli_main
+from vit_jax.training import distributed
+from vit_jax.training import loop
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints and metrics go (gs:// ok).')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0, for multi-process runs off Cloud TPU.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process in a multi-process run.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+@cli_main
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.getLogger().setLevel(logging.INFO)
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  logging.info('final: %s', result)
+
+
+if __name__ == '__main__':
+  app.run(main)

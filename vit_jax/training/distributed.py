@@ -1,0 +1,25 @@
+"""Joining the processes of a multi-host run before anything touches the devices."""
+import logging
+import os
+from typing import Optional
+
+import jax
+
+
+def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+               process_id: Optional[int] = None, cpu_collectives: str = 'gloo') -> None:
+  """Explicit flags win; else Cloud TPU VM / SLURM auto-detection when their env says so.
+
+  On CPU the processes talk through gloo collectives (how pod code paths are tested on one
+  machine). A single process with no coordinator does nothing.
+  """
+  auto = any(os.environ.get(k) for k in ('TPU_WORKER_HOSTNAMES', 'SLURM_JOB_ID',
+                                         'JAX_COORDINATOR_ADDRESS'))
+  if coordinator_address is None and not auto:
+    return
+  if cpu_collectives:
+    jax.config.update('jax_cpu_collectives_implementation', cpu_collectives)
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+  logging.info('process %d of %d, %d local / %d global devices', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())

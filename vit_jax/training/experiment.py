@@ -1,0 +1,151 @@
+"""Config -> the pieces of a run (mesh, model, optimizer, shardings, jitted steps).
+
+Shared by pre-training, fine-tuning, the benchmark and the pod planner, so that all of them run
+the very same step. Every check a user can fail happens here, before anything compiles.
+"""
+import dataclasses
+import functools
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import ml_collections
+import optax
+
+from vit_jax import models
+from vit_jax import sharding
+from vit_jax.data import input_pipeline
+from vit_jax.errors import ConfigError
+from vit_jax.models.flops import forward_flops
+from vit_jax.training import optimizers
+from vit_jax.training import state as state_lib
+from vit_jax.training import step as step_lib
+
+REQUIRED_KEYS = ('model', 'dataset', 'total_steps', 'batch', 'base_lr', 'warmup_steps',
+                 'image_size')
+
+
+@dataclasses.dataclass
+class Experiment:
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  model: nn.Module
+  num_classes: int
+  schedule: optax.Schedule
+  tx: optax.GradientTransformation
+  abstract_state: Any  # ShapeDtypeStructs (with shardings) of the train state.
+  state_shardings: Any
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return (self.config.image_size, self.config.image_size, self.config.get('channels', 3))
+
+  @property
+  def flops_per_image(self) -> int:
+    """Training FLOPs per image: forward x 3 (the backward pass costs twice the forward)."""
+    return 3 * forward_flops(self.model, *self.image_shape)
+
+  def rules_context(self):
+    """Logical-axis rules and the mesh, active while the model is traced."""
+    return _Contexts(nn.logical_axis_rules(sharding.LOGICAL_RULES), jax.set_mesh(self.mesh))
+
+  def init_state(self, rng: Optional[jax.Array] = None) -> state_lib.TrainState:
+    """Params and optimizer state created already sharded (jit with out_shardings)."""
+    rng = jax.random.PRNGKey(self.config.get('seed', 0)) if rng is None else rng
+    init = lambda r: state_lib.init_state(self.model, self.tx, r, self.image_shape)
+    with self.rules_context():
+      return jax.jit(init, out_shardings=self.state_shardings)(rng)
+
+  def jit_train_step(self) -> Callable:
+    config = self.config
+    step = step_lib.make_train_step(
+        self.model, self.tx, self.schedule, num_classes=self.num_classes,
+        loss=config.get('loss', 'softmax_xent'),
+        label_smoothing=config.get('label_smoothing', 0.0),
+        accum_steps=config.get('accum_steps', 1), seed=config.get('seed', 0))
+    jitted = jax.jit(step, in_shardings=(self.state_shardings, sharding.batch_sharding(self.mesh)),
+                     out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+                     donate_argnums=0)
+    return self._in_context(jitted)
+
+  def jit_eval_step(self) -> Callable:
+    step = step_lib.make_eval_step(self.model, num_classes=self.num_classes,
+                                   loss=self.config.get('loss', 'softmax_xent'))
+    jitted = jax.jit(step, in_shardings=(self.state_shardings.params,
+                                         sharding.batch_sharding(self.mesh)),
+                     out_shardings=sharding.replicated(self.mesh))
+    return self._in_context(jitted)
+
+  def _in_context(self, fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapped(*args):
+      with self.rules_context():
+        return fn(*args)
+    wrapped.lower = lambda *args: self._lower(fn, *args)
+    return wrapped
+
+  def _lower(self, fn, *args):
+    with self.rules_context():
+      return fn.lower(*args)
+
+
+class _Contexts:
+  """Enters several context managers as one (re-entrant: a fresh stack per `with`)."""
+
+  def __init__(self, *managers):
+    self.managers = managers
+
+  def __enter__(self):
+    for manager in self.managers:
+      manager.__enter__()
+
+  def __exit__(self, *exc):
+    for manager in reversed(self.managers):
+      manager.__exit__(*exc)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  missing = [key for key in REQUIRED_KEYS if key not in config]
+  if missing:
+    raise ConfigError(f'config lacks {missing}: start from configs/default.py')
+  for key in ('total_steps', 'batch', 'image_size'):
+    if config[key] <= 0:
+      raise ConfigError(f'config.{key}={config[key]} must be positive')
+
+
+def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """The global batch must split evenly over data-parallel devices, processes and micro-batches."""
+  dp = sharding.data_parallel_size(mesh)
+  accum = config.get('accum_steps', 1)
+  for name, size, parts in (('batch', config.batch, dp * accum),
+                            ('batch', config.batch, jax.process_count()),
+                            ('batch_eval', config.get('batch_eval', config.batch), dp)):
+    if size % parts:
+      raise ConfigError(
+          f'config.{name}={size} is not divisible by {parts} (data-parallel devices {dp}'
+          f'{f" x accum_steps {accum}" if name == "batch" and accum > 1 else ""}, '
+          f'processes {jax.process_count()}): use a multiple of {parts}')
+
+
+def build(config: ml_collections.ConfigDict, *, num_classes: Optional[int] = None,
+          devices=None) -> Experiment:
+  """Validates the config and builds the run's pieces; nothing is allocated or compiled."""
+  check_config(config)
+  mesh = sharding.make_mesh(config.get('mesh', 'data:-1'), devices)
+  check_batch(config, mesh)
+  if num_classes is None:
+    num_classes = config.get('num_classes') or input_pipeline.get_info(
+        config.dataset, config.get('train_split', 'train'), config.get('data_dir')).num_classes
+  overrides = dict(config.get('model_overrides', {}))
+  overrides.setdefault('dtype', config.get('dtype', 'float32'))
+  model = models.create(config.model, num_classes=num_classes, **overrides)
+  schedule = optimizers.learning_rate_schedule(config)
+  tx = optimizers.make_optimizer(config, schedule)
+  image_shape = (config.image_size, config.image_size, config.get('channels', 3))
+  shapes = jax.eval_shape(functools.partial(state_lib.init_state, model, tx,
+                                            image_shape=image_shape), jax.random.PRNGKey(0))
+  shardings = sharding.tree_shardings(shapes, mesh)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          shapes, shardings)
+  return Experiment(config=config, mesh=mesh, model=model, num_classes=num_classes,
+                    schedule=schedule, tx=tx, abstract_state=abstract, state_shardings=shardings)

@@ -1,0 +1,162 @@
+"""The pre-training loop: data -> jitted step -> metrics, evaluation and checkpoints.
+
+No host sync inside the loop except every `progress_every` steps (metrics fetched as one
+window) and at checkpoints (the loss is checked finite before a state is saved).
+"""
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Iterator, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from vit_jax import sharding
+from vit_jax.checkpoints.manager import Checkpointer
+from vit_jax.data import input_pipeline
+from vit_jax.errors import ConfigError
+from vit_jax.training import metrics as metrics_lib
+from vit_jax.training import perf
+from vit_jax.training.experiment import Experiment, build
+
+
+class TrainingDiverged(ConfigError):
+  """The loss became NaN/Inf; the last good checkpoint is kept."""
+
+
+class _StopSignal:
+  """Turns SIGTERM (a TPU preemption notice) into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+
+  def __enter__(self):
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint and stopping')
+    self.received = True
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def global_batches(local_batches: Iterator[dict], mesh: jax.sharding.Mesh,
+                   prefetch: int = 2) -> Iterator[dict]:
+  """Process-local numpy batches -> global jax.Arrays on the mesh, `prefetch` batches ahead."""
+  batch_sharding = sharding.batch_sharding(mesh)
+  queue = []
+  for local in local_batches:
+    queue.append(jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(batch_sharding, x), local))
+    if len(queue) > prefetch:
+      yield queue.pop(0)
+  yield from queue
+
+
+def evaluate(exp: Experiment, eval_step, params: Any, eval_data) -> dict[str, float]:
+  """Accuracy (top-1, top-5 when > 5 classes) and loss over every example of the eval split."""
+  totals = None
+  for batch in global_batches(iter(eval_data), exp.mesh):
+    sums = eval_step(params, batch)
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = float(totals.pop('count'))
+  split = exp.config.get('eval_split', 'test').split('[')[0]
+  return {f'{split}/{k}': float(v) / count for k, v in totals.items()} | {
+      f'{split}/examples': count}
+
+
+def make_eval_data(exp: Experiment):
+  config = exp.config
+  return input_pipeline.make_eval_iterator(
+      dataset=config.dataset, split=config.get('eval_split', 'test'),
+      data_dir=config.get('data_dir'), global_batch=config.get('batch_eval', config.batch),
+      image_size=config.image_size, channels=config.get('channels', 3),
+      pp=config.get('pp', ml_collections.ConfigDict()))
+
+
+def _check_finite(loss: float, step: int, last_saved: Optional[int]) -> None:
+  if not np.isfinite(loss):
+    kept = (f'the last good checkpoint (step {last_saved}) is kept' if last_saved is not None
+            else 'no checkpoint was written')
+    raise TrainingDiverged(f'loss is {loss} at step {step}; {kept}. Lower base_lr, lengthen '
+                           'warmup_steps or set grad_norm_clip')
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       exp: Optional[Experiment] = None, initial_state: Any = None) -> dict:
+  """Trains (resuming from the newest checkpoint in `workdir`) and returns the final metrics.
+
+  `initial_state` (fine-tuning) is used only when the workdir has no checkpoint yet.
+  """
+  exp = exp or build(config)
+  os.makedirs(workdir, exist_ok=True)
+  save_config(config, workdir)
+  checkpointer = Checkpointer(workdir, keep=config.get('keep_checkpoints', 3))
+  state, _ = checkpointer.restore_latest(exp.abstract_state)
+  if state is None:
+    state = initial_state if initial_state is not None else exp.init_state()
+  else:
+    logging.info('resumed from the checkpoint at step %d', int(state.step))
+  start_step, total_steps = int(state.step), config.total_steps
+  last_saved = start_step if checkpointer.all_steps() else None
+  train_step, eval_step = exp.jit_train_step(), exp.jit_eval_step()
+  local_batches = input_pipeline.make_train_iterator(
+      dataset=config.dataset, split=config.get('train_split', 'train'),
+      data_dir=config.get('data_dir'), global_batch=config.batch, image_size=config.image_size,
+      channels=config.get('channels', 3), pp=config.get('pp', ml_collections.ConfigDict()),
+      seed=config.get('seed', 0), start_step=start_step)
+  batches = global_batches(local_batches, exp.mesh)
+  eval_data = make_eval_data(exp) if config.get('eval_every') else None
+  writer = metrics_lib.create_writer(workdir)
+  progress = metrics_lib.Progress(total_steps, start_step)
+  progress_every = config.get('progress_every', 100)
+  eval_every = config.get('eval_every', 0)
+  checkpoint_every = config.get('checkpoint_every', 1000)
+  window, window_start, final = [], None, {}
+  with _StopSignal() as stop:
+    for step in range(start_step + 1, total_steps + 1):
+      state, step_metrics = train_step(state, next(batches))
+      window.append(step_metrics)
+      if window_start is None:  # The first step compiles; rates are measured after it.
+        jax.block_until_ready(step_metrics)
+        window, window_start = [], (step, time.perf_counter())
+      if window and (step % progress_every == 0 or step == total_steps):
+        scalars = metrics_lib.mean_of(window, 'train')
+        _check_finite(scalars['train/loss'], step, last_saved)
+        steps_done, t0 = step - window_start[0], window_start[1]
+        scalars |= perf.throughput_metrics(steps_done * config.batch,
+                                           time.perf_counter() - t0, exp.flops_per_image)
+        writer.write_scalars(step, scalars)
+        progress.update(step, scalars['train/loss'], scalars['perf/img_per_sec'])
+        window, window_start = [], (step, time.perf_counter())
+      if eval_data is not None and (step % eval_every == 0 or step == total_steps):
+        final = evaluate(exp, eval_step, state.params, eval_data)
+        writer.write_scalars(step, final)
+        logging.info('step %d: %s', step, json.dumps(final))
+        window_start = (step, time.perf_counter())  # Exclude eval time from img/s.
+      preempted = stop.received or checkpointer.reached_preemption(step)
+      if preempted or step == total_steps or step % checkpoint_every == 0:
+        _check_finite(float(jax.device_get(step_metrics['loss'])), step, last_saved)
+        checkpointer.save(step, state, {'step': step, 'config': config.to_dict()})
+        last_saved = step
+      if preempted:
+        logging.warning('stopped at step %d after a preemption notice; rerun to resume', step)
+        break
+  checkpointer.wait()
+  checkpointer.close()
+  writer.flush()
+  return final | {'step': int(state.step)}

@@ -1,0 +1,112 @@
+"""Where metrics go: clu writers (TensorBoard + log), `metrics.jsonl`, and a live progress line."""
+import json
+import os
+import sys
+import time
+from typing import Any, Mapping, Optional
+
+import jax
+import numpy as np
+import tensorflow as tf
+from clu import metric_writers
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+  """One JSON object per step with every scalar: easy to read back from scripts and tests.
+
+  Local files are appended line by line; object stores (gs://) cannot append, so there the
+  file is rewritten whole on each flush.
+  """
+
+  def __init__(self, path: str):
+    self._path, self._remote = path, '://' in path
+    self._rows = []
+    if self._remote and tf.io.gfile.exists(path):
+      with tf.io.gfile.GFile(path) as f:
+        self._rows = f.read().splitlines()
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    row = json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}})
+    if self._remote:
+      self._rows.append(row)
+    else:
+      with open(self._path, 'a', encoding='utf-8') as f:
+        f.write(row + '\n')
+
+  def write_summaries(self, step, values, metadata=None):
+    pass
+
+  def write_images(self, step, images):
+    pass
+
+  def write_videos(self, step, videos):
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_hparams(self, hparams):
+    pass
+
+  def flush(self) -> None:
+    if self._remote:
+      with tf.io.gfile.GFile(self._path, 'w') as f:
+        f.write(''.join(row + '\n' for row in self._rows))
+
+  def close(self) -> None:
+    self.flush()
+
+
+def create_writer(workdir: str) -> metric_writers.MetricWriter:
+  """TensorBoard + logging (+ JSON lines) on process 0; other processes only log."""
+  if jax.process_index() > 0:
+    return metric_writers.create_default_writer(just_logging=True)
+  return metric_writers.MultiWriter([
+      metric_writers.create_default_writer(workdir, asynchronous=False),
+      JsonlWriter(os.path.join(workdir, 'metrics.jsonl'))])
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path, encoding='utf-8') as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def mean_of(step_metrics: list[Mapping[str, Any]], prefix: str) -> dict[str, float]:
+  """Fetches a window of per-step device metrics at once (one host sync) and averages them."""
+  fetched = jax.device_get(step_metrics)
+  return {f'{prefix}/{k}': float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(seconds)
+  return f'{seconds // 3600}h{seconds // 60 % 60:02d}m' if seconds >= 3600 else (
+      f'{seconds // 60}m{seconds % 60:02d}s')
+
+
+class Progress:
+  """A live line: step, loss, img/s and ETA (carriage-return updated on a terminal)."""
+
+  def __init__(self, total_steps: int, start_step: int, stream=sys.stdout):
+    self.total_steps, self.start_step, self.stream = total_steps, start_step, stream
+    self.start_time = time.monotonic()
+    self.enabled = jax.process_index() == 0
+
+  def update(self, step: int, loss: float, img_per_sec: Optional[float],
+             extra: str = '') -> None:
+    if not self.enabled:
+      return
+    elapsed = time.monotonic() - self.start_time
+    rate = (step - self.start_step) / elapsed if elapsed > 0 else 0
+    eta = _duration((self.total_steps - step) / rate) if rate else '?'
+    speed = f'{img_per_sec:,.0f} img/s' if img_per_sec else '- img/s'
+    line = (f'step {step}/{self.total_steps} | loss {loss:.4f} | {speed} | '
+            f'elapsed {_duration(elapsed)} | ETA {eta}{extra}')
+    end = '\r' if self.stream.isatty() else '\n'
+    self.stream.write(line + end)
+    self.stream.flush()

@@ -1,0 +1,55 @@
+"""Learning-rate schedules and optimizers from the config, all plain optax."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from vit_jax.errors import ConfigError
+
+DECAY_TYPES = ('cosine', 'linear', 'constant')
+OPTIMIZERS = ('adam', 'adamw', 'sgd')
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup to `base_lr`, then cosine / linear decay to 0 at `total_steps` (or constant)."""
+  decay_type = config.get('decay_type', 'cosine')
+  if decay_type not in DECAY_TYPES:
+    raise ConfigError(f'decay_type={decay_type!r} is not one of {DECAY_TYPES}')
+  warmup, total = config.warmup_steps, config.total_steps
+  if warmup >= total:
+    raise ConfigError(f'warmup_steps={warmup} must be below total_steps={total}')
+  end_value = config.base_lr * config.get('lr_end_fraction', 0.0)
+  decay_steps = total - warmup
+  decay = {
+      'cosine': lambda: optax.cosine_decay_schedule(config.base_lr, decay_steps,
+                                                    alpha=end_value / config.base_lr),
+      'linear': lambda: optax.linear_schedule(config.base_lr, end_value, decay_steps),
+      'constant': lambda: optax.constant_schedule(config.base_lr),
+  }[decay_type]()
+  warmup_schedule = optax.linear_schedule(0.0, config.base_lr, warmup)
+  return optax.join_schedules([warmup_schedule, decay], [warmup])
+
+
+def _decay_mask(params):
+  """Weight decay on matrices and conv kernels only, not on biases, norms or embeddings' cls."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict,
+                   schedule: optax.Schedule) -> optax.GradientTransformation:
+  """Gradient clipping -> the optimizer (decoupled weight decay for adamw)."""
+  name = config.get('optimizer', 'adam')
+  if name not in OPTIMIZERS:
+    raise ConfigError(f'optimizer={name!r} is not one of {OPTIMIZERS}')
+  mu_dtype = jnp.bfloat16 if config.get('optimizer_moments_dtype') == 'bfloat16' else None
+  weight_decay = config.get('weight_decay', 0.0)
+  if name == 'sgd':
+    opt = optax.sgd(schedule, momentum=config.get('momentum', 0.9),
+                    accumulator_dtype=mu_dtype)
+    if weight_decay:
+      opt = optax.chain(optax.add_decayed_weights(weight_decay, _decay_mask), opt)
+  else:
+    opt = optax.adamw(schedule, b1=config.get('b1', 0.9), b2=config.get('b2', 0.999),
+                      mu_dtype=mu_dtype, weight_decay=weight_decay, mask=_decay_mask)
+  clip = config.get('grad_norm_clip')
+  return optax.chain(optax.clip_by_global_norm(clip), opt) if clip else opt
