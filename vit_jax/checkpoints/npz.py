@@ -1,0 +1,151 @@
+"""Params as `.npz` files in the released layout ('/'-joined keys, unrolled blocks, float32).
+
+This is the format of the released ViT checkpoints, so those load here and ours load in their code.
+Every failure a user can cause (wrong path, broken file, other architecture) is a one-line
+ConfigError that names the fix.
+"""
+import os
+import uuid
+import zipfile
+import zlib
+from typing import Any
+
+import flax
+import flax.linen as nn
+import numpy as np
+
+from vit_jax.errors import ConfigError
+from vit_jax.models import scan_layout
+
+Params = dict[str, Any]
+
+# Older files nest the params under a prefix, next to optimizer state that we do not load.
+_PREFIXES = ('opt/target/', 'params/')
+POSEMB_KEY = 'Transformer/posembed_input/pos_embedding'
+_SHOWN = 5  # Keys listed per kind of mismatch: enough to recognise the problem, still one line.
+
+
+def _flat(params: Params) -> dict[str, Any]:
+  return flax.traverse_util.flatten_dict(nn.meta.unbox(params), sep='/')
+
+
+def save_npz(params: Params, path: str) -> None:
+  """Writes `params` (scanned or not, boxed or not) as an unrolled float32 `.npz`, atomically.
+
+  The file is written next to `path` and renamed over it, so a crash leaves the old file or none.
+  """
+  params = scan_layout.scanned_to_unrolled(flax.core.unfreeze(nn.meta.unbox(params)))
+  flat = {k: np.asarray(v, np.float32) for k, v in _flat(params).items()}
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  # Not tempfile.mkstemp: its 0600 mode would outlive the rename; this gets the umask's.
+  tmp = f'{path}.{uuid.uuid4().hex}.tmp'
+  try:
+    with open(tmp, 'xb') as f:
+      np.savez(f, **flat)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _first_line(e: Exception) -> str:
+  lines = str(e).strip().splitlines()
+  return f'{type(e).__name__}: {lines[0]}' if lines else type(e).__name__
+
+
+def load_npz(path: str) -> Params:
+  """Reads a `.npz` of params into a nested dict of numpy arrays, exactly as stored.
+
+  Keys under `opt/target/` or `params/` (older files) are unprefixed; other entries, such as the
+  optimizer state saved next to them, are ignored.
+  """
+  try:
+    data, flat = np.load(path, allow_pickle=False), None
+    if isinstance(data, np.lib.npyio.NpzFile):
+      with data:
+        flat = {k: data[k] for k in data.files}
+  except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+    raise ConfigError(f'checkpoint {path} does not exist ({_first_line(e)}): check the '
+                      'checkpoint path in the config/flags') from e
+  except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError) as e:
+    raise ConfigError(f'checkpoint {path} is not a readable .npz file ({_first_line(e)}): it is '
+                      'corrupt or truncated; re-download or re-save it') from e
+  if flat is None:
+    raise ConfigError(f'checkpoint {path} is a single .npy array, not an .npz of params: '
+                      'point the checkpoint path at a params .npz file')
+  for prefix in _PREFIXES:
+    if any(k.startswith(prefix) for k in flat):
+      flat = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+      break
+  if not flat:
+    raise ConfigError(f'checkpoint {path} contains no arrays: point the checkpoint path at a '
+                      'params .npz file')
+  return flax.traverse_util.unflatten_dict(flat, sep='/')
+
+
+def _hint(shape_keys: list[str], what: str) -> str:
+  if shape_keys and all(k.startswith(('head/', 'pre_logits/')) or k == POSEMB_KEY
+                        for k in shape_keys):
+    return (f'only the head / position embeddings differ: to fine-tune {what} at another class '
+            'count or resolution, load it with vit_jax.checkpoints.transfer.transfer_params '
+            '(the fine-tune path), which replaces the head and resizes the position embeddings')
+  return (f'--config.model (name and overrides) must match the architecture {what} was '
+          'trained with')
+
+
+def _listed(keys: list[str]) -> str:
+  more = f' (+{len(keys) - _SHOWN} more)' if len(keys) > _SHOWN else ''
+  return f'{", ".join(sorted(keys)[:_SHOWN])}{more}'
+
+
+def _mismatch_error(missing: list[str], unexpected: list[str],
+                   shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]],
+                   what: str) -> ConfigError:
+  """One line listing the first few missing, unexpected and mis-shaped keys, and the fix.
+
+  `shapes` maps a key to (its shape in `what`, the shape the model wants).
+  """
+  parts = [f'{label}: [{_listed(keys)}]'
+           for label, keys in (('missing', missing), ('unexpected', unexpected)) if keys]
+  if shapes:
+    parts.append('shape mismatch (checkpoint vs model): '
+                 + _listed([f'{k} {got} vs {want}' for k, (got, want) in shapes.items()]))
+  hint = _hint([] if missing or unexpected else list(shapes), what)
+  return ConfigError(f'{what} does not fit the model: {"; ".join(parts)}; {hint}')
+
+
+def to_layout_of(params: Params, reference: Params, what: str) -> Params:
+  """`params` converted to the scanned or unrolled layout of `reference`."""
+  scanned = scan_layout.is_scanned(reference)
+  if 'Transformer' not in params or scan_layout.is_scanned(params) == scanned:
+    return params
+  try:
+    return scan_layout.to_layout(params, scanned)
+  except (KeyError, ValueError, TypeError) as e:
+    raise ConfigError(f'{what}: its encoder blocks do not convert to the '
+                      f'{"scanned" if scanned else "unrolled"} layout ({_first_line(e)}): '
+                      '--config.model must match the checkpoint\'s architecture') from e
+
+
+def match_params(loaded: Params, expected_shapes: Params, *, what: str) -> Params:
+  """Checks `loaded` against the model's (abstract or real) params; returns it in their layout.
+
+  `expected_shapes` may be boxed (as from `jax.eval_shape(model.init, ...)`) and may be the full
+  variables dict. Values are neither cast nor rounded (only restacked for the layout), so loading
+  is bit-exact.
+  """
+  expected = nn.meta.unbox(expected_shapes)
+  if set(expected) == {'params'}:
+    expected = expected['params']
+  loaded = to_layout_of(flax.core.unfreeze(loaded), expected, what)
+  flat_loaded, flat_expected = _flat(loaded), _flat(expected)
+  missing = [k for k in flat_expected if k not in flat_loaded]
+  unexpected = [k for k in flat_loaded if k not in flat_expected]
+  shapes = {k: (tuple(flat_loaded[k].shape), tuple(v.shape)) for k, v in flat_expected.items()
+            if k in flat_loaded and tuple(flat_loaded[k].shape) != tuple(v.shape)}
+  if missing or unexpected or shapes:
+    raise _mismatch_error(missing, unexpected, shapes, what)
+  return loaded

@@ -1,0 +1,108 @@
+"""The paper's transfer to a downstream task: pre-trained body, fresh zero head, resized posemb.
+
+Dosovitskiy et al. (Sec. 3.2): the pre-trained prediction head (and, by default, the pre-logits
+layer) is removed and replaced by a zero-initialised linear layer of the new class count; the
+learned position embeddings are 2D-interpolated when fine-tuning at another resolution.
+"""
+import logging
+from typing import Any, Callable, Optional
+
+import flax
+import flax.linen as nn
+import numpy as np
+
+from vit_jax.checkpoints import npz
+from vit_jax.checkpoints import posemb as posemb_lib
+from vit_jax.errors import ConfigError
+
+Params = dict[str, Any]
+
+_WHAT = 'the pre-trained checkpoint'
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+  return tuple(x.shape)
+
+
+def _resize_posemb(old: np.ndarray, new_shape: tuple[int, ...], num_prefix: int,
+                   new_grid: Optional[tuple[int, int]],
+                   old_grid: Optional[tuple[int, int]]) -> np.ndarray:
+  num_patches = new_shape[1] - num_prefix
+  if new_grid is None:
+    new_grid = posemb_lib.square_grid(num_patches, 'the new model\'s position embedding')
+  if new_grid[0] * new_grid[1] != num_patches:
+    raise ConfigError(f'new_grid {new_grid} does not give the new model\'s {num_patches} patches: '
+                      'pass the fine-tuning image size divided by the patch size')
+  return posemb_lib.resize_posemb(old, new_grid, old_grid, num_prefix)
+
+
+def transfer_params(pretrained: Params, init: Params, *,
+                    new_grid: Optional[tuple[int, int]] = None,
+                    old_grid: Optional[tuple[int, int]] = None,
+                    keep_pre_logits: bool = False,
+                    log: Callable[[str], Any] = logging.info) -> Params:
+  """Params for the new model: `pretrained` everywhere except the head, pre-logits and posemb.
+
+  Args:
+    pretrained: the pre-trained params (scanned or unrolled, e.g. from `npz.load_npz`).
+    init: freshly initialised params of the new model (boxed or not); gives the target layout,
+      shapes, the head's bias and, unless kept, the pre-logits layer.
+    new_grid: the new model's patch grid (h, w); None means square.
+    old_grid: the pre-training patch grid; None means square.
+    keep_pre_logits: keep the pre-trained pre-logits layer (the new model must have one).
+    log: called with one line for every key that is not copied unchanged.
+
+  Returns:
+    The new model's params in `init`'s layout; copied values are the pre-trained arrays as-is.
+  """
+  init = flax.core.unfreeze(nn.meta.unbox(init))
+  pretrained = npz.to_layout_of(flax.core.unfreeze(nn.meta.unbox(pretrained)), init, _WHAT)
+  src = flax.traverse_util.flatten_dict(pretrained, sep='/')
+  dst = flax.traverse_util.flatten_dict(init, sep='/')
+  out = dict(src)
+
+  for key in [k for k in src if k.startswith('head/')]:
+    del out[key]
+    if key not in dst:
+      log(f'transfer: dropped {key} {_shape(src[key])} (the new model has no head)')
+  for key in [k for k in dst if k.startswith('head/')]:
+    was = f'pre-trained {_shape(src[key])}' if key in src else 'absent in pre-training'
+    if key == 'head/kernel':
+      out[key] = np.zeros(dst[key].shape, dst[key].dtype)
+      log(f'transfer: {key} set to zeros {_shape(dst[key])} ({was})')
+    else:
+      out[key] = dst[key]
+      log(f'transfer: {key} from init {_shape(dst[key])} ({was})')
+
+  src_pre = [k for k in src if k.startswith('pre_logits/')]
+  dst_pre = [k for k in dst if k.startswith('pre_logits/')]
+  if keep_pre_logits and not (src_pre and dst_pre):
+    raise ConfigError(
+        'keep_pre_logits needs a pre-logits layer in both the checkpoint '
+        f'({"present" if src_pre else "absent"}) and the new model '
+        f'({"present" if dst_pre else "absent"}): set the model\'s representation_size to the '
+        'checkpoint\'s, or do not keep the pre-logits')
+  if not keep_pre_logits:
+    for key in src_pre:
+      del out[key]
+      log(f'transfer: dropped {key} {_shape(src[key])}')
+    for key in dst_pre:
+      out[key] = dst[key]
+      was = 'pre-trained one dropped' if key in src else 'absent in pre-training'
+      log(f'transfer: {key} from init {_shape(dst[key])} ({was})')
+
+  key = npz.POSEMB_KEY
+  regridded = old_grid is not None and new_grid is not None and tuple(old_grid) != tuple(new_grid)
+  if key in src and key in dst and (_shape(src[key]) != _shape(dst[key]) or regridded):
+    old, new = _shape(src[key]), _shape(dst[key])
+    num_prefix = int('cls' in dst)
+    if num_prefix != int('cls' in src):
+      raise ConfigError(
+          f'the checkpoint {"has" if "cls" in src else "has no"} class token but the new model '
+          f'{"has" if num_prefix else "has none"}: set the model\'s classifier to the '
+          'checkpoint\'s (token vs gap/map)')
+    if old[2] == new[2]:  # Otherwise the width differs: reported below as an architecture error.
+      out[key] = _resize_posemb(np.asarray(src[key]), new, num_prefix, new_grid, old_grid)
+      log(f'transfer: resized {key} {old} -> {new}')
+
+  return npz.match_params(flax.traverse_util.unflatten_dict(out, sep='/'), init, what=_WHAT)
