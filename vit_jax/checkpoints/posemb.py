@@ -37,7 +37,7 @@ def resize_posemb(posemb: np.ndarray, new_grid: tuple[int, int],
   (gh, gw), (nh, nw) = old_grid, new_grid
   if gh * gw != len(grid):
     raise ConfigError(f'old grid {gh}x{gw} does not match the {len(grid)} patch tokens of the '
-                      f'position embedding: pass the grid it was trained at')
+                      'position embedding: pass the grid it was trained at')
   # scipy has no bfloat16/float16 kernels; float32 is also what the released files hold.
   grid = grid.reshape(gh, gw, -1).astype(np.float64 if grid.dtype == np.float64 else np.float32)
   resized = scipy.ndimage.zoom(grid, (nh / gh, nw / gw, 1), order=1)
