@@ -198,15 +198,23 @@ def make_train_iterator(*, dataset: str, split: str, data_dir: str | None,
   example_fn = _train_example_fn(opts, image_size, channels,
                                  info.image_shape[-1], seed, index, count)
 
+  def encoded(shuffle_seed: int | None) -> tf.data.Dataset:
+    ds = builder.as_dataset(
+        split=sliced, shuffle_files=shuffle_seed is not None, decoders=_RAW,
+        read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed,
+                                    try_autocache=False))
+    return ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
+
+  # A slice that fits the shuffle buffer is held in memory anyway: cache its
+  # encoded bytes once, so later epochs skip the disk and refill in ~0.1 s.
+  fits = size <= opts['shuffle_buffer']
+  in_memory = encoded(None).cache() if fits else None
+
   def epoch_examples(epoch: int, start: int) -> tf.data.Dataset:
     """Examples start.. of `epoch`, shuffled by (seed, epoch, process)."""
     shuffle_seed = int(np.random.SeedSequence(
         [seed, epoch, index]).generate_state(1)[0])
-    ds = builder.as_dataset(
-        split=sliced, shuffle_files=True, decoders=_RAW,
-        read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed,
-                                    try_autocache=False))
-    ds = ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
+    ds = in_memory if fits else encoded(shuffle_seed)
     ds = ds.shuffle(min(opts['shuffle_buffer'], size), seed=shuffle_seed)
     ds = ds.skip(start).enumerate(epoch * size + start)
     return ds.map(example_fn, num_parallel_calls=tf.data.AUTOTUNE,

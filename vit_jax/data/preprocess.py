@@ -66,7 +66,9 @@ def resize_small_and_central_crop(image: tf.Tensor, size: int,
   image = tf.image.resize(image, scaled, antialias=True)
   top = (scaled[0] - size) // 2
   left = (scaled[1] - size) // 2
-  return image[top:top + size, left:left + size]
+  image = image[top:top + size, left:left + size]
+  image.set_shape([size, size, image.shape[-1]])
+  return image
 
 
 def padded_random_crop(image: tf.Tensor, seed: tf.Tensor, size: int,

@@ -1,0 +1,249 @@
+"""Data room: offline prepare, the deterministic train stream, exact eval, global batches."""
+import collections
+import gzip
+import hashlib
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from jax.sharding import Mesh
+
+from vit_jax.data import global_batch
+from vit_jax.data import input_pipeline as ip
+from vit_jax.data import prepare
+from vit_jax.errors import ConfigError
+
+FASHION = '/usr/share/datasets/fashion-mnist'
+PLAIN = {'train': {'crop': 'resize', 'flip': False}}  # No randomness: rows are comparable.
+
+
+def _pp(d=None):
+  return ml_collections.ConfigDict(d or {})
+
+
+def _idx(name: str) -> np.ndarray:
+  with gzip.open(os.path.join(FASHION, name)) as f:
+    data = np.frombuffer(f.read(), np.uint8)
+  return data[8:] if 'labels' in name else data[16:].reshape(-1, 28, 28)
+
+
+def _train(data_dir, dataset='digits', batch=64, size=8, pp=None, **kw):
+  return ip.make_train_iterator(
+      dataset=dataset, split='train', data_dir=data_dir, global_batch=batch,
+      image_size=size, channels=3, pp=_pp(pp), seed=kw.pop('seed', 0), **kw)
+
+
+def _eval(data_dir, dataset='digits', split='test', batch=64, size=8, pp=None, **kw):
+  return ip.make_eval_iterator(
+      dataset=dataset, split=split, data_dir=data_dir, global_batch=batch,
+      image_size=size, channels=3, pp=_pp(pp), **kw)
+
+
+def _rows(batches) -> collections.Counter:
+  """Multiset of (image bytes hash, label) over the real rows of `batches`."""
+  rows = collections.Counter()
+  for b in batches:
+    mask = b.get('mask', np.ones(len(b['label']), bool))
+    for image, label in zip(b['image'][mask], b['label'][mask]):
+      rows[hashlib.md5(image.tobytes()).hexdigest(), int(label)] += 1
+  return rows
+
+
+def _same(a, b) -> bool:
+  return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_prepared_datasets_match_the_catalogue(prepared_data_dir):
+  builder = tfds.builder('fashion_mnist', data_dir=prepared_data_dir)
+  assert builder.info.splits['train'].num_examples == 60000
+  assert builder.info.splits['test'].num_examples == 10000
+  assert builder.info.features['image'].shape == (28, 28, 1)
+  assert builder.info.features['label'].names[:2] == ['T-shirt/top', 'Trouser']
+  info = ip.get_info('digits', 'train', prepared_data_dir)
+  assert info == ip.DatasetInfo(10, 1500, [str(i) for i in range(10)], (8, 8, 1))
+  assert ip.get_info('digits', 'test', prepared_data_dir).num_examples == 297
+  assert ip.get_info('fashion_mnist', 'train[:10%]', prepared_data_dir).num_examples == 6000
+
+
+def test_fashion_mnist_images_and_labels_are_the_idx_files(prepared_data_dir):
+  raw = collections.defaultdict(set)
+  for image, label in zip(_idx('t10k-images-idx3-ubyte.gz'), _idx('t10k-labels-idx1-ubyte.gz')):
+    raw[image.tobytes()].add(int(label))
+  ds = tfds.load('fashion_mnist', split='test', data_dir=prepared_data_dir, download=False)
+  seen = 0
+  for ex in tfds.as_numpy(ds.batch(1000)):
+    for image, label in zip(ex['image'][..., 0], ex['label']):
+      assert int(label) in raw[image.tobytes()]
+      seen += 1
+  assert seen == 10000
+  labels = tfds.load('fashion_mnist', split='train', data_dir=prepared_data_dir,
+                     decoders={'image': tfds.decode.SkipDecoding()})
+  counts = np.bincount(np.concatenate(
+      [b['label'] for b in tfds.as_numpy(labels.batch(10000))]), minlength=10)
+  np.testing.assert_array_equal(counts, np.bincount(_idx('train-labels-idx1-ubyte.gz')))
+
+
+def test_digits_are_sklearns_last_297_for_test(prepared_data_dir):
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  digits = datasets.load_digits()
+  expected = collections.Counter(
+      (np.round(im * 255 / 16).astype(np.uint8).tobytes(), int(y))
+      for im, y in zip(digits.images[1500:], digits.target[1500:]))
+  ds = tfds.load('digits', split='test', data_dir=prepared_data_dir)
+  got = collections.Counter((ex['image'][..., 0].tobytes(), int(ex['label']))
+                            for ex in tfds.as_numpy(ds))
+  assert got == expected
+
+
+def test_train_batches_shape_range_and_labels(prepared_data_dir):
+  batch = next(_train(prepared_data_dir, 'fashion_mnist', batch=32, size=28))
+  assert batch['image'].shape == (32, 28, 28, 3) and batch['image'].dtype == np.float32
+  assert batch['label'].shape == (32,) and batch['label'].dtype == np.int32
+  assert -1 <= batch['image'].min() < 0 < batch['image'].max() <= 1
+  assert set(batch['label']) <= set(range(10)) and len(set(batch['label'])) > 3
+  np.testing.assert_array_equal(batch['image'][..., 0], batch['image'][..., 2])  # Gray->RGB.
+
+
+@pytest.mark.parametrize('pp', [
+    {}, {'train': {'crop': 'random_crop'}},
+    {'train': {'randaug': (2, 10), 'mixup': 0.2}}])
+def test_stream_is_a_function_of_seed_and_step(prepared_data_dir, pp):
+  first = [next(it) for it in [_train(prepared_data_dir, pp=pp)] for _ in range(3)]
+  again = [next(it) for it in [_train(prepared_data_dir, pp=pp)] for _ in range(3)]
+  other = next(_train(prepared_data_dir, pp=pp, seed=1))
+  assert all(_same(a, b) for a, b in zip(first, again))
+  assert not np.array_equal(first[0]['image'], other['image'])
+  assert not np.array_equal(first[0]['image'], first[1]['image'])
+  assert first[0]['image'].min() >= -1 and first[0]['image'].max() <= 1
+
+
+@pytest.mark.parametrize('start_step', [5, 23, 48])  # 23 and 48 straddle epochs.
+def test_resume_yields_the_uninterrupted_stream(prepared_data_dir, start_step):
+  full = _train(prepared_data_dir, batch=64, pp={'train': {'randaug': (1, 5)}})
+  for _ in range(start_step):
+    next(full)
+  resumed = _train(prepared_data_dir, batch=64, start_step=start_step,
+                   pp={'train': {'randaug': (1, 5)}})
+  for _ in range(3):
+    assert _same(next(full), next(resumed))
+
+
+def test_one_epoch_sees_every_example_once(prepared_data_dir):
+  # 1500 examples, batch 60: 25 steps are exactly one epoch.
+  epoch = [next(it) for it in [_train(prepared_data_dir, batch=60, pp=PLAIN)] for _ in range(25)]
+  assert _rows(epoch) == _rows(_eval(prepared_data_dir, split='train'))
+
+
+def test_process_slices_are_disjoint_and_cover_the_split(prepared_data_dir):
+  # 1500 / 2 processes = 750 each; local batch 50: 15 steps are one epoch.
+  per_process = [
+      _rows([next(it) for it in [_train(prepared_data_dir, batch=100, pp=PLAIN,
+                                        process_index=p, process_count=2)]
+             for _ in range(15)]) for p in range(2)]
+  assert sum(per_process[0].values()) == sum(per_process[1].values()) == 750
+  assert per_process[0] + per_process[1] == _rows(_eval(prepared_data_dir, split='train'))
+
+
+@pytest.mark.parametrize('count', [1, 2, 3])
+def test_eval_covers_the_split_once_on_any_process_count(prepared_data_dir, count):
+  runs = [list(_eval(prepared_data_dir, batch=12 * count, process_index=p,
+                     process_count=count)) for p in range(count)]
+  assert len({len(r) for r in runs}) == 1  # Same number of batches everywhere.
+  assert all(b['image'].shape == (12, 8, 8, 3) for r in runs for b in r)
+  merged = sum((_rows(r) for r in runs), collections.Counter())
+  assert sum(merged.values()) == 297
+  full = tfds.load('digits', split='test', data_dir=prepared_data_dir)
+  assert sorted(label for _, label in merged.elements()) == sorted(
+      int(ex['label']) for ex in tfds.as_numpy(full))
+
+
+def test_eval_fashion_test_is_exact_and_reiterable(prepared_data_dir):
+  batches = _eval(prepared_data_dir, 'fashion_mnist', batch=512, size=28,
+                  pp={'eval': {'crop': 'resize_crop'}})
+  first = list(batches)
+  assert len(first) == len(batches) == 20
+  assert sum(int(b['mask'].sum()) for b in first) == 10000
+  labels = np.concatenate([b['label'][b['mask']] for b in first])
+  np.testing.assert_array_equal(np.bincount(labels), np.bincount(_idx('t10k-labels-idx1-ubyte.gz')))
+  assert not first[-1]['mask'][-1] and first[-1]['image'][-1].max() == 0
+  assert all(_same(a, b) for a, b in zip(first, batches))
+
+
+def test_mixup_makes_soft_labels(prepared_data_dir):
+  batch = next(_train(prepared_data_dir, pp={'train': {'mixup': 0.5}}))
+  assert batch['label'].shape == (64, 10) and batch['label'].dtype == np.float32
+  np.testing.assert_allclose(batch['label'].sum(1), 1, rtol=1e-6)
+
+
+def test_image_folder_becomes_a_tfds_dataset(tmp_path):
+  rng = np.random.default_rng(0)
+  for split, n in (('train', 3), ('val', 2)):
+    for label in ('cat', 'dog'):
+      os.makedirs(tmp_path / 'src' / split / label)
+      for i in range(n):
+        image = rng.integers(0, 255, (20 + i, 30, 3), np.uint8)
+        encode = tf.io.encode_jpeg if i % 2 else tf.io.encode_png
+        tf.io.write_file(str(tmp_path / 'src' / split / label / f'{i}.{"jpg" if i % 2 else "png"}'),
+                         encode(image))
+  data_dir = str(tmp_path / 'tfds')
+  prepare.prepare('pets', data_dir, source=str(tmp_path / 'src'))
+  assert ip.get_info('pets', 'val', data_dir) == ip.DatasetInfo(2, 4, ['cat', 'dog'], (None, None, 3))
+  assert len(tfds.load('pets', split='train', data_dir=data_dir)) == 6
+  batch = next(ip.make_train_iterator(  # Inception crop of JPEG and PNG bytes.
+      dataset='pets', split='train', data_dir=data_dir, global_batch=4,
+      image_size=16, channels=3, pp=_pp(), seed=0))
+  assert batch['image'].shape == (4, 16, 16, 3)
+
+
+def test_to_global_and_prefetch_shard_the_batch():
+  mesh = Mesh(np.array(jax.devices()).reshape(-1, 1), ('data', 'fsdp'))
+  n = 2 * len(jax.devices())
+  batches = [{'image': np.full((n, 4, 4, 3), i, np.float32), 'label': np.arange(n) + i}
+             for i in range(3)]
+  out = list(global_batch.prefetch_to_mesh(iter(batches), mesh, size=2))
+  assert len(out) == 3
+  for i, b in enumerate(out):
+    assert b['image'].shape == (n, 4, 4, 3) and b['image'].sharding.spec[0] == ('data', 'fsdp')
+    np.testing.assert_array_equal(np.asarray(b['label']), np.arange(n) + i)
+
+
+@pytest.mark.parametrize('call,message', [
+    (lambda d: ip.get_info('no_such_dataset', 'train', d), 'unknown dataset'),
+    (lambda d: ip.get_info('digits', 'validation', d), "no split 'validation'"),
+    (lambda d: _train(d, batch=63, process_count=2), 'multiple of the process count 2'),
+    (lambda d: _train(d, pp={'train': {'flips': False}}), "unknown pp.train keys ['flips']"),
+    (lambda d: _eval(d, pp={'eval': {'crop': 'inception'}}), 'pp.eval.crop'),
+])
+def test_mistakes_are_config_errors(prepared_data_dir, call, message):
+  with pytest.raises(ConfigError) as e:
+    call(prepared_data_dir)
+  assert message in str(e.value)
+
+
+def test_unprepared_data_dir_says_where_and_how(tmp_path):
+  with pytest.raises(ConfigError) as e:
+    ip.get_info('cifar10', 'train', str(tmp_path))
+  assert str(tmp_path) in str(e.value) and 'tfds build cifar10' in str(e.value)
+  with pytest.raises(ConfigError) as e:
+    ip.get_info('fashion_mnist', 'train', str(tmp_path))
+  assert 'python -m vit_jax.datasets prepare fashion_mnist' in str(e.value)
+
+
+def test_missing_debian_package_names_the_fix(tmp_path, monkeypatch):
+  monkeypatch.setattr(prepare, 'DEBIAN_FASHION_MNIST', str(tmp_path / 'none'))
+  with pytest.raises(ConfigError, match='apt-get install dataset-fashion-mnist'):
+    prepare.prepare('fashion_mnist', str(tmp_path))
+
+
+def test_cli_prints_one_line_errors(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.datasets', 'prepare', 'cifar10',
+       f'--data_dir={tmp_path}'], capture_output=True, text=True, check=False)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith("error: cannot prepare 'cifar10'")
