@@ -1,0 +1,106 @@
+"""Runs the paper's analyses (Figures 6 and 7) on a model and a batch of images, writing
+`<name>.png` and `<name>.json` per analysis and returning the numbers."""
+import os
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import numpy as np
+
+from vit_jax.analysis import plots
+from vit_jax.analysis.attention import attention_rollout, collect_attention, num_prefix_tokens
+from vit_jax.analysis.attention import rollout_map
+from vit_jax.analysis.distance import mean_attention_distance
+from vit_jax.analysis.filters import embedding_filter_pcs
+from vit_jax.analysis.posemb_similarity import posemb_cosine_similarity
+from vit_jax.errors import ConfigError
+from vit_jax.models import resnet
+from vit_jax.models.vit import sincos2d_posemb, VisionTransformer
+
+ANALYSES = ('rollout', 'distance', 'posemb', 'filters')
+NUM_FILTER_PCS = 28  # As many as the paper's Figure 7 shows.
+
+
+def _check(model: VisionTransformer, images: np.ndarray, patch_size: tuple[int, int],
+           which: Sequence[str]) -> None:
+  """Fails before any work for what cannot run, so no analysis is left half-written."""
+  unknown = sorted(set(which) - set(ANALYSES))
+  if unknown:
+    raise ConfigError(f'unknown analyses {unknown}: choose from {list(ANALYSES)}')
+  if images.ndim != 4:
+    raise ConfigError(f'images must be [batch, height, width, channels], got {images.shape}')
+  stride = 1 if model.resnet is None else resnet.total_stride(model.resnet.num_layers)
+  on_image = (model.patch_size[0] * stride, model.patch_size[1] * stride)
+  if patch_size != on_image:
+    raise ConfigError(f'patch_size {patch_size} is not this model\'s patch on the image: '
+                      f'pass {on_image}')
+  if images.shape[1] % patch_size[0] or images.shape[2] % patch_size[1]:
+    raise ConfigError(f'patch size {patch_size} does not divide the images '
+                      f'{images.shape[1:3]}: resize or crop them to a multiple of it')
+  if 'rollout' in which and model.classifier not in ('token', 'gap'):
+    raise ConfigError(f'rollout needs a "token" or "gap" model, this one is {model.classifier!r}: '
+                      'leave "rollout" out')
+  if 'filters' in which and (model.resnet is not None or images.shape[-1] not in (1, 3)):
+    raise ConfigError('"filters" shows a grey or RGB pixel embedding, which hybrid models (and '
+                      f'{images.shape[-1]}-channel images) do not have: leave "filters" out')
+
+
+def _posemb(model: VisionTransformer, params: Mapping[str, Any],
+            grid: tuple[int, int]) -> tuple[np.ndarray, int]:
+  """The position embedding the encoder adds and its number of prefix (class) tokens."""
+  if model.posemb == 'sincos2d':  # Fixed, added before the class token is prepended.
+    return np.asarray(sincos2d_posemb(*grid, model.hidden_size)), 0
+  posemb = params['Transformer']['posembed_input']['pos_embedding']
+  return np.asarray(posemb), num_prefix_tokens(model.classifier)
+
+
+def analyze(model: VisionTransformer, variables: Mapping[str, Any], images: np.ndarray, *,
+            out_dir: str | os.PathLike, patch_size: int | tuple[int, int],
+            which: Sequence[str] = ANALYSES) -> dict[str, dict[str, Any]]:
+  """Runs the chosen analyses; writes `<name>.png` and `<name>.json` into `out_dir`.
+
+  `images` are [B, H, W, C], preprocessed as the model expects (plots rescale them for display);
+  `patch_size` is the patch's extent on the image in pixels (for hybrids, the name's patch, e.g.
+  16 for R50+ViT-B_16, not the model's patch on the feature map). Returns {name: numbers}, the
+  same numbers as the JSON files, as arrays:
+    rollout: per-patch rollout maps [B, gh, gw] (`attention_rollout`);
+    distance: mean attention distance in pixels [layers, heads];
+    posemb: cosine similarity of position embeddings [gh, gw, gh, gw];
+    filters: the first 28 (at most) principal components of the embedding filters
+      [k, ph, pw, C] and their explained variance ratios [k].
+  """
+  images = np.asarray(images)
+  patch = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+  _check(model, images, patch, which)
+  grid = (images.shape[1] // patch[0], images.shape[2] // patch[1])
+  params = nn.meta.unbox(variables)['params']
+  os.makedirs(out_dir, exist_ok=True)
+  path = lambda name, ext: os.path.join(out_dir, f'{name}.{ext}')
+  prefix = num_prefix_tokens(model.classifier)
+  needs_attention = {'rollout', 'distance'} & set(which)
+  attn = collect_attention(model, variables, images) if needs_attention else None
+  results = {}
+  if 'rollout' in which:
+    rollout = attention_rollout(attn, classifier=model.classifier)
+    plots.plot_rollout(path('rollout', 'png'), images,
+                       rollout_map(rollout, grid, images.shape[1:3]))
+    results['rollout'] = dict(rollout=rollout.reshape(-1, *grid), grid=grid,
+                              classifier=model.classifier)
+  if 'distance' in which:
+    distances = mean_attention_distance(attn, grid, patch, prefix)
+    plots.plot_attention_distance(path('distance', 'png'), distances)
+    results['distance'] = dict(mean_attention_distance=distances, grid=grid, patch_size=patch,
+                               num_images=len(images), renormalized=True)
+  if 'posemb' in which:
+    posemb, posemb_prefix = _posemb(model, params, grid)
+    similarity = posemb_cosine_similarity(posemb, grid, posemb_prefix)
+    plots.plot_posemb_similarity(path('posemb', 'png'), similarity)
+    results['posemb'] = dict(cosine_similarity=similarity, grid=grid, posemb=model.posemb)
+  if 'filters' in which:
+    kernel = np.asarray(params['embedding']['kernel'])
+    num = min(NUM_FILTER_PCS, kernel.shape[-1], int(np.prod(kernel.shape[:3])))
+    components, ratio = embedding_filter_pcs(kernel, num)
+    plots.plot_filter_pcs(path('filters', 'png'), components, ratio)
+    results['filters'] = dict(components=components, explained_variance_ratio=ratio)
+  for name, numbers in results.items():
+    plots.save_json(path(name, 'json'), numbers)
+  return results
