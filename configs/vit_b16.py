@@ -1,0 +1,16 @@
+"""ViT-B/16 pre-training, the ViT paper's Table 3 recipe (see vit_jax/training/recipes.py).
+
+  python -m vit_jax.main --config=configs/vit_b16.py:imagenet21k --workdir=gs://BUCKET/vit_b16_i21k
+  python -m vit_jax.main --config=configs/vit_b16.py:imagenet2012 --workdir=gs://BUCKET/vit_b16_i1k
+
+The argument picks the dataset (default: imagenet2012); anything else is a ConfigError.
+
+Expected (paper, Table 5: ImageNet top-1 after fine-tuning at 384 px):
+  pre-trained on ImageNet-21k: 83.97%
+  pre-trained on ImageNet:     77.91%
+"""
+from vit_jax.training import recipes
+
+
+def get_config(arg=None):
+  return recipes.pretrain_config('ViT-B_16', arg)

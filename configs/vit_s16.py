@@ -1,0 +1,15 @@
+"""ViT-S/16 pre-training, the ViT paper's Table 3 recipe (see vit_jax/training/recipes.py).
+
+  python -m vit_jax.main --config=configs/vit_s16.py:imagenet21k --workdir=gs://BUCKET/vit_s16_i21k
+  python -m vit_jax.main --config=configs/vit_s16.py:imagenet2012 --workdir=gs://BUCKET/vit_s16_i1k
+
+The argument picks the dataset (default: imagenet2012); anything else is a ConfigError.
+
+Not in the paper (Ti and S come from DeiT / "How to train your ViT"); the recipe is Table 3's B
+row.
+"""
+from vit_jax.training import recipes
+
+
+def get_config(arg=None):
+  return recipes.pretrain_config('ViT-S_16', arg)

@@ -1,0 +1,173 @@
+"""The paper's pre-training configs: load as the CLI loads them, build abstractly, Table 3 values."""
+import importlib.machinery
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from vit_jax.errors import ConfigError
+from vit_jax.training import experiment
+from vit_jax.training import recipes
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+
+# config file -> (model, hidden, mlp, layers, patch)
+CONFIGS = {
+    'vit_ti16': ('ViT-Ti_16', 192, 768, 12, 16),
+    'vit_s16': ('ViT-S_16', 384, 1536, 12, 16),
+    'vit_b16': ('ViT-B_16', 768, 3072, 12, 16),
+    'vit_b32': ('ViT-B_32', 768, 3072, 12, 32),
+    'vit_l16': ('ViT-L_16', 1024, 4096, 24, 16),
+    'vit_l32': ('ViT-L_32', 1024, 4096, 24, 32),
+    'vit_h14': ('ViT-H_14', 1280, 5120, 32, 14),
+    'r50_vit_b16': ('R50+ViT-B_16', 768, 3072, 12, 16),
+}
+# Exact counts with a 1000-class head and no pre-logits (tests/test_models.py checks the zoo
+# against the same figures): anchors for the formula below and for the hybrid.
+PAPER_COUNTS = {'ViT-Ti_16': 5_717_416, 'ViT-S_16': 22_050_664, 'ViT-B_16': 86_567_656,
+                'ViT-L_16': 304_326_632, 'ViT-H_14': 632_045_800, 'R50+ViT-B_16': 98_659_112}
+# Table 3 (the ImageNet-21k rows: 90 epochs for B, 30 for L; H and the small ones as documented).
+EPOCHS_21K = {'vit_ti16': 90, 'vit_s16': 90, 'vit_b16': 90, 'vit_b32': 90, 'r50_vit_b16': 90,
+              'vit_l16': 30, 'vit_l32': 30, 'vit_h14': 30}
+
+
+def _load(name: str, arg=None):
+  """Exactly what `--config=configs/NAME.py[:ARG]` gives main (config_flags, locked)."""
+  argv = ['main', f'--config={os.path.join(CONFIGS_DIR, name)}.py' + (f':{arg}' if arg else '')]
+  flag_values = flags.FlagValues()
+  flag = config_flags.DEFINE_config_file('config', flag_values=flag_values, lock_config=True,
+                                         sys_argv=argv)
+  flag_values(argv)
+  return flag.value
+
+
+def _vit_params(hidden, mlp, layers, patch, num_classes, representation_size=None,
+                image_size=224, channels=3):
+  tokens = (image_size // patch) ** 2 + 1
+  block = 4 * hidden + 4 * (hidden * hidden + hidden) + 2 * hidden * mlp + mlp + hidden
+  count = (patch * patch * channels * hidden + hidden  # embedding
+           + hidden + tokens * hidden  # cls, pos_embedding
+           + layers * block + 2 * hidden)  # blocks, encoder_norm
+  width = representation_size or hidden
+  if representation_size:
+    count += hidden * width + width
+  return count + width * num_classes + num_classes
+
+
+def test_param_formula_matches_the_paper_counts():
+  for name, (model, hidden, mlp, layers, patch) in CONFIGS.items():
+    if model in PAPER_COUNTS and not model.startswith('R50'):
+      assert _vit_params(hidden, mlp, layers, patch, 1000) == PAPER_COUNTS[model], name
+
+
+@pytest.mark.parametrize('name', sorted(CONFIGS))
+@pytest.mark.parametrize('dataset', ['imagenet21k', 'imagenet2012'])
+def test_config_loads_and_builds_with_the_right_param_count(name, dataset):
+  config = _load(name, dataset)
+  model, hidden, mlp, layers, patch = CONFIGS[name]
+  assert config.model == model
+  exp = experiment.build(config)  # num_classes from the config: no dataset is read.
+  num_classes = {'imagenet21k': 21_843, 'imagenet2012': 1000}[dataset]
+  assert exp.num_classes == num_classes
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(exp.abstract_state.params))
+  if model.startswith('R50'):
+    # The hybrid: its 1000-class count, plus pre-logits, plus the bigger head.
+    expected = (PAPER_COUNTS[model] + hidden * hidden + hidden
+                + (num_classes - 1000) * (hidden + 1))
+  else:
+    expected = _vit_params(hidden, mlp, layers, patch, num_classes, representation_size=hidden)
+  assert count == expected
+  params = exp.abstract_state.params
+  assert params['pre_logits']['kernel'].shape == (hidden, hidden)
+  assert params['head']['kernel'].shape == (hidden, num_classes)
+  # Built abstractly: shapes with shardings, nothing allocated.
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(exp.abstract_state))
+
+
+@pytest.mark.parametrize('name', sorted(CONFIGS))
+def test_imagenet21k_recipe_is_table_3(name):
+  config = _load(name, 'imagenet21k')
+  assert config.dataset == 'imagenet21k'
+  assert (config.train_split, config.eval_split) == ('train[:98%]', 'train[98%:]')
+  assert config.num_classes == 21_843
+  assert config.batch == 4096 and config.image_size == 224 and config.channels == 3
+  assert config.optimizer == 'adam' and (config.b1, config.b2) == (0.9, 0.999)
+  assert config.warmup_steps == 10_000
+  assert config.base_lr == 1e-3 and config.decay_type == 'linear'
+  assert config.weight_decay == 0.03
+  assert not config.grad_norm_clip
+  assert config.model_overrides.dropout_rate == 0.1
+  assert config.model_overrides.representation_size == CONFIGS[name][1]
+  assert config.model_overrides.head_bias_init == -10.0
+  assert config.loss == 'sigmoid_xent'
+  assert config.epochs == EPOCHS_21K[name]
+  assert config.total_steps == math.ceil(EPOCHS_21K[name] * 13_913_180 / 4096)
+  assert config.mesh == 'data:-1' and config.dtype == 'bfloat16'
+  assert config.pp.train.crop == 'inception' and config.pp.train.flip
+  assert config.pp.eval.crop == 'resize_crop'
+
+
+@pytest.mark.parametrize('name', sorted(CONFIGS))
+def test_imagenet2012_recipe_is_table_3(name):
+  config = _load(name, 'imagenet2012')
+  assert config.dataset == 'imagenet2012'
+  assert (config.train_split, config.eval_split) == ('train', 'validation')
+  assert config.num_classes == 1000
+  assert config.batch == 4096 and config.image_size == 224
+  assert config.optimizer == 'adam' and (config.b1, config.b2) == (0.9, 0.999)
+  assert config.warmup_steps == 10_000
+  assert config.base_lr == 3e-3 and config.decay_type == 'cosine'
+  assert config.weight_decay == 0.3 and config.grad_norm_clip == 1.0
+  assert config.model_overrides.dropout_rate == 0.1
+  assert config.model_overrides.representation_size == CONFIGS[name][1]
+  assert config.model_overrides.head_bias_init == 0.0
+  assert config.loss == 'softmax_xent'
+  assert config.epochs == 300
+  assert config.total_steps == 93_836  # ceil(300 * 1,281,167 / 4096)
+  assert config.mesh == 'data:-1' and config.dtype == 'bfloat16'
+
+
+def test_recipe_schedule_warms_up_then_decays():
+  config = _load('vit_b16', 'imagenet21k')
+  exp = experiment.build(config)
+  lr = lambda step: float(exp.schedule(step))
+  assert lr(0) == 0.0
+  assert lr(5000) == pytest.approx(5e-4)
+  assert lr(10_000) == pytest.approx(1e-3)
+  midpoint = 10_000 + (config.total_steps - 10_000) // 2
+  assert lr(midpoint) == pytest.approx(5e-4, rel=1e-3)  # Linear decay to 0.
+  assert lr(config.total_steps) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_default_argument_is_imagenet2012():
+  assert _load('vit_b16').dataset == 'imagenet2012'
+
+
+def test_overrides_apply_on_top_of_the_recipe():
+  argv = ['main', f'--config={CONFIGS_DIR}/vit_l16.py:imagenet21k', '--config.batch=512',
+          '--config.grad_norm_clip=1.0', '--config.model_overrides.dropout_rate=0.0']
+  flag_values = flags.FlagValues()
+  flag = config_flags.DEFINE_config_file('config', flag_values=flag_values, sys_argv=argv)
+  flag_values(argv)
+  assert flag.value.batch == 512 and flag.value.grad_norm_clip == 1.0
+  assert flag.value.model_overrides.dropout_rate == 0.0
+
+
+@pytest.mark.parametrize('arg', ['imagenet', 'jft300m', 'imagenet21k,extra'])
+def test_bad_argument_is_a_config_error(arg):
+  module = importlib.machinery.SourceFileLoader(
+      'vit_b16_config', os.path.join(CONFIGS_DIR, 'vit_b16.py')).load_module()
+  with pytest.raises(ConfigError, match=r'use :imagenet21k or :imagenet2012'):
+    module.get_config(arg)
+  # Through config_flags (what the CLI does) the same one-line message surfaces.
+  with pytest.raises(Exception, match=r'use :imagenet21k or :imagenet2012'):
+    _load('vit_b16', arg)
+
+
+def test_steps_for_rounds_up():
+  assert recipes.steps_for(300, 1_281_167) == 93_836
+  assert recipes.steps_for(1, 4096) == 1 and recipes.steps_for(1, 4097) == 2
