@@ -68,9 +68,15 @@ def evaluate(exp: Experiment, eval_step, params: Any, eval_data) -> dict[str, fl
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals.pop('count'))
-  split = exp.config.get('eval_split', 'test').split('[')[0]
-  return {f'{split}/{k}': float(v) / count for k, v in totals.items()} | {
-      f'{split}/examples': count}
+  name = eval_name(exp.config)
+  return {f'{name}/{k}': float(v) / count for k, v in totals.items()} | {
+      f'{name}/examples': count}
+
+
+def eval_name(config: ml_collections.ConfigDict) -> str:
+  """'test' for the test split; 'val' for a held-out slice of the train split (minival)."""
+  split = config.get('eval_split', 'test').split('[')[0]
+  return 'val' if split == config.get('train_split', 'train').split('[')[0] else split
 
 
 def make_eval_data(exp: Experiment):
