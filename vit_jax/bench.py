@@ -1,0 +1,47 @@
+"""Throughput and MFU of the real step: `python -m vit_jax.bench --config=configs/vit_s16.py`.
+
+  --what=train (default) | eval | data;  --steps=N timed steps;  --json for scripts.
+The default config's dataset decides the class count unless `config.num_classes` is set.
+"""
+import json
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from vit_jax.errors import cli_main
+from vit_jax.training import benchmark
+from vit_jax.training.experiment import build
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=False)
+_WHAT = flags.DEFINE_enum('what', 'train', benchmark.WHATS, 'What to time.')
+_STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (after warm-up).')
+_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compiling.')
+_JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
+flags.mark_flags_as_required(['config'])
+
+
+def _print_table(result: dict) -> None:
+  width = max(len(k) for k in result)
+  for key, value in result.items():
+    text = f'{value:,.4g}' if isinstance(value, float) else str(value)
+    print(f'{key:<{width}}  {text}')
+
+
+@cli_main
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  if _WHAT.value == 'data':
+    result = benchmark.bench_data(config)
+  else:
+    result = benchmark.bench_step(build(config), _WHAT.value, steps=_STEPS.value,
+                                  warmup=_WARMUP.value)
+  if _JSON.value:
+    print(json.dumps(result))
+  else:
+    _print_table(result)
+
+
+if __name__ == '__main__':
+  app.run(main)
