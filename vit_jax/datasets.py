@@ -6,8 +6,10 @@ r"""Prepares datasets offline and shows what the pipeline will see.
   python -m vit_jax.datasets info NAME [--split=train] [--data_dir=DIR]
 
 DIR defaults to $TFDS_DATA_DIR, else ~/tensorflow_datasets. The results are
-plain TFDS datasets: `tfds.load(NAME, data_dir=DIR)` reads them anywhere
-(`digits` after `import vit_jax.data.digits`).
+plain TFDS datasets: `tfds.load(NAME, data_dir=DIR)` reads them in any program,
+and configs name them like catalogue datasets (an image folder by its NAME).
+Other catalogue datasets (cifar10, imagenet2012, ...) are read from DIR as they
+are once `tfds build` has prepared them there.
 """
 from absl import app
 from absl import flags

@@ -1,8 +1,8 @@
 """TFDS builder for scikit-learn's bundled 8x8 digits: a real dataset with no download.
 
-Importing this module registers the builder, so afterwards
-`tfds.load('digits', data_dir=DIR)` works like any catalogue dataset
-(`vit_jax.data.catalog` imports it for the pipeline).
+Importing this module registers the builder (`vit_jax.data.catalog` does), which
+preparing needs; once prepared, `tfds.load('digits', data_dir=DIR)` works in
+any TFDS program, since TFDS reads a prepared dataset from its files alone.
 
 Splits are fixed by position in scikit-learn's array, which is ordered by
 writer: `train` = the first 1500 examples, `test` = the last 297. Pixel values

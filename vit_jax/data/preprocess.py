@@ -45,14 +45,18 @@ def decode_and_inception_crop(data: tf.Tensor, seed: tf.Tensor, channels: int,
 
 
 def resize(image: tf.Tensor, size: int) -> tf.Tensor:
-  """Bilinear resize to [size, size] (antialiased when shrinking); float32.
+  """Bilinear resize to [size, size], antialiased only when shrinking; float32.
 
-  Images already of that size pass through: resizing is the costliest op at 28px.
+  Resizing is the costliest op at 28px, and antialiasing makes it 4x costlier
+  while changing nothing when enlarging, so it runs only where it matters.
   """
   image = tf.cast(image, tf.float32)
-  same = tf.reduce_all(tf.shape(image)[:2] == size)
-  image = tf.cond(same, lambda: image,
-                  lambda: tf.image.resize(image, [size, size], antialias=True))
+  hw = tf.shape(image)[:2]
+  image = tf.case([
+      (tf.reduce_all(hw == size), lambda: image),
+      (tf.reduce_any(hw > size),
+       lambda: tf.image.resize(image, [size, size], antialias=True)),
+  ], default=lambda: tf.image.resize(image, [size, size]))
   image.set_shape([size, size, image.shape[-1]])
   return image
 
