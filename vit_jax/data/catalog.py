@@ -31,11 +31,6 @@ def how_to_prepare(name: str, data_dir: str) -> str:
           f'vit_jax.datasets prepare {base} --source=ROOT --data_dir={data_dir}`')
 
 
-def registered_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
-  """The builder of a catalogue dataset, prepared or not."""
-  return tfds.builder(name, data_dir=data_dir)
-
-
 def load_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   """The builder of a dataset prepared in `data_dir`; ConfigError otherwise."""
   data_dir = resolve_data_dir(data_dir)

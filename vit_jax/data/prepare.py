@@ -22,6 +22,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax.data import catalog
+from vit_jax.data import digits  # pylint: disable=unused-import  # Registers 'digits'.
 from vit_jax.errors import ConfigError
 
 DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
@@ -39,7 +40,7 @@ def prepare(name: str, data_dir: str | None = None,
   elif name == 'digits':
     if source:
       raise ConfigError('digits ships with scikit-learn: drop --source')
-    catalog.registered_builder('digits', data_dir).download_and_prepare(
+    tfds.builder('digits', data_dir=data_dir).download_and_prepare(
         download_config=_OFFLINE)
   elif source:
     _prepare_image_folder(name, data_dir, source)
@@ -70,7 +71,7 @@ def _prepare_fashion_mnist(data_dir: str, source: str) -> None:
     hint = ('apt-get install dataset-fashion-mnist'
             if source == DEBIAN_FASHION_MNIST else f'put them in {source}')
     raise ConfigError(f'fashion_mnist needs {", ".join(missing)} in {source}: {hint}')
-  builder = catalog.registered_builder('fashion_mnist', data_dir)
+  builder = tfds.builder('fashion_mnist', data_dir=data_dir)
   if builder.is_prepared():
     return
   with tempfile.TemporaryDirectory() as tmp:
