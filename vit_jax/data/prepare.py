@@ -83,7 +83,8 @@ def _prepare_fashion_mnist(data_dir: str, source: str) -> None:
     # The builder's only network access is its download manager; the Debian
     # .gz files are recompressed, so TFDS's checksums of the originals cannot
     # match them and its manual_dir route would refuse them.
-    builder._make_download_manager = lambda **_: _LocalFiles(files)  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    builder._make_download_manager = lambda **_: _LocalFiles(files)
     builder.download_and_prepare(download_config=_OFFLINE)
 
 
