@@ -1,0 +1,205 @@
+"""`vit_jax.infer` and `vit_jax.evaluation.classify`: real photos and odd image modes, a model
+trained here on Fashion-MNIST, the eval pipeline's preprocessing, the output formats, one compile."""
+import io
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+import skimage.data
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from vit_jax import infer
+from vit_jax.checkpoints import npz
+from vit_jax.data import input_pipeline
+from vit_jax.errors import ConfigError
+from vit_jax.evaluation import classify
+from vit_jax.training import experiment
+from vit_jax.training import loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FASHION = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker',
+           'Bag', 'Ankle boot']
+
+
+@pytest.fixture(scope='module')
+def workdir(prepared_data_dir, tmp_path_factory) -> str:
+  """ViT-Mu_4 trained for 40 steps on Fashion-MNIST: well above chance, far from converged."""
+  config = ml_collections.ConfigDict(dict(
+      model='ViT-Mu_4', dataset='fashion_mnist', data_dir=prepared_data_dir, image_size=28,
+      channels=1, pp={'train': {'crop': 'random_crop', 'random_crop_pad': 2}},
+      batch=64, total_steps=40, optimizer='adamw', base_lr=3e-3, weight_decay=0.0,
+      warmup_steps=5, grad_norm_clip=1.0, eval_every=0, progress_every=40, seed=0))
+  path = str(tmp_path_factory.mktemp('infer') / 'workdir')
+  # One device: 8 simulated ones only slow a model this small down.
+  loop.train_and_evaluate(config, path, exp=experiment.build(config, devices=jax.devices()[:1]))
+  return path
+
+
+@pytest.fixture(scope='module')
+def photos(tmp_path_factory) -> dict[str, str]:
+  """scikit-image's bundled photos in the modes users have: JPEG, grey, RGBA, palette, 16-bit."""
+  root = tmp_path_factory.mktemp('photos')
+  coffee = skimage.data.coffee()
+  images = {
+      'astronaut.jpg': Image.fromarray(skimage.data.astronaut()),
+      'camera.png': Image.fromarray(skimage.data.camera()),  # Mode L.
+      'coffee_rgba.png': Image.fromarray(np.dstack([coffee, np.full(coffee.shape[:2], 128,
+                                                                    np.uint8)])),
+      'chelsea_palette.png': Image.fromarray(skimage.data.chelsea()).quantize(64),  # Mode P.
+      'moon16.png': Image.fromarray(skimage.data.moon().astype(np.uint16) * 257),  # I;16.
+  }
+  paths = {}
+  for name, image in images.items():
+    paths[name] = str(root / name)
+    image.save(paths[name])
+  return paths
+
+
+def _fashion_test_images(data_dir: str, count: int):
+  """(raw uint8 images, labels) of the first `count` test examples, in the eval order."""
+  ds = tfds.builder('fashion_mnist', data_dir=data_dir).as_dataset(
+      split=f'test[:{count}]', shuffle_files=False)
+  examples = list(ds.as_numpy_iterator())
+  return [ex['image'] for ex in examples], np.array([ex['label'] for ex in examples])
+
+
+@pytest.mark.parametrize('mode', ['1', 'L', 'LA', 'I;16', 'RGB', 'RGBA', 'P'])
+def test_loaded_pixels_are_what_tf_decodes(tmp_path, mode):
+  rng = np.random.default_rng(0)
+  rgba = rng.integers(0, 256, (9, 13, 4), dtype=np.uint8)
+  image = {
+      '1': lambda: Image.fromarray(rgba[..., 0] > 127),
+      'L': lambda: Image.fromarray(rgba[..., 0]),
+      'LA': lambda: Image.fromarray(rgba[..., :2], 'LA'),
+      'I;16': lambda: Image.fromarray(rng.integers(0, 65536, (9, 13)).astype(np.uint16)),
+      'RGB': lambda: Image.fromarray(rgba[..., :3]),
+      'RGBA': lambda: Image.fromarray(rgba),
+      'P': lambda: Image.fromarray(rgba[..., :3]).quantize(16),
+  }[mode]()
+  path = str(tmp_path / 'image.png')
+  image.save(path)
+  assert Image.open(path).mode == mode
+  pixels = classify.load_image(path)
+  with open(path, 'rb') as f:
+    data = f.read()
+  expected = tf.io.decode_image(data, channels=pixels.shape[-1], expand_animations=False)
+  np.testing.assert_array_equal(pixels, expected.numpy())
+  assert pixels.shape[-1] == (1 if mode in ('1', 'L', 'LA', 'I;16') else 3)
+
+
+def test_a_test_image_as_png_is_preprocessed_and_classified_as_by_the_eval_pipeline(
+    workdir, prepared_data_dir, tmp_path):
+  classifier = classify.Classifier.from_checkpoint(workdir, batch_size=16)
+  assert classifier.class_names == FASHION
+  raw, labels = _fashion_test_images(prepared_data_dir, 32)
+  batch, = input_pipeline.make_eval_iterator(
+      dataset='fashion_mnist', split='test[:32]', data_dir=prepared_data_dir, global_batch=32,
+      image_size=28, channels=1, pp=ml_collections.ConfigDict(), process_index=0,
+      process_count=1)
+  np.testing.assert_array_equal(batch['label'], labels)
+  paths = []
+  for i, image in enumerate(raw):
+    paths.append(str(tmp_path / f'{i}.png'))
+    Image.fromarray(image[..., 0]).save(paths[-1])
+    np.testing.assert_array_equal(classifier.preprocess(classify.load_image(paths[-1])),
+                                  batch['image'][i])
+  predictions = list(classifier.classify_files(paths))
+  reference = classifier.logits(batch['image'])
+  np.testing.assert_allclose(np.stack([p.logits for p in predictions]), reference, atol=1e-5)
+  top1 = np.array([p.top_k(1)[0][0] for p in predictions])
+  assert np.mean(top1 == labels) >= 0.4  # Chance is 0.1.
+  # The one the model is surest of is right, under its dataset's name.
+  best = max((p for p, label in zip(predictions, labels) if p.top_k(1)[0][0] == label),
+             key=lambda p: p.top_k(1)[0][1])
+  out = io.StringIO()
+  assert infer.run(workdir, [best.path], out=out) == 0
+  label = FASHION[labels[paths.index(best.path)]]
+  assert out.getvalue().splitlines()[1].endswith(f'  {label}')
+
+
+def test_top5_of_photos_of_any_size_and_mode(workdir, photos):
+  out = io.StringIO()
+  assert infer.run(workdir, list(photos.values()), out=out) == 0
+  lines = out.getvalue().splitlines()
+  assert len(lines) == 6 * len(photos)
+  for i, path in enumerate(photos.values()):
+    assert lines[6 * i] == path
+    rows = [line.split(None, 1) for line in lines[6 * i + 1:6 * i + 6]]
+    probs = [float(p) for p, _ in rows]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+    assert len({name for _, name in rows}) == 5 and all(name in FASHION for _, name in rows)
+    assert all(line.startswith('  0.') for line in lines[6 * i + 1:6 * i + 6])
+
+
+def test_json_has_every_probability_and_logit(workdir, photos):
+  out = io.StringIO()
+  paths = [photos['astronaut.jpg'], photos['moon16.png']]
+  assert infer.run(workdir, paths, as_json=True, out=out) == 0
+  doc = json.loads(out.getvalue())
+  assert doc['labels'] == FASHION and doc['errors'] == [] and doc['checkpoint'] == workdir
+  assert [p['image'] for p in doc['predictions']] == paths
+  for p in doc['predictions']:
+    probs, logits = np.array(p['probabilities']), np.array(p['logits'])
+    assert probs.shape == logits.shape == (10,)
+    assert abs(probs.sum() - 1) < 1e-6
+    np.testing.assert_allclose(probs, jax.nn.softmax(logits), atol=1e-6)
+    assert [t['index'] for t in p['top5']] == list(np.argsort(-probs)[:5])
+    assert [t['label'] for t in p['top5']] == [FASHION[t['index']] for t in p['top5']]
+    np.testing.assert_allclose([t['probability'] for t in p['top5']], np.sort(probs)[::-1][:5])
+
+
+def test_the_forward_pass_compiles_once_for_any_number_of_batches(workdir, photos):
+  classifier = classify.Classifier.from_checkpoint(workdir, batch_size=2)
+  paths = list(photos.values())  # 5 files: batches of 2, 2 and 1 padded to 2.
+  small = [p.logits for p in classifier.classify_files(paths)]
+  assert classifier.num_compiles == 1
+  list(classifier.classify_files(paths[:1]))
+  assert classifier.num_compiles == 1
+  whole = classify.Classifier.from_checkpoint(workdir, batch_size=8)
+  np.testing.assert_allclose(small, [p.logits for p in whole.classify_files(paths)], atol=1e-5)
+
+
+def test_npz_takes_labels_from_a_file_or_prints_indices(workdir, photos, tmp_path):
+  path = str(tmp_path / 'mu4.npz')
+  npz.save_npz(classify.load_checkpoint(workdir).params, path)
+  image = [photos['camera.png']]
+  plain, named = io.StringIO(), io.StringIO()
+  infer.run(path, image, model='ViT-Mu_4', out=plain)
+  labels = tmp_path / 'labels.txt'
+  labels.write_text(''.join(f'class_{i}\n' for i in range(10)))
+  infer.run(path, image, model='ViT-Mu_4', labels=str(labels), out=named)
+  indices = [line.split()[1] for line in plain.getvalue().splitlines()[1:]]
+  names = [line.split()[1] for line in named.getvalue().splitlines()[1:]]
+  assert names == [f'class_{i}' for i in indices]
+  labels.write_text('just\ntwo\n')
+  with pytest.raises(ConfigError, match='2 class names for a model with 10 classes'):
+    infer.run(path, image, model='ViT-Mu_4', labels=str(labels))
+  with pytest.raises(ConfigError, match='name the model'):
+    infer.run(path, image)
+
+
+def test_cli_reports_each_unreadable_file_in_one_line_and_classifies_the_rest(
+    workdir, photos, tmp_path):
+  notes = tmp_path / 'notes.txt'
+  notes.write_text('not an image')
+  truncated = tmp_path / 'truncated.jpg'
+  with open(photos['astronaut.jpg'], 'rb') as f:
+    truncated.write_bytes(f.read()[:2000])
+  good = [photos['astronaut.jpg'], photos['coffee_rgba.png']]
+  args = [good[0], str(notes), str(truncated), good[1]]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', XLA_FLAGS='')
+  proc = subprocess.run([sys.executable, '-m', 'vit_jax.infer', f'--checkpoint={workdir}',
+                         *args], capture_output=True, text=True, env=env, cwd=REPO, check=False)
+  assert proc.returncode == 1, proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 2, proc.stderr
+  assert errors[0].startswith(f'error: {notes}: not a readable image')
+  assert errors[1].startswith(f'error: {truncated}: not a readable image')
+  assert [line for line in proc.stdout.splitlines() if not line.startswith(' ')] == good

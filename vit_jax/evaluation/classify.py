@@ -1,0 +1,221 @@
+"""Classifies image files with a trained ViT, preprocessed exactly as its eval split was.
+
+Files are decoded with PIL (any size, mode or format PIL reads) into the uint8 pixels that
+`tf.io.decode_image` yields for the same file, then go through the eval pipeline's own ops
+(`vit_jax.data.preprocess`: resize, grey/RGB conversion, values to [-1, 1]). Batches have one
+fixed size (the last one is padded), so the forward pass compiles once however many files come.
+"""
+import dataclasses
+import logging
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+import tensorflow as tf
+
+from vit_jax.checkpoints import restore
+from vit_jax.data import input_pipeline
+from vit_jax.data import preprocess
+from vit_jax.errors import ConfigError
+from vit_jax.models import resnet
+
+# PIL modes decoded as one grey channel (as TF decodes grey PNGs); every other mode becomes RGB.
+_GREY_8BIT = ('1', 'L', 'LA', 'La', 'F')
+_GREY_16BIT = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
+CROPS = ('resize', 'resize_crop')  # pp.eval.crop of the input pipeline.
+
+
+class ImageError(ConfigError):
+  """A file that is not a readable image; the other files are still classified."""
+
+  def __init__(self, path: str, reason: str):
+    super().__init__(f'{path}: not a readable image ({reason})')
+    self.path = path
+
+
+def load_image(path: str) -> np.ndarray:
+  """uint8 [H, W, 1 or 3]: the pixels `tf.io.decode_image` gives (alpha dropped, first frame).
+
+  16-bit grey keeps its high byte, as TF's PNG decoder does; palettes are expanded to RGB.
+  """
+  try:
+    with Image.open(path) as image:
+      image.load()
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ImageError(path, reason) from e
+  if image.mode in _GREY_16BIT:
+    pixels = (np.clip(np.asarray(image, np.int64), 0, 65535) >> 8).astype(np.uint8)
+  else:
+    pixels = np.asarray(image.convert('L' if image.mode in _GREY_8BIT else 'RGB'))
+  return pixels[..., None] if pixels.ndim == 2 else pixels
+
+
+def preprocess_image(pixels: np.ndarray, image_size: int, channels: int,
+                     crop: str = 'resize') -> np.ndarray:
+  """float32 [image_size, image_size, channels] in [-1, 1]: the eval pipeline's ops, in order."""
+  if crop not in CROPS:
+    raise ConfigError(f'crop={crop!r}: use one of {CROPS}')
+  image = tf.convert_to_tensor(pixels)
+  if crop == 'resize':
+    image = preprocess.resize(image, image_size)
+  else:
+    image = preprocess.resize_small_and_central_crop(image, image_size)
+  return preprocess.value_range(preprocess.to_channels(image, channels)).numpy()
+
+
+def patch_on_image(model: nn.Module) -> tuple[int, int]:
+  """One patch's extent in input pixels (for hybrids, the stem's stride times the patch)."""
+  stride = resnet.total_stride(model.resnet.num_layers) if model.resnet is not None else 1
+  return (model.patch_size[0] * stride, model.patch_size[1] * stride)
+
+
+def dataset_class_names(pretrained: restore.Pretrained) -> Optional[list[str]]:
+  """The class names of the dataset a workdir was trained on; None when unknown or unprepared."""
+  config = pretrained.config or {}
+  if not config.get('dataset'):
+    return None
+  try:
+    info = input_pipeline.get_info(config['dataset'], config.get('train_split', 'train'),
+                                   config.get('data_dir'))
+  except ConfigError as e:
+    logging.warning('no class names (%s); using class indices', e)
+    return None
+  if info.class_names and len(info.class_names) != pretrained.num_classes:
+    logging.warning('%s has %d classes but the head %d; using class indices', config['dataset'],
+                    len(info.class_names), pretrained.num_classes)
+    return None
+  return info.class_names
+
+
+def read_labels(path: str) -> list[str]:
+  """A labels file: one class name per line, in class-index order."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      return [line.strip() for line in f if line.strip()]
+  except OSError as e:
+    raise ConfigError(f'labels file {path} is unreadable ({e.strerror}): pass a text file with '
+                      'one class name per line') from e
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+  """A model ready to run, and how its inputs were preprocessed at evaluation."""
+  model: nn.Module
+  params: Any  # In the model's layout, host arrays.
+  image_size: int
+  channels: int
+  crop: str  # pp.eval.crop
+  pretrained: restore.Pretrained
+
+  def preprocess(self, pixels: np.ndarray) -> np.ndarray:
+    return preprocess_image(pixels, self.image_size, self.channels, self.crop)
+
+
+def load_checkpoint(path: str, model: Optional[str] = None) -> Checkpoint:
+  """A workdir's newest params and architecture, or a `.npz` of the named `model` (float32)."""
+  pretrained = restore.load(path, model)
+  image_size = pretrained.image_size()
+  flax_model = pretrained.create_model(pretrained.num_classes, dtype='float32')
+  params = restore.checked_params(pretrained, flax_model)
+  config = pretrained.config or {}
+  crop = ((config.get('pp') or {}).get('eval') or {}).get('crop', 'resize')
+  return Checkpoint(flax_model, params, image_size, pretrained.channels, crop, pretrained)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+  path: str
+  logits: np.ndarray  # float32 [num_classes]
+
+  @property
+  def probabilities(self) -> np.ndarray:
+    shifted = np.exp(self.logits.astype(np.float64) - self.logits.max())
+    return shifted / shifted.sum()
+
+  def top_k(self, k: int) -> list[tuple[int, float]]:
+    """(class index, probability) of the k most likely classes, most likely first."""
+    probs = self.probabilities
+    order = np.argsort(-probs, kind='stable')[:k]
+    return [(int(i), float(probs[i])) for i in order]
+
+
+class Classifier:
+  """A model, its params and its eval preprocessing; `num_compiles` counts forward traces."""
+
+  def __init__(self, model: nn.Module, params: Any, *, image_size: int, channels: int,
+               class_names: Optional[Sequence[str]] = None, batch_size: int = 32,
+               crop: str = 'resize'):
+    if batch_size <= 0:
+      raise ConfigError(f'batch_size={batch_size} must be positive')
+    if class_names is not None and len(class_names) != model.num_classes:
+      raise ConfigError(f'{len(class_names)} class names for a model with {model.num_classes} '
+                        'classes: give one name per class')
+    self.model, self.image_size, self.channels = model, image_size, channels
+    self.class_names = list(class_names) if class_names is not None else None
+    self.batch_size, self.crop = batch_size, crop
+    self.params = jax.device_put(params)
+    self.num_compiles = 0
+
+    def forward(params, images):
+      self.num_compiles += 1  # Runs only while tracing, i.e. once per compilation.
+      return model.apply({'params': params}, images, train=False)
+
+    self._forward = jax.jit(forward)
+
+  @classmethod
+  def from_checkpoint(cls, path: str, model: Optional[str] = None, *,
+                      class_names: Optional[Sequence[str]] = None,
+                      **kwargs) -> 'Classifier':
+    """From a workdir (architecture, image size and labels from its config) or a `.npz`."""
+    ckpt = load_checkpoint(path, model)
+    if not ckpt.model.num_classes:
+      raise ConfigError(f'{ckpt.pretrained.source} has no classification head: it cannot '
+                        'classify; pass a checkpoint trained with one')
+    if class_names is None:
+      class_names = dataset_class_names(ckpt.pretrained)
+    return cls(ckpt.model, ckpt.params, image_size=ckpt.image_size, channels=ckpt.channels,
+               class_names=class_names, crop=ckpt.crop, **kwargs)
+
+  def label(self, index: int) -> str:
+    return self.class_names[index] if self.class_names else str(index)
+
+  def logits(self, images: np.ndarray) -> np.ndarray:
+    """float32 [N, num_classes] for preprocessed images [N, size, size, channels], any N."""
+    images = np.asarray(images, np.float32)
+    out = []
+    for start in range(0, len(images), self.batch_size):
+      chunk = images[start:start + self.batch_size]
+      padded = np.zeros((self.batch_size, *chunk.shape[1:]), np.float32)
+      padded[:len(chunk)] = chunk
+      out.append(np.asarray(self._forward(self.params, jnp.asarray(padded)))[:len(chunk)])
+    return np.concatenate(out) if out else np.zeros((0, self.model.num_classes), np.float32)
+
+  def preprocess(self, pixels: np.ndarray) -> np.ndarray:
+    return preprocess_image(pixels, self.image_size, self.channels, self.crop)
+
+  def classify_files(self, paths: Iterable[str]) -> Iterator[Prediction | ImageError]:
+    """One Prediction per path, in order; an ImageError in place of each unreadable file.
+
+    Files are read a batch at a time, so any number of them fits in memory.
+    """
+    pending: list[tuple[str, Optional[np.ndarray], Optional[ImageError]]] = []
+
+    def flush():
+      images = [image for _, image, _ in pending if image is not None]
+      logits = iter(self.logits(np.stack(images)) if images else [])
+      for path, image, error in pending:
+        yield error if image is None else Prediction(path, next(logits))
+      pending.clear()
+
+    for path in paths:
+      try:
+        pending.append((path, self.preprocess(load_image(path)), None))
+      except ImageError as e:
+        pending.append((path, None, e))
+      if sum(image is not None for _, image, _ in pending) == self.batch_size:
+        yield from flush()
+    yield from flush()
