@@ -102,6 +102,14 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       f.write(config.to_json_best_effort(indent=2))
 
 
+def _fewshot_evaluator(exp: Experiment):
+  """config.fewshot's few-shot probe, or None (imported here: that module imports this one)."""
+  if not exp.config.get('fewshot'):
+    return None
+  from vit_jax.evaluation import fewshot  # pylint: disable=g-import-not-at-top
+  return fewshot.from_experiment(exp)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        exp: Optional[Experiment] = None, initial_state: Any = None) -> dict:
   """Trains (resuming from the newest checkpoint in `workdir`) and returns the final metrics.
@@ -127,6 +135,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       seed=config.get('seed', 0), start_step=start_step)
   batches = global_batches(local_batches, exp.mesh)
   eval_data = make_eval_data(exp) if config.get('eval_every') else None
+  fewshot = _fewshot_evaluator(exp)
   writer = metrics_lib.create_writer(workdir)
   progress = metrics_lib.Progress(total_steps, start_step)
   progress_every = config.get('progress_every', 100)
@@ -154,6 +163,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         writer.write_scalars(step, final)
         logging.info('step %d: %s', step, json.dumps(final))
         window_start = (step, time.perf_counter())  # Exclude eval time from img/s.
+      if fewshot is not None and (step % config.fewshot.every == 0 or step == total_steps):
+        scalars = fewshot.scalars(state.params)
+        writer.write_scalars(step, scalars)
+        logging.info('step %d: %s', step, json.dumps(scalars))
+        final, window_start = final | scalars, (step, time.perf_counter())
       preempted = stop.received or checkpointer.reached_preemption(step)
       if preempted or step == total_steps or step % checkpoint_every == 0:
         _check_finite(float(jax.device_get(step_metrics['loss'])), step, last_saved)

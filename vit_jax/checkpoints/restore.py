@@ -1,0 +1,174 @@
+"""Pre-trained params plus the architecture they belong to, from a workdir or a `.npz` file.
+
+Fine-tuning, export and few-shot evaluation all start from "a checkpoint": either a training
+workdir (its newest Orbax checkpoint; the architecture is read from the config saved with it) or
+a `.npz` in the released layout (which holds no architecture, so the caller names the model).
+Only the params are read from Orbax: the optimizer state is neither needed nor restorable into
+another recipe's optimizer.
+"""
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from vit_jax import models
+from vit_jax.checkpoints import npz
+from vit_jax.checkpoints.manager import Checkpointer
+from vit_jax.errors import ConfigError
+from vit_jax.models import resnet
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass
+class Pretrained:
+  """Host (numpy) params in the checkpoint's own layout, and how to build their model."""
+  params: Params
+  model: str
+  model_overrides: dict[str, Any]
+  source: str  # For messages: 'workdir W (step N)' or the .npz path.
+  config: Optional[dict[str, Any]] = None  # The pre-training config (workdirs only).
+
+  @property
+  def num_classes(self) -> int:
+    """The pre-training class count (0 for a checkpoint without a head)."""
+    head = self.params.get('head', {}).get('kernel')
+    return 0 if head is None else int(head.shape[-1])
+
+  @property
+  def channels(self) -> int:
+    """Input channels of the first layer: the hybrid stem's root conv, else the embedding."""
+    first = self.params.get('conv_root') or self.params.get('embedding')
+    return int(first['kernel'].shape[2]) if first else 3
+
+  def image_size(self) -> int:
+    """The resolution it was trained at: from its config, else from its position embeddings."""
+    if self.config and self.config.get('image_size'):
+      return int(self.config['image_size'])
+    posemb = self.params.get('Transformer', {}).get('posembed_input', {}).get('pos_embedding')
+    if posemb is None:
+      raise ConfigError(f'{self.source} has no learned position embeddings to infer its image '
+                        'size from: use its training workdir, whose config has it')
+    model = self.create_model(1)
+    stride = resnet.total_stride(model.resnet.num_layers) if model.resnet is not None else 1
+    side = int(np.sqrt(posemb.shape[1] - int('cls' in self.params)))
+    return side * model.patch_size[0] * stride
+
+  def create_model(self, num_classes: int, **overrides) -> Any:
+    """The flax module of this architecture (overrides such as dtype or scan on top)."""
+    return models.create(self.model, num_classes=num_classes,
+                         **(self.model_overrides | overrides))
+
+
+def is_npz(path: str) -> bool:
+  return path.endswith('.npz')
+
+
+def _check_exists(path: str) -> None:
+  if not path:
+    raise ConfigError('no checkpoint given: pass a pre-training workdir or a .npz file')
+  if '://' not in path and not os.path.exists(path):
+    raise ConfigError(f'checkpoint {path} does not exist: pass a pre-training workdir or a .npz '
+                      'file')
+
+
+def load(path: str, model: Optional[str] = None,
+         model_overrides: Optional[dict[str, Any]] = None) -> Pretrained:
+  """Reads a workdir's newest checkpoint or a `.npz` (for which `model` is required)."""
+  _check_exists(path)
+  if is_npz(path):
+    if not model:
+      raise ConfigError(f'{path} holds no architecture: name the model it was trained as '
+                        '(e.g. ViT-B_16)')
+    return Pretrained(npz.load_npz(path), model, dict(model_overrides or {}), path)
+  return _load_workdir(path)
+
+
+def _open(workdir: str) -> tuple[Checkpointer, list[int]]:
+  """A read-only checkpointer of `workdir` and its steps (a ConfigError when there are none)."""
+  checkpointer = Checkpointer(workdir, read_only=True)
+  steps = checkpointer.all_steps()
+  if not steps:
+    checkpointer.close()
+    raise ConfigError(f'no checkpoint in {workdir}: train one with python -m vit_jax.main, or '
+                      'pass a .npz file')
+  return checkpointer, steps
+
+
+def _saved_config(workdir: str, checkpointer: Checkpointer) -> dict[str, Any]:
+  """The config stored with the newest checkpoint, else the workdir's config.json."""
+  config = checkpointer.restore_meta().get('config')
+  if config:
+    return config
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise ConfigError(f'{workdir} has a checkpoint but no saved config: it was not written by '
+                      'vit_jax.main; export its params to .npz and pass the model name')
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
+def saved_config(workdir: str) -> dict[str, Any]:
+  """The pre-training config of a workdir (model, overrides, image size), without its params."""
+  _check_exists(workdir)
+  checkpointer, _ = _open(workdir)
+  try:
+    return _saved_config(workdir, checkpointer)
+  finally:
+    checkpointer.close()
+
+
+def _is_array_metadata(x: Any) -> bool:
+  return hasattr(x, 'shape') and hasattr(x, 'dtype')
+
+
+def restore_params(checkpointer: Checkpointer, step: int) -> Params:
+  """Only `state.params` of checkpoint `step`, as host numpy arrays (bit-exact)."""
+  path = ocp.step.find_step_path(checkpointer.manager.directory, ocp.step.standard_name_format(),
+                                 step=step) / 'state'
+  with ocp.PyTreeCheckpointer() as reader:
+    tree = reader.metadata(path).item_metadata.tree['params']
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,
+                                is_leaf=_is_array_metadata)
+    return reader.restore(path, args=ocp.args.PyTreeRestore(
+        {'params': tree}, restore_args={'params': restore_args}, partial_restore=True))['params']
+
+
+def _load_workdir(workdir: str) -> Pretrained:
+  """The newest checkpoint's params and the model name and overrides from the saved config."""
+  checkpointer, steps = _open(workdir)
+  try:
+    config = _saved_config(workdir, checkpointer)
+    try:
+      params = restore_params(checkpointer, steps[-1])
+    except (ValueError, KeyError, OSError, TypeError) as e:
+      first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+      raise ConfigError(f'the checkpoint at step {steps[-1]} in {workdir} is unreadable '
+                        f'({type(e).__name__}: {first}): remove that step directory to use '
+                        'an older one') from e
+  finally:
+    checkpointer.close()
+  logging.info('loaded the params of %s (step %d, %s)', workdir, steps[-1], config['model'])
+  return Pretrained(params, config['model'], dict(config.get('model_overrides') or {}),
+                    f'workdir {workdir} (step {steps[-1]})', config)
+
+
+def checked_params(pretrained: Pretrained, model: Any) -> Params:
+  """`pretrained.params` checked against `model` (at its image size), in the model's layout.
+
+  A model with `num_classes == 0` takes the params without the head (a feature extractor).
+  """
+  params = pretrained.params
+  if not model.num_classes:
+    params = {k: v for k, v in params.items() if k != 'head'}
+  size = pretrained.image_size()
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, size, size, pretrained.channels), jnp.float32))
+  return npz.match_params(params, shapes, what=pretrained.source)
+

@@ -1,0 +1,38 @@
+"""Fine-tune a pre-trained ViT on a downstream dataset, with the paper's transfer recipe.
+
+  python -m vit_jax.finetune --config=configs/finetune/cifar10.py --workdir=DIR \
+      --config.init=PATH [--config.model=ViT-B_16] [--config.key=value ...]
+
+PATH is a pre-training workdir (its newest checkpoint; the architecture comes from the config
+saved with it) or a `.npz` in the released layout (the architecture is --config.model). The head
+is replaced by a zero one for the new classes and the position embeddings are resized to the new
+resolution. Rerunning with the same workdir resumes the fine-tuning run.
+"""
+import logging
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from vit_jax.errors import cli_main
+from vit_jax.training import distributed
+from vit_jax.training import finetune
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Fine-tuning config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints and metrics go (gs:// ok).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+@cli_main
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.getLogger().setLevel(logging.INFO)
+  distributed.initialize()  # Auto-detected on Cloud TPU / SLURM; nothing on one machine.
+  result = finetune.finetune(_CONFIG.value, _WORKDIR.value)
+  logging.info('final: %s', result)
+
+
+if __name__ == '__main__':
+  app.run(main)
