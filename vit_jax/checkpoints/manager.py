@@ -5,10 +5,12 @@ so other commands (fine-tune, export, analyze) can rebuild the architecture from
 """
 import logging
 import os
+import time
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from vit_jax.errors import ConfigError
 
@@ -28,6 +30,7 @@ class Checkpointer:
         read_only=read_only, enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                          item_names=('state', 'meta'))
+    self.read_only = read_only
 
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Starts an asynchronous save (the loop decides when); training goes on meanwhile."""
@@ -48,6 +51,7 @@ class Checkpointer:
     restored straight into its place on the mesh.
     """
     steps = self.all_steps()
+    unreadable = []
     for step in reversed(steps):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -55,12 +59,34 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         logging.warning('checkpoint at step %d is unreadable (%s: %s); trying an older one',
                         step, type(e).__name__, str(e).splitlines()[0] if str(e) else '')
+        unreadable.append(step)
         continue
+      if unreadable and not self.read_only:
+        self._set_aside(unreadable)
       return restored['state'], restored['meta']
     if steps:
       raise ConfigError(f'none of the checkpoints {steps} in {self.manager.directory} could be '
                         'read: move the directory away to start afresh')
     return None, None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Gets unreadable steps newer than the restored one out of the way (saving that step
+    again would fail): moved into `checkpoints/unreadable/` by a single process, else deleted
+    (orbax coordinates that across processes, and it works where a directory cannot move)."""
+    directory = epath.Path(self.manager.directory)
+    for step in steps:
+      if jax.process_count() == 1:
+        target = directory / 'unreadable' / f'{step}.{int(time.time())}'
+        try:
+          target.parent.mkdir(parents=True, exist_ok=True)
+          (directory / str(step)).rename(target)
+          logging.warning('moved the unreadable checkpoint of step %d to %s', step, target)
+          continue
+        except Exception:  # pylint: disable=broad-except
+          pass
+      self.manager.delete(step)
+      logging.warning('deleted the unreadable checkpoint of step %d', step)
+    self.manager.reload()
 
   def restore_meta(self, step: Optional[int] = None) -> dict:
     step = self.manager.latest_step() if step is None else step

@@ -110,6 +110,15 @@ def _fewshot_evaluator(exp: Experiment):
   return fewshot.from_experiment(exp)
 
 
+def _check_data(config: ml_collections.ConfigDict) -> None:
+  """The train (and eval) split exist: a ConfigError now, before anything is compiled."""
+  splits = [config.get('train_split', 'train')]
+  if config.get('eval_every'):
+    splits.append(config.get('eval_split', 'test'))
+  for split in splits:
+    input_pipeline.get_info(config.dataset, split, config.get('data_dir'))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        exp: Optional[Experiment] = None, initial_state: Any = None) -> dict:
   """Trains (resuming from the newest checkpoint in `workdir`) and returns the final metrics.
@@ -117,6 +126,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `initial_state` (fine-tuning) is used only when the workdir has no checkpoint yet.
   """
   exp = exp or build(config)
+  _check_data(config)  # build() skips the dataset when config.num_classes is set.
   os.makedirs(workdir, exist_ok=True)
   save_config(config, workdir)
   checkpointer = Checkpointer(workdir, keep=config.get('keep_checkpoints', 3))
