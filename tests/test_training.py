@@ -425,8 +425,10 @@ def test_nan_loss_stops_with_training_diverged_keeping_only_finite_states(
                    warmup_steps=1, checkpoint_every=1, progress_every=1, eval_every=0,
                    keep_checkpoints=100)
   workdir = str(tmp_path / 'run')
-  with pytest.raises(loop.TrainingDiverged, match=r'loss is (nan|inf) at step \d+'):
+  with pytest.raises(loop.TrainingDiverged,
+                     match=r'(loss|gradient norm) is (nan|inf) at step \d+') as error:
     loop.train_and_evaluate(config, workdir)
+  assert 'Lower base_lr' in str(error.value)
   checkpointer = Checkpointer(workdir, read_only=True)
   steps = checkpointer.all_steps()
   checkpointer.close()
@@ -435,6 +437,14 @@ def test_nan_loss_stops_with_training_diverged_keeping_only_finite_states(
     state = _restore(config, workdir, step=step)
     for leaf in jax.tree.leaves((state.params, state.opt_state)):
       assert np.isfinite(leaf).all(), f'non-finite state saved at step {step}'
+
+
+def test_a_nan_gradient_with_a_finite_loss_is_divergence_too():
+  """The saved state is the params after the step: a NaN gradient makes them NaN."""
+  loop._check_finite(1.0, 5, 3, 2.0)  # pylint: disable=protected-access
+  with pytest.raises(loop.TrainingDiverged, match=r'gradient norm is nan at step 5; the last '
+                     r'good checkpoint \(step 3\) is kept'):
+    loop._check_finite(1.0, 5, 3, float('nan'))  # pylint: disable=protected-access
 
 
 # ---- Config errors ----------------------------------------------------------------------

@@ -88,11 +88,15 @@ def make_eval_data(exp: Experiment):
       pp=config.get('pp', ml_collections.ConfigDict()))
 
 
-def _check_finite(loss: float, step: int, last_saved: Optional[int]) -> None:
-  if not np.isfinite(loss):
+def _check_finite(loss: float, step: int, last_saved: Optional[int],
+                  grad_norm: float = 0.0) -> None:
+  """Before a save the gradient is checked too: the loss is that of the params before the
+  step, so a NaN gradient with a finite loss would otherwise checkpoint NaN params."""
+  if not (np.isfinite(loss) and np.isfinite(grad_norm)):
     kept = (f'the last good checkpoint (step {last_saved}) is kept' if last_saved is not None
             else 'no checkpoint was written')
-    raise TrainingDiverged(f'loss is {loss} at step {step}; {kept}. Lower base_lr, lengthen '
+    what = f'loss is {loss}' if not np.isfinite(loss) else f'gradient norm is {grad_norm}'
+    raise TrainingDiverged(f'{what} at step {step}; {kept}. Lower base_lr, lengthen '
                            'warmup_steps or set grad_norm_clip')
 
 
@@ -180,7 +184,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         final, window_start = final | scalars, (step, time.perf_counter())
       preempted = stop.received or checkpointer.reached_preemption(step)
       if preempted or step == total_steps or step % checkpoint_every == 0:
-        _check_finite(float(jax.device_get(step_metrics['loss'])), step, last_saved)
+        last = jax.device_get({k: step_metrics[k] for k in ('loss', 'grad_norm')})
+        _check_finite(float(last['loss']), step, last_saved, float(last['grad_norm']))
         checkpointer.save(step, state, {'step': step, 'config': config.to_dict()})
         last_saved = step
       if preempted:
