@@ -28,14 +28,19 @@ class TrainingDiverged(ConfigError):
 
 
 class _StopSignal:
-  """Turns SIGTERM (a TPU preemption notice) into a flag the loop checks between steps."""
+  """Turns SIGTERM (a TPU preemption notice) into a flag the loop checks between steps.
+
+  Single process only: with several, a per-process flag would stop them at different steps
+  (a hang), so JAX's preemption service keeps SIGTERM and `reached_preemption` agrees a step.
+  """
 
   def __init__(self):
     self.received = False
     self._previous = None
 
   def __enter__(self):
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
   def _handle(self, signum, frame):
@@ -44,7 +49,8 @@ class _StopSignal:
     self.received = True
 
   def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def global_batches(local_batches: Iterator[dict], mesh: jax.sharding.Mesh,
