@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+r"""A multi-host run on one machine: N processes of vit_jax.main joined over gloo on CPU.
+
+Why: the pod code paths (per-process data slices, global arrays built from process-local
+batches, process-0-only metrics, Orbax saves from every process) run here exactly as on a
+TPU pod, so they can be tested without one.
+
+Usage:
+  launch/local.sh N [--devices_per_process=4] [--port=0] [--module=vit_jax.main] \
+      --config=configs/default.py --workdir=DIR [more flags of the module]
+
+Each process gets `--coordinator_address=localhost:PORT --num_processes=N --process_id=I`
+and K simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=K). Output
+lines are prefixed with `[I] `. If one process fails, the others are stopped (SIGTERM, then
+SIGKILL after a grace period) and the launcher exits with the first nonzero code. SIGTERM or
+Ctrl-C to the launcher sends SIGTERM to every process (a preemption notice: the run saves a
+checkpoint and stops); a second Ctrl-C kills them. Children stay in the launcher's process
+group, so killing the group kills the whole run.
+"""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import NoReturn, Optional, Sequence
+
+USAGE = ('usage: launch/local.sh N [--devices_per_process=K] [--port=P] [--module=M] '
+         '--config=... --workdir=... [flags of M]')
+OWN_FLAGS = {'devices_per_process': 4, 'port': 0, 'module': 'vit_jax.main'}
+GRACE_S = 10.0
+_DEVICE_FLAG = re.compile(r'--xla_force_host_platform_device_count=\S*')
+
+
+def fail(message: str) -> NoReturn:
+  print(f'error: {message}\n{USAGE}', file=sys.stderr)
+  sys.exit(2)
+
+
+def parse(argv: Sequence[str]) -> tuple[int, dict, list[str]]:
+  """(N, launcher options, the module's flags in their order)."""
+  if not argv or not argv[0].isdigit() or int(argv[0]) < 1:
+    fail('the first argument must be the number of processes (>= 1)')
+  options, rest, args = dict(OWN_FLAGS), [], list(argv[1:])
+  while args:
+    arg = args.pop(0)
+    name, eq, value = arg[2:].partition('=')
+    if arg.startswith('--') and name in OWN_FLAGS:
+      if not eq:
+        if not args:
+          fail(f'--{name} needs a value')
+        value = args.pop(0)
+      options[name] = value
+    else:
+      rest.append(arg)
+  for name in ('devices_per_process', 'port'):
+    if not str(options[name]).isdigit():
+      fail(f'--{name}={options[name]} must be a non-negative integer')
+    options[name] = int(options[name])
+  if options['devices_per_process'] < 1:
+    fail('--devices_per_process must be at least 1')
+  return int(argv[0]), options, rest
+
+
+def free_port() -> int:
+  """A port the OS says is free now (another program could take it before process 0 binds)."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def child_env(devices: int) -> dict[str, str]:
+  """This environment with K CPU devices per process (any device-count flag replaced)."""
+  env = dict(os.environ)
+  xla = _DEVICE_FLAG.sub('', env.get('XLA_FLAGS', '')).strip()
+  env['XLA_FLAGS'] = f'{xla} --xla_force_host_platform_device_count={devices}'.strip()
+  env['JAX_PLATFORMS'] = 'cpu'
+  env['PYTHONUNBUFFERED'] = '1'
+  return env
+
+
+class Run:
+  """The children, their prefixed output, and stopping them all together."""
+
+  def __init__(self, n: int, options: dict, flags: list[str]):
+    port = options['port'] or free_port()
+    env = child_env(options['devices_per_process'])
+    self.lock = threading.Lock()
+    self.procs, self.pumps = [], []
+    for i in range(n):
+      cmd = [sys.executable, '-m', options['module'], f'--coordinator_address=localhost:{port}',
+             f'--num_processes={n}', f'--process_id={i}', *flags]
+      proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL)
+      self.procs.append(proc)
+      pump = threading.Thread(target=self._pump, args=(i, proc), daemon=True)
+      pump.start()
+      self.pumps.append(pump)
+
+  def _pump(self, i: int, proc: subprocess.Popen) -> None:
+    for line in iter(proc.stdout.readline, b''):
+      with self.lock:
+        sys.stdout.buffer.write(f'[{i}] '.encode() + line)
+        sys.stdout.flush()
+
+  def signal_all(self, signum: int) -> None:
+    for proc in self.procs:
+      if proc.poll() is None:
+        try:
+          proc.send_signal(signum)
+        except ProcessLookupError:
+          pass
+
+  def stop(self) -> None:
+    """SIGTERM (a chance to exit cleanly), then SIGKILL whoever is left after the grace."""
+    self.signal_all(signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_S
+    while time.monotonic() < deadline and any(p.poll() is None for p in self.procs):
+      time.sleep(0.1)
+    self.signal_all(signal.SIGKILL)
+
+  def wait(self) -> int:
+    """The first nonzero exit code (a signal -s as 128 + s), or 0 once all exited cleanly."""
+    while True:
+      codes = [p.poll() for p in self.procs]
+      failed = next((c for c in codes if c not in (None, 0)), None)
+      if failed is not None:
+        self.stop()
+        return exit_code(failed)
+      if all(c == 0 for c in codes):
+        return 0
+      time.sleep(0.1)
+
+  def close(self) -> None:
+    for proc in self.procs:
+      proc.wait()
+    for pump in self.pumps:
+      pump.join(timeout=5)
+
+
+def exit_code(returncode: int) -> int:
+  return 128 - returncode if returncode < 0 else returncode
+
+
+def main(argv: Sequence[str]) -> int:
+  n, options, flags = parse(argv)
+  run = Run(n, options, flags)
+  first_signal: Optional[int] = None
+
+  def forward(signum, frame):
+    del frame
+    nonlocal first_signal
+    if first_signal is not None:  # A second Ctrl-C: no more waiting.
+      run.signal_all(signal.SIGKILL)
+    first_signal = first_signal or signum
+    run.signal_all(signal.SIGTERM)
+
+  signal.signal(signal.SIGTERM, forward)
+  signal.signal(signal.SIGINT, forward)
+  code = run.wait()
+  if first_signal is not None:
+    run.stop()
+  run.close()
+  return code or (128 + first_signal if first_signal else 0)
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,167 @@
+"""The pod planner: its memory figures against a count done by hand, its batch search, the CLI.
+
+The independent count: a ViT's parameters from its shape alone (the formula below, not the
+model code), x 4 bytes (float32 params), / the fsdp shards; Adam holds two float32 moments per
+parameter; the step's arguments are params + moments + the device's slice of the batch, and
+donation makes params + moments alias the outputs.
+"""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_collections
+import pytest
+
+from vit_jax.models.registry import SIZES
+from vit_jax.training import planner
+from vit_jax.training import recipes
+
+ROOT = Path(__file__).resolve().parents[1]
+WITHIN = 0.10
+
+
+def vit_params(size: str, patch: int, image: int, channels: int, classes: int,
+               representation: int = 0) -> int:
+  """Parameters of a plain ViT (class token, learnt posemb), counted from its shape."""
+  hidden, mlp, _, layers = SIZES[size]
+  tokens = (image // patch)**2 + 1
+  block = (4 * (hidden * hidden + hidden)  # q, k, v, out.
+           + 2 * hidden * mlp + mlp + hidden  # MLP.
+           + 4 * hidden)  # Two LayerNorms.
+  head_in = representation or hidden
+  return (patch * patch * channels * hidden + hidden  # Patch embedding.
+          + hidden + tokens * hidden  # Class token, position embeddings.
+          + layers * block + 2 * hidden  # Encoder and its final LayerNorm.
+          + (representation * hidden + representation if representation else 0)
+          + head_in * classes + classes)
+
+
+def check_memory(p: planner.Plan, count: int, fsdp: int, image: int, channels: int) -> None:
+  """The planner's per-device figures against params x bytes / shards, within 10%."""
+  params = 4 * count / fsdp
+  batch = p.per_device_batch * (image * image * channels * 4 + 4)
+  assert p.num_params == count
+  assert p.params_bytes == pytest.approx(params, rel=WITHIN)
+  assert p.opt_state_bytes == pytest.approx(2 * params, rel=WITHIN)
+  assert p.batch_bytes == batch
+  assert p.memory.argument == pytest.approx(3 * params + batch, rel=WITHIN)
+  assert p.memory.alias == pytest.approx(3 * params, rel=WITHIN)  # The state is donated.
+  assert p.memory.temp > 0 and p.memory.peak >= p.memory.argument
+
+
+def default_config(**overrides) -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location('default_config', ROOT / 'configs' / 'default.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.update(dict(num_classes=10, batch=64, batch_eval=64, **overrides))
+  return config
+
+
+def run_plan(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-m', 'vit_jax.plan', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize('mesh,fsdp', [('data:-1', 1), ('data:2,fsdp:4', 4)])
+def test_tiny_vit_memory_matches_the_count(mesh, fsdp):
+  p = planner.plan(default_config(model='ViT-Pico_4', mesh=mesh), search=False)
+  assert p.devices == 8 and p.mesh == {'data': 8 // fsdp, 'fsdp': fsdp, 'tensor': 1}
+  assert p.per_device_batch == 64 // 8
+  check_memory(p, vit_params('Pico', 4, 28, 1, 10), fsdp, 28, 1)
+  assert p.xla_flops_per_step == pytest.approx(p.model_flops_per_step, rel=0.15)
+
+
+def test_vit_b16_on_8_devices_matches_the_count():
+  config = recipes.pretrain_config('ViT-B_16', 'imagenet21k')
+  p = planner.plan(config, device_memory_gib=32, peak_tflops=275, search=False)
+  check_memory(p, vit_params('B', 16, 224, 3, 21843, representation=768), 1, 224, 3)
+  assert p.num_params == 103_186_515
+  assert p.xla_flops_per_step == pytest.approx(p.model_flops_per_step, rel=0.15)
+  assert p.step_seconds == pytest.approx(p.model_flops_per_step / (8 * 275e12 * 0.5))
+  assert p.total_days == pytest.approx(p.step_seconds * config.total_steps / 86400)
+  assert p.fits == (p.memory.peak <= 32 * 2**30)
+
+
+class FakeCompiler:
+  """Peak memory as a given function of the per-device batch, without compiling."""
+
+  def __init__(self, peak):
+    self.peak, self.batches = peak, []
+
+  def compile(self, batch: int):
+    self.batches.append(batch)
+    return None, None, planner.StepMemory(batch, 0, 0, 0, self.peak(batch), 0)
+
+
+@pytest.mark.parametrize('peak,capacity,multiple,best,confirmed', [
+    (lambda b: 1000 + 100 * b, 5050, 1, 40, True),  # Linear: the first prediction is right.
+    (lambda b: 1000 + 100 * b, 5050, 4, 40, True),
+    (lambda b: 1000 + 100 * b + b * b / 2, 20_000, 1, 119, True),  # Curved: refined.
+    (lambda b: 1000 + 100 * b + 3 * b * b, 20_000, 1, 64, False),  # Out of refines.
+    (lambda b: 1000 + 100 * b, 1500, 1, 5, True),  # The configured batch does not fit.
+    (lambda b: 10**9 + b, 1500, 1, 0, False),  # Nothing fits.
+])
+def test_batch_search_finds_the_largest_fitting_multiple(peak, capacity, multiple, best,
+                                                         confirmed):
+  compiler = FakeCompiler(peak)
+  found, note = planner.largest_batch(compiler, compiler.compile(8)[2], capacity, multiple)
+  assert found == best and found % multiple == 0
+  assert len(compiler.batches) <= 2 + planner.MAX_REFINES
+  assert (f'{best + multiple} does not' in note) == confirmed
+  assert ('not compiled' in note) == (bool(best) and not confirmed)
+
+
+@pytest.mark.slow
+def test_largest_batch_is_the_boundary_between_fit_and_overflow():
+  config = default_config(accum_steps=2)
+  small = planner.plan(config, search=False).memory.peak
+  capacity_gib = 3 * small / 2**30  # Room for a few times the configured batch.
+  p = planner.plan(config, device_memory_gib=capacity_gib)
+  best, capacity = p.max_per_device_batch, int(capacity_gib * 2**30)
+  assert p.fits and best > p.per_device_batch and best % 2 == 0  # A multiple of accum_steps.
+  assert f'{best + 2} does not' in p.max_batch_note
+  compiler = planner.Compiler(config, 10)
+  assert compiler.compile(best)[2].peak <= capacity < compiler.compile(best + 2)[2].peak
+  assert 'loop body once' in p.xla_flops_note  # The accumulation scan.
+
+
+def test_cli_simulates_the_devices_it_is_asked_for_and_prints_json():
+  # pytest's own XLA_FLAGS say 8 devices; the command must replace that before jax starts.
+  result = run_plan('--config=configs/default.py', '--devices=4', '--num_classes=10',
+                    '--config.batch_eval=64', '--json', '--nomax_batch',
+                    '--device_memory_gib=1', '--peak_tflops=1')
+  assert result.returncode == 0, result.stderr[-2000:]
+  p = json.loads(result.stdout)
+  assert p['devices'] == 4 and p['platform'] == 'cpu' and p['mesh']['data'] == 4
+  assert p['fits'] is True and p['max_per_device_batch'] is None and p['compiles'] == 1
+  assert p['memory']['argument'] > p['params_bytes'] + p['opt_state_bytes']
+
+
+def test_cli_report_and_one_line_errors():
+  result = run_plan('--config=configs/default.py', '--devices=2', '--num_classes=10',
+                    '--batch=32', '--mesh=fsdp:2', '--nomax_batch', '--device_memory_gib=1')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'on 2 cpu devices, mesh data=1 fsdp=2 tensor=1' in result.stdout
+  assert 'batch 32 = 16 per device' in result.stdout and 'fits' in result.stdout
+  result = run_plan('--config=configs/default.py', '--devices=2')
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith('error: the config has no num_classes')
+  assert 'Traceback' not in result.stderr
+
+
+@pytest.mark.slow
+def test_vit_b16_on_64_devices_with_fsdp_matches_the_count():
+  result = run_plan('--config=configs/vit_b16.py:imagenet21k', '--devices=64',
+                    '--mesh=data:-1,fsdp:8', '--device_memory_gib=32', '--peak_tflops=275',
+                    '--nomax_batch', '--json')
+  assert result.returncode == 0, result.stderr[-2000:]
+  p = json.loads(result.stdout)
+  p['memory'] = planner.StepMemory(**p['memory'])
+  p = planner.Plan(**p)
+  assert p.devices == 64 and p.mesh == {'data': 8, 'fsdp': 8, 'tensor': 1}
+  assert p.per_device_batch == 4096 // 64
+  check_memory(p, vit_params('B', 16, 224, 3, 21843, representation=768), 8, 224, 3)
+  assert p.xla_flops_per_step == pytest.approx(p.model_flops_per_step, rel=0.15)
