@@ -12,7 +12,7 @@ from PIL import Image
 import pytest
 import skimage.data
 
-from vit_jax import analyze
+from vit_jax.analysis import from_checkpoint
 from vit_jax.checkpoints import npz
 from vit_jax.errors import ConfigError
 from vit_jax.evaluation import classify
@@ -70,12 +70,12 @@ def test_npz_with_photos_and_a_chosen_subset(workdir, prepared_data_dir, tmp_pat
   Image.fromarray(skimage.data.astronaut()).save(photos[0])
   Image.fromarray(skimage.data.coffee()).save(photos[1])
   out_dir = str(tmp_path / 'all')
-  results = analyze.analyze_checkpoint(path, out_dir, model='ViT-Mu_4', images=photos)
+  results = from_checkpoint.analyze_checkpoint(path, out_dir, model='ViT-Mu_4', images=photos)
   assert sorted(results) == sorted(NAMES)
   _check_outputs(out_dir, (7, 7), num_shown=2, num_averaged=2)
   some = str(tmp_path / 'some')
-  analyze.analyze_checkpoint(path, some, model='ViT-Mu_4', dataset='digits',
+  from_checkpoint.analyze_checkpoint(path, some, model='ViT-Mu_4', dataset='digits',
                              data_dir=prepared_data_dir, which=['rollout'])
   assert sorted(os.listdir(some)) == ['rollout.json', 'rollout.png']
   with pytest.raises(ConfigError, match='names no dataset'):
-    analyze.analyze_checkpoint(path, some, model='ViT-Mu_4')
+    from_checkpoint.analyze_checkpoint(path, some, model='ViT-Mu_4')

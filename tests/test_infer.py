@@ -15,7 +15,6 @@ import skimage.data
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vit_jax import infer
 from vit_jax.checkpoints import npz
 from vit_jax.data import input_pipeline
 from vit_jax.errors import ConfigError
@@ -60,6 +59,15 @@ def photos(tmp_path_factory) -> dict[str, str]:
     paths[name] = str(root / name)
     image.save(paths[name])
   return paths
+
+
+def _report(checkpoint: str, paths, *, model=None, labels=None, **kwargs) -> str:
+  """What `vit_jax.infer` prints for `paths` (all of them readable)."""
+  class_names = classify.read_labels(labels) if labels else None
+  classifier = classify.Classifier.from_checkpoint(checkpoint, model, class_names=class_names)
+  out = io.StringIO()
+  assert classify.report(classifier, paths, out=out, source=checkpoint, **kwargs) == 0
+  return out.getvalue()
 
 
 def _fashion_test_images(data_dir: str, count: int):
@@ -118,16 +126,12 @@ def test_a_test_image_as_png_is_preprocessed_and_classified_as_by_the_eval_pipel
   # The one the model is surest of is right, under its dataset's name.
   best = max((p for p, label in zip(predictions, labels) if p.top_k(1)[0][0] == label),
              key=lambda p: p.top_k(1)[0][1])
-  out = io.StringIO()
-  assert infer.run(workdir, [best.path], out=out) == 0
   label = FASHION[labels[paths.index(best.path)]]
-  assert out.getvalue().splitlines()[1].endswith(f'  {label}')
+  assert _report(workdir, [best.path]).splitlines()[1].endswith(f'  {label}')
 
 
 def test_top5_of_photos_of_any_size_and_mode(workdir, photos):
-  out = io.StringIO()
-  assert infer.run(workdir, list(photos.values()), out=out) == 0
-  lines = out.getvalue().splitlines()
+  lines = _report(workdir, list(photos.values())).splitlines()
   assert len(lines) == 6 * len(photos)
   for i, path in enumerate(photos.values()):
     assert lines[6 * i] == path
@@ -139,10 +143,8 @@ def test_top5_of_photos_of_any_size_and_mode(workdir, photos):
 
 
 def test_json_has_every_probability_and_logit(workdir, photos):
-  out = io.StringIO()
   paths = [photos['astronaut.jpg'], photos['moon16.png']]
-  assert infer.run(workdir, paths, as_json=True, out=out) == 0
-  doc = json.loads(out.getvalue())
+  doc = json.loads(_report(workdir, paths, as_json=True))
   assert doc['labels'] == FASHION and doc['errors'] == [] and doc['checkpoint'] == workdir
   assert [p['image'] for p in doc['predictions']] == paths
   for p in doc['predictions']:
@@ -170,19 +172,18 @@ def test_npz_takes_labels_from_a_file_or_prints_indices(workdir, photos, tmp_pat
   path = str(tmp_path / 'mu4.npz')
   npz.save_npz(classify.load_checkpoint(workdir).params, path)
   image = [photos['camera.png']]
-  plain, named = io.StringIO(), io.StringIO()
-  infer.run(path, image, model='ViT-Mu_4', out=plain)
+  plain = _report(path, image, model='ViT-Mu_4')
   labels = tmp_path / 'labels.txt'
   labels.write_text(''.join(f'class_{i}\n' for i in range(10)))
-  infer.run(path, image, model='ViT-Mu_4', labels=str(labels), out=named)
-  indices = [line.split()[1] for line in plain.getvalue().splitlines()[1:]]
-  names = [line.split()[1] for line in named.getvalue().splitlines()[1:]]
+  named = _report(path, image, model='ViT-Mu_4', labels=str(labels))
+  indices = [line.split()[1] for line in plain.splitlines()[1:]]
+  names = [line.split()[1] for line in named.splitlines()[1:]]
   assert names == [f'class_{i}' for i in indices]
   labels.write_text('just\ntwo\n')
   with pytest.raises(ConfigError, match='2 class names for a model with 10 classes'):
-    infer.run(path, image, model='ViT-Mu_4', labels=str(labels))
+    _report(path, image, model='ViT-Mu_4', labels=str(labels))
   with pytest.raises(ConfigError, match='name the model'):
-    infer.run(path, image)
+    _report(path, image)
 
 
 def test_cli_reports_each_unreadable_file_in_one_line_and_classifies_the_rest(

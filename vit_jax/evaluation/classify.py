@@ -6,8 +6,10 @@ Files are decoded with PIL (any size, mode or format PIL reads) into the uint8 p
 fixed size (the last one is padded), so the forward pass compiles once however many files come.
 """
 import dataclasses
+import json
 import logging
-from typing import Any, Iterable, Iterator, Optional, Sequence
+import sys
+from typing import Any, Iterable, Iterator, Optional, Sequence, TextIO
 
 import flax.linen as nn
 import jax
@@ -219,3 +221,42 @@ class Classifier:
       if sum(image is not None for _, image, _ in pending) == self.batch_size:
         yield from flush()
     yield from flush()
+
+
+def _prediction_json(classifier: Classifier, prediction: Prediction, top_k: int) -> dict:
+  return {
+      'image': prediction.path,
+      f'top{top_k}': [{'index': i, 'label': classifier.label(i), 'probability': p}
+                      for i, p in prediction.top_k(top_k)],
+      'probabilities': prediction.probabilities.tolist(),
+      'logits': prediction.logits.astype(float).tolist(),
+  }
+
+
+def report(classifier: Classifier, paths: Sequence[str], *, as_json: bool = False,
+           top_k: int = 5, source: str = '', out: TextIO = sys.stdout,
+           err: TextIO = sys.stderr) -> int:
+  """Classifies `paths` and writes what `vit_jax.infer` prints; returns the number that failed.
+
+  Text: each path, then its top-k as `  probability  label` lines, as soon as its batch is done.
+  JSON (one document at the end): {"checkpoint": source, "labels", "predictions": [{"image",
+  "top<k>": [{"index", "label", "probability"}], "probabilities", "logits"}], "errors":
+  [{"image", "error"}]}. Each unreadable file also gets one `error: ...` line on `err`.
+  """
+  top_k = min(top_k, classifier.model.num_classes)
+  predictions, errors = [], []
+  for result in classifier.classify_files(paths):
+    if isinstance(result, ImageError):
+      print(f'error: {result}', file=err, flush=True)
+      errors.append({'image': result.path, 'error': str(result)})
+    elif as_json:
+      predictions.append(_prediction_json(classifier, result, top_k))
+    else:
+      lines = [f'  {p:.4f}  {classifier.label(i)}' for i, p in result.top_k(top_k)]
+      print('\n'.join([result.path, *lines]), file=out, flush=True)
+  if as_json:
+    labels = [classifier.label(i) for i in range(classifier.model.num_classes)]
+    json.dump({'checkpoint': source, 'labels': labels, 'predictions': predictions,
+               'errors': errors}, out, indent=1)
+    out.write('\n')
+  return len(errors)

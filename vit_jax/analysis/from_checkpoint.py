@@ -1,0 +1,75 @@
+"""The paper's analyses of a checkpoint (a workdir or a released-layout `.npz`) on image files or
+on a dataset split, preprocessed as the model's eval split was: what `vit_jax.analyze` runs."""
+from typing import Optional, Sequence
+
+import ml_collections
+import numpy as np
+
+from vit_jax.analysis import run
+from vit_jax.data import input_pipeline
+from vit_jax.errors import ConfigError
+from vit_jax.evaluation import classify
+
+
+def supported(ckpt: classify.Checkpoint) -> list[str]:
+  """The analyses that apply to this architecture."""
+  skip = set()
+  if ckpt.model.classifier not in ('token', 'gap'):
+    skip.add('rollout')
+  if ckpt.model.resnet is not None or ckpt.channels not in (1, 3):
+    skip.add('filters')
+  return [name for name in run.ANALYSES if name not in skip]
+
+
+def dataset_images(ckpt: classify.Checkpoint, dataset: str, split: str,
+                   data_dir: Optional[str], count: int) -> np.ndarray:
+  """The first `count` images of a split, through the model's eval preprocessing."""
+  pp = ml_collections.ConfigDict({'eval': {'crop': ckpt.crop}})
+  whole = '[' not in split  # Then sliced to one batch here, read to its end: TF warns when a
+  # cached dataset is left half-read.
+  batches = input_pipeline.make_eval_iterator(
+      dataset=dataset, split=f'{split}[:{count}]' if whole else split, data_dir=data_dir,
+      global_batch=count, image_size=ckpt.image_size, channels=ckpt.channels, pp=pp,
+      process_index=0, process_count=1)
+  batch = list(batches)[0] if whole else next(iter(batches))
+  return batch['image'][batch['mask']]
+
+
+def file_images(ckpt: classify.Checkpoint, paths: Sequence[str]) -> np.ndarray:
+  """Image files through the model's eval preprocessing; any unreadable file is an error here."""
+  return np.stack([ckpt.preprocess(classify.load_image(path)) for path in paths])
+
+
+def analyze_checkpoint(checkpoint: str, out_dir: str, *, model: Optional[str] = None,
+                       images: Sequence[str] = (), dataset: Optional[str] = None,
+                       split: str = 'test', data_dir: Optional[str] = None,
+                       num_images: int = 8, num_distance_images: int = 32,
+                       which: Optional[Sequence[str]] = None) -> dict[str, dict]:
+  """Runs the analyses and writes `<name>.png` / `<name>.json` files; returns the numbers.
+
+  With image files, all of them serve both the rollout and the distance; with a dataset, the
+  rollout shows the first `num_images` and the distance averages over `num_distance_images`.
+  """
+  if min(num_images, num_distance_images) <= 0:
+    raise ConfigError('num_images and num_distance_images must be positive')
+  ckpt = classify.load_checkpoint(checkpoint, model)
+  which = list(which) if which else supported(ckpt)
+  config = ckpt.pretrained.config or {}
+  if images:
+    shown = distance_images = file_images(ckpt, images)
+  else:
+    dataset = dataset or config.get('dataset')
+    if not dataset:
+      raise ConfigError(f'{checkpoint} names no dataset: pass --images=FILE,... or --dataset')
+    data_dir = data_dir or (config.get('data_dir') if dataset == config.get('dataset') else None)
+    distance_images = dataset_images(ckpt, dataset, split, data_dir,
+                                     max(num_images, num_distance_images))
+    shown = distance_images[:num_images]
+    distance_images = distance_images[:num_distance_images]
+  analyze = lambda x, names: run.analyze(ckpt.model, {'params': ckpt.params}, x, out_dir=out_dir,
+                                         patch_size=classify.patch_on_image(ckpt.model),
+                                         which=names)
+  if shown is distance_images or 'distance' not in which:
+    return analyze(shown, which)
+  results = analyze(shown, [name for name in which if name != 'distance'])
+  return results | analyze(distance_images, ['distance'])
