@@ -1,7 +1,7 @@
 """R50+ViT-B/16 pre-training, the ViT paper's Table 3 recipe (see vit_jax/training/recipes.py).
 
-  python -m vit_jax.main --config=configs/r50_vit_b16.py:imagenet21k --workdir=gs://BUCKET/r50_vit_b16_i21k
-  python -m vit_jax.main --config=configs/r50_vit_b16.py:imagenet2012 --workdir=gs://BUCKET/r50_vit_b16_i1k
+  python -m vit_jax.main --config=configs/r50_vit_b16.py:imagenet21k --workdir=gs://BUCKET/WORKDIR
+  python -m vit_jax.main --config=configs/r50_vit_b16.py:imagenet2012 --workdir=gs://BUCKET/WORKDIR
 
 The argument picks the dataset (default: imagenet2012); anything else is a ConfigError.
 

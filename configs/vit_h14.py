@@ -1,7 +1,7 @@
 """ViT-H/14 pre-training, the ViT paper's Table 3 recipe (see vit_jax/training/recipes.py).
 
-  python -m vit_jax.main --config=configs/vit_h14.py:imagenet21k --workdir=gs://BUCKET/vit_h14_i21k
-  python -m vit_jax.main --config=configs/vit_h14.py:imagenet2012 --workdir=gs://BUCKET/vit_h14_i1k
+  python -m vit_jax.main --config=configs/vit_h14.py:imagenet21k --workdir=gs://BUCKET/WORKDIR
+  python -m vit_jax.main --config=configs/vit_h14.py:imagenet2012 --workdir=gs://BUCKET/WORKDIR
 
 The argument picks the dataset (default: imagenet2012); anything else is a ConfigError.
 

@@ -1,7 +1,9 @@
-"""The paper's pre-training configs: load as the CLI loads them, build abstractly, Table 3 values."""
+"""The paper's pre-training configs: load as the CLI does, build abstractly, Table 3 values."""
 import importlib.machinery
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -171,3 +173,19 @@ def test_bad_argument_is_a_config_error(arg):
 def test_steps_for_rounds_up():
   assert recipes.steps_for(300, 1_281_167) == 93_836
   assert recipes.steps_for(1, 4096) == 1 and recipes.steps_for(1, 4097) == 2
+
+
+def test_cli_runs_a_paper_config_up_to_the_missing_dataset(tmp_path):
+  """`python -m vit_jax.main --config=configs/vit_b16.py:imagenet2012` builds the model, then
+  stops on the unprepared dataset with one line (and exit code 2) before compiling anything."""
+  env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / 'tfds'))
+  proc = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.main', f'--config={CONFIGS_DIR}/vit_b16.py:imagenet2012',
+       f'--workdir={tmp_path / "run"}'], cwd=os.path.dirname(CONFIGS_DIR), env=env,
+      capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr
+  last = proc.stderr.rstrip().splitlines()[-1]
+  assert last.startswith("error: dataset 'imagenet2012' is not prepared in "), last
+  assert 'tfds build imagenet2012' in last
+  assert not (tmp_path / 'run').exists()  # Nothing written before the check.
