@@ -146,6 +146,8 @@ def exit_code(returncode: int) -> int:
 
 def main(argv: Sequence[str]) -> int:
   n, options, flags = parse(argv)
+  # Inherited as ignored, so a terminal's Ctrl-C reaches the processes only as SIGTERM below.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   run = Run(n, options, flags)
   first_signal: Optional[int] = None
 

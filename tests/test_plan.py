@@ -56,7 +56,7 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
-  config.update(dict(num_classes=10, batch=64, batch_eval=64, **overrides))
+  config.update(dict(dict(num_classes=10, batch=64, batch_eval=64), **overrides))
   return config
 
 
@@ -83,6 +83,7 @@ def test_vit_b16_on_8_devices_matches_the_count():
   assert p.step_seconds == pytest.approx(p.model_flops_per_step / (8 * 275e12 * 0.5))
   assert p.total_days == pytest.approx(p.step_seconds * config.total_steps / 86400)
   assert p.fits == (p.memory.peak <= 32 * 2**30)
+  assert 'XLA:CPU computes bfloat16 in float32' in p.memory_note
 
 
 class FakeCompiler:
@@ -112,6 +113,12 @@ def test_batch_search_finds_the_largest_fitting_multiple(peak, capacity, multipl
   assert len(compiler.batches) <= 2 + planner.MAX_REFINES
   assert (f'{best + multiple} does not' in note) == confirmed
   assert ('not compiled' in note) == (bool(best) and not confirmed)
+
+
+def test_batch_search_from_the_smallest_batch_that_overflows():
+  compiler = FakeCompiler(lambda b: 10**9 + b)
+  assert planner.largest_batch(compiler, compiler.compile(2)[2], 1500, 2)[0] == 0
+  assert compiler.batches == [2]
 
 
 @pytest.mark.slow

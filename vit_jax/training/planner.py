@@ -8,8 +8,9 @@ by summing the per-device shard sizes of the abstract state's leaves.
 
 Caveat: on simulated CPU devices the figures are XLA:CPU's. Argument sizes (params, optimizer
 state, batch) are exact for any backend; temp (activations) depends on the backend's fusion,
-layouts and scheduling, so a TPU's may differ. Run the planner on the real host (without
---devices) to get that backend's own figures.
+layouts and scheduling, and XLA:CPU computes bfloat16 in float32 (measured: the same temp for
+either dtype), so with a bfloat16 model a TPU needs less. The largest batch is thus a lower
+bound. Run the planner on the real host (without --devices) for that backend's own figures.
 """
 import dataclasses
 import time
@@ -60,6 +61,7 @@ class Plan:
   model_flops_per_step: float  # 3 x analytic forward x batch.
   xla_flops_per_step: float  # cost_analysis() of the per-device program x devices.
   xla_flops_note: str = ''
+  memory_note: str = ''
   device_memory_bytes: Optional[int] = None
   fits: Optional[bool] = None
   max_per_device_batch: Optional[int] = None
@@ -153,7 +155,7 @@ def largest_batch(compiler: Compiler, first: StepMemory, capacity: int,
   hi = min(((b, r) for b, r in residuals.items() if r > 0), default=None)  # Overflows.
   last_fit = None
   for _ in range(MAX_REFINES):
-    if lo and hi and hi[0] - lo[0] <= multiple:
+    if len(residuals) < 2 or (lo and hi and hi[0] - lo[0] <= multiple):
       break
     (b1, r1), (b2, r2) = (lo, hi) if lo and hi else sorted(
         sorted(residuals.items(), key=lambda br: abs(br[1]))[:2])
@@ -194,6 +196,9 @@ def plan(config: ml_collections.ConfigDict, *, num_classes: Optional[int] = None
                       'pass --num_classes=N (or set config.num_classes in the config file)')
   if not 0 < mfu <= 1:
     raise ConfigError(f'--mfu={mfu} must be in (0, 1]')
+  for name, value in (('device_memory_gib', device_memory_gib), ('peak_tflops', peak_tflops)):
+    if value is not None and value <= 0:
+      raise ConfigError(f'--{name}={value} must be positive')
   experiment.check_config(config)
   compiler = Compiler(config, num_classes)
   dp, accum = compiler.data_parallel(), config.get('accum_steps', 1)
@@ -211,6 +216,9 @@ def plan(config: ml_collections.ConfigDict, *, num_classes: Optional[int] = None
       model_flops_per_step=float(exp.flops_per_image) * config.batch,
       xla_flops_per_step=xla_flops(compiled) * jax.device_count(),
       total_steps=config.total_steps)
+  if jax.default_backend() == 'cpu' and config.get('dtype', 'float32') != 'float32':
+    result.memory_note = (f'XLA:CPU computes {config.dtype} in float32, so temp is a float32 '
+                          'figure: expect a TPU\'s activations at up to about half of it')
   loops = [name for name, on in (('scan', exp.model.scan), ('accum_steps', accum > 1)) if on]
   if loops:
     result.xla_flops_note = (f'XLA counts a loop body once, so with {" and ".join(loops)} its '
@@ -251,6 +259,8 @@ def format_plan(p: Plan) -> str:
       f'  peak             {_gib(m.peak)}  (arguments {_gib(m.argument).strip()} + outputs '
       f'{_gib(m.output).strip()} - donated {_gib(m.alias).strip()} + temp)',
   ]
+  if p.memory_note:
+    lines.append(f'  ({p.memory_note})')
   if p.device_memory_bytes:
     verdict = 'fits' if p.fits else 'does NOT fit'
     lines.append(f'  device memory    {_gib(p.device_memory_bytes)}  {verdict} '
