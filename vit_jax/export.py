@@ -30,7 +30,9 @@ def main(argv):
     raise ConfigError(f'--workdir={_WORKDIR.value} is already a .npz: pass a training workdir')
   pretrained = restore.load(_WORKDIR.value)
   npz.save_npz(pretrained.params, _OUTPUT.value)
-  print(f'wrote {_OUTPUT.value}: {pretrained.model} from {pretrained.source}')
+  overrides = f' with model_overrides {pretrained.model_overrides}' if (
+      pretrained.model_overrides) else ''
+  print(f'wrote {_OUTPUT.value}: {pretrained.model}{overrides} from {pretrained.source}')
 
 
 if __name__ == '__main__':

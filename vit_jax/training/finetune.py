@@ -7,7 +7,7 @@ module only builds the initial state and hands it to `loop.train_and_evaluate`.
 """
 import logging
 import os
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -71,24 +71,21 @@ def paper_config(dataset: str, *, total_steps: int, base_lr: float, model: str =
   return config
 
 
-def with_architecture(config: ml_collections.ConfigDict,
-                      saved: Optional[dict[str, Any]]) -> ml_collections.ConfigDict:
-  """A copy of `config` whose model is the pre-training workdir's (its `saved` config).
+def with_architecture(config: ml_collections.ConfigDict, model: str,
+                      model_overrides: dict[str, Any], channels: int) -> ml_collections.ConfigDict:
+  """A copy of `config` with a checkpoint's architecture: model name, overrides, input channels.
 
-  The saved model name, overrides and input channels replace the fine-tune config's, except the
-  pre-training recipe's regularisation and head init (`PRETRAIN_ONLY`), and the pre-logits
-  layer unless `keep_pre_logits`. The fine-tune config's `model_overrides` apply on top.
+  Of the checkpoint's overrides, the pre-training recipe's regularisation and head init
+  (`PRETRAIN_ONLY`) and, unless `keep_pre_logits`, the pre-logits layer are dropped; the
+  fine-tune config's own `model_overrides` apply on top.
   """
   config = ml_collections.ConfigDict(config.to_dict())
-  if saved is None:
-    return config
   dropped = PRETRAIN_ONLY + (() if config.get('keep_pre_logits') else ('representation_size',))
-  overrides = {k: v for k, v in (saved.get('model_overrides') or {}).items() if k not in dropped}
+  overrides = {k: v for k, v in model_overrides.items() if k not in dropped}
   overrides.update(dict(config.get('model_overrides') or {}))
-  for key, value in (('model', saved['model']), ('channels', saved.get('channels', 3))):
+  for key, value in (('model', model), ('channels', channels)):
     if config.get(key) != value:
-      logging.info('config.%s=%s replaced by %s, that of %s', key, config.get(key), value,
-                   config.init)
+      logging.info('config.%s=%s replaced by %s, the checkpoint\'s', key, config.get(key), value)
     config[key] = value
   config.model_overrides = overrides
   return config
@@ -124,21 +121,21 @@ def _has_checkpoints(workdir: str) -> bool:
 
 
 def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Fine-tunes `config.init` per `config`; resumes instead when `workdir` has checkpoints."""
+  """Fine-tunes `config.init` per `config`; resumes instead when `workdir` has checkpoints.
+
+  A resumed run takes its architecture from its own saved config, so the pre-trained checkpoint
+  is not read again (and need not exist any more).
+  """
   if not config.get('init'):
     raise ConfigError('config.init is empty: pass --config.init=<pre-training workdir or .npz>')
-  resuming = _has_checkpoints(workdir)
-  pretrained, saved = None, None
-  if restore.is_npz(config.init):
-    if not resuming:
-      pretrained = restore.load(config.init, config.model,
-                                dict(config.get('model_overrides') or {}))
-  elif resuming:
-    saved = restore.saved_config(config.init)
-  else:
-    pretrained = restore.load(config.init)
-    saved = pretrained.config
-  config = with_architecture(config, saved)
+  pretrained = None
+  if _has_checkpoints(workdir):
+    saved = restore.saved_config(workdir)
+    architecture = (saved['model'], saved.get('model_overrides') or {}, saved.get('channels', 3))
+  else:  # For a .npz, the model is config.model; for a workdir, the one it was trained as.
+    pretrained = restore.load(config.init, config.model, dict(config.get('model_overrides') or {}))
+    architecture = (pretrained.model, pretrained.model_overrides, pretrained.channels)
+  config = with_architecture(config, *architecture)
   exp = experiment.build(config)
   state = None
   if pretrained is not None:
