@@ -7,12 +7,15 @@ therefore the same Experiment stepped here, in one process on 8 devices, on glob
 built by concatenating the two per-process iterators (process_index 0 and 1 of 2): exactly the
 global batch the 2-process run assembles with `make_array_from_process_local_data`. Only the
 order of float reductions (gloo vs. in-process all-reduce, row order) may differ.
+
+The real 2-process runs are slow-marked (~1.5-4 min each on the shared 2-core box: process
+start, compiles and Orbax saves dominate); the launcher's own behaviour is tested quickly with
+a stand-in module.
 """
 import importlib.util
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
