@@ -14,6 +14,7 @@ a stand-in module.
 """
 import importlib.util
 import os
+import re
 import signal
 import subprocess
 import time
@@ -164,6 +165,29 @@ def test_killed_run_resumes_from_its_checkpoint_to_the_same_end(prepared_data_di
   assert final['test/examples'] == want['test/examples'] == 10000
   np.testing.assert_allclose(final['test/loss'], want['test/loss'], rtol=RTOL)
   assert abs(final['test/accuracy'] - want['test/accuracy']) <= 2e-4  # <= 2 images flip.
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_all_at_the_same_step(prepared_data_dir, tmp_path):
+  """A preemption notice reaching one host only: JAX's preemption service (not a per-process
+  flag, which would stop the processes at different steps and hang them) picks one step at
+  which every process saves and stops."""
+  config = config_for(prepared_data_dir, total_steps=500)
+  log = tmp_path / 'run.log'
+  proc = launch(config, tmp_path / 'run', log)
+  try:
+    deadline = time.monotonic() + 300
+    while '[0] step 4/' not in log.read_text():
+      assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+      time.sleep(0.5)
+    children = Path(f'/proc/{proc.pid}/task/{proc.pid}/children').read_text().split()
+    os.kill(int(children[1]), signal.SIGTERM)  # Process 1 only.
+  finally:
+    text = finish(proc, log)
+  [saved] = os.listdir(tmp_path / 'run' / 'checkpoints')
+  assert 4 <= int(saved) < config.total_steps
+  stops = re.findall(r'^\[(\d)\] .*stopped at step (\d+) after a preemption notice', text, re.M)
+  assert sorted(stops) == [('0', saved), ('1', saved)]
 
 
 def _fake_module(tmp_path: Path, body: str) -> dict[str, str]:
