@@ -276,5 +276,5 @@ def format_plan(p: Plan) -> str:
   if p.step_seconds is not None:
     lines.append(f'at {p.peak_tflops:g} TFLOP/s per device and MFU {p.mfu:g}: '
                  f'{p.step_seconds:.3f} s/step; {p.total_steps} steps = {p.total_days:.2f} days')
-  lines.append(f'({p.compiles} compiles, {p.compile_seconds:.0f} s)')
+  lines.append(f'({p.compiles} compile{"s" * (p.compiles != 1)}, {p.compile_seconds:.0f} s)')
   return '\n'.join(lines)
