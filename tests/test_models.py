@@ -8,6 +8,7 @@ import pytest
 from vit_jax import models
 from vit_jax.errors import ConfigError
 from vit_jax.models import scan_layout
+from vit_jax.models import vit
 from vit_jax.models.flops import forward_flops
 
 
@@ -129,6 +130,60 @@ def test_fused_attention_matches_explicit_softmax():
       'MultiHeadDotProductAttention_1']['attention'][0]
   assert attention.shape == (2, 2, 65, 65)
   np.testing.assert_allclose(attention.sum(-1), 1., atol=1e-5)
+
+
+def test_attention_matches_the_plain_formulation():
+  """The stacked-QKV projection with the scale folded into the query kernel computes the
+  textbook softmax(q k^T / sqrt(d)) v from the released query/key/value/out parameters."""
+  layer = vit.MultiHeadDotProductAttention(num_heads=3)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 11, 48))
+  params = layer.init(jax.random.PRNGKey(1), x, deterministic=True)['params']
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(2), p.shape),
+                        params)  # Non-zero biases.
+  proj = lambda name: jnp.einsum('btd,dhk->bthk', x, params[name]['kernel']) + params[name]['bias']
+  q, k, v = proj('query'), proj('key'), proj('value')
+  weights = jax.nn.softmax(jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(16), axis=-1)
+  expected = jnp.einsum('bhqd,hdo->bqo', jnp.einsum('bhqk,bkhd->bhqd', weights, v),
+                        params['out']['kernel']) + params['out']['bias']
+  fused = layer.apply({'params': params}, x, deterministic=True)
+  explicit, inter = layer.apply({'params': params}, x, deterministic=True, mutable='intermediates')
+  np.testing.assert_allclose(fused, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(explicit, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(inter['intermediates']['attention'][0], weights, atol=1e-6)
+
+
+def test_patch_embedding_is_the_strided_conv():
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 24, 3))
+  embed = vit.PatchEmbedding(16, (8, 4))
+  conv = flax.linen.Conv(16, (8, 4), strides=(8, 4), padding='VALID',
+                         kernel_init=flax.linen.initializers.lecun_normal())
+  params = embed.init(jax.random.PRNGKey(1), images)
+  conv_params = conv.init(jax.random.PRNGKey(1), images)
+  jax.tree.map(np.testing.assert_array_equal, params, conv_params)  # Same init, same layout.
+  params = jax.tree.map(lambda p: p + 0.1, params)
+  np.testing.assert_allclose(embed.apply(params, images), conv.apply(params, images),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_mask_has_the_rate_and_rescales():
+  x = jnp.ones((16, 197, 384))
+  drop = vit.Dropout(0.1)
+  apply = jax.jit(lambda x, seed: drop.apply({}, x, deterministic=False,
+                                             rngs={'dropout': jax.random.PRNGKey(seed)}))
+  y = apply(x, 0)
+  assert set(np.unique(np.asarray(y)).tolist()) == {0.0, np.float32(1 / np.float32(0.9))}
+  assert float((y > 0).mean()) == pytest.approx(0.9, abs=2e-3)
+  np.testing.assert_array_equal(y, apply(x, 0))
+  assert not np.array_equal(y, apply(x, 1))
+  # Adjacent elements (same threefry block) are uncorrelated.
+  kept = np.asarray(y > 0, np.float32).reshape(-1, 4)
+  assert abs(np.corrcoef(kept[:, 0], kept[:, 1])[0, 1]) < 0.01
+  # Shapes the packed path does not take, and typed keys, give the same law.
+  odd = vit.keep_mask(jax.random.key(0), 0.25, (64, 197, 197))
+  assert odd.shape == (64, 197, 197) and float(odd.mean()) == pytest.approx(0.75, abs=3e-3)
+  np.testing.assert_array_equal(vit.keep_mask(jax.random.key(5), 0.1, (8, 12)),
+                                vit.keep_mask(jax.random.PRNGKey(5), 0.1, (8, 12)))
+  np.testing.assert_array_equal(drop.apply({}, x, deterministic=True), x)
 
 
 def test_bfloat16_forward_is_close_to_float32():
