@@ -5,7 +5,21 @@
 
 The paper's transfer and recipe (zero head, SGD momentum 0.9, cosine, clipping at 1, no weight
 decay) at CPU scale: batch 128, 300 steps (~25 epochs of the 1500 training digits). The model and
-input channels come from the pre-training workdir. Result: TBD.
+input channels come from the pre-training workdir.
+
+Measured (2-core CPU; digits test split, 297 images, so +-1.7 points is one standard error), from
+a ViT-Mu_4 pre-trained for 800 steps with configs/default.py (74.7% on Fashion-MNIST), against
+the same command from scratch (`python -m vit_jax.main --config=configs/finetune/digits.py`):
+
+  budget                         lr     fine-tuned  from scratch
+  300 steps (this config)        0.03   83.2%       73.1%
+                                 0.1    91.2%       90.6%   (scratch with AdamW 3e-3: 87.9%)
+                                 0.3    91.6%       90.6%
+  60 steps                       0.1    68.0%       52.2%
+  100 steps on train[:200]       0.1    76.1%       58.9%
+
+At the full budget the gain is within noise: digits are easy to learn from scratch in 25 epochs.
+It is large with a short budget or little data, where transfer is meant to help.
 """
 import ml_collections
 
@@ -13,7 +27,7 @@ from vit_jax.training import finetune
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = finetune.paper_config('digits', total_steps=300, base_lr=0.03, model='ViT-Mu_4',
+  config = finetune.paper_config('digits', total_steps=300, base_lr=0.1, model='ViT-Mu_4',
                                  image_size=28)
   config.init = 'workdirs/default'
   config.channels = 1

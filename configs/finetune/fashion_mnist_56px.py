@@ -5,9 +5,17 @@
       --workdir=workdirs/ft_fashion_mnist_56px
 
 The paper fine-tunes at a higher resolution than it pre-trains at (Sec. 3.2): with the same patch
-size the sequence grows (7x7 -> 14x14 patches here) and the learned position embeddings are
-2D-interpolated to the new grid. Recipe of Table 4 at CPU scale: SGD momentum 0.9, batch 128,
-cosine, 300 steps. Result: TBD.
+size the sequence grows (7x7 -> 14x14 patches here, 4x the tokens) and the learned position
+embeddings are 2D-interpolated to the new grid. Recipe of Table 4 at CPU scale: SGD momentum 0.9,
+batch 128, cosine, 200 steps (~20 minutes on 2 shared cores).
+
+Measured (Fashion-MNIST test, 10k images) from a ViT-Mu_4 pre-trained for 800 steps with
+configs/default.py (74.7% at 28 px): fine-tuned at 56 px, lr 0.03, 70.7% after 100 steps and
+74.4% after 200; from scratch at 56 px with the default's AdamW recipe for the same 200 steps
+(`python -m vit_jax.main --config=configs/default.py --config.image_size=56
+--config.total_steps=200 --config.warmup_steps=40`): 38.9% and 49.6%. So +24.8 points over
+scratch, but at this budget no gain over the 28 px model itself (the new zero head and the
+resized position embeddings first have to be re-learnt). lr not swept.
 """
 import ml_collections
 
@@ -15,7 +23,7 @@ from vit_jax.training import finetune
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = finetune.paper_config('fashion_mnist', total_steps=300, base_lr=0.01,
+  config = finetune.paper_config('fashion_mnist', total_steps=200, base_lr=0.03,
                                  model='ViT-Mu_4', image_size=56)
   config.init = 'workdirs/default'
   config.channels = 1
@@ -24,5 +32,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch = 128
   config.batch_eval = 1000
   config.eval_every = 100
-  config.checkpoint_every = 300
+  config.checkpoint_every = 200
   return config
