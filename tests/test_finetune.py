@@ -217,7 +217,9 @@ def test_vtab_config_names_its_tasks():
     _load_config('finetune/vtab', 'clevr')
 
 
-def test_short_runs_scale_the_warmup_with_the_steps():
+def test_demo_configs_load_and_short_runs_scale_the_warmup():
+  assert _load_config('finetune/fashion_mnist_56px').image_size == 56
   config = _load_config('finetune/digits')
+  assert config.init == 'workdirs/default'
   config.total_steps = 50
   assert config.warmup_steps == 10
