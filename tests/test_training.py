@@ -91,13 +91,15 @@ def _restore(config, workdir, step=None):
   return jax.device_get(state)
 
 
-def _assert_states_equal(a, b):
-  assert int(a.step) == int(b.step)
-  leaves_a, tree_a = jax.tree.flatten(a)
-  leaves_b, tree_b = jax.tree.flatten(b)
+def _assert_states_equal(a, b, context=''):
+  """Bitwise equality of two train states; names the leaves that differ."""
+  assert int(a.step) == int(b.step), context
+  flat_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
+  flat_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
   assert tree_a == tree_b
-  for x, y in zip(leaves_a, leaves_b):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  differ = [(jax.tree_util.keystr(path), float(np.max(np.abs(np.asarray(x) - np.asarray(y)))))
+            for (path, x), (_, y) in zip(flat_a, flat_b) if not np.array_equal(x, y)]
+  assert not differ, f'{len(differ)} of {len(flat_a)} leaves differ {context}: {differ[:5]}'
 
 
 def _mlp_kernel(params):
@@ -362,11 +364,13 @@ def test_resume_after_sigkill_is_bitwise_identical(baseline, compile_cache, tmp_
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))
                  if s.isdigit())
   assert steps and max(steps) < TOTAL_STEPS, steps  # Killed mid-run, after a save.
+  listing = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
   rerun = _Main(config_file, workdir, compile_cache)
   assert rerun.finish(600) == 0, rerun.err()[-3000:]
   resumed = int(re.search(r'resumed from the checkpoint at step (\d+)', rerun.err())[1])
   assert 0 < resumed <= max(steps) and 'Traceback' not in rerun.err()
-  _assert_states_equal(_restore(config, workdir), _restore(config, base_workdir))
+  _assert_states_equal(_restore(config, workdir), _restore(config, base_workdir),
+                       f'(killed with {listing}, resumed from {resumed})')
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(prepared_data_dir, compile_cache,
