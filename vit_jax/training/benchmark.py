@@ -3,12 +3,14 @@
 The steps timed are the ones `main` runs (same `Experiment`, same jit, same shardings) on
 synthetic inputs of the right shape. Every timed step ends in `block_until_ready`, so the
 figures are wall-clock step times, not dispatch times. MFU is given against the device's
-nominal peak where known and against a matmul peak measured on the spot with the same dtype.
+nominal peak where known and against a matmul peak measured on the spot with the same dtype:
+the best of a few square sizes, timed right after every timed step, its best run taken, so that
+on a shared machine the denominator is a true ceiling measured alongside the steps.
 """
 import resource
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -22,18 +24,50 @@ from vit_jax.training.experiment import Experiment
 WHATS = ('train', 'eval', 'data')
 
 
-def measure_matmul_peak(dtype: Any, size: int = 0, repeats: int = 10) -> float:
-  """Achieved TFLOP/s of one large square matmul: the practical ceiling for this device."""
-  size = size or (2048 if jax.default_backend() == 'cpu' else 8192)
+# Square matmul sizes tried for the peak. On CPU the best size is not the largest one (YNNPACK
+# reached ~95 GFLOP per CPU-second at 1024, ~87 at 2048 and ~83 at 4096 on a 2-core EPYC), so
+# the peak is the best of several; on accelerators one large size saturates the units.
+CPU_PEAK_SIZES = (1024, 2048, 4096)
+ACCELERATOR_PEAK_SIZES = (8192,)
+
+
+def _matmul_probe(dtype: Any, size: int) -> tuple[Callable[[], Any], float]:
+  """A compiled, warmed-up `size`^2 matmul run back to back (>= 2 * 2048^3 FLOPs) and its FLOPs."""
   a = jax.random.normal(jax.random.PRNGKey(0), (size, size), dtype)
-  matmul = jax.jit(lambda x, y: x @ y)
-  jax.block_until_ready(matmul(a, a))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(matmul(a, a))
-    times.append(time.perf_counter() - start)
-  return 2 * size**3 / statistics.median(times) / 1e12
+  compiled = jax.jit(lambda x, y: x @ y).lower(a, a).compile()
+  jax.block_until_ready(compiled(a, a))
+  repeat = max(1, (2048 // size)**3)
+  return (lambda: [compiled(a, a) for _ in range(repeat)]), 2 * size**3 * repeat
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - start
+
+
+def _timed_with_cpu(fn: Callable[[], Any]) -> tuple[float, float]:
+  """(wall seconds, this process's CPU seconds, all threads) of one blocking call."""
+  cpu = time.process_time()
+  wall = _timed(fn)
+  return wall, time.process_time() - cpu
+
+
+def measure_matmul_peak(dtype: Any, size: int = 0, repeats: int = 10) -> float:
+  """Achieved TFLOP/s of large square matmuls, the practical ceiling for this device.
+
+  The best run over `repeats` and over the sizes that suit the backend (or `size` alone): a
+  ceiling, so a noisy machine can only lower the MFU computed from it, never inflate it.
+  """
+  sizes = (size,) if size else (
+      CPU_PEAK_SIZES if jax.default_backend() == 'cpu' else ACCELERATOR_PEAK_SIZES)
+  return max(_peak_of(dtype, n, repeats)[0] for n in sizes)
+
+
+def _peak_of(dtype: Any, size: int, repeats: int) -> tuple[float, Callable[[], Any], float, int]:
+  """(best TFLOP/s over `repeats`, the probe, its FLOPs, size) for one matmul size."""
+  probe, flops = _matmul_probe(dtype, size)
+  return flops / min(_timed(probe) for _ in range(repeats)) / 1e12, probe, flops, size
 
 
 def peak_memory_bytes() -> tuple[int, str]:
@@ -55,15 +89,17 @@ def _synthetic_batch(exp: Experiment, batch: int, with_mask: bool) -> dict:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), host)
 
 
-def _time_steps(run: Callable[[], Any], warmup: int, steps: int) -> list[float]:
+def _time_steps(run: Callable[[], Any], warmup: int, steps: int,
+                probe: Optional[Callable[[], Any]] = None) -> tuple[list, list]:
+  """(wall, CPU) seconds of each step, and of `probe` run right after each step (same load)."""
   for _ in range(warmup):
     jax.block_until_ready(run())
-  times = []
+  times, probe_times = [], []
   for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(run())
-    times.append(time.perf_counter() - start)
-  return times
+    times.append(_timed_with_cpu(run))
+    if probe is not None:
+      probe_times.append(_timed_with_cpu(probe))
+  return times, probe_times
 
 
 def bench_step(exp: Experiment, what: str, steps: int = 20, warmup: int = 3) -> dict:
@@ -86,11 +122,18 @@ def bench_step(exp: Experiment, what: str, steps: int = 20, warmup: int = 3) -> 
     run = lambda: compiled(state.params, batch)
     flops_per_image = exp.flops_per_image // 3
   compile_s = time.perf_counter() - start
-  times = _time_steps(run, warmup, steps)
-  median = statistics.median(times)
-  tflops_per_step = flops_per_image * batch_size / 1e12
+  # The MFU denominator: the best matmul size is picked first, then that matmul is timed after
+  # every step, so that it samples the same machine as the steps (on a shared CPU the load
+  # drifts), and its best run is the peak: a ceiling, which load can lower MFU under, not raise.
   dtype = jnp.bfloat16 if config.get('dtype', 'float32') == 'bfloat16' else jnp.float32
-  matmul_peak = measure_matmul_peak(dtype)
+  sizes = CPU_PEAK_SIZES if jax.default_backend() == 'cpu' else ACCELERATOR_PEAK_SIZES
+  first_peak, probe, probe_flops, peak_size = max(
+      (_peak_of(dtype, n, repeats=3) for n in sizes), key=lambda peak: peak[0])
+  timed, probe_timed = _time_steps(run, warmup, steps, probe)
+  times = [wall for wall, _ in timed]
+  median = statistics.median(times)
+  matmul_peak = max(first_peak, probe_flops / min(wall for wall, _ in probe_timed) / 1e12)
+  tflops_per_step = flops_per_image * batch_size / 1e12
   achieved = tflops_per_step / median / jax.device_count()
   memory, memory_kind = peak_memory_bytes()
   result = {
@@ -98,12 +141,22 @@ def bench_step(exp: Experiment, what: str, steps: int = 20, warmup: int = 3) -> 
       'image_size': config.image_size, 'dtype': config.get('dtype', 'float32'),
       'device': jax.devices()[0].device_kind, 'devices': jax.device_count(),
       'cores': perf.cores(), 'compile_s': compile_s, 'step_s_median': median,
-      'step_s_p90': float(np.percentile(times, 90)), 'steps_timed': len(times),
+      'step_s_p90': float(np.percentile(times, 90)), 'step_s_min': min(times),
+      'steps_timed': len(times),
       'img_per_sec': batch_size / median, 'img_per_sec_per_core': batch_size / median /
       perf.cores(), 'model_tflops_per_step': tflops_per_step,
       'tflops_per_sec_per_device': achieved,
-      'matmul_peak_tflops_per_device': matmul_peak, 'mfu_vs_measured_matmul': achieved /
-      matmul_peak, 'peak_memory_gib': memory / 2**30, 'peak_memory_kind': memory_kind}
+      'matmul_peak_tflops_per_device': matmul_peak, 'matmul_peak_size': peak_size,
+      'mfu_vs_measured_matmul': achieved / matmul_peak, 'peak_memory_gib': memory / 2**30,
+      'peak_memory_kind': memory_kind}
+  if jax.default_backend() == 'cpu':
+    # CPU seconds (all threads) per step against those of the peak matmul: on a CPU shared with
+    # other jobs the wall-clock figures swing with the load, this ratio hardly moves.
+    step_cpu = statistics.median(cpu for _, cpu in timed)
+    probe_cpu = statistics.median(cpu for _, cpu in probe_timed)
+    result['cpu_s_per_step_median'] = step_cpu
+    result['mfu_vs_measured_matmul_cpu_time'] = (
+        tflops_per_step / step_cpu) / (probe_flops / 1e12 / probe_cpu)
   nominal = perf.device_peak_tflops()
   if nominal:
     result['nominal_peak_tflops'] = nominal

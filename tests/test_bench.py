@@ -1,0 +1,52 @@
+"""The benchmark command runs on a tiny config and reports sane figures (no timing asserted)."""
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+from vit_jax.training import benchmark
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# ViT-Mu/4 at 32 px through the ViT-Ti/16 recipe (it sets num_classes: no dataset is read).
+TINY = ['--config=configs/vit_ti16.py', '--config.model=ViT-Mu_4', '--config.image_size=32',
+        '--config.batch=8', '--config.batch_eval=8', '--config.dtype=float32',
+        '--config.optimizer=sgd', '--config.grad_norm_clip=1.0']
+FIELDS = ('what', 'model', 'batch', 'device', 'devices', 'cores', 'compile_s', 'step_s_median',
+          'step_s_p90', 'step_s_min', 'steps_timed', 'img_per_sec', 'img_per_sec_per_core',
+          'model_tflops_per_step', 'tflops_per_sec_per_device',
+          'matmul_peak_tflops_per_device', 'matmul_peak_size', 'mfu_vs_measured_matmul',
+          'peak_memory_gib', 'peak_memory_kind', 'cpu_s_per_step_median',
+          'mfu_vs_measured_matmul_cpu_time')
+
+
+def _bench(*args: str) -> dict:
+  out = subprocess.run([sys.executable, '-m', 'vit_jax.bench', *TINY, '--steps=2', '--warmup=1',
+                        '--json', *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize('what', ['train', 'eval'])
+def test_bench_prints_sane_json(what):
+  result = _bench(f'--what={what}')
+  assert set(FIELDS) <= set(result), set(FIELDS) - set(result)
+  assert result['what'] == what and result['model'] == 'ViT-Mu_4' and result['batch'] == 8
+  assert result['steps_timed'] == 2
+  assert result['img_per_sec'] > 0 and result['step_s_median'] > 0
+  assert result['step_s_p90'] >= result['step_s_median'] >= result['step_s_min'] > 0
+  assert result['matmul_peak_tflops_per_device'] > 0
+  assert result['matmul_peak_size'] in benchmark.CPU_PEAK_SIZES
+  assert 0 < result['mfu_vs_measured_matmul'] < 1.5
+  assert 0 < result['mfu_vs_measured_matmul_cpu_time'] < 1.5
+  assert result['cpu_s_per_step_median'] > 0
+  assert result['model_tflops_per_step'] > 0
+
+
+def test_matmul_peak_is_the_best_size():
+  assert benchmark.measure_matmul_peak(jnp.float32, size=256, repeats=2) > 0
+  probe, flops = benchmark._matmul_probe(jnp.float32, 1024)  # pylint: disable=protected-access
+  assert flops == 2 * 1024**3 * 8 and len(probe()) == 8
