@@ -91,14 +91,14 @@ def _synthetic_batch(exp: Experiment, batch: int, with_mask: bool) -> dict:
 
 def _time_steps(run: Callable[[], Any], warmup: int, steps: int,
                 probe: Optional[Callable[[], Any]] = None) -> tuple[list, list]:
-  """(wall, CPU) seconds of each step, and of `probe` run right after each step (same load)."""
+  """(wall, CPU) seconds of each step, and wall seconds of `probe` run right after each step."""
   for _ in range(warmup):
     jax.block_until_ready(run())
   times, probe_times = [], []
   for _ in range(steps):
     times.append(_timed_with_cpu(run))
     if probe is not None:
-      probe_times.append(_timed_with_cpu(probe))
+      probe_times.append(_timed(probe))
   return times, probe_times
 
 
@@ -132,7 +132,7 @@ def bench_step(exp: Experiment, what: str, steps: int = 20, warmup: int = 3) -> 
   timed, probe_timed = _time_steps(run, warmup, steps, probe)
   times = [wall for wall, _ in timed]
   median = statistics.median(times)
-  matmul_peak = max(first_peak, probe_flops / min(wall for wall, _ in probe_timed) / 1e12)
+  matmul_peak = max(first_peak, probe_flops / min(probe_timed) / 1e12)
   tflops_per_step = flops_per_image * batch_size / 1e12
   achieved = tflops_per_step / median / jax.device_count()
   memory, memory_kind = peak_memory_bytes()
@@ -150,13 +150,9 @@ def bench_step(exp: Experiment, what: str, steps: int = 20, warmup: int = 3) -> 
       'mfu_vs_measured_matmul': achieved / matmul_peak, 'peak_memory_gib': memory / 2**30,
       'peak_memory_kind': memory_kind}
   if jax.default_backend() == 'cpu':
-    # CPU seconds (all threads) per step against those of the peak matmul: on a CPU shared with
-    # other jobs the wall-clock figures swing with the load, this ratio hardly moves.
-    step_cpu = statistics.median(cpu for _, cpu in timed)
-    probe_cpu = statistics.median(cpu for _, cpu in probe_timed)
-    result['cpu_s_per_step_median'] = step_cpu
-    result['mfu_vs_measured_matmul_cpu_time'] = (
-        tflops_per_step / step_cpu) / (probe_flops / 1e12 / probe_cpu)
+    # CPU seconds of this process (all threads) per step: less swayed by other jobs than wall
+    # time, but it counts spinning threads too, so no MFU is computed from it.
+    result['cpu_s_per_step_median'] = statistics.median(cpu for _, cpu in timed)
   nominal = perf.device_peak_tflops()
   if nominal:
     result['nominal_peak_tflops'] = nominal
