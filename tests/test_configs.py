@@ -189,3 +189,21 @@ def test_cli_runs_a_paper_config_up_to_the_missing_dataset(tmp_path):
   assert last.startswith("error: dataset 'imagenet2012' is not prepared in "), last
   assert 'tfds build imagenet2012' in last
   assert not (tmp_path / 'run').exists()  # Nothing written before the check.
+
+
+@pytest.mark.parametrize('flags_given, expected', [
+    (['--config=configs/vit_b16.py:bogus'],
+     "error: config argument 'bogus' is not a pre-training dataset: use :imagenet21k"),
+    (['--config=configs/no_such.py'], 'error: --config=configs/no_such.py: no such config file'),
+    (['--config=configs/default.py', '--config.batchh=8'], "error: unknown config key 'batchh'"),
+    (['--config=configs/default.py', '--config.batch=many'],
+     "error: flag --config.batch=many: invalid literal for int()"),
+])
+def test_cli_flag_mistakes_are_one_line(tmp_path, flags_given, expected):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.main', *flags_given, f'--workdir={tmp_path / "run"}'],
+      cwd=os.path.dirname(CONFIGS_DIR), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert proc.stderr.rstrip().splitlines()[-1].startswith(expected), proc.stderr[-500:]
+  assert not (tmp_path / 'run').exists()

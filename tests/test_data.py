@@ -123,21 +123,33 @@ def test_stream_is_a_function_of_seed_and_step(prepared_data_dir, pp):
   assert first[0]['image'].min() >= -1 and first[0]['image'].max() <= 1
 
 
+@pytest.fixture(params=['in_memory', 'shuffle_buffer'])
+def epoch_source(request, monkeypatch) -> dict:
+  """Both ways an epoch is drawn: a permutation held in memory, or a tf.data shuffle buffer (the
+  way of splits too large for memory) of 500 examples; returns the pp.train options for it."""
+  if request.param == 'in_memory':
+    return {}
+  monkeypatch.setattr(ip, 'IN_MEMORY_BYTES', 0)
+  return {'shuffle_buffer': 500}
+
+
 @pytest.mark.parametrize('start_step', [5, 23, 48])  # 23 and 48 straddle epochs.
-def test_resume_yields_the_uninterrupted_stream(prepared_data_dir, start_step):
-  full = _train(prepared_data_dir, batch=64, pp={'train': {'randaug': (1, 5)}})
+def test_resume_yields_the_uninterrupted_stream(prepared_data_dir, start_step, epoch_source):
+  pp = {'train': {'randaug': (1, 5), **epoch_source}}
+  full = _train(prepared_data_dir, batch=64, pp=pp)
   for _ in range(start_step):
     next(full)
-  resumed = _train(prepared_data_dir, batch=64, start_step=start_step,
-                   pp={'train': {'randaug': (1, 5)}})
+  resumed = _train(prepared_data_dir, batch=64, start_step=start_step, pp=pp)
   for _ in range(3):
     assert _same(next(full), next(resumed))
 
 
-def test_one_epoch_sees_every_example_once(prepared_data_dir):
-  # 1500 examples, batch 60: 25 steps are exactly one epoch.
-  epoch = [next(it) for it in [_train(prepared_data_dir, batch=60, pp=PLAIN)] for _ in range(25)]
-  assert _rows(epoch) == _rows(_eval(prepared_data_dir, split='train'))
+def test_one_epoch_sees_every_example_once(prepared_data_dir, epoch_source):
+  # 1500 examples, batch 60: 25 steps are exactly one epoch; the next epoch is another order.
+  it = _train(prepared_data_dir, batch=60, pp={'train': {**PLAIN['train'], **epoch_source}})
+  epochs = [[next(it) for _ in range(25)] for _ in range(2)]
+  assert _rows(epochs[0]) == _rows(epochs[1]) == _rows(_eval(prepared_data_dir, split='train'))
+  assert not np.array_equal(epochs[0][0]['label'], epochs[1][0]['label'])
 
 
 def test_process_slices_are_disjoint_and_cover_the_split(prepared_data_dir):

@@ -31,6 +31,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from vit_jax.checkpoints.manager import Checkpointer
+from vit_jax.data import global_batch
 from vit_jax.data import input_pipeline
 from vit_jax.errors import ConfigError
 from vit_jax.training import experiment
@@ -180,7 +181,7 @@ def test_data_fsdp_and_tensor_parallel_match_one_device(prepared_data_dir):
     exp = experiment.build(_config(prepared_data_dir, mesh=mesh), devices=devices)
     state, train_step = exp.init_state(), exp.jit_train_step()
     losses = []
-    for batch in loop.global_batches(iter(batches), exp.mesh):
+    for batch in global_batch.prefetch_to_mesh(batches, exp.mesh):
       state, step_metrics = train_step(state, batch)
       losses.append(float(step_metrics['loss']))
     kernel = _mlp_kernel(state.params)
@@ -217,7 +218,7 @@ def test_gradient_accumulation_equals_the_big_batch(prepared_data_dir):
     state = exp.init_state()
     init = jax.device_get(state.params)
     state, step_metrics = exp.jit_train_step()(
-        state, next(loop.global_batches(iter([batch]), exp.mesh)))
+        state, global_batch.to_global(batch, exp.mesh))
     out[accum] = (jax.device_get(step_metrics), init, jax.device_get(state.params))
   (m1, init1, p1), (m4, init4, p4) = out[1], out[4]
   assert m1['loss'] == pytest.approx(m4['loss'], rel=1e-5)

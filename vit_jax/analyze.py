@@ -14,12 +14,11 @@ written file's path is printed.
 """
 import os
 
-from absl import app
 from absl import flags
 
 from vit_jax.analysis import from_checkpoint
 from vit_jax.analysis import run
-from vit_jax.errors import cli_main
+from vit_jax.errors import run_cli
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A pre-training workdir or a .npz file.')
 _MODEL = flags.DEFINE_string('model', None, 'Model name, e.g. ViT-B_16 (needed for a .npz).')
@@ -37,7 +36,6 @@ _WHICH = flags.DEFINE_list('which', None, f'Analyses, from {",".join(run.ANALYSE
 flags.mark_flags_as_required(['checkpoint', 'out_dir'])
 
 
-@cli_main
 def main(argv: list[str]) -> None:
   results = from_checkpoint.analyze_checkpoint(
       _CHECKPOINT.value, _OUT_DIR.value, model=_MODEL.value, images=_IMAGES.value + argv[1:],
@@ -50,4 +48,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run_cli(main)

@@ -6,11 +6,10 @@ The config's dataset decides the class count unless `config.num_classes` or --nu
 """
 import json
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from vit_jax.errors import cli_main
+from vit_jax.errors import run_cli
 from vit_jax.training import benchmark
 from vit_jax.training.experiment import build
 
@@ -31,7 +30,6 @@ def _print_table(result: dict) -> None:
     print(f'{key:<{width}}  {text}')
 
 
-@cli_main
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -47,4 +45,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run_cli(main)

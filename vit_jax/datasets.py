@@ -11,12 +11,11 @@ and configs name them like catalogue datasets (an image folder by its NAME).
 Other catalogue datasets (cifar10, imagenet2012, ...) are read from DIR as they
 are once `tfds build` has prepared them there.
 """
-from absl import app
 from absl import flags
 
 from vit_jax.data import input_pipeline
 from vit_jax.data import prepare
-from vit_jax.errors import ConfigError, cli_main
+from vit_jax.errors import ConfigError, run_cli
 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data directory.')
 _SOURCE = flags.DEFINE_string(
@@ -25,7 +24,6 @@ _SOURCE = flags.DEFINE_string(
 _SPLIT = flags.DEFINE_string('split', 'train', 'Split that `info` describes.')
 
 
-@cli_main
 def main(argv: list[str]) -> None:
   if len(argv) != 3 or argv[1] not in ('prepare', 'info'):
     raise ConfigError('usage: python -m vit_jax.datasets prepare|info NAME '
@@ -39,4 +37,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run_cli(main)

@@ -1,11 +1,21 @@
 """User-facing errors: one line that names the fix, printed without a traceback."""
 import functools
+import re
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
+
+from absl import app
+from absl import flags
+from ml_collections.config_flags import config_flags
 
 
 class ConfigError(ValueError):
   """A mistake the user can fix (config, flags, paths); its message names the fix."""
+
+
+def _exit_with(message: str) -> NoReturn:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
 
 
 def cli_main(main: Callable) -> Callable:
@@ -16,7 +26,52 @@ def cli_main(main: Callable) -> Callable:
     try:
       return main(*args, **kwargs)
     except ConfigError as e:
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(2)
+      _exit_with(str(e))
 
   return wrapped
+
+
+def _flag_error_line(error: BaseException) -> str:
+  """The one line of a flag-parsing failure: our own ConfigError's if a config file raised one."""
+  innermost, cause = None, error
+  while cause is not None:  # config_flags re-raises a config file's error with its traceback
+    if isinstance(cause, ConfigError):
+      innermost = cause
+    cause = cause.__cause__ or cause.__context__
+  if innermost is not None:
+    return str(innermost)
+  if isinstance(error, (AttributeError, KeyError)):  # `--config.key=...` for a key not in the file
+    suggestion = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', str(error))
+    if suggestion:
+      return f'unknown config key {suggestion[2]!r}: did you mean {suggestion[1]!r}?'
+    key = str(error).strip('\'"')
+    return f'unknown config key {key!r}: a new key belongs in the config file\'s get_config()'
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return lines[0] if len(lines) == 1 else f'{lines[0]} ... {lines[-1]}'
+
+
+def _check_config_files_loaded() -> None:
+  """config_flags defers a missing config file's error to first use; raise it here instead."""
+  for name in flags.FLAGS:
+    flag = flags.FLAGS[name]
+    if isinstance(flag.parser, config_flags.ConfigFileFlagParser) and flag.value is not None:
+      try:
+        flag.value.keys()
+      except OSError:
+        _exit_with(f'--{name}={flag.serialize().split("=", 1)[-1]}: no such config file '
+                   '(paths are relative to the current folder, e.g. configs/default.py)')
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with config-file and flag mistakes reported in one line."""
+  try:
+    remaining = flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError) as e:
+    _exit_with(_flag_error_line(e))
+  _check_config_files_loaded()
+  return remaining
+
+
+def run_cli(main: Callable) -> None:
+  """`app.run` for the command-line tools: one-line errors from flags and from `main`."""
+  app.run(cli_main(main), flags_parser=parse_flags)

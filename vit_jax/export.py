@@ -12,14 +12,13 @@ from absl import flags
 
 from vit_jax.checkpoints import npz
 from vit_jax.checkpoints import restore
-from vit_jax.errors import ConfigError, cli_main
+from vit_jax.errors import ConfigError, run_cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (its newest checkpoint).')
 _OUTPUT = flags.DEFINE_string('output', None, 'The .npz file to write.')
 flags.mark_flags_as_required(['workdir', 'output'])
 
 
-@cli_main
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -36,4 +35,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run_cli(main)

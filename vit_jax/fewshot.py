@@ -17,7 +17,7 @@ import numpy as np
 
 from vit_jax import sharding
 from vit_jax.checkpoints import restore
-from vit_jax.errors import cli_main
+from vit_jax.errors import run_cli
 from vit_jax.evaluation import fewshot
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A training workdir or a .npz of params.')
@@ -43,7 +43,6 @@ def _table(results: dict[int, list[float]]) -> str:
   return '\n'.join(rows)
 
 
-@cli_main
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -73,4 +72,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run_cli(main)

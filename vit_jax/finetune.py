@@ -14,7 +14,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from vit_jax.errors import cli_main
+from vit_jax.errors import run_cli
 from vit_jax.training import distributed
 from vit_jax.training import finetune
 
@@ -24,7 +24,6 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints and metrics g
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-@cli_main
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -35,4 +34,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run_cli(main)

@@ -14,7 +14,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from vit_jax.errors import ConfigError, cli_main
+from vit_jax.errors import ConfigError, run_cli
 from vit_jax.evaluation import classify
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A pre-training workdir or a .npz file.')
@@ -26,7 +26,6 @@ _TOP_K = flags.DEFINE_integer('top_k', 5, 'Classes printed per image.')
 flags.mark_flag_as_required('checkpoint')
 
 
-@cli_main
 def main(argv: list[str]) -> int:
   if not flags.FLAGS['verbosity'].present:  # stderr is for unreadable files and warnings.
     logging.set_verbosity(logging.WARNING)
@@ -41,4 +40,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run_cli(main)

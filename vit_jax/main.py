@@ -9,7 +9,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from vit_jax.errors import cli_main
+from vit_jax.errors import run_cli
 from vit_jax.training import distributed
 from vit_jax.training import loop
 
@@ -23,7 +23,6 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process in a multi-
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-@cli_main
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -34,4 +33,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run_cli(main)

@@ -41,7 +41,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from vit_jax.errors import ConfigError
-from vit_jax.errors import cli_main
+from vit_jax.errors import run_cli
 from vit_jax.training import planner
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
@@ -58,7 +58,6 @@ _JSON = flags.DEFINE_bool('json', False, 'Print JSON instead of the report.')
 flags.mark_flags_as_required(['config'])
 
 
-@cli_main
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -78,4 +77,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run_cli(main)

@@ -18,9 +18,9 @@ import ml_collections
 import numpy as np
 
 from vit_jax import sharding
+from vit_jax.data import global_batch
 from vit_jax.data import input_pipeline
 from vit_jax.errors import ConfigError
-from vit_jax.training import loop
 from vit_jax.training.experiment import Experiment
 
 DEFAULT_SHOTS = (1, 5, 10, 25)
@@ -126,7 +126,7 @@ class FewShotEvaluator:
         pp=ml_collections.ConfigDict({'eval': {'crop': self.crop}}))
     feats, labels = [], []
     with self.context():
-      for batch in loop.global_batches(iter(data), self.mesh):
+      for batch in global_batch.prefetch_to_mesh(data, self.mesh):
         batch_feats, batch_labels, mask = jax.device_get(self._features(params, batch))
         feats.append(batch_feats[mask])
         labels.append(batch_labels[mask])

@@ -8,14 +8,14 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import jax
 import ml_collections
 import numpy as np
 
-from vit_jax import sharding
 from vit_jax.checkpoints.manager import Checkpointer
+from vit_jax.data import global_batch
 from vit_jax.data import input_pipeline
 from vit_jax.errors import ConfigError
 from vit_jax.training import metrics as metrics_lib
@@ -53,23 +53,10 @@ class _StopSignal:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def global_batches(local_batches: Iterator[dict], mesh: jax.sharding.Mesh,
-                   prefetch: int = 2) -> Iterator[dict]:
-  """Process-local numpy batches -> global jax.Arrays on the mesh, `prefetch` batches ahead."""
-  batch_sharding = sharding.batch_sharding(mesh)
-  queue = []
-  for local in local_batches:
-    queue.append(jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(batch_sharding, x), local))
-    if len(queue) > prefetch:
-      yield queue.pop(0)
-  yield from queue
-
-
 def evaluate(exp: Experiment, eval_step, params: Any, eval_data) -> dict[str, float]:
   """Accuracy (top-1, top-5 when > 5 classes) and loss over every example of the eval split."""
   totals = None
-  for batch in global_batches(iter(eval_data), exp.mesh):
+  for batch in global_batch.prefetch_to_mesh(eval_data, exp.mesh):
     sums = eval_step(params, batch)
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
   totals = jax.device_get(totals)
@@ -153,7 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       data_dir=config.get('data_dir'), global_batch=config.batch, image_size=config.image_size,
       channels=config.get('channels', 3), pp=config.get('pp', ml_collections.ConfigDict()),
       seed=config.get('seed', 0), start_step=start_step)
-  batches = global_batches(local_batches, exp.mesh)
+  batches = global_batch.prefetch_to_mesh(local_batches, exp.mesh)
   eval_data = make_eval_data(exp) if config.get('eval_every') else None
   fewshot = _fewshot_evaluator(exp)
   writer = metrics_lib.create_writer(workdir)
