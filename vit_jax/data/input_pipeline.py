@@ -45,7 +45,7 @@ loaded it (load average 1..9, so figures vary ~2x; best and worst runs):
       190-340
   eval: fashion_mnist test at 28px, batch 1000:          6.8k-9.3k
 A split that fits the shuffle buffer or IN_MEMORY_BYTES is held in memory, encoded, and every
-epoch is an exact permutation of it. Before, the shuffle buffer (50k) refilled at each epoch
+epoch is an exact permutation of it, all epochs streamed by one tf.data pipeline. Before, the shuffle buffer (50k) refilled at each epoch
 boundary: 3-4 s of tf.data work on an idle machine and ~45 s while the train step held both
 cores, i.e. ~20% of a 10-minute Fashion-MNIST run. Now the boundary is not visible in the step
 times.
@@ -231,21 +231,32 @@ def make_train_iterator(*, dataset: str, split: str, data_dir: str | None,
                                     try_autocache=False))
     return ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
 
-  # A small slice is held in memory, encoded, and each epoch is an exact permutation of it: no
-  # shuffle buffer to refill at every epoch boundary (seconds of tf.data per-element work that
-  # stalled the step, worst when XLA holds the cores).
+  # A small slice is held in memory, encoded, and every epoch is an exact permutation of it, all
+  # epochs in one pipeline: no shuffle buffer to refill and no pipeline to restart at epoch
+  # boundaries (seconds of tf.data work that stalled the step, worst while XLA holds the cores).
   in_memory = (_load_encoded(encoded(None))
                if size <= opts['shuffle_buffer'] or size * _bytes_per_example(builder)
                <= IN_MEMORY_BYTES else None)
+  process_key = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+  def in_memory_examples(epoch: int, start: int) -> tf.data.Dataset:
+    """Every epoch from `epoch` on, each a permutation seeded by (seed, process, epoch)."""
+    examples = {key: tf.constant(value) for key, value in in_memory.items()}
+
+    def order(e):
+      shuffled = tf.random.experimental.stateless_shuffle(
+          tf.range(size, dtype=tf.int64), seed=tf.stack([tf.constant(process_key, tf.int64), e]))
+      return shuffled[tf.where(e == epoch, start, 0):]
+
+    indices = tf.data.Dataset.range(epoch, np.iinfo(np.int64).max).map(order).unbatch()
+    return indices.map(lambda i: {key: tf.gather(value, i) for key, value in examples.items()})
 
   def epoch_examples(epoch: int, start: int) -> tf.data.Dataset:
-    """Examples start.. of `epoch`, shuffled by (seed, epoch, process)."""
-    shuffle_seed = int(np.random.SeedSequence(
-        [seed, epoch, index]).generate_state(1)[0])
+    """Examples from number `start` of `epoch` on: to that epoch's end, or forever in memory."""
     if in_memory is not None:
-      order = np.random.default_rng(shuffle_seed).permutation(size)[start:]
-      ds = tf.data.Dataset.from_tensor_slices({k: v[order] for k, v in in_memory.items()})
+      ds = in_memory_examples(epoch, start)
     else:
+      shuffle_seed = int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
       ds = encoded(shuffle_seed).shuffle(min(opts['shuffle_buffer'], size), seed=shuffle_seed)
       ds = ds.skip(start)
     ds = ds.enumerate(epoch * size + start)
