@@ -1,20 +1,37 @@
-"""The embedded default: a ViT trained from scratch on Fashion-MNIST on a 2-core CPU.
+"""The embedded default: a hybrid ViT trained from scratch on Fashion-MNIST on a 2-core CPU.
 
   make train
   # = python -m vit_jax.main --config=configs/default.py --workdir=workdirs/default
 
-Measured so far (2026-11-24, on the 2-core machine while other jobs loaded it to ~10): with
-total_steps=4000, warmup 300 (otherwise these settings), test accuracy 75.8% after 1000 steps
-(2.1 epochs), ~180 img/s under that load. That is short of the issue's >= 90% target; the
-recipe (model size, epochs, augmentation) still needs tuning on a validation slice
-(`--config.train_split='train[:54000]' --config.eval_split='train[54000:]'`) on a quiet machine.
+Model: R8+ViT-Mu_8, the paper's hybrid at CPU size: a BiT stem of one bottleneck unit per stage at
+half width (28 px -> a 4x4 map of 256 channels) feeding a 4-layer, 64-wide ViT on its 16 tokens
+(334,506 params, ~1,000 img/s for the bare train step on 2 cores).
+
+Chosen on a validation slice (train[:54000] for training, train[54000:] for validation), each row
+one run on the quiet 2-core machine, about 4.5 minutes of training each:
+  ViT-Mu_4 (pure, 49 tokens), lr 1e-3, random crop + flip, 1300 steps:    79.1%
+  ViT-Mu_7 (pure, 16 tokens), lr 1e-3, random crop + flip, 3700 steps:    86.5%
+  ViT 96 wide patch 7, lr 1e-3, random crop + flip, 2350 steps:           86.0%
+  R8+ViT-Mu_4 one-stage stem (49 tokens), lr 1e-3, crop + flip, 850 steps: 82.3%
+  R8+ViT-Mu_8, lr 1e-3, random crop + flip, 1600 steps:                   86.2%
+  R8+ViT-Mu_8, lr 3e-3, random crop + flip, 1600 steps:                   87.6%
+  R8+ViT-Mu_8, lr 3e-3, flip only, 1600 steps:                            89.4%
+  R8+ViT-Mu_8, lr 3e-3, flip only, 3500 steps (these settings): 91.2% in 562 s wall.
+The hybrid learns more per step than the pure ViTs and keeps ~900 img/s in the loop; at this
+budget (~8 epochs) random-crop augmentation costs more than it gives.
+
+Test accuracy of these settings (trained on all 60k, `make train`, reported once, 2026-11-24):
+90.26% top-1 (85.0% at step 1000, 88.8% at 2000, 90.1% at 3000). `make train` took 9 min 53 s
+wall on the idle 2-core machine: 8 min 57 s of train steps at ~900 img/s (7.5 epochs), the rest
+start-up, four evaluations and checkpoints. That beats the issue's references (a timm ViT, 74.9%;
+a small CNN, 89.6%) but not its 92.5% goal.
 """
 import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.model = 'ViT-Mu_4'
+  config.model = 'R8+ViT-Mu_8'
   config.model_overrides = ml_collections.ConfigDict()
   config.dataset = 'fashion_mnist'
   config.data_dir = None  # TFDS_DATA_DIR or ~/tensorflow_datasets
@@ -22,13 +39,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_split = 'test'
   config.image_size = 28
   config.channels = 1
-  config.pp = ml_collections.ConfigDict({'train': {'crop': 'random_crop', 'random_crop_pad': 2,
-                                                    'flip': True}, 'eval': {'crop': 'resize'}})
+  config.pp = ml_collections.ConfigDict({'train': {'crop': 'resize', 'flip': True},
+                                         'eval': {'crop': 'resize'}})
   config.batch = 128
   config.batch_eval = 1000
-  config.total_steps = 2000
+  config.total_steps = 3500
   config.optimizer = 'adamw'
-  config.base_lr = 1e-3
+  config.base_lr = 3e-3
   config.weight_decay = 0.05
   config.warmup_steps = 200
   config.decay_type = 'cosine'

@@ -24,11 +24,12 @@ SIZES = {
 }
 RELEASED = ('ViT-Ti_16', 'ViT-S_16', 'ViT-S_32', 'ViT-B_8', 'ViT-B_16', 'ViT-B_32', 'ViT-L_16',
             'ViT-L_32', 'ViT-H_14', 'R50+ViT-B_16')
-CPU_SIZED = ('ViT-Mu_4', 'ViT-Pico_4', 'ViT-Ti_4', 'ViT-Ti_7', 'R26+ViT-Mu_8')
-# Hybrid stems: R50 = BiT-R50 stages (3, 4, 9) (the third stage dropped, as in the paper);
-# R26 = a two-stage (2, 2) stem, /8, for small images on CPU. Hybrid names give the effective
-# patch on the image (R50+ViT-B_16 embeds the /16 feature map with 1x1 patches).
-STEMS = {'R50': (3, 4, 9), 'R26': (2, 2)}
+CPU_SIZED = ('ViT-Mu_4', 'ViT-Pico_4', 'ViT-Ti_4', 'ViT-Ti_7', 'R26+ViT-Mu_8', 'R8+ViT-Mu_8')
+# Hybrid stems, (units per stage, width factor): R50 = BiT-R50 stages (3, 4, 9) (the third stage
+# dropped, as in the paper); R26 = a two-stage (2, 2) stem, /8, and R8 = one unit per stage at
+# half width, /8, both for small images on CPU. Hybrid names give the effective patch on the
+# image (R50+ViT-B_16 embeds the /16 feature map with 1x1 patches).
+STEMS = {'R50': ((3, 4, 9), 1.0), 'R26': ((2, 2), 1.0), 'R8': ((1, 1), 0.5)}
 _NAME = re.compile(r'^(?:(?P<stem>R\d+)\+)?ViT-(?P<size>[A-Za-z]+)_(?P<patch>\d+)$')
 _CHOICES = {'classifier': ('token', 'gap', 'map'), 'posemb': ('learn', 'sincos2d'),
             'remat': tuple(REMAT_POLICIES)}
@@ -52,12 +53,13 @@ def _parse(name: str) -> dict[str, Any]:
                 patch_size=int(match['patch']))
   if match['stem']:
     # The name gives the effective patch on the image; the stem already downsampled part of it.
-    stages = STEMS[match['stem']]
+    stages, width_factor = STEMS[match['stem']]
     stride = resnet.total_stride(stages)
     if kwargs['patch_size'] % stride:
       raise ConfigError(f'{name}: the {match["stem"]} stem downsamples by {stride}, so the patch '
                         f'size must be a multiple of {stride}')
-    kwargs.update(resnet=dict(num_layers=stages), patch_size=kwargs['patch_size'] // stride)
+    kwargs.update(resnet=dict(num_layers=stages, width_factor=width_factor),
+                  patch_size=kwargs['patch_size'] // stride)
   return kwargs
 
 
