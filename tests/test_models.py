@@ -98,6 +98,16 @@ def test_non_square_resolution_and_hybrid_forward():
   assert hybrid.apply(_init(hybrid), jnp.ones((2, 32, 32, 3))).shape == (2, 3)
 
 
+def test_r8_stem_of_the_default_is_half_width_and_embeds_a_4x4_map():
+  model = models.create('R8+ViT-Mu_8', num_classes=10)
+  params = _init(model, shape=(1, 28, 28, 1))['params']
+  assert params['conv_root']['kernel'].shape == (7, 7, 1, 32)
+  assert set(params['block2']) == {'unit1'}
+  assert params['embedding']['kernel'].shape[-2:] == (256, 64)  # 1x1 patches of 256 channels.
+  assert params['Transformer']['posembed_input']['pos_embedding'].shape == (1, 4 * 4 + 1, 64)
+  assert sum(x.size for x in jax.tree.leaves(params)) == 334_506
+
+
 def test_scan_and_unrolled_give_the_same_outputs():
   unrolled = models.create('ViT-Mu_4', num_classes=5)
   scanned = models.create('ViT-Mu_4', num_classes=5, scan=True, remat='full')
@@ -215,7 +225,7 @@ def test_dropout_is_active_only_in_training():
 
 def test_forward_flops_agree_with_xla_cost_analysis():
   for name, kwargs in [('ViT-Mu_4', {}), ('ViT-Mu_4', dict(classifier='map')),
-                       ('R26+ViT-Mu_8', {})]:
+                       ('R26+ViT-Mu_8', {}), ('R8+ViT-Mu_8', {})]:
     model = models.create(name, num_classes=10, **kwargs)
     images = jnp.zeros((1, 32, 32, 3))
     variables = _init(model, shape=images.shape)
