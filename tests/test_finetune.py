@@ -28,8 +28,8 @@ from vit_jax.training.metrics import read_jsonl
 ROOT = Path(__file__).resolve().parents[1]
 POSEMB = npz.POSEMB_KEY
 # Steps are cheap at 16 px (~5 ms per image on 2 cores); compiling and evaluating dominate.
-PRETRAIN = dict(image_size=16, total_steps=100, batch=64, warmup_steps=10, base_lr=3e-3,
-                eval_every=0, progress_every=50, checkpoint_every=1000)
+PRETRAIN = dict(model='ViT-Mu_4', image_size=16, total_steps=100, batch=64, warmup_steps=10,
+                base_lr=3e-3, eval_every=0, progress_every=50, checkpoint_every=1000)
 FINETUNE = dict(image_size=24, total_steps=40, batch=64, eval_every=40, progress_every=20)
 
 

@@ -29,12 +29,13 @@ FASHION = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shi
 
 @pytest.fixture(scope='module')
 def workdir(prepared_data_dir, tmp_path_factory) -> str:
-  """ViT-Mu_4 trained for 40 steps on Fashion-MNIST: well above chance, far from converged."""
+  """ViT-Mu_4 trained for 100 steps on Fashion-MNIST: ~52% on test[:1000], far from converged
+  (40 steps gave 33%, too close to this file's 40% floor to be a stable fixture)."""
   config = ml_collections.ConfigDict(dict(
       model='ViT-Mu_4', dataset='fashion_mnist', data_dir=prepared_data_dir, image_size=28,
-      channels=1, pp={'train': {'crop': 'random_crop', 'random_crop_pad': 2}},
-      batch=64, total_steps=40, optimizer='adamw', base_lr=3e-3, weight_decay=0.0,
-      warmup_steps=5, grad_norm_clip=1.0, eval_every=0, progress_every=40, seed=0))
+      channels=1, pp={'train': {'crop': 'resize'}},
+      batch=64, total_steps=100, optimizer='adamw', base_lr=3e-3, weight_decay=0.0,
+      warmup_steps=5, grad_norm_clip=1.0, eval_every=0, progress_every=100, seed=0))
   path = str(tmp_path_factory.mktemp('infer') / 'workdir')
   # One device: 8 simulated ones only slow a model this small down.
   loop.train_and_evaluate(config, path, exp=experiment.build(config, devices=jax.devices()[:1]))
