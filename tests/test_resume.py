@@ -1,0 +1,204 @@
+"""Resume and failures of the training loop: after a crash, a SIGKILL or a SIGTERM the run ends
+bitwise equal to an uninterrupted one; a corrupt newest checkpoint is skipped; NaN/Inf stops the
+run keeping only finite checkpoints. Same tiny recipe as test_training.py (training_setup.py).
+"""
+import logging
+import os
+import re
+import shutil
+import signal
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from training_setup import (  # baseline and compile_cache are fixtures: imported, pytest uses them
+    TOTAL_STEPS, MainProcess, baseline, compile_cache, tiny_config, write_config_file)
+from vit_jax.checkpoints.manager import Checkpointer
+from vit_jax.data import input_pipeline
+from vit_jax.training import experiment
+from vit_jax.training import loop
+from vit_jax.training import metrics as metrics_lib
+
+
+def _restore(config, workdir, step=None):
+  """The train state of the newest (or the given) checkpoint of `workdir`, as numpy."""
+  exp = experiment.build(config)
+  checkpointer = Checkpointer(workdir, read_only=True, async_save=False)
+  try:
+    if step is None:
+      state, meta = checkpointer.restore_latest(exp.abstract_state)
+    else:
+      restored = checkpointer.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(exp.abstract_state), meta=ocp.args.JsonRestore()))
+      state, meta = restored['state'], restored['meta']
+  finally:
+    checkpointer.close()
+  assert meta['step'] == int(state.step)
+  return jax.device_get(state)
+
+
+def _assert_states_equal(a, b, context=''):
+  """Bitwise equality of two train states; names the leaves that differ."""
+  assert int(a.step) == int(b.step), context
+  flat_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
+  flat_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
+  assert tree_a == tree_b
+  differ = [(jax.tree_util.keystr(path), float(np.max(np.abs(np.asarray(x) - np.asarray(y)))))
+            for (path, x), (_, y) in zip(flat_a, flat_b) if not np.array_equal(x, y)]
+  assert not differ, f'{len(differ)} of {len(flat_a)} leaves differ {context}: {differ[:5]}'
+
+
+
+# ---- Resume -----------------------------------------------------------------------------
+
+
+class _Crash(Exception):
+  """Stands in for a process dying mid-run."""
+
+
+def test_resume_after_a_crash_is_bitwise_identical(baseline, monkeypatch, tmp_path):
+  """Crash at step ~14 (checkpoint 10 written), rerun: the state at 30 equals the baseline's."""
+  config, base_workdir, _ = baseline
+  real = input_pipeline.make_train_iterator
+
+  def crashing(**kwargs):
+    def gen():
+      for i, batch in enumerate(real(**kwargs)):
+        if i == 16:  # Read (2 ahead) when step 15 asks for its batch: 14 steps done.
+          raise _Crash('simulated crash')
+        yield batch
+    return gen()
+
+  workdir = str(tmp_path / 'run')
+  monkeypatch.setattr(input_pipeline, 'make_train_iterator', crashing)
+  with pytest.raises(_Crash):
+    loop.train_and_evaluate(config, workdir)
+  monkeypatch.setattr(input_pipeline, 'make_train_iterator', real)
+  checkpoint_10 = os.path.join(workdir, 'checkpoints', '10')
+  deadline = time.time() + 60  # The async save of step 10 commits in the background.
+  while not os.path.exists(os.path.join(checkpoint_10, 'commit_success.txt')):
+    assert time.time() < deadline, os.listdir(os.path.dirname(checkpoint_10))
+    time.sleep(0.2)
+  result = loop.train_and_evaluate(config, workdir)
+  assert result['step'] == TOTAL_STEPS
+  _assert_states_equal(_restore(config, workdir), _restore(config, base_workdir))
+  rows = metrics_lib.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  base_rows = metrics_lib.read_jsonl(os.path.join(base_workdir, 'metrics.jsonl'))
+  # The rerun's progress windows 16-20, 21-25, 26-30 are the baseline's: same mean losses.
+  loss_at = lambda rs: {r['step']: r['train/loss'] for r in rs if 'train/loss' in r}
+  for step in (20, 25, 30):
+    assert loss_at(rows)[step] == loss_at(base_rows)[step]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bitwise_identical(baseline, compile_cache, tmp_path):
+  """The real thing: `python -m vit_jax.main` SIGKILLed after a checkpoint, then rerun."""
+  config, base_workdir, _ = baseline
+  config = config.copy_and_resolve_references()
+  config.progress_every = 1  # A line per step, and a checkpoint per step (each waits for the
+  config.checkpoint_every = 1  # previous save): slow enough for the kill to land mid-run,
+  config.keep_checkpoints = 100  # quite likely while a save is being written.
+  config_file = write_config_file(config, tmp_path / 'config.py')
+  workdir = str(tmp_path / 'run')
+  main = MainProcess(config_file, workdir, compile_cache)
+  try:
+    main.wait_for_step(8)
+    main.proc.send_signal(signal.SIGKILL)
+  finally:
+    returncode = main.finish(60)
+  assert returncode == -signal.SIGKILL, main.err()[-3000:]
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))
+                 if s.isdigit())
+  assert steps and max(steps) < TOTAL_STEPS, steps  # Killed mid-run, after a save.
+  listing = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  rerun = MainProcess(config_file, workdir, compile_cache)
+  assert rerun.finish(600) == 0, rerun.err()[-3000:]
+  resumed = int(re.search(r'resumed from the checkpoint at step (\d+)', rerun.err())[1])
+  assert 0 < resumed <= max(steps) and 'Traceback' not in rerun.err()
+  _assert_states_equal(_restore(config, workdir), _restore(config, base_workdir),
+                       f'(killed with {listing}, resumed from {resumed})')
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(prepared_data_dir, compile_cache,
+                                                      tmp_path):
+  config = tiny_config(prepared_data_dir, total_steps=5000, checkpoint_every=1000, progress_every=1,
+                   eval_every=0)
+  config_file = write_config_file(config, tmp_path / 'config.py')
+  workdir = str(tmp_path / 'run')
+  runs = []
+  for _ in range(2):  # The second run resumes from the first one's checkpoint.
+    main = MainProcess(config_file, workdir, compile_cache)
+    try:
+      first = main.wait_for_step(3)
+      main.proc.send_signal(signal.SIGTERM)
+    finally:
+      returncode = main.finish(120)
+    assert returncode == 0, main.err()[-3000:]
+    assert 'Traceback' not in main.err()
+    assert 'SIGTERM received' in main.err()
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))
+                   if s.isdigit())
+    runs.append((first, steps, main.err()))
+  (first_a, steps_a, _), (first_b, steps_b, stderr_b) = runs
+  # Saved at the step it stopped at (after the one it was seen at; not a checkpoint_every one).
+  assert len(steps_a) == 1 and first_a <= steps_a[0] < 1000, (first_a, steps_a)
+  assert f'resumed from the checkpoint at step {steps_a[0]}' in stderr_b
+  assert first_b > steps_a[0]
+  assert steps_b[0] == steps_a[0] and steps_b[-1] > steps_a[0]
+  state = _restore(config, workdir)
+  assert int(state.step) == steps_b[-1]
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+
+
+# ---- Failures ---------------------------------------------------------------------------
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(baseline, tmp_path, caplog):
+  config, base_workdir, _ = baseline
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(base_workdir, workdir)
+  data = os.path.join(workdir, 'checkpoints', '30', 'state', 'ocdbt.process_0', 'd')
+  for name in os.listdir(data):  # Truncate every array file of the newest checkpoint.
+    open(os.path.join(data, name), 'w').close()
+  with caplog.at_level(logging.WARNING):
+    state = _restore(config, workdir)
+  assert int(state.step) == 20
+  assert any('checkpoint at step 30 is unreadable' in r.getMessage() for r in caplog.records)
+  _assert_states_equal(state, _restore(config, base_workdir, step=20))
+  # Training resumes from 20 and writes step 30 again (the unreadable one is set aside).
+  result = loop.train_and_evaluate(config, workdir)
+  assert result['step'] == TOTAL_STEPS
+  set_aside = os.listdir(os.path.join(workdir, 'checkpoints', 'unreadable'))
+  assert len(set_aside) == 1 and set_aside[0].startswith('30.')
+  _assert_states_equal(_restore(config, workdir), _restore(config, base_workdir))
+
+
+def test_nan_loss_stops_with_training_diverged_keeping_only_finite_states(
+    prepared_data_dir, tmp_path):
+  config = tiny_config(prepared_data_dir, base_lr=1e6, grad_norm_clip=0.0, weight_decay=0.0,
+                   warmup_steps=1, checkpoint_every=1, progress_every=1, eval_every=0,
+                   keep_checkpoints=100)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(loop.TrainingDiverged,
+                     match=r'(loss|gradient norm) is (nan|inf) at step \d+') as error:
+    loop.train_and_evaluate(config, workdir)
+  assert 'Lower base_lr' in str(error.value)
+  checkpointer = Checkpointer(workdir, read_only=True)
+  steps = checkpointer.all_steps()
+  checkpointer.close()
+  assert steps, 'the finite states before the divergence were checkpointed'
+  for step in steps:
+    state = _restore(config, workdir, step=step)
+    for leaf in jax.tree.leaves((state.params, state.opt_state)):
+      assert np.isfinite(leaf).all(), f'non-finite state saved at step {step}'
+
+
+def test_a_nan_gradient_with_a_finite_loss_is_divergence_too():
+  """The saved state is the params after the step: a NaN gradient makes them NaN."""
+  loop._check_finite(1.0, 5, 3, 2.0)  # pylint: disable=protected-access
+  with pytest.raises(loop.TrainingDiverged, match=r'gradient norm is nan at step 5; the last '
+                     r'good checkpoint \(step 3\) is kept'):
+    loop._check_finite(1.0, 5, 3, float('nan'))  # pylint: disable=protected-access

@@ -1,0 +1,136 @@
+"""What the training test files share: the tiny recipe, a compilation cache, a baseline run.
+
+Compiling dominates on CPU, so each module that imports `compile_cache` gets a persistent XLA
+compilation cache (also used by its `python -m vit_jax.main` subprocesses), and most tests use
+the one `tiny_config` recipe, whose executables are then compiled once.
+"""
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import ml_collections
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from vit_jax.training import loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOTAL_STEPS = 30
+CHECKPOINT_EVERY = 10
+_CACHE_OPTIONS = {'jax_compilation_cache_dir': None,
+                  'jax_persistent_cache_min_compile_time_secs': 0,
+                  'jax_persistent_cache_min_entry_size_bytes': 0}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compile_cache(tmp_path_factory):
+  """A persistent compilation cache for this module (restored afterwards)."""
+  path = str(tmp_path_factory.mktemp('jax_cache'))
+  previous = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
+  for name, value in _CACHE_OPTIONS.items():
+    jax.config.update(name, path if value is None else value)
+  compilation_cache.reset_cache()
+  yield path
+  for name, value in previous.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+
+def tiny_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
+  """ViT-Mu_4 (4x4 patches: 2x2 tokens) on digits, 8 devices (data:-1), batch 64."""
+  config = ml_collections.ConfigDict(dict(
+      model='ViT-Mu_4', model_overrides={}, dataset='digits', data_dir=data_dir,
+      train_split='train', eval_split='test', num_classes=10, image_size=8, channels=1,
+      pp={'train': {'crop': 'resize', 'flip': False}, 'eval': {'crop': 'resize'}},
+      batch=64, batch_eval=304, total_steps=TOTAL_STEPS, optimizer='adamw', base_lr=3e-3,
+      weight_decay=0.05, warmup_steps=5, decay_type='cosine', grad_norm_clip=1.0,
+      label_smoothing=0.0, loss='softmax_xent', accum_steps=1, dtype='float32',
+      mesh='data:-1', eval_every=TOTAL_STEPS, progress_every=5,
+      checkpoint_every=CHECKPOINT_EVERY, keep_checkpoints=3, seed=0))
+  config.update(overrides)
+  return config
+
+
+def write_config_file(config: ml_collections.ConfigDict, path) -> str:
+  path.write_text('import json\nimport ml_collections\n\n\ndef get_config():\n'
+                  f'  return ml_collections.ConfigDict(json.loads({config.to_json()!r}))\n')
+  return str(path)
+
+
+@pytest.fixture(scope='module')
+def baseline(prepared_data_dir, tmp_path_factory):
+  """30 uninterrupted steps of `tiny_config` (checkpoints at 10, 20, 30; eval at the end)."""
+  config = tiny_config(prepared_data_dir)
+  workdir = str(tmp_path_factory.mktemp('baseline'))
+  result = loop.train_and_evaluate(config, workdir)
+  return config, workdir, result
+
+
+def cli_env(compile_cache_dir=None) -> dict:
+  env = dict(os.environ, PYTHONUNBUFFERED='1')
+  env.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+  if compile_cache_dir:
+    env.update(JAX_COMPILATION_CACHE_DIR=compile_cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  return env
+
+
+class MainProcess:
+  """`python -m vit_jax.main` in a subprocess; threads drain its pipes (absl logs a lot)."""
+
+  def __init__(self, config_file, workdir, compile_cache_dir=None, *flags):
+    self.proc = subprocess.Popen(
+        [sys.executable, '-m', 'vit_jax.main', f'--config={config_file}',
+         f'--workdir={workdir}', *flags], cwd=REPO, env=cli_env(compile_cache_dir),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    self.stdout, self.stderr, self.lines = [], [], queue.Queue()
+    self.threads = [
+        threading.Thread(target=self._drain, args=(self.proc.stdout, self.stdout, True)),
+        threading.Thread(target=self._drain, args=(self.proc.stderr, self.stderr, False))]
+    for thread in self.threads:
+      thread.start()
+
+  def _drain(self, stream, into, notify):
+    for line in stream:
+      into.append(line)
+      if notify:
+        self.lines.put(line)
+    if notify:
+      self.lines.put(None)
+
+  def wait_for_step(self, min_step: int, timeout: float = 300) -> int:
+    """Reads progress lines (`step k/N | ...`) until k >= min_step; returns k."""
+    deadline = time.time() + timeout
+    while True:
+      try:
+        line = self.lines.get(timeout=max(deadline - time.time(), 0.01))
+      except queue.Empty:
+        raise AssertionError(f'no step {min_step} in {timeout} s: {self.err()[-3000:]}') from None
+      if line is None:
+        raise AssertionError(f'main exited ({self.proc.wait()}) before step {min_step}: '
+                             f'{self.err()[-3000:]}')
+      if line.startswith('step '):
+        step = int(line.split()[1].split('/')[0])
+        if step >= min_step:
+          return step
+
+  def finish(self, timeout: float = 300) -> int:
+    try:
+      self.proc.wait(timeout)
+    finally:
+      self.proc.kill()
+      self.proc.wait()
+      for thread in self.threads:
+        thread.join()
+    return self.proc.returncode
+
+  def err(self) -> str:
+    return ''.join(self.stderr)
+
+  def out(self) -> str:
+    return ''.join(self.stdout)
