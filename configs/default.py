@@ -22,8 +22,8 @@ budget (~8 epochs) random-crop augmentation costs more than it gives.
 
 Test accuracy of these settings (trained on all 60k, `make train`, reported once, 2026-11-24):
 90.26% top-1 (85.0% at step 1000, 88.8% at 2000, 90.1% at 3000). `make train` took 9 min 53 s
-wall on the idle 2-core machine: 8 min 57 s of train steps at ~900 img/s (7.5 epochs), the rest
-start-up, four evaluations and checkpoints. That beats the issue's references (a timm ViT, 74.9%;
+wall on the idle 2-core machine with the venv and data in place: 8 min 57 s of train steps at
+~900 img/s (7.5 epochs), the rest start-up, four evaluations and checkpoints. That beats the issue's references (a timm ViT, 74.9%;
 a small CNN, 89.6%) but not its 92.5% goal.
 """
 import ml_collections
