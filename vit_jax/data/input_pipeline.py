@@ -45,10 +45,10 @@ loaded it (load average 1..9, so figures vary ~2x; best and worst runs):
       190-340
   eval: fashion_mnist test at 28px, batch 1000:          6.8k-9.3k
 A split that fits the shuffle buffer or IN_MEMORY_BYTES is held in memory, encoded, and every
-epoch is an exact permutation of it, all epochs streamed by one tf.data pipeline. Before, the shuffle buffer (50k) refilled at each epoch
-boundary: 3-4 s of tf.data work on an idle machine and ~45 s while the train step held both
-cores, i.e. ~20% of a 10-minute Fashion-MNIST run. Now the boundary is not visible in the step
-times.
+epoch is an exact permutation of it, all epochs streamed by one tf.data pipeline. Before, the
+shuffle buffer (50k) refilled at each epoch boundary: 3-4 s of tf.data work on an idle machine
+and ~45 s while the train step held both cores, i.e. ~20% of a 10-minute Fashion-MNIST run. Now
+the boundary is not visible in the step times.
 """
 import dataclasses
 import itertools

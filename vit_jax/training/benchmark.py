@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vit_jax.data import global_batch
 from vit_jax.data import input_pipeline
 from vit_jax.training import perf
 from vit_jax.training.experiment import Experiment
@@ -59,9 +60,11 @@ def measure_matmul_peak(dtype: Any, size: int = 0, repeats: int = 10) -> float:
   The best run over `repeats` and over the sizes that suit the backend (or `size` alone): a
   ceiling, so a noisy machine can only lower the MFU computed from it, never inflate it.
   """
-  sizes = (size,) if size else (
-      CPU_PEAK_SIZES if jax.default_backend() == 'cpu' else ACCELERATOR_PEAK_SIZES)
-  return max(_peak_of(dtype, n, repeats)[0] for n in sizes)
+  return max(_peak_of(dtype, n, repeats)[0] for n in ((size,) if size else _peak_sizes()))
+
+
+def _peak_sizes() -> tuple[int, ...]:
+  return CPU_PEAK_SIZES if jax.default_backend() == 'cpu' else ACCELERATOR_PEAK_SIZES
 
 
 def _peak_of(dtype: Any, size: int, repeats: int) -> tuple[float, Callable[[], Any], float, int]:
@@ -85,8 +88,7 @@ def _synthetic_batch(exp: Experiment, batch: int, with_mask: bool) -> dict:
           'label': rng.integers(0, exp.num_classes, local).astype(np.int32)}
   if with_mask:
     host['mask'] = np.ones(local, bool)
-  sharding = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), host)
+  return global_batch.to_global(host, exp.mesh)
 
 
 def _time_steps(run: Callable[[], Any], warmup: int, steps: int,
@@ -126,9 +128,8 @@ def bench_step(exp: Experiment, what: str, steps: int = 20, warmup: int = 3) -> 
   # every step, so that it samples the same machine as the steps (on a shared CPU the load
   # drifts), and its best run is the peak: a ceiling, which load can lower MFU under, not raise.
   dtype = jnp.bfloat16 if config.get('dtype', 'float32') == 'bfloat16' else jnp.float32
-  sizes = CPU_PEAK_SIZES if jax.default_backend() == 'cpu' else ACCELERATOR_PEAK_SIZES
   first_peak, probe, probe_flops, peak_size = max(
-      (_peak_of(dtype, n, repeats=3) for n in sizes), key=lambda peak: peak[0])
+      (_peak_of(dtype, n, repeats=3) for n in _peak_sizes()), key=lambda peak: peak[0])
   timed, probe_timed = _time_steps(run, warmup, steps, probe)
   times = [wall for wall, _ in timed]
   median = statistics.median(times)
