@@ -163,6 +163,14 @@ def test_attention_matches_the_plain_formulation(implementation):
   np.testing.assert_allclose(inter['intermediates']['attention'][0], weights, atol=1e-6)
 
 
+def test_head_projection_is_laid_out_and_initialised_as_dense_general():
+  """query/key/value keep nn.DenseGeneral's layout and init, so released checkpoints still load."""
+  x = jnp.ones((2, 5, 48))
+  ours = vit.HeadProjection(num_heads=3, head_dim=16).init(jax.random.PRNGKey(0), 48)
+  dense = flax.linen.DenseGeneral(features=(3, 16), kernel_init=flax.linen.initializers.xavier_uniform())
+  jax.tree.map(np.testing.assert_array_equal, ours, dense.init(jax.random.PRNGKey(0), x))
+
+
 def test_patch_embedding_is_the_strided_conv():
   images = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 24, 3))
   embed = vit.PatchEmbedding(16, (8, 4))
