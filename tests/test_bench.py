@@ -40,6 +40,11 @@ def test_bench_prints_sane_json(what):
   assert result['matmul_peak_tflops_per_device'] > 0
   assert result['matmul_peak_size'] in benchmark.CPU_PEAK_SIZES
   assert 0 < result['mfu_vs_measured_matmul'] < 1.5
+  # The forced CPU devices of one process share its cores, as the matmul probe does: FLOP/s
+  # are the process's, however many devices the step is sharded over.
+  assert result['devices'] == 8
+  assert result['tflops_per_sec_per_device'] == pytest.approx(
+      result['model_tflops_per_step'] / result['step_s_median'])
   assert result['cpu_s_per_step_median'] > 0
   assert result['model_tflops_per_step'] > 0
 

@@ -73,6 +73,12 @@ def _peak_of(dtype: Any, size: int, repeats: int) -> tuple[float, Callable[[], A
   return flops / min(_timed(probe) for _ in range(repeats)) / 1e12, probe, flops, size
 
 
+def _compute_units() -> int:
+  """What one matmul-peak probe saturates: a device, or on CPU a whole process, whose
+  (forced) host devices share one pool of the machine's cores."""
+  return jax.process_count() if jax.default_backend() == 'cpu' else jax.device_count()
+
+
 def peak_memory_bytes() -> tuple[int, str]:
   """Peak device memory where the runtime reports it, else the process's peak RSS."""
   stats = jax.devices()[0].memory_stats() or {}
@@ -135,7 +141,7 @@ def bench_step(exp: Experiment, what: str, steps: int = 20, warmup: int = 3) -> 
   median = statistics.median(times)
   matmul_peak = max(first_peak, probe_flops / min(probe_timed) / 1e12)
   tflops_per_step = flops_per_image * batch_size / 1e12
-  achieved = tflops_per_step / median / jax.device_count()
+  achieved = tflops_per_step / median / _compute_units()
   memory, memory_kind = peak_memory_bytes()
   result = {
       'what': what, 'model': config.model, 'batch': batch_size,
