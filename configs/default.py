@@ -32,7 +32,8 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model = 'R8+ViT-Mu_8'
-  config.model_overrides = ml_collections.ConfigDict()
+  # Listed so that `--config.model_overrides.scan=True` / `.remat=dots` can be given.
+  config.model_overrides = ml_collections.ConfigDict({'scan': False, 'remat': 'none'})
   config.dataset = 'fashion_mnist'
   config.data_dir = None  # TFDS_DATA_DIR or ~/tensorflow_datasets
   config.train_split = 'train'

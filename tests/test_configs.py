@@ -159,6 +159,19 @@ def test_overrides_apply_on_top_of_the_recipe():
   assert flag.value.model_overrides.dropout_rate == 0.0
 
 
+@pytest.mark.parametrize('name', ['default', 'vit_ti16'])
+def test_scan_and_remat_can_be_set_from_the_command_line(name):
+  """The model options the README names as flags exist in the configs, so they can be set."""
+  argv = ['main', f'--config={CONFIGS_DIR}/{name}.py', '--config.model_overrides.scan=True',
+          '--config.model_overrides.remat=dots']
+  flag_values = flags.FlagValues()
+  flag = config_flags.DEFINE_config_file('config', flag_values=flag_values, sys_argv=argv,
+                                         lock_config=True)
+  flag_values(argv)
+  model = experiment.build(flag.value, num_classes=10).model
+  assert model.scan and model.remat == 'dots'
+
+
 @pytest.mark.parametrize('arg', ['imagenet', 'jft300m', 'imagenet21k,extra'])
 def test_bad_argument_is_a_config_error(arg):
   module = importlib.machinery.SourceFileLoader(
