@@ -29,12 +29,13 @@ a small CNN, 89.6%) but not its 92.5% goal.
 """
 import ml_collections
 
+from vit_jax import models
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model = 'R8+ViT-Mu_8'
-  # Listed so that `--config.model_overrides.scan=True` / `.remat=dots` can be given.
-  config.model_overrides = ml_collections.ConfigDict({'scan': False, 'remat': 'none'})
+  config.model_overrides = ml_collections.ConfigDict(models.COMPUTE_OPTIONS)  # scan, remat.
   config.dataset = 'fashion_mnist'
   config.data_dir = None  # TFDS_DATA_DIR or ~/tensorflow_datasets
   config.train_split = 'train'

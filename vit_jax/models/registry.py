@@ -22,6 +22,10 @@ SIZES = {
     'Mu': (64, 256, 2, 4),
     'Pico': (128, 512, 4, 6),
 }
+# Options that change how the model is computed, not what: configs list them in
+# `model_overrides` so that `--config.model_overrides.scan=True` can set them (config_flags only
+# sets keys a config already has).
+COMPUTE_OPTIONS = {'scan': False, 'remat': 'none'}
 RELEASED = ('ViT-Ti_16', 'ViT-S_16', 'ViT-S_32', 'ViT-B_8', 'ViT-B_16', 'ViT-B_32', 'ViT-L_16',
             'ViT-L_32', 'ViT-H_14', 'R50+ViT-B_16')
 CPU_SIZED = ('ViT-Mu_4', 'ViT-Pico_4', 'ViT-Ti_4', 'ViT-Ti_7', 'R26+ViT-Mu_8', 'R8+ViT-Mu_8')

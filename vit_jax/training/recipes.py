@@ -33,6 +33,7 @@ import math
 
 import ml_collections
 
+from vit_jax import models
 from vit_jax.errors import ConfigError
 
 BATCH = 4096
@@ -93,10 +94,7 @@ def pretrain_config(model: str, arg=None) -> ml_collections.ConfigDict:
       'representation_size': HIDDEN_SIZE[size],  # Pre-logits during pre-training.
       'dropout_rate': row['dropout'],
       'head_bias_init': row['head_bias_init'],
-      # Compute options, listed so that `--config.model_overrides.scan=True` (or remat=dots)
-      # works: config_flags only sets keys the config already has.
-      'scan': False,
-      'remat': 'none',
+      **models.COMPUTE_OPTIONS,
   })
   config.dataset = dataset
   config.data_dir = None  # TFDS_DATA_DIR or ~/tensorflow_datasets
