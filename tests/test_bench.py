@@ -18,7 +18,8 @@ FIELDS = ('what', 'model', 'batch', 'device', 'devices', 'cores', 'compile_s', '
           'step_s_p90', 'step_s_min', 'steps_timed', 'img_per_sec', 'img_per_sec_per_core',
           'model_tflops_per_step', 'tflops_per_sec_per_device',
           'matmul_peak_tflops_per_device', 'matmul_peak_size', 'mfu_vs_measured_matmul',
-          'peak_memory_gib', 'peak_memory_kind', 'cpu_s_per_step_median')
+          'peak_memory_gib', 'peak_memory_kind', 'cpu_s_per_step_median',
+          'page_faults_per_step_median', 'host_allocator')
 
 
 def _bench(*args: str) -> dict:
@@ -46,6 +47,8 @@ def test_bench_prints_sane_json(what):
   assert result['tflops_per_sec_per_device'] == pytest.approx(
       result['model_tflops_per_step'] / result['step_s_median'])
   assert result['cpu_s_per_step_median'] > 0
+  assert result['host_allocator'] == 'kept'  # CPU-only Linux: vit_jax.host_allocator applies.
+  assert result['page_faults_per_step_median'] >= 0
   assert result['model_tflops_per_step'] > 0
 
 

@@ -1,1 +1,5 @@
 """vit_jax: Vision Transformers in JAX/Flax, from a laptop CPU to TPU pods."""
+from vit_jax import host_allocator
+
+# First thing, before jax or tensorflow start threads: see host_allocator's docstring.
+HOST_ALLOCATOR_TUNED = host_allocator.keep_freed_memory()

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+import vit_jax
 from vit_jax.data import global_batch
 from vit_jax.data import input_pipeline
 from vit_jax.training import perf
@@ -47,11 +48,12 @@ def _timed(fn: Callable[[], Any]) -> float:
   return time.perf_counter() - start
 
 
-def _timed_with_cpu(fn: Callable[[], Any]) -> tuple[float, float]:
-  """(wall seconds, this process's CPU seconds, all threads) of one blocking call."""
-  cpu = time.process_time()
+def _timed_with_cpu(fn: Callable[[], Any]) -> tuple[float, float, int]:
+  """(wall seconds, this process's CPU seconds (all threads), minor page faults) of one call."""
+  cpu, faults = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   wall = _timed(fn)
-  return wall, time.process_time() - cpu
+  return (wall, time.process_time() - cpu,
+          resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
 
 
 def measure_matmul_peak(dtype: Any, size: int = 0, repeats: int = 10) -> float:
@@ -137,7 +139,7 @@ def bench_step(exp: Experiment, what: str, steps: int = 20, warmup: int = 3) -> 
   first_peak, probe, probe_flops, peak_size = max(
       (_peak_of(dtype, n, repeats=3) for n in _peak_sizes()), key=lambda peak: peak[0])
   timed, probe_timed = _time_steps(run, warmup, steps, probe)
-  times = [wall for wall, _ in timed]
+  times = [wall for wall, _, _ in timed]
   median = statistics.median(times)
   matmul_peak = max(first_peak, probe_flops / min(probe_timed) / 1e12)
   tflops_per_step = flops_per_image * batch_size / 1e12
@@ -159,7 +161,10 @@ def bench_step(exp: Experiment, what: str, steps: int = 20, warmup: int = 3) -> 
   if jax.default_backend() == 'cpu':
     # CPU seconds of this process (all threads) per step: less swayed by other jobs than wall
     # time, but it counts spinning threads too, so no MFU is computed from it.
-    result['cpu_s_per_step_median'] = statistics.median(cpu for _, cpu in timed)
+    result['cpu_s_per_step_median'] = statistics.median(cpu for _, cpu, _ in timed)
+    # Pages the step touched for the first time: each costs kernel time (vit_jax.host_allocator).
+    result['page_faults_per_step_median'] = statistics.median(faults for _, _, faults in timed)
+    result['host_allocator'] = 'kept' if vit_jax.HOST_ALLOCATOR_TUNED else 'system'
   nominal = perf.device_peak_tflops()
   if nominal:
     result['nominal_peak_tflops'] = nominal
