@@ -13,6 +13,7 @@ from ml_collections import config_flags
 
 from vit_jax.errors import ConfigError
 from vit_jax.training import experiment
+from vit_jax.training import finetune
 from vit_jax.training import recipes
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
@@ -170,6 +171,22 @@ def test_scan_and_remat_can_be_set_from_the_command_line(name):
   flag_values(argv)
   model = experiment.build(flag.value, num_classes=10).model
   assert model.scan and model.remat == 'dots'
+
+
+@pytest.mark.parametrize('flags_given', [False, True])
+def test_finetune_compute_options_default_to_the_checkpoints(flags_given):
+  """Unset (None), scan / remat come from the pre-trained run; given as flags, they win."""
+  argv = ['finetune', f'--config={CONFIGS_DIR}/finetune/digits.py']
+  if flags_given:
+    argv += ['--config.model_overrides.scan=False', '--config.model_overrides.remat=dots']
+  flag_values = flags.FlagValues()
+  flag = config_flags.DEFINE_config_file('config', flag_values=flag_values, sys_argv=argv,
+                                         lock_config=True)
+  flag_values(argv)
+  checkpoints = {'scan': True, 'remat': 'full', 'dropout_rate': 0.1}
+  overrides = finetune.with_architecture(flag.value, 'ViT-Mu_4', checkpoints, 1).model_overrides
+  expected = {'scan': False, 'remat': 'dots'} if flags_given else {'scan': True, 'remat': 'full'}
+  assert {k: overrides[k] for k in expected} == expected
 
 
 @pytest.mark.parametrize('arg', ['imagenet', 'jft300m', 'imagenet21k,extra'])

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vit_jax import models
 from vit_jax import sharding
 from vit_jax.checkpoints import restore
 from vit_jax.checkpoints import transfer
@@ -39,7 +40,10 @@ def paper_config(dataset: str, *, total_steps: int, base_lr: float, model: str =
   config.init = ''  # A pre-training workdir or a released-layout .npz (then `model` names it).
   config.keep_pre_logits = False  # The paper drops the pre-logits layer when transferring.
   config.model = model
-  config.model_overrides = ml_collections.ConfigDict()
+  # None: the checkpoint's setting. Listed so that `--config.model_overrides.scan=True` works.
+  config.model_overrides = ml_collections.ConfigDict({
+      k: ml_collections.config_dict.placeholder(type(v))
+      for k, v in models.COMPUTE_OPTIONS.items()})
   config.dataset = dataset
   config.data_dir = None
   config.train_split = train_split
@@ -82,13 +86,18 @@ def with_architecture(config: ml_collections.ConfigDict, model: str,
   config = ml_collections.ConfigDict(config.to_dict())
   dropped = PRETRAIN_ONLY + (() if config.get('keep_pre_logits') else ('representation_size',))
   overrides = {k: v for k, v in model_overrides.items() if k not in dropped}
-  overrides.update(dict(config.get('model_overrides') or {}))
+  overrides.update(_given_overrides(config))
   for key, value in (('model', model), ('channels', channels)):
     if config.get(key) != value:
       logging.info('config.%s=%s replaced by %s, the checkpoint\'s', key, config.get(key), value)
     config[key] = value
   config.model_overrides = overrides
   return config
+
+
+def _given_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The fine-tune config's model overrides, less those left None (the checkpoint's)."""
+  return {k: v for k, v in (config.get('model_overrides') or {}).items() if v is not None}
 
 
 def initial_state(exp: experiment.Experiment, pretrained: restore.Pretrained, *,
@@ -133,7 +142,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict:
     saved = restore.saved_config(workdir)
     architecture = (saved['model'], saved.get('model_overrides') or {}, saved.get('channels', 3))
   else:  # For a .npz, the model is config.model; for a workdir, the one it was trained as.
-    pretrained = restore.load(config.init, config.model, dict(config.get('model_overrides') or {}))
+    pretrained = restore.load(config.init, config.model, _given_overrides(config))
     architecture = (pretrained.model, pretrained.model_overrides, pretrained.channels)
   config = with_architecture(config, *architecture)
   exp = experiment.build(config)
