@@ -147,9 +147,8 @@ def test_finetune_cli_improves_over_the_transferred_start(transferred, prepared_
 
 
 def test_export_round_trip_is_bit_exact(pretrained, exported):
-  checkpointer = Checkpointer(pretrained, read_only=True)
-  orbax_params = restore.restore_params(checkpointer, checkpointer.all_steps()[-1])
-  checkpointer.close()
+  with Checkpointer(pretrained, read_only=True) as checkpointer:
+    orbax_params = restore.restore_params(checkpointer, checkpointer.all_steps()[-1])
   loaded = npz.load_npz(str(exported))
   _assert_bit_identical(loaded, orbax_params)
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(loaded))
@@ -160,9 +159,8 @@ def test_scanned_checkpoints_export_and_load_in_both_layouts(prepared_data_dir, 
   config.model_overrides.scan = True
   state = experiment.build(config).init_state()
   params = jax.device_get(state.params)
-  checkpointer = Checkpointer(str(tmp_path), async_save=False)
-  checkpointer.save(1, state, {'step': 1, 'config': config.to_dict()})
-  checkpointer.close()
+  with Checkpointer(str(tmp_path), async_save=False) as checkpointer:
+    checkpointer.save(1, state, {'step': 1, 'config': config.to_dict()})
   pre = restore.load(str(tmp_path))
   path = str(tmp_path / 'scanned.npz')
   npz.save_npz(pre.params, path)

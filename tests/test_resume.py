@@ -26,16 +26,13 @@ from vit_jax.training import metrics as metrics_lib
 def _restore(config, workdir, step=None):
   """The train state of the newest (or the given) checkpoint of `workdir`, as numpy."""
   exp = experiment.build(config)
-  checkpointer = Checkpointer(workdir, read_only=True, async_save=False)
-  try:
+  with Checkpointer(workdir, read_only=True, async_save=False) as checkpointer:
     if step is None:
       state, meta = checkpointer.restore_latest(exp.abstract_state)
     else:
       restored = checkpointer.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(exp.abstract_state), meta=ocp.args.JsonRestore()))
       state, meta = restored['state'], restored['meta']
-  finally:
-    checkpointer.close()
   assert meta['step'] == int(state.step)
   return jax.device_get(state)
 
@@ -186,10 +183,12 @@ def test_nan_loss_stops_with_training_diverged_keeping_only_finite_states(
                      match=r'(loss|gradient norm) is (nan|inf) at step \d+') as error:
     loop.train_and_evaluate(config, workdir)
   assert 'Lower base_lr' in str(error.value)
-  checkpointer = Checkpointer(workdir, read_only=True)
-  steps = checkpointer.all_steps()
-  checkpointer.close()
+  with Checkpointer(workdir, read_only=True) as checkpointer:
+    steps = checkpointer.all_steps()
   assert steps, 'the finite states before the divergence were checkpointed'
+  # The step named as kept is on disk when the error arrives: its async save was not cut off.
+  kept = int(re.search(r'last good checkpoint \(step (\d+)\)', str(error.value)).group(1))
+  assert steps[-1] == kept, (steps, str(error.value))
   for step in steps:
     state = _restore(config, workdir, step=step)
     for leaf in jax.tree.leaves((state.params, state.opt_state)):

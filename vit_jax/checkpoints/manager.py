@@ -101,6 +101,14 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.close()
 
+  def __enter__(self) -> 'Checkpointer':
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    """Also on an error (divergence, Ctrl-C): an async save in flight still lands."""
+    self.wait()
+    self.close()
+
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs with shardings: the target Orbax restores into."""

@@ -118,10 +118,8 @@ def saved_config(workdir: str) -> dict[str, Any]:
   """The pre-training config of a workdir (model, overrides, image size), without its params."""
   _check_exists(workdir)
   checkpointer, _ = _open(workdir)
-  try:
+  with checkpointer:
     return _saved_config(workdir, checkpointer)
-  finally:
-    checkpointer.close()
 
 
 def _is_array_metadata(x: Any) -> bool:
@@ -143,7 +141,7 @@ def restore_params(checkpointer: Checkpointer, step: int) -> Params:
 def _load_workdir(workdir: str) -> Pretrained:
   """The newest checkpoint's params and the model name and overrides from the saved config."""
   checkpointer, steps = _open(workdir)
-  try:
+  with checkpointer:
     config = _saved_config(workdir, checkpointer)
     try:
       params = restore_params(checkpointer, steps[-1])
@@ -152,8 +150,6 @@ def _load_workdir(workdir: str) -> Pretrained:
       raise ConfigError(f'the checkpoint at step {steps[-1]} in {workdir} is unreadable '
                         f'({type(e).__name__}: {first}): remove that step directory to use '
                         'an older one') from e
-  finally:
-    checkpointer.close()
   logging.info('loaded the params of %s (step %d, %s)', workdir, steps[-1], config['model'])
   return Pretrained(params, config['model'], dict(config.get('model_overrides') or {}),
                     f'workdir {workdir} (step {steps[-1]})', config)

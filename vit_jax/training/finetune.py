@@ -122,11 +122,8 @@ def initial_state(exp: experiment.Experiment, pretrained: restore.Pretrained, *,
 def _has_checkpoints(workdir: str) -> bool:
   if '://' not in workdir and not os.path.isdir(checkpoint_dir(workdir)):
     return False
-  checkpointer = Checkpointer(workdir, read_only=True)
-  try:
+  with Checkpointer(workdir, read_only=True) as checkpointer:
     return bool(checkpointer.all_steps())
-  finally:
-    checkpointer.close()
 
 
 def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict:

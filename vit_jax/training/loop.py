@@ -126,65 +126,63 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   _check_data(config)  # build() skips the dataset when config.num_classes is set.
   os.makedirs(workdir, exist_ok=True)
   save_config(config, workdir)
-  checkpointer = Checkpointer(workdir, keep=config.get('keep_checkpoints', 3))
-  state, _ = checkpointer.restore_latest(exp.abstract_state)
-  if state is None:
-    state = initial_state if initial_state is not None else exp.init_state()
-  else:
-    logging.info('resumed from the checkpoint at step %d', int(state.step))
-  start_step, total_steps = int(state.step), config.total_steps
-  last_saved = start_step if checkpointer.all_steps() else None
-  train_step, eval_step = exp.jit_train_step(), exp.jit_eval_step()
-  local_batches = input_pipeline.make_train_iterator(
-      dataset=config.dataset, split=config.get('train_split', 'train'),
-      data_dir=config.get('data_dir'), global_batch=config.batch, image_size=config.image_size,
-      channels=config.get('channels', 3), pp=config.get('pp', ml_collections.ConfigDict()),
-      seed=config.get('seed', 0), start_step=start_step)
-  batches = global_batch.prefetch_to_mesh(local_batches, exp.mesh)
-  eval_data = make_eval_data(exp) if config.get('eval_every') else None
-  fewshot = _fewshot_evaluator(exp)
-  writer = metrics_lib.create_writer(workdir)
-  progress = metrics_lib.Progress(total_steps, start_step)
-  progress_every = config.get('progress_every', 100)
-  eval_every = config.get('eval_every', 0)
-  checkpoint_every = config.get('checkpoint_every', 1000)
-  window, window_start, final = [], None, {}
-  with _StopSignal() as stop:
-    for step in range(start_step + 1, total_steps + 1):
-      state, step_metrics = train_step(state, next(batches))
-      window.append(step_metrics)
-      if window_start is None:  # The first step compiles; rates are measured after it.
-        jax.block_until_ready(step_metrics)
-        window, window_start = [], (step, time.perf_counter())
-      if window and (step % progress_every == 0 or step == total_steps):
-        scalars = metrics_lib.mean_of(window, 'train')
-        _check_finite(scalars['train/loss'], step, last_saved)
-        steps_done, t0 = step - window_start[0], window_start[1]
-        scalars |= perf.throughput_metrics(steps_done * config.batch,
-                                           time.perf_counter() - t0, exp.flops_per_image)
-        writer.write_scalars(step, scalars)
-        progress.update(step, scalars['train/loss'], scalars['perf/img_per_sec'])
-        window, window_start = [], (step, time.perf_counter())
-      if eval_data is not None and (step % eval_every == 0 or step == total_steps):
-        final = evaluate(exp, eval_step, state.params, eval_data)
-        writer.write_scalars(step, final)
-        logging.info('step %d: %s', step, json.dumps(final))
-        window_start = (step, time.perf_counter())  # Exclude eval time from img/s.
-      if fewshot is not None and (step % config.fewshot.every == 0 or step == total_steps):
-        scalars = fewshot.scalars(state.params)
-        writer.write_scalars(step, scalars)
-        logging.info('step %d: %s', step, json.dumps(scalars))
-        final, window_start = final | scalars, (step, time.perf_counter())
-      preempted = stop.received or checkpointer.reached_preemption(step)
-      if preempted or step == total_steps or step % checkpoint_every == 0:
-        last = jax.device_get({k: step_metrics[k] for k in ('loss', 'grad_norm')})
-        _check_finite(float(last['loss']), step, last_saved, float(last['grad_norm']))
-        checkpointer.save(step, state, {'step': step, 'config': config.to_dict()})
-        last_saved = step
-      if preempted:
-        logging.warning('stopped at step %d after a preemption notice; rerun to resume', step)
-        break
-  checkpointer.wait()
-  checkpointer.close()
+  with Checkpointer(workdir, keep=config.get('keep_checkpoints', 3)) as checkpointer:
+    state, _ = checkpointer.restore_latest(exp.abstract_state)
+    if state is None:
+      state = initial_state if initial_state is not None else exp.init_state()
+    else:
+      logging.info('resumed from the checkpoint at step %d', int(state.step))
+    start_step, total_steps = int(state.step), config.total_steps
+    last_saved = start_step if checkpointer.all_steps() else None
+    train_step, eval_step = exp.jit_train_step(), exp.jit_eval_step()
+    local_batches = input_pipeline.make_train_iterator(
+        dataset=config.dataset, split=config.get('train_split', 'train'),
+        data_dir=config.get('data_dir'), global_batch=config.batch, image_size=config.image_size,
+        channels=config.get('channels', 3), pp=config.get('pp', ml_collections.ConfigDict()),
+        seed=config.get('seed', 0), start_step=start_step)
+    batches = global_batch.prefetch_to_mesh(local_batches, exp.mesh)
+    eval_data = make_eval_data(exp) if config.get('eval_every') else None
+    fewshot = _fewshot_evaluator(exp)
+    writer = metrics_lib.create_writer(workdir)
+    progress = metrics_lib.Progress(total_steps, start_step)
+    progress_every = config.get('progress_every', 100)
+    eval_every = config.get('eval_every', 0)
+    checkpoint_every = config.get('checkpoint_every', 1000)
+    window, window_start, final = [], None, {}
+    with _StopSignal() as stop:
+      for step in range(start_step + 1, total_steps + 1):
+        state, step_metrics = train_step(state, next(batches))
+        window.append(step_metrics)
+        if window_start is None:  # The first step compiles; rates are measured after it.
+          jax.block_until_ready(step_metrics)
+          window, window_start = [], (step, time.perf_counter())
+        if window and (step % progress_every == 0 or step == total_steps):
+          scalars = metrics_lib.mean_of(window, 'train')
+          _check_finite(scalars['train/loss'], step, last_saved)
+          steps_done, t0 = step - window_start[0], window_start[1]
+          scalars |= perf.throughput_metrics(steps_done * config.batch,
+                                             time.perf_counter() - t0, exp.flops_per_image)
+          writer.write_scalars(step, scalars)
+          progress.update(step, scalars['train/loss'], scalars['perf/img_per_sec'])
+          window, window_start = [], (step, time.perf_counter())
+        if eval_data is not None and (step % eval_every == 0 or step == total_steps):
+          final = evaluate(exp, eval_step, state.params, eval_data)
+          writer.write_scalars(step, final)
+          logging.info('step %d: %s', step, json.dumps(final))
+          window_start = (step, time.perf_counter())  # Exclude eval time from img/s.
+        if fewshot is not None and (step % config.fewshot.every == 0 or step == total_steps):
+          scalars = fewshot.scalars(state.params)
+          writer.write_scalars(step, scalars)
+          logging.info('step %d: %s', step, json.dumps(scalars))
+          final, window_start = final | scalars, (step, time.perf_counter())
+        preempted = stop.received or checkpointer.reached_preemption(step)
+        if preempted or step == total_steps or step % checkpoint_every == 0:
+          last = jax.device_get({k: step_metrics[k] for k in ('loss', 'grad_norm')})
+          _check_finite(float(last['loss']), step, last_saved, float(last['grad_norm']))
+          checkpointer.save(step, state, {'step': step, 'config': config.to_dict()})
+          last_saved = step
+        if preempted:
+          logging.warning('stopped at step %d after a preemption notice; rerun to resume', step)
+          break
   writer.flush()
   return final | {'step': int(state.step)}
