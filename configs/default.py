@@ -37,7 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = 'R8+ViT-Mu_8'
   config.model_overrides = ml_collections.ConfigDict(models.COMPUTE_OPTIONS)  # scan, remat.
   config.dataset = 'fashion_mnist'
-  config.data_dir = None  # TFDS_DATA_DIR or ~/tensorflow_datasets
+  # None: TFDS_DATA_DIR or ~/tensorflow_datasets. A typed placeholder, so that
+  # --config.data_dir=DIR works on the command line.
+  config.data_dir = ml_collections.config_dict.placeholder(str)
   config.train_split = 'train'
   config.eval_split = 'test'
   config.image_size = 28

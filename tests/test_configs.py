@@ -173,6 +173,23 @@ def test_scan_and_remat_can_be_set_from_the_command_line(name):
   assert model.scan and model.remat == 'dots'
 
 
+@pytest.mark.parametrize('config_arg', ['default.py', 'vit_b16.py', 'finetune/digits.py'])
+def test_data_dir_can_be_given_on_the_command_line(config_arg, tmp_path):
+  """Unset it is None (TFDS_DATA_DIR); as a flag it reaches the config (it was an untyped None)."""
+  argv = ['main', f'--config={CONFIGS_DIR}/{config_arg}']
+  flag_values = flags.FlagValues()
+  flag = config_flags.DEFINE_config_file('config', flag_values=flag_values, sys_argv=argv,
+                                         lock_config=True)
+  flag_values(argv)
+  assert flag.value.data_dir is None
+  argv.append(f'--config.data_dir={tmp_path}')
+  flag_values = flags.FlagValues()
+  flag = config_flags.DEFINE_config_file('config', flag_values=flag_values, sys_argv=argv,
+                                         lock_config=True)
+  flag_values(argv)
+  assert flag.value.data_dir == str(tmp_path) and flag.value.get('data_dir') == str(tmp_path)
+
+
 @pytest.mark.parametrize('flags_given', [False, True])
 def test_finetune_compute_options_default_to_the_checkpoints(flags_given):
   """Unset (None), scan / remat come from the pre-trained run; given as flags, they win."""

@@ -45,7 +45,9 @@ def paper_config(dataset: str, *, total_steps: int, base_lr: float, model: str =
       k: ml_collections.config_dict.placeholder(type(v))
       for k, v in models.COMPUTE_OPTIONS.items()})
   config.dataset = dataset
-  config.data_dir = None
+  # None: TFDS_DATA_DIR or ~/tensorflow_datasets. A typed placeholder, so that
+  # --config.data_dir=DIR works on the command line.
+  config.data_dir = ml_collections.config_dict.placeholder(str)
   config.train_split = train_split
   config.eval_split = eval_split
   config.image_size = image_size

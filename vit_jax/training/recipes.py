@@ -97,7 +97,9 @@ def pretrain_config(model: str, arg=None) -> ml_collections.ConfigDict:
       **models.COMPUTE_OPTIONS,
   })
   config.dataset = dataset
-  config.data_dir = None  # TFDS_DATA_DIR or ~/tensorflow_datasets
+  # None: TFDS_DATA_DIR or ~/tensorflow_datasets. A typed placeholder, so that
+  # --config.data_dir=DIR works on the command line.
+  config.data_dir = ml_collections.config_dict.placeholder(str)
   config.train_split = row['train_split']
   config.eval_split = row['eval_split']
   config.num_classes = row['num_classes']  # The model is built without reading the dataset.
