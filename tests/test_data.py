@@ -133,9 +133,11 @@ def epoch_source(request, monkeypatch) -> dict:
   return {'shuffle_buffer': 500}
 
 
+@pytest.mark.parametrize('crop', [{'randaug': (1, 5)}, {'crop': 'resize'}])  # Example-/batch-wise.
 @pytest.mark.parametrize('start_step', [5, 23, 48])  # 23 and 48 straddle epochs.
-def test_resume_yields_the_uninterrupted_stream(prepared_data_dir, start_step, epoch_source):
-  pp = {'train': {'randaug': (1, 5), **epoch_source}}
+def test_resume_yields_the_uninterrupted_stream(prepared_data_dir, start_step, epoch_source,
+                                                crop):
+  pp = {'train': {**crop, **epoch_source}}
   full = _train(prepared_data_dir, batch=64, pp=pp)
   for _ in range(start_step):
     next(full)
@@ -150,6 +152,33 @@ def test_one_epoch_sees_every_example_once(prepared_data_dir, epoch_source):
   epochs = [[next(it) for _ in range(25)] for _ in range(2)]
   assert _rows(epochs[0]) == _rows(epochs[1]) == _rows(_eval(prepared_data_dir, split='train'))
   assert not np.array_equal(epochs[0][0]['label'], epochs[1][0]['label'])
+
+
+@pytest.mark.parametrize('size', [8, 12])  # Digits are 8 px: as they are, and enlarged.
+def test_batchwise_path_matches_the_examplewise_one_up_to_flips(prepared_data_dir, monkeypatch,
+                                                                size):
+  """Decoded in-memory splits with crop='resize' are preprocessed a batch at a time; the
+  example-wise path (forced by a zero byte budget: the split stays in memory, same order)
+  gives the same images, each either as is or mirrored, flipped about half the time."""
+  pp = {'train': {'crop': 'resize'}}
+  batchwise = [next(it) for it in [_train(prepared_data_dir, size=size, pp=pp)]
+               for _ in range(8)]
+  monkeypatch.setattr(ip, 'IN_MEMORY_BYTES', 0)
+  examplewise = [next(it) for it in [_train(prepared_data_dir, size=size, pp=pp)]
+                 for _ in range(8)]
+  images, reference = (np.concatenate([b['image'] for b in run]) for run in
+                       (batchwise, examplewise))
+  assert all(np.array_equal(a['label'], b['label']) for a, b in zip(batchwise, examplewise))
+  mirrored = reference[:, :, ::-1]
+  same = np.all(images == reference, axis=(1, 2, 3))
+  flipped = np.all(images == mirrored, axis=(1, 2, 3))
+  assert np.all(same | flipped)
+  asymmetric = ~np.all(reference == mirrored, axis=(1, 2, 3))
+  assert 0.35 < flipped[asymmetric].mean() < 0.65, flipped[asymmetric].mean()
+  unflipped = {'train': {'crop': 'resize', 'flip': False}}
+  plain = next(_train(prepared_data_dir, size=size, pp=unflipped))
+  monkeypatch.setattr(ip, 'IN_MEMORY_BYTES', 2**31)
+  assert _same(plain, next(_train(prepared_data_dir, size=size, pp=unflipped)))
 
 
 def test_process_slices_are_disjoint_and_cover_the_split(prepared_data_dir):

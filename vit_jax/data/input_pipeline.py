@@ -8,6 +8,10 @@ reduced to gray) to match the model's `channels`.
 The train stream is a pure function of (seed, position): the per-epoch file
 order and shuffle buffer are seeded by (seed, epoch, process), every random op
 is stateless and seeded by (seed, example position), and mixup by (seed, step).
+In-memory splits of one image shape with crop='resize' and no RandAugment are
+decoded once and preprocessed a batch at a time, their flips seeded by (seed,
+step): per-example ops cost ~100 CPU-us per 28 px image, which the train step
+sharing the two cores felt as ~14% of its rate.
 `make_train_iterator(start_step=k)` skips to position k * local_batch (before
 decoding) and yields exactly what an uninterrupted iterator yields from step k.
 Batches run across epoch boundaries, so no example is dropped.
@@ -39,7 +43,8 @@ loaded it (load average 1..9, so figures vary ~2x; best and worst runs):
   fashion_mnist 28px, random_crop, batch 256, 400 batches (crosses an epoch):
       8.5k-9.9k (3.6k under heavy load)
   fashion_mnist 28px, inception, batch 256:   7.2k-9.4k
-  fashion_mnist 28px, resize, batch 256:      10.7k
+  fashion_mnist 28px, resize, batch 256:      10.7k example-wise; batch-wise
+      (decoded in memory, as now): 345k at batch 128 (2026-11-25, quiet machine)
   fashion_mnist upscaled to 224px, inception, batch 64:  0.7k-1.3k
   500x375 JPEGs to 224px, inception, batch 64 (ImageNet-like, synthetic):
       190-340
@@ -145,6 +150,13 @@ def _load_encoded(ds: tf.data.Dataset) -> dict[str, np.ndarray]:
   return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
+def _decode_all(encoded: np.ndarray, channels: int) -> np.ndarray:
+  """Every image decoded once, uint8 [N, H, W, C] (all of one shape: the feature's static one)."""
+  ds = tf.data.Dataset.from_tensor_slices(encoded).map(
+      lambda data: preprocess.decode(data, channels), num_parallel_calls=tf.data.AUTOTUNE)
+  return np.concatenate(list(ds.batch(4096).as_numpy_iterator()))
+
+
 def _padding(spec, count: int) -> tf.data.Dataset:
   """`count` all-zero elements shaped like `spec` (placeholders, never real data)."""
   zeros = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), spec)
@@ -184,6 +196,29 @@ def _train_example_fn(opts: dict, image_size: int, channels: int,
       image = preprocess.random_flip(image, flip_seed)
     return {'image': preprocess.value_range(image),
             'label': tf.cast(example['label'], tf.int32)}
+
+  return fn
+
+
+def _train_batch_fn(opts: dict, images: np.ndarray, labels: np.ndarray, image_size: int,
+                    channels: int, seed: int, index: int, count: int):
+  """(step, example indices) -> the preprocessed batch, for decoded in-memory images and
+  pp.train.crop='resize' without RandAugment: whole-batch ops, flips seeded by (seed, step).
+  Same images as `_train_example_fn`'s up to which ones are flipped."""
+  images, labels = tf.constant(images), tf.constant(labels)
+
+  def fn(step, indices):
+    batch = tf.gather(images, indices)
+    if batch.shape[1:3] != (image_size, image_size):
+      batch = tf.image.resize(batch, [image_size, image_size],
+                              antialias=batch.shape[1] > image_size)
+    batch = preprocess.to_channels(tf.cast(batch, tf.float32), channels)
+    if opts['flip']:
+      flip = tf.random.stateless_uniform(
+          tf.shape(indices), tf.stack([tf.constant(seed, tf.int64), step * count + index])) < 0.5
+      batch = tf.where(flip[:, None, None, None], tf.reverse(batch, [2]), batch)
+    return {'image': preprocess.value_range(batch),
+            'label': tf.cast(tf.gather(labels, indices), tf.int32)}
 
   return fn
 
@@ -237,19 +272,30 @@ def make_train_iterator(*, dataset: str, split: str, data_dir: str | None,
   in_memory = (_load_encoded(encoded(None))
                if size <= opts['shuffle_buffer'] or size * _bytes_per_example(builder)
                <= IN_MEMORY_BYTES else None)
+  # Uniform images that need no per-example crop are decoded once and preprocessed a batch at
+  # a time (flips then drawn per batch: another random stream than the per-example path's).
+  batch_fn = None
+  if (in_memory is not None and opts['crop'] == 'resize' and not opts['randaug']
+      and None not in info.image_shape
+      and size * np.prod(info.image_shape) <= IN_MEMORY_BYTES):
+    batch_fn = _train_batch_fn(opts, _decode_all(in_memory['image'], info.image_shape[-1]),
+                               in_memory['label'], image_size, channels, seed, index, count)
   process_key = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
-  def in_memory_examples(epoch: int, start: int) -> tf.data.Dataset:
+  def in_memory_indices(epoch: int, start: int) -> tf.data.Dataset:
     """Every epoch from `epoch` on, each a permutation seeded by (seed, process, epoch)."""
-    examples = {key: tf.constant(value) for key, value in in_memory.items()}
 
     def order(e):
       shuffled = tf.random.experimental.stateless_shuffle(
           tf.range(size, dtype=tf.int64), seed=tf.stack([tf.constant(process_key, tf.int64), e]))
       return shuffled[tf.where(e == epoch, start, 0):]
 
-    indices = tf.data.Dataset.range(epoch, np.iinfo(np.int64).max).map(order).unbatch()
-    return indices.map(lambda i: {key: tf.gather(value, i) for key, value in examples.items()})
+    return tf.data.Dataset.range(epoch, np.iinfo(np.int64).max).map(order).unbatch()
+
+  def in_memory_examples(epoch: int, start: int) -> tf.data.Dataset:
+    examples = {key: tf.constant(value) for key, value in in_memory.items()}
+    return in_memory_indices(epoch, start).map(
+        lambda i: {key: tf.gather(value, i) for key, value in examples.items()})
 
   def epoch_examples(epoch: int, start: int) -> tf.data.Dataset:
     """Examples from number `start` of `epoch` on: to that epoch's end, or forever in memory."""
@@ -263,9 +309,14 @@ def make_train_iterator(*, dataset: str, split: str, data_dir: str | None,
     return ds.map(example_fn, num_parallel_calls=tf.data.AUTOTUNE,
                   deterministic=True)
 
-  def batches() -> Iterator[dict[str, np.ndarray]]:
-    step = start_step
+  def preprocessed_batches() -> Iterator[dict[str, np.ndarray]]:
+    """Before mixup: batch-wise from decoded memory, else example-wise across epochs."""
     epoch, start = divmod(start_step * local_batch, size)
+    if batch_fn is not None:
+      ds = in_memory_indices(epoch, start).batch(local_batch).enumerate(start_step)
+      yield from ds.map(batch_fn, num_parallel_calls=tf.data.AUTOTUNE,
+                        deterministic=True).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+      return
     carry = None  # Examples from the end of the previous epoch(s).
     while True:
       ds = epoch_examples(epoch, start)
@@ -279,12 +330,15 @@ def make_train_iterator(*, dataset: str, split: str, data_dir: str | None,
         if len(batch['label']) < local_batch:
           carry = batch
           break
-        if opts['mixup']:
-          batch = _mixup(batch, opts['mixup'], info.num_classes,
-                         np.random.default_rng([seed, step, index]))
         yield batch
-        step += 1
       epoch, start = epoch + 1, 0
+
+  def batches() -> Iterator[dict[str, np.ndarray]]:
+    for step, batch in enumerate(preprocessed_batches(), start_step):
+      if opts['mixup']:
+        batch = _mixup(batch, opts['mixup'], info.num_classes,
+                       np.random.default_rng([seed, step, index]))
+      yield batch
 
   return batches()
 
