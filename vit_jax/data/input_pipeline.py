@@ -37,23 +37,8 @@ ConfigError):
   pp.eval.crop: 'resize' (default) | 'resize_crop' (shorter side to
       image_size / 0.875, then central crop).
 
-Throughput, images/s of `measure_throughput(make_train_iterator(...), N)` (one
-process, default pp but the crop) on the 2-core CPU dev box while other jobs
-loaded it (load average 1..9, so figures vary ~2x; best and worst runs):
-  fashion_mnist 28px, random_crop, batch 256, 400 batches (crosses an epoch):
-      8.5k-9.9k (3.6k under heavy load)
-  fashion_mnist 28px, inception, batch 256:   7.2k-9.4k
-  fashion_mnist 28px, resize, batch 256:      10.7k example-wise; batch-wise
-      (decoded in memory, as now): 345k at batch 128 (2026-11-25, quiet machine)
-  fashion_mnist upscaled to 224px, inception, batch 64:  0.7k-1.3k
-  500x375 JPEGs to 224px, inception, batch 64 (ImageNet-like, synthetic):
-      190-340
-  eval: fashion_mnist test at 28px, batch 1000:          6.8k-9.3k
-A split that fits the shuffle buffer or IN_MEMORY_BYTES is held in memory, encoded, and every
-epoch is an exact permutation of it, all epochs streamed by one tf.data pipeline. Before, the
-shuffle buffer (50k) refilled at each epoch boundary: 3-4 s of tf.data work on an idle machine
-and ~45 s while the train step held both cores, i.e. ~20% of a 10-minute Fashion-MNIST run. Now
-the boundary is not visible in the step times.
+Measured rates, and why splits are held in memory or batched: docs/performance.md
+("Input pipeline").
 """
 import dataclasses
 import itertools
