@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
+import param_trees
+
 from vit_jax import models
 from vit_jax.checkpoints import npz
 from vit_jax.checkpoints import posemb as posemb_lib
@@ -28,19 +30,6 @@ def _variables(num_classes=10, size=(32, 32), seed=0, **overrides):
   params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32),
                         flax.linen.meta.unbox(shapes)['params'])
   return model, flax.core.unfreeze(params)
-
-
-def _flat(params):
-  return flax.traverse_util.flatten_dict(params, sep='/')
-
-
-def _assert_bit_identical(a, b):
-  flat_a, flat_b = _flat(a), _flat(b)
-  assert set(flat_a) == set(flat_b)
-  for key, x in flat_a.items():
-    x, y = np.asarray(x), np.asarray(flat_b[key])
-    assert x.dtype == y.dtype and x.shape == y.shape, key
-    assert x.tobytes() == y.tobytes(), key
 
 
 def _one_line_error(fn, *substrings):
@@ -106,7 +95,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
   path = str(tmp_path / 'ckpt.npz')
   npz.save_npz(params, path)
   loaded = npz.match_params(npz.load_npz(path), params, what=path)
-  _assert_bit_identical(loaded, params)
+  param_trees.assert_bit_identical(loaded, params)
   assert [p for p in os.listdir(tmp_path)] == ['ckpt.npz']  # No temp file left behind.
 
 
@@ -119,7 +108,7 @@ def test_scanned_params_save_unrolled_and_load_back_scanned(tmp_path):
     assert not any(k.startswith('Transformer/encoderblock/') for k in data.files)
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
   loaded = npz.match_params(npz.load_npz(path), abstract, what=path)
-  _assert_bit_identical(loaded, params)
+  param_trees.assert_bit_identical(loaded, params)
   # ... and into the unrolled model, equal to its blocks one by one.
   _, unrolled = _variables()
   loaded = npz.match_params(npz.load_npz(path), unrolled, what=path)
@@ -147,16 +136,17 @@ def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
 @pytest.mark.parametrize('prefix', ['params/', 'opt/target/'])
 def test_prefixed_keys_load(tmp_path, prefix):
   _, params = _variables()
-  flat = {prefix + k: np.asarray(v) for k, v in _flat(params).items()}
+  flat = {prefix + k: np.asarray(v) for k, v in param_trees.flat(params).items()}
   flat['opt/state/step'] = np.zeros(())  # Optimizer state next to the params: ignored.
   path = str(tmp_path / 'old.npz')
   np.savez(path, **flat)
-  _assert_bit_identical(npz.match_params(npz.load_npz(path), params, what=path), params)
+  loaded = npz.match_params(npz.load_npz(path), params, what=path)
+  param_trees.assert_bit_identical(loaded, params)
 
 
 def test_mismatched_keys_are_listed_in_one_line():
   _, params = _variables()
-  flat = {k: np.asarray(v) for k, v in _flat(params).items()}
+  flat = {k: np.asarray(v) for k, v in param_trees.flat(params).items()}
   del flat['Transformer/encoder_norm/bias']
   flat['Transformer/extra/kernel'] = np.zeros((3,))
   flat['Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel'] = np.zeros((64, 128))
@@ -212,9 +202,9 @@ def test_transfer_replaces_head_drops_pre_logits_and_resizes_posemb():
       pretrained['Transformer']['posembed_input']['pos_embedding'], (12, 8))
   np.testing.assert_array_equal(params['Transformer']['posembed_input']['pos_embedding'],
                                 expected)
-  rest = lambda p: {k: v for k, v in _flat(p).items()  # pylint: disable=g-long-lambda
+  rest = lambda p: {k: v for k, v in param_trees.flat(p).items()  # pylint: disable=g-long-lambda
                     if not k.startswith(('head/', 'pre_logits/')) and k != POSEMB}
-  _assert_bit_identical(rest(params), rest(pretrained))
+  param_trees.assert_bit_identical(rest(params), rest(pretrained))
   assert model.apply({'params': params}, jnp.ones((2, 48, 32, 3))).shape == (2, 5)
   text = '\n'.join(lines)
   for s in ('head/kernel set to zeros (64, 5) (pre-trained (64, 10))', 'dropped pre_logits/kernel',
@@ -226,7 +216,7 @@ def test_transfer_keeps_pre_logits_into_a_scanned_model():
   _, pretrained = _variables(representation_size=64, seed=1)
   model, init = _variables(num_classes=5, representation_size=64, scan=True)
   params = transfer.transfer_params(pretrained, init, keep_pre_logits=True, log=lambda _: None)
-  _assert_bit_identical(params['pre_logits'], pretrained['pre_logits'])
+  param_trees.assert_bit_identical(params['pre_logits'], pretrained['pre_logits'])
   np.testing.assert_array_equal(
       params['Transformer']['encoderblock']['MlpBlock_3']['Dense_1']['bias'][3],
       pretrained['Transformer']['encoderblock_3']['MlpBlock_3']['Dense_1']['bias'])

@@ -9,12 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import flax
 import jax
 import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
+
+import param_trees
 
 from vit_jax.checkpoints import npz
 from vit_jax.checkpoints import posemb as posemb_lib
@@ -63,18 +64,6 @@ def _cli(module: str, *args: str, data_dir: str = '') -> subprocess.CompletedPro
   return proc
 
 
-def _flat(params):
-  return flax.traverse_util.flatten_dict(params, sep='/')
-
-
-def _assert_bit_identical(a, b):
-  flat_a, flat_b = _flat(a), _flat(b)
-  assert set(flat_a) == set(flat_b)
-  for key, x in flat_a.items():
-    x, y = np.asarray(x), np.asarray(flat_b[key])
-    assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), key
-
-
 @pytest.fixture(scope='module')
 def pretrained(prepared_data_dir, tmp_path_factory) -> str:
   workdir = str(tmp_path_factory.mktemp('pretrain'))
@@ -110,8 +99,8 @@ def transferred(prepared_data_dir, pretrained):
 def test_transfer_zeroes_the_head_and_resizes_the_position_embeddings(transferred):
   exp, state, pre = transferred
   assert int(state.step) == 0
-  params = _flat(jax.device_get(state.params))
-  pre_params = _flat(pre.params)
+  params = param_trees.flat(jax.device_get(state.params))
+  pre_params = param_trees.flat(pre.params)
   assert params['head/kernel'].shape == (64, 10)
   assert not np.any(params['head/kernel']) and not np.any(params['head/bias'])
   assert params[POSEMB].shape == (1, 1 + 6 * 6, 64)  # 16 px -> 24 px: 4x4 -> 6x6 patches.
@@ -150,7 +139,7 @@ def test_export_round_trip_is_bit_exact(pretrained, exported):
   with Checkpointer(pretrained, read_only=True) as checkpointer:
     orbax_params = restore.restore_params(checkpointer, checkpointer.all_steps()[-1])
   loaded = npz.load_npz(str(exported))
-  _assert_bit_identical(loaded, orbax_params)
+  param_trees.assert_bit_identical(loaded, orbax_params)
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(loaded))
 
 
@@ -170,7 +159,7 @@ def test_scanned_checkpoints_export_and_load_in_both_layouts(prepared_data_dir, 
     model = from_npz.create_model(num_classes=10, scan=scan)
     loaded = restore.checked_params(from_npz, model)
     expected = params if scan else npz.to_layout_of(params, loaded, 'reference')
-    _assert_bit_identical(loaded, expected)
+    param_trees.assert_bit_identical(loaded, expected)
 
 
 def test_cli_errors_are_one_line_without_traceback(exported, prepared_data_dir, tmp_path):
