@@ -19,7 +19,6 @@ import numpy as np
 
 import vit_jax
 from vit_jax.data import global_batch
-from vit_jax.data import input_pipeline
 from vit_jax.training import perf
 from vit_jax.training.experiment import Experiment
 
@@ -174,6 +173,7 @@ def bench_step(exp: Experiment, what: str, steps: int = 20, warmup: int = 3) -> 
 
 def bench_data(config: ml_collections.ConfigDict, batches: int = 50) -> dict:
   """Images/s of the training input pipeline alone, with the config's augmentation."""
+  from vit_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel  # TensorFlow.
   iterator = input_pipeline.make_train_iterator(
       dataset=config.dataset, split=config.get('train_split', 'train'),
       data_dir=config.get('data_dir'), global_batch=config.batch, image_size=config.image_size,

@@ -14,7 +14,6 @@ import optax
 
 from vit_jax import models
 from vit_jax import sharding
-from vit_jax.data import input_pipeline
 from vit_jax.errors import ConfigError
 from vit_jax.models.flops import forward_flops
 from vit_jax.training import optimizers
@@ -127,6 +126,14 @@ def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> N
           f'processes {jax.process_count()}): use a multiple of {parts}')
 
 
+def _dataset_num_classes(config: ml_collections.ConfigDict) -> int:
+  # Imported here: TensorFlow loads only when a dataset is read, so the bench and the planner
+  # run on accelerator hosts without it (and start ~3 s sooner).
+  from vit_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
+  return input_pipeline.get_info(config.dataset, config.get('train_split', 'train'),
+                                 config.get('data_dir')).num_classes
+
+
 def build(config: ml_collections.ConfigDict, *, num_classes: Optional[int] = None,
           devices=None) -> Experiment:
   """Validates the config and builds the run's pieces; nothing is allocated or compiled."""
@@ -134,8 +141,7 @@ def build(config: ml_collections.ConfigDict, *, num_classes: Optional[int] = Non
   mesh = sharding.make_mesh(config.get('mesh', 'data:-1'), devices)
   check_batch(config, mesh)
   if num_classes is None:
-    num_classes = config.get('num_classes') or input_pipeline.get_info(
-        config.dataset, config.get('train_split', 'train'), config.get('data_dir')).num_classes
+    num_classes = config.get('num_classes') or _dataset_num_classes(config)
   overrides = dict(config.get('model_overrides', {}))
   overrides.setdefault('dtype', config.get('dtype', 'float32'))
   model = models.create(config.model, num_classes=num_classes, **overrides)
