@@ -16,6 +16,7 @@ from jax.extend.random import threefry2x32_p
 import numpy as np
 
 from vit_jax.errors import ConfigError
+from vit_jax.models import matmul
 from vit_jax.models import resnet as resnet_lib
 
 Dtype = Any
@@ -122,21 +123,21 @@ class PatchEmbedding(nn.Module):
                         jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
     patches = x.reshape(b, h // ph, ph, w // pw, pw, c)
-    y = jnp.einsum('bhpwqc,pqcd->bhwd', patches, kernel.astype(self.dtype))
+    y = matmul.einsum_for(self.dtype)('bhpwqc,pqcd->bhwd', patches, kernel.astype(self.dtype))
     return y + bias.astype(self.dtype)
 
 
-def _attention_cpu(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
+def _attention_cpu(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
+                   einsum: matmul.Einsum = jnp.einsum) -> jnp.ndarray:
   """softmax(q k^T) v on head-major (b, heads, t, d), normalised after the PV matmul.
 
   Head-major operands make every batched matmul contiguous per (b, head): on CPU the attention
   core ran ~2x faster forward + backward than on (b, t, heads, d). Normalising the (b, heads, t,
   d) output rather than the (b, heads, t, t) weights saves a pass over the largest tensor.
   """
-  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
+  logits = einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32)
   unnormalized = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
-  y = jnp.einsum('bhqk,bhkd->bhqd', unnormalized.astype(v.dtype), v,
-                 preferred_element_type=jnp.float32)
+  y = einsum('bhqk,bhkd->bhqd', unnormalized.astype(v.dtype), v).astype(jnp.float32)
   return (y / unnormalized.sum(-1, keepdims=True)).astype(v.dtype)
 
 
@@ -183,25 +184,27 @@ class MultiHeadDotProductAttention(nn.Module):
     scale = jnp.asarray([1 / np.sqrt(head_dim), 1, 1], jnp.float32)
     kernel = (jnp.stack(kernels) * scale[:, None, None, None]).astype(self.dtype)
     bias = (jnp.stack(biases) * scale[:, None, None]).astype(self.dtype)
+    einsum = matmul.einsum_for(self.dtype)
     if head_major:
-      qkv = jnp.einsum('btD,sDhd->sbhtd', x.astype(self.dtype), kernel) + bias[:, None, :, None]
+      qkv = einsum('btD,sDhd->sbhtd', x.astype(self.dtype), kernel) + bias[:, None, :, None]
     else:
-      qkv = jnp.einsum('btD,sDhd->sbthd', x.astype(self.dtype), kernel) + bias[:, None, None]
+      qkv = einsum('btD,sDhd->sbthd', x.astype(self.dtype), kernel) + bias[:, None, None]
     q, k, v = qkv
     if explicit:
-      logits = jnp.einsum('bhqd,bhkd->bhqk', q, k)
+      logits = einsum('bhqd,bhkd->bhqk', q, k)
       weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(self.dtype)
       self.sow('intermediates', 'attention', weights)
       if use_dropout:
         weights = Dropout(self.dropout_rate)(weights, deterministic=False)
-      y = jnp.einsum('bhqk,bhkd->bhqd', weights, v)
+      y = einsum('bhqk,bhkd->bhqd', weights, v)
     elif head_major:
-      y = _attention_cpu(q, k, v)
+      y = _attention_cpu(q, k, v, einsum)
     else:
       y = jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation=self.implementation)
     return nn.DenseGeneral(
         features=features, axis=(1, 3) if head_major else (-2, -1), dtype=self.dtype,
-        name='out', kernel_init=nn.initializers.xavier_uniform(),
+        dot_general=matmul.dot_general_for(self.dtype), name='out',
+        kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.zeros)(y)
 
 
@@ -215,7 +218,7 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, deterministic: bool) -> jnp.ndarray:
     dense = lambda features, name: nn.Dense(  # pylint: disable=g-long-lambda
-        features, dtype=self.dtype, name=name,
+        features, dtype=self.dtype, name=name, dot_general=matmul.dot_general_for(self.dtype),
         kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6))
     y = dense(self.mlp_dim, 'Dense_0')(x)
@@ -387,6 +390,7 @@ class VisionTransformer(nn.Module):
                   gelu_approximate=self.gelu_approximate)(x)
     if self.representation_size is not None:
       x = nn.Dense(self.representation_size, dtype=self.dtype, name='pre_logits',
+                   dot_general=matmul.dot_general_for(self.dtype),
                    kernel_init=nn.initializers.lecun_normal(),
                    bias_init=nn.initializers.zeros)(x)
       x = jnp.tanh(x)
@@ -394,5 +398,6 @@ class VisionTransformer(nn.Module):
     if not self.num_classes:
       return x
     return nn.Dense(self.num_classes, dtype=self.dtype, name='head',
+                    dot_general=matmul.dot_general_for(self.dtype),
                     kernel_init=nn.initializers.zeros,
                     bias_init=nn.initializers.constant(self.head_bias_init))(x)

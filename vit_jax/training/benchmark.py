@@ -7,6 +7,7 @@ nominal peak where known and against a matmul peak measured on the spot with the
 the best of a few square sizes, timed right after every timed step, its best run taken, so that
 on a shared machine the denominator is a true ceiling measured alongside the steps.
 """
+import functools
 import resource
 import statistics
 import time
@@ -19,6 +20,7 @@ import numpy as np
 
 import vit_jax
 from vit_jax.data import global_batch
+from vit_jax.models import matmul
 from vit_jax.training import perf
 from vit_jax.training.experiment import Experiment
 
@@ -35,7 +37,8 @@ ACCELERATOR_PEAK_SIZES = (8192,)
 def _matmul_probe(dtype: Any, size: int) -> tuple[Callable[[], Any], float]:
   """A compiled, warmed-up `size`^2 matmul run back to back (>= 2 * 2048^3 FLOPs) and its FLOPs."""
   a = jax.random.normal(jax.random.PRNGKey(0), (size, size), dtype)
-  compiled = jax.jit(lambda x, y: x @ y).lower(a, a).compile()
+  # The product as the model computes it (bfloat16 on CPU accumulates in float32: vit_jax.models.matmul).
+  compiled = jax.jit(functools.partial(matmul.einsum_for(dtype), 'ij,jk->ik')).lower(a, a).compile()
   jax.block_until_ready(compiled(a, a))
   repeat = max(1, (2048 // size)**3)
   return (lambda: [compiled(a, a) for _ in range(repeat)]), 2 * size**3 * repeat

@@ -1,0 +1,83 @@
+"""bfloat16 on CPU: products on bfloat16 operands accumulated in float32, backward ones too."""
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax import models
+from vit_jax.models import matmul
+
+
+def _operands(seed, *shapes):
+  return [jax.random.normal(key, shape) for key, shape in
+          zip(jax.random.split(jax.random.PRNGKey(seed), len(shapes)), shapes)]
+
+
+@pytest.mark.parametrize('spec, shapes', [
+    ('btd,df->btf', [(2, 5, 4), (4, 3)]),
+    ('bhqd,bhkd->bhqk', [(2, 3, 5, 4), (2, 3, 6, 4)]),
+    ('btD,sDhd->sbhtd', [(2, 5, 8), (3, 8, 2, 4)]),
+    ('bhpwqc,pqcd->bhwd', [(2, 3, 2, 3, 2, 1), (2, 2, 1, 5)]),
+])
+def test_narrow_einsum_is_einsum_with_the_same_gradients(spec, shapes):
+  a, b, = _operands(0, *shapes)
+  cotangent = _operands(1, jnp.einsum(spec, a, b).shape)[0]
+  loss = lambda fn: lambda a, b: jnp.vdot(fn(spec, a, b), cotangent)
+  narrow = lambda dtype: lambda spec, a, b: matmul.narrow_einsum(spec, dtype, a, b)
+  want = jax.grad(loss(jnp.einsum), argnums=(0, 1))(a, b)
+  # Float32 operands: the same products, so the same numbers to float32 rounding.
+  got = jax.grad(loss(narrow(jnp.float32)), argnums=(0, 1))(a, b)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+  # bfloat16 operands: float32 results and gradients, off by bfloat16 rounding only.
+  np.testing.assert_allclose(matmul.narrow_einsum(spec, jnp.bfloat16, a, b),
+                             jnp.einsum(spec, a, b), rtol=0.05, atol=0.05)
+  got = jax.grad(loss(narrow(jnp.bfloat16)), argnums=(0, 1))(a, b)
+  for g, w in zip(got, want):
+    assert g.dtype == jnp.float32
+    np.testing.assert_allclose(g, w, rtol=0.05, atol=0.05)
+
+
+def test_narrow_einsum_rejects_an_index_summed_over_one_operand():
+  a, b = _operands(0, (3, 4), (4, 5))
+  with pytest.raises(ValueError, match='summed over that operand alone'):
+    matmul.narrow_einsum('ij,jk->k', jnp.bfloat16, a, b)
+
+
+@pytest.mark.parametrize('axis', [-1, (1, 3)])
+def test_dense_with_narrow_dot_general_matches_dense(axis):
+  x, = _operands(0, (2, 3, 5, 4))
+  plain = nn.DenseGeneral(6, axis=axis)
+  narrow = nn.DenseGeneral(6, axis=axis, dtype=jnp.bfloat16,
+                           dot_general=matmul.dot_general_for(jnp.bfloat16))
+  variables = plain.init(jax.random.PRNGKey(1), x)
+  np.testing.assert_allclose(narrow.apply(variables, x), plain.apply(variables, x),
+                             rtol=0.05, atol=0.05)
+
+
+def test_float32_models_keep_the_plain_products():
+  assert matmul.einsum_for(jnp.float32) is jnp.einsum
+  assert matmul.dot_general_for(jnp.float32) is None
+
+
+def _dot_types(hlo_text):
+  """(operand element types, result element type) of every dot_general in StableHLO text."""
+  found = re.findall(r'stablehlo\.dot_general .*?: \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\) '
+                     r'-> tensor<[^>]*x(\w+)>', hlo_text)
+  return [((lhs, rhs), out) for lhs, rhs, out in found]
+
+
+def test_bfloat16_train_step_products_are_bfloat16_in_float32_out():
+  """Every product of a bfloat16 ViT's forward and backward: bfloat16 operands, float32 result,
+  the form XLA:CPU runs on the matrix units (before: bfloat16 results, or float32 operands)."""
+  model = models.create('ViT-Mu_4', num_classes=5, dtype='bfloat16')
+  images = jnp.ones((2, 32, 32, 3))
+  params = model.init(jax.random.PRNGKey(0), images)['params']
+  loss = lambda p: model.apply({'params': p}, images).astype(jnp.float32).sum()
+  dots = _dot_types(jax.jit(jax.grad(loss)).lower(params).as_text())
+  # Forward and backward: patch embedding, qkv, 2 attention products, out, 2 MLP, head.
+  assert len(dots) >= 3 * 4 * 6
+  assert set(dots) == {(('bf16', 'bf16'), 'f32')}

@@ -1,0 +1,100 @@
+"""The model's products for a compute dtype; on CPU, bfloat16 means bfloat16 matmul operands.
+
+XLA:CPU runs a bfloat16 x bfloat16 -> float32 product in its matmul library, on the CPU's matrix
+units where it has some (AMX on Intel Xeons since Sapphire Rapids: ~1.6 TFLOP/s on 2 cores, 5x
+its float32 rate), but a bfloat16 -> bfloat16 product on generic kernels (~0.25 TFLOP/s), and
+autodiff of a float32-accumulating product makes float32 backward products. It has no bfloat16
+arithmetic either: element-wise work in bfloat16 is converted to float32 and back around every
+op. So on CPU a narrow compute dtype applies to the products alone: operands rounded to it,
+accumulation and results in float32, backward products the same way; the element-wise work in
+between stays float32. Accelerators get the plain `jnp.einsum` / `lax.dot_general` (bfloat16
+results, accumulated in float32 by the hardware), and so do float32 models everywhere.
+"""
+import functools
+import string
+from typing import Any, Callable, Optional
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+Einsum = Callable[[str, jax.Array, jax.Array], jax.Array]
+
+
+def _operand_specs(spec: str) -> tuple[str, str, str]:
+  """(first, second, output) index strings; each operand's indices must appear elsewhere,
+  since the backward products are einsums with the output's indices."""
+  inputs, out_spec = spec.replace(' ', '').split('->')
+  a_spec, b_spec = inputs.split(',')
+  for own, others in ((a_spec, b_spec + out_spec), (b_spec, a_spec + out_spec)):
+    if set(own) - set(others):
+      raise ValueError(f'accumulating_einsum({spec!r}): an index of {own!r} is summed over '
+                       'that operand alone; use jnp.einsum')
+  return a_spec, b_spec, out_spec
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def narrow_einsum(spec: str, operand_dtype: Any, a: jax.Array, b: jax.Array) -> jax.Array:
+  """`jnp.einsum(spec, a, b)` on operands rounded to `operand_dtype`, accumulated and returned in
+  float32; the backward products likewise. Gradients come back in the inputs' dtypes."""
+  _operand_specs(spec)
+  return jnp.einsum(spec, a.astype(operand_dtype), b.astype(operand_dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def _narrow_einsum_fwd(spec, operand_dtype, a, b):
+  return narrow_einsum(spec, operand_dtype, a, b), (a, b)
+
+
+def _narrow_einsum_bwd(spec, operand_dtype, residuals, g):
+  a, b = residuals
+  a_spec, b_spec, out_spec = _operand_specs(spec)
+  a_narrow, b_narrow, g_narrow = (x.astype(operand_dtype) for x in (a, b, g))
+  da = jnp.einsum(f'{out_spec},{b_spec}->{a_spec}', g_narrow, b_narrow,
+                  preferred_element_type=jnp.float32)
+  db = jnp.einsum(f'{a_spec},{out_spec}->{b_spec}', a_narrow, g_narrow,
+                  preferred_element_type=jnp.float32)
+  return da.astype(a.dtype), db.astype(b.dtype)
+
+
+narrow_einsum.defvjp(_narrow_einsum_fwd, _narrow_einsum_bwd)
+
+
+def _einsum_spec(lhs_ndim: int, rhs_ndim: int, dimension_numbers: lax.DotDimensionNumbers) -> str:
+  """The einsum spec of a `lax.dot_general` (output: batch, lhs free, rhs free dimensions)."""
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+  letters = iter(string.ascii_letters)
+  lhs_idx = [next(letters) for _ in range(lhs_ndim)]
+  rhs_idx = [next(letters) for _ in range(rhs_ndim)]
+  for l, r in zip(tuple(lhs_contract) + tuple(lhs_batch), tuple(rhs_contract) + tuple(rhs_batch)):
+    rhs_idx[r] = lhs_idx[l]
+  batch = [lhs_idx[d] for d in lhs_batch]
+  lhs_free = [c for d, c in enumerate(lhs_idx) if d not in (*lhs_contract, *lhs_batch)]
+  rhs_free = [c for d, c in enumerate(rhs_idx) if d not in (*rhs_contract, *rhs_batch)]
+  return f'{"".join(lhs_idx)},{"".join(rhs_idx)}->{"".join(batch + lhs_free + rhs_free)}'
+
+
+def _narrow_on_cpu(dtype: Any) -> bool:
+  return jnp.dtype(dtype) != jnp.float32 and jax.default_backend() == 'cpu'
+
+
+def einsum_for(dtype: Any) -> Einsum:
+  """The einsum of the model's products for compute dtype `dtype`."""
+  if not _narrow_on_cpu(dtype):
+    return jnp.einsum
+  operand_dtype = jnp.dtype(dtype)
+  return lambda spec, a, b: narrow_einsum(spec, operand_dtype, a, b)
+
+
+def dot_general_for(dtype: Any) -> Optional[Callable[..., jax.Array]]:
+  """The `dot_general` for flax's Dense / DenseGeneral (None: flax's default, lax.dot_general)."""
+  if not _narrow_on_cpu(dtype):
+    return None
+  operand_dtype = jnp.dtype(dtype)
+
+  def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                  **unused_kwargs):
+    del precision, preferred_element_type
+    spec = _einsum_spec(lhs.ndim, rhs.ndim, dimension_numbers)
+    return narrow_einsum(spec, operand_dtype, lhs, rhs)
+  return dot_general
