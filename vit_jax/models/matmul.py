@@ -28,7 +28,7 @@ def _operand_specs(spec: str) -> tuple[str, str, str]:
   a_spec, b_spec = inputs.split(',')
   for own, others in ((a_spec, b_spec + out_spec), (b_spec, a_spec + out_spec)):
     if set(own) - set(others):
-      raise ValueError(f'accumulating_einsum({spec!r}): an index of {own!r} is summed over '
+      raise ValueError(f'narrow_einsum({spec!r}): an index of {own!r} is summed over '
                        'that operand alone; use jnp.einsum')
   return a_spec, b_spec, out_spec
 
