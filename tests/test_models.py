@@ -267,3 +267,19 @@ def test_names_lists_the_released_variants():
   assert {'ViT-Ti_16', 'ViT-B_16', 'ViT-H_14', 'R50+ViT-B_16'} <= set(models.names())
   for name in models.names():
     models.create(name)
+
+
+@pytest.mark.parametrize('representation_size', [None, 16])
+def test_intermediates_with_and_without_a_pre_logits_layer(representation_size):
+  """The analyses run the forward with 'intermediates' mutable; with a pre-logits layer (the
+  paper's ImageNet-21k models) the sown features once clashed with the layer's name."""
+  model = models.create('ViT-Mu_4', num_classes=5, representation_size=representation_size)
+  variables = _init(model)
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  logits, inter = model.apply(variables, images, mutable='intermediates')
+  features, = inter['intermediates']['pre_logit_features']
+  head = variables['params']['head']
+  np.testing.assert_allclose(logits, features @ head['kernel'] + head['bias'], atol=1e-5)
+  assert features.shape == (2, representation_size or 64)  # ViT-Mu's width: 64
+  assert 'attention' in inter['intermediates']['Transformer']['encoderblock_0'][
+      'MultiHeadDotProductAttention_1']

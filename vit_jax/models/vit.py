@@ -333,7 +333,7 @@ class MAPHead(nn.Module):
 class VisionTransformer(nn.Module):
   """ViT (optionally hybrid). Returns logits, or pre-logit features when `num_classes == 0`.
 
-  Pre-logit features are always sown as intermediates/pre_logits (for few-shot probes).
+  Pre-logit features are always sown as intermediates/pre_logit_features (for few-shot probes).
   """
   num_classes: int
   patch_size: tuple[int, int]
@@ -394,7 +394,7 @@ class VisionTransformer(nn.Module):
                    kernel_init=nn.initializers.lecun_normal(),
                    bias_init=nn.initializers.zeros)(x)
       x = jnp.tanh(x)
-    self.sow('intermediates', 'pre_logits', x)
+    self.sow('intermediates', 'pre_logit_features', x)  # Not 'pre_logits': that names the layer.
     if not self.num_classes:
       return x
     return nn.Dense(self.num_classes, dtype=self.dtype, name='head',
