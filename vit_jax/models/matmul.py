@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 import jax
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 Einsum = Callable[[str, jax.Array, jax.Array], jax.Array]
@@ -74,6 +75,19 @@ def _einsum_spec(lhs_ndim: int, rhs_ndim: int, dimension_numbers: lax.DotDimensi
   return f'{"".join(lhs_idx)},{"".join(rhs_idx)}->{"".join(batch + lhs_free + rhs_free)}'
 
 
+# The name under which narrow products without batch dimensions are saved by `remat='dots'`:
+# inside a custom VJP they are not dot_general primitives to jax's checkpoint policies.
+SAVEABLE_NAME = 'narrow_product_without_batch_dims'
+
+
+def _named_narrow_einsum(spec: str, operand_dtype: Any, a: jax.Array, b: jax.Array) -> jax.Array:
+  out = narrow_einsum(spec, operand_dtype, a, b)
+  a_spec, b_spec, out_spec = _operand_specs(spec)
+  if set(a_spec) & set(b_spec) & set(out_spec):
+    return out
+  return checkpoint_name(out, SAVEABLE_NAME)
+
+
 def _narrow_on_cpu(dtype: Any) -> bool:
   return jnp.dtype(dtype) != jnp.float32 and jax.default_backend() == 'cpu'
 
@@ -83,7 +97,7 @@ def einsum_for(dtype: Any) -> Einsum:
   if not _narrow_on_cpu(dtype):
     return jnp.einsum
   operand_dtype = jnp.dtype(dtype)
-  return lambda spec, a, b: narrow_einsum(spec, operand_dtype, a, b)
+  return lambda spec, a, b: _named_narrow_einsum(spec, operand_dtype, a, b)
 
 
 def dot_general_for(dtype: Any) -> Optional[Callable[..., jax.Array]]:
@@ -96,5 +110,5 @@ def dot_general_for(dtype: Any) -> Optional[Callable[..., jax.Array]]:
                   **unused_kwargs):
     del precision, preferred_element_type
     spec = _einsum_spec(lhs.ndim, rhs.ndim, dimension_numbers)
-    return narrow_einsum(spec, operand_dtype, lhs, rhs)
+    return _named_narrow_einsum(spec, operand_dtype, lhs, rhs)
   return dot_general
