@@ -7,6 +7,7 @@ import pytest
 
 from vit_jax import models
 from vit_jax.errors import ConfigError
+from vit_jax.models import dropout
 from vit_jax.models import scan_layout
 from vit_jax.models import vit
 from vit_jax.models.flops import forward_flops
@@ -186,7 +187,7 @@ def test_patch_embedding_is_the_strided_conv():
 
 def test_dropout_mask_has_the_rate_and_rescales():
   x = jnp.ones((16, 197, 384))
-  drop = vit.Dropout(0.1)
+  drop = dropout.Dropout(0.1)
   apply = jax.jit(lambda x, seed: drop.apply({}, x, deterministic=False,
                                              rngs={'dropout': jax.random.PRNGKey(seed)}))
   y = apply(x, 0)
@@ -198,10 +199,10 @@ def test_dropout_mask_has_the_rate_and_rescales():
   kept = np.asarray(y > 0, np.float32).reshape(-1, 4)
   assert abs(np.corrcoef(kept[:, 0], kept[:, 1])[0, 1]) < 0.01
   # Shapes the packed path does not take, and typed keys, give the same law.
-  odd = vit.keep_mask(jax.random.key(0), 0.25, (64, 197, 197))
+  odd = dropout.keep_mask(jax.random.key(0), 0.25, (64, 197, 197))
   assert odd.shape == (64, 197, 197) and float(odd.mean()) == pytest.approx(0.75, abs=3e-3)
-  np.testing.assert_array_equal(vit.keep_mask(jax.random.key(5), 0.1, (8, 12)),
-                                vit.keep_mask(jax.random.PRNGKey(5), 0.1, (8, 12)))
+  np.testing.assert_array_equal(dropout.keep_mask(jax.random.key(5), 0.1, (8, 12)),
+                                dropout.keep_mask(jax.random.PRNGKey(5), 0.1, (8, 12)))
   np.testing.assert_array_equal(drop.apply({}, x, deterministic=True), x)
 
 

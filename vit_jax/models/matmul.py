@@ -75,8 +75,8 @@ def _einsum_spec(lhs_ndim: int, rhs_ndim: int, dimension_numbers: lax.DotDimensi
   return f'{"".join(lhs_idx)},{"".join(rhs_idx)}->{"".join(batch + lhs_free + rhs_free)}'
 
 
-# The name under which narrow products without batch dimensions are saved by `remat='dots'`:
-# inside a custom VJP they are not dot_general primitives to jax's checkpoint policies.
+# Narrow products without batch dimensions carry this name: inside a custom VJP they are not
+# dot_general primitives to jax's checkpoint policies, so the policy below saves them by name.
 SAVEABLE_NAME = 'narrow_product_without_batch_dims'
 
 
@@ -112,3 +112,9 @@ def dot_general_for(dtype: Any) -> Optional[Callable[..., jax.Array]]:
     spec = _einsum_spec(lhs.ndim, rhs.ndim, dimension_numbers)
     return _named_narrow_einsum(spec, operand_dtype, lhs, rhs)
   return dot_general
+
+
+# remat='dots': products without batch dimensions are saved, plain or narrow.
+dots_with_no_batch_dims_saveable = jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    jax.checkpoint_policies.save_only_these_names(SAVEABLE_NAME))
