@@ -1,6 +1,7 @@
 """The benchmark command runs on a tiny config and reports sane figures (no timing asserted)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from vit_jax.training import benchmark
+from vit_jax.training import profiling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ViT-Mu/4 at 32 px through the ViT-Ti/16 recipe (it sets num_classes: no dataset is read).
@@ -70,6 +72,22 @@ def test_bench_runs_without_tensorflow():
   """Timing a step reads no dataset, so it needs no TensorFlow (only --what=data does)."""
   result = _bench('--what=train', without_tensorflow=True)
   assert result['what'] == 'train' and result['steps_timed'] == 2 and result['img_per_sec'] > 0
+
+
+def test_bench_profile_traces_the_step_and_names_its_top_ops(tmp_path):
+  result = _bench('--what=train', f'--profile_dir={tmp_path}', '--profile_steps=2')
+  assert result['trace'].startswith(str(tmp_path)) and os.path.exists(result['trace'])
+  assert profiling.traced_steps(result['trace'], 'jit_train_step') == 2
+  rows = result['top_ops']
+  assert len(rows) == 20 and sum(row['share'] for row in rows) <= 1 + 1e-9
+  assert {row['direction'] for row in rows} == {'forward', 'backward', 'other'}
+  # Every op of the differentiated model is named by its model scope, transforms and layer
+  # index stripped (an op XLA combined from several, the gradients' all-reduce, by its first).
+  for row in rows:
+    if row['direction'] != 'other':
+      assert row['scope'].split(': ')[-1].startswith('VisionTransformer/'), row
+    assert 'jvp(' not in row['scope'] and not re.search(r'encoderblock_\d', row['scope'])
+  assert len({(row['direction'], row['scope']) for row in rows}) == len(rows)
 
 
 def test_matmul_peak_is_the_best_size():

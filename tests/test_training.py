@@ -5,6 +5,7 @@ accumulation is the big batch, metrics.jsonl holds what the docs say, and config
 line before anything compiles. Resume and failures are in test_resume.py; the shared recipe,
 compilation cache and baseline run in training_setup.py.
 """
+import glob
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from vit_jax.errors import ConfigError
 from vit_jax.training import experiment
 from vit_jax.training import loop
 from vit_jax.training import metrics as metrics_lib
+from vit_jax.training import profiling
 
 
 def _mlp_kernel(params):
@@ -77,6 +79,16 @@ def test_metrics_jsonl_has_the_documented_keys(baseline):
   assert lrs[1] > lrs[2] > lrs[3] > lrs[4] > lrs[5]  # Decaying after the warmup.
   saved = json.load(open(os.path.join(workdir, 'config.json'), encoding='utf-8'))
   assert saved['model'] == 'ViT-Mu_4' and saved['total_steps'] == TOTAL_STEPS
+
+
+def test_profile_traces_exactly_the_asked_steps_and_changes_nothing(baseline, tmp_path):
+  config, _, expected = baseline
+  config = tiny_config(config.data_dir, profile_steps=2, profile_skip_steps=3)
+  result = loop.train_and_evaluate(config, str(tmp_path))
+  traces = glob.glob(str(tmp_path / 'profile' / 'plugins' / 'profile' / '*' / '*.xplane.pb'))
+  assert len(traces) == 1
+  assert profiling.traced_steps(traces[0], 'jit_train_step') == 2  # Steps 4 and 5.
+  assert result == expected
 
 
 # ---- Parallelism ------------------------------------------------------------------------

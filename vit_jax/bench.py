@@ -1,6 +1,8 @@
 """Throughput and MFU of the real step: `python -m vit_jax.bench --config=configs/vit_s16.py`.
 
-  --what=train (default) | eval | data;  --steps=N timed steps;  --json for scripts.
+  --what=train (default) | eval | data;  --steps=N timed steps;  --json for scripts;
+  --profile_dir=DIR: a trace of a few more steps (TensorBoard's profile plugin / XProf read it)
+  and the step's top ops by time, by model scope.
 The config's dataset decides the class count unless `config.num_classes` or --num_classes is set
 (--num_classes=10 times configs/default.py without preparing Fashion-MNIST).
 """
@@ -9,8 +11,9 @@ import json
 from absl import flags
 from ml_collections import config_flags
 
-from vit_jax.errors import run_cli
+from vit_jax.errors import ConfigError, run_cli
 from vit_jax.training import benchmark
+from vit_jax.training import profiling
 from vit_jax.training.experiment import build
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=False)
@@ -18,26 +21,36 @@ _WHAT = flags.DEFINE_enum('what', 'train', benchmark.WHATS, 'What to time.')
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (after warm-up).')
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compiling.')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
+_PROFILE_DIR = flags.DEFINE_string(
+    'profile_dir', None, 'Trace --profile_steps steps after the timed ones into this folder.')
+_PROFILE_STEPS = flags.DEFINE_integer('profile_steps', 3, 'Steps in the trace.')
 _NUM_CLASSES = flags.DEFINE_integer(
     'num_classes', None, 'Head size; default: config.num_classes, else the dataset\'s.')
 flags.mark_flags_as_required(['config'])
 
 
 def _print_table(result: dict) -> None:
+  top_ops = result.pop('top_ops', None)
   width = max(len(k) for k in result)
   for key, value in result.items():
     text = f'{value:,.4g}' if isinstance(value, float) else str(value)
     print(f'{key:<{width}}  {text}')
+  if top_ops:
+    print(f'\nTop ops of the traced steps (op time summed over devices and threads):\n'
+          f'{profiling.format_summary(top_ops)}')
 
 
 def main(argv):
   del argv
   config = _CONFIG.value
   if _WHAT.value == 'data':
+    if _PROFILE_DIR.value:
+      raise ConfigError('--profile_dir traces a step: use it with --what=train or --what=eval')
     result = benchmark.bench_data(config)
   else:
     result = benchmark.bench_step(build(config, num_classes=_NUM_CLASSES.value), _WHAT.value,
-                                  steps=_STEPS.value, warmup=_WARMUP.value)
+                                  steps=_STEPS.value, warmup=_WARMUP.value,
+                                  profile_dir=_PROFILE_DIR.value, profile_steps=_PROFILE_STEPS.value)
   if _JSON.value:
     print(json.dumps(result))
   else:

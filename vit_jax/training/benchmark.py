@@ -22,6 +22,7 @@ import vit_jax
 from vit_jax.data import global_batch
 from vit_jax.models import matmul
 from vit_jax.training import perf
+from vit_jax.training import profiling
 from vit_jax.training.experiment import Experiment
 
 WHATS = ('train', 'eval', 'data')
@@ -114,8 +115,10 @@ def _time_steps(run: Callable[[], Any], warmup: int, steps: int,
   return times, probe_times
 
 
-def bench_step(exp: Experiment, what: str, steps: int = 20, warmup: int = 3) -> dict:
-  """Compile time, step-time median / p90, images/s, TFLOP/s, MFU and peak memory."""
+def bench_step(exp: Experiment, what: str, steps: int = 20, warmup: int = 3,
+               profile_dir: Optional[str] = None, profile_steps: int = 3) -> dict:
+  """Compile time, step-time median / p90, images/s, TFLOP/s, MFU and peak memory; with
+  `profile_dir`, also a trace of `profile_steps` more steps there and its top ops (`top_ops`)."""
   config = exp.config
   batch_size = config.batch if what == 'train' else config.get('batch_eval', config.batch)
   batch = _synthetic_batch(exp, batch_size, with_mask=what == 'eval')
@@ -171,6 +174,9 @@ def bench_step(exp: Experiment, what: str, steps: int = 20, warmup: int = 3) -> 
   if nominal:
     result['nominal_peak_tflops'] = nominal
     result['mfu_vs_nominal'] = achieved / nominal
+  if profile_dir:  # After the timed steps, which the profiler would slow.
+    result['trace'] = profiling.trace(run, profile_steps, profile_dir)
+    result['top_ops'] = profiling.summarize(result['trace'], compiled.as_text())
   return result
 
 

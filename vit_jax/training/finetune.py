@@ -73,6 +73,8 @@ def paper_config(dataset: str, *, total_steps: int, base_lr: float, model: str =
   config.progress_every = 50
   config.checkpoint_every = 1000
   config.keep_checkpoints = 2
+  config.profile_steps = 0  # > 0: trace that many steps into WORKDIR/profile (XProf).
+  config.profile_skip_steps = 5  # Steps of the run before the trace (compile, warm-up).
   config.seed = 0
   return config
 

@@ -20,6 +20,7 @@ from vit_jax.data import input_pipeline
 from vit_jax.errors import ConfigError
 from vit_jax.training import metrics as metrics_lib
 from vit_jax.training import perf
+from vit_jax.training import profiling
 from vit_jax.training.experiment import Experiment, build
 
 
@@ -148,11 +149,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     progress_every = config.get('progress_every', 100)
     eval_every = config.get('eval_every', 0)
     checkpoint_every = config.get('checkpoint_every', 1000)
+    profiler = profiling.train_profiler(config, workdir, start_step)
     window, window_start, final = [], None, {}
     with _StopSignal() as stop:
       for step in range(start_step + 1, total_steps + 1):
         state, step_metrics = train_step(state, next(batches))
         window.append(step_metrics)
+        if profiler is not None:
+          profiler(step, step_metrics)
         if window_start is None:  # The first step compiles; rates are measured after it.
           jax.block_until_ready(step_metrics)
           window, window_start = [], (step, time.perf_counter())

@@ -130,5 +130,7 @@ def pretrain_config(model: str, arg=None) -> ml_collections.ConfigDict:
   config.progress_every = 100
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3
+  config.profile_steps = 0  # > 0: trace that many steps into WORKDIR/profile (XProf).
+  config.profile_skip_steps = 5  # Steps of the run before the trace (compile, warm-up).
   config.seed = 0
   return config

@@ -1,0 +1,70 @@
+"""Profiles: HLO op names read as model scopes, and traces that hold exactly the steps asked for
+(the train loop's in test_training.py, the bench's in test_bench.py)."""
+import logging
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import pytest
+
+from vit_jax.training import profiling
+
+
+@pytest.mark.parametrize('op_name, expected', [
+    ('jit(train_step)/transpose(jvp(VisionTransformer))/Transformer/encoderblock_6/MlpBlock_3/'
+     'Dense_0/dot_general',
+     ('backward', 'VisionTransformer/Transformer/encoderblock_*/MlpBlock_3/Dense_0/dot_general')),
+    ('jit(train_step)/jvp(VisionTransformer)/Transformer/encoderblock_11/LayerNorm_0/reduce_sum',
+     ('forward', 'VisionTransformer/Transformer/encoderblock_*/LayerNorm_0/reduce_sum')),
+    ('jit(eval_step)/VisionTransformer/head/dot_general',
+     ('forward', 'VisionTransformer/head/dot_general')),
+    ('jit(train_step)/transpose(jvp(VisionTransformer))/block2/unit3/conv2/conv_general_dilated',
+     ('backward', 'VisionTransformer/block*/unit*/conv2/conv_general_dilated')),  # Hybrid stem.
+    ('jit(train_step)/add', ('other', 'add')),  # The optimizer, outside the model.
+    ('jit(train_step)/(transpose(jvp(VisionTransformer))/head/reduce_sum',  # Combined op.
+     ('backward', 'VisionTransformer/head/reduce_sum')),
+])
+def test_scope_of_names_the_model_scope(op_name, expected):
+  assert profiling.scope_of(op_name) == expected
+
+
+def _grad_step():
+  def loss(params, x):
+    with jax.named_scope('MlpBlock'):
+      hidden = jnp.tanh(x @ params['in'])
+    return (hidden @ params['out']).sum()
+  params = {'in': jnp.ones((256, 512)) / 256, 'out': jnp.ones((512, 8))}
+  x = jnp.ones((128, 256))
+  compiled = jax.jit(jax.grad(loss)).lower(params, x).compile()
+  return (lambda: compiled(params, x)), compiled.as_text()
+
+
+def test_summary_attributes_the_ops_of_exactly_the_traced_steps(tmp_path):
+  run, hlo_text = _grad_step()
+  trace = profiling.trace(run, steps=3, logdir=str(tmp_path))
+  assert profiling.traced_steps(trace, 'jit_loss') == 3
+  rows = profiling.summarize(trace, hlo_text)
+  assert rows and all(row['ms_per_step'] > 0 and 0 < row['share'] <= 1 for row in rows)
+  assert sum(row['share'] for row in rows) == pytest.approx(1.0)  # Fewer than `top` scopes.
+  directions = {(row['direction'], row['scope']) for row in rows}
+  # The forward product inside the named scope and its weight gradient outside it.
+  assert ('forward', 'MlpBlock/dot_general') in directions
+  assert any(d == 'backward' for d, _ in directions)
+  assert 'ms/step' in profiling.format_summary(rows)
+
+
+def test_the_train_profiler_is_off_by_default_and_skips_runs_too_short(caplog):
+  config = ml_collections.ConfigDict({'total_steps': 8, 'profile_steps': 0,
+                                      'profile_skip_steps': 5})
+  assert profiling.train_profiler(config, '/nonexistent', start_step=0) is None
+  config.profile_steps = 3
+  with caplog.at_level(logging.WARNING):
+    assert profiling.train_profiler(config, '/nonexistent', start_step=4) is None
+  assert 'no profile' in caplog.text
+  with caplog.at_level(logging.WARNING):
+    assert profiling.train_profiler(config, '/nonexistent', start_step=3) is None  # Ends at 8.
+  profiler = profiling.train_profiler(config, '/nonexistent', start_step=0)
+  assert (profiler.first_step, profiler.last_step) == (5, 8)  # Traces steps 6, 7 and 8.
+  config.profile_steps, config.profile_skip_steps = 10, 0
+  profiler = profiling.train_profiler(config, '/nonexistent', start_step=2)
+  assert (profiler.first_step, profiler.last_step) == (3, 8)  # Not step 3: it compiles.

@@ -1,0 +1,153 @@
+"""Profiles of the real step: traces for TensorBoard's profile plugin (XProf), and where the
+step's time goes, per XLA op, summarised from the same trace.
+
+The trace of a jitted step holds one event per XLA op (kernel on accelerators, thunk on CPU)
+with the op's HLO name. The compiled module's text maps each HLO name to the model scope that
+emitted it (its `op_name` metadata), so the summary reads as the model does:
+'backward VisionTransformer/Transformer/encoderblock_*/MlpBlock_3/Dense_0/dot_general'.
+"""
+import collections
+import glob
+import logging
+import os
+import re
+from typing import Any, Callable, Optional
+
+import jax
+from jax.profiler import ProfileData
+
+_INSTRUCTION = re.compile(
+    r'^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([\w\-]+)\(.*?op_name="([^"]*)"', re.MULTILINE)
+_LAYER_INDEX = re.compile(r'(encoderblock_|block|unit)\d+')  # ViT layers, ResNet stages / units.
+_TRANSFORMS = re.compile(r'^(?:\w+\()+|\)+$')
+
+
+def scope_of(op_name: str) -> tuple[str, str]:
+  """('forward' | 'backward' | 'other', the model scope without transforms and layer index)
+  of an HLO op_name such as 'jit(train_step)/transpose(jvp(VisionTransformer))/Transformer/...';
+  'other' is the step's work outside the model (optimizer, clipping, metric sums)."""
+  parts = [part.lstrip('(') for part in op_name.split('/')]  # '(' opens a combined op's names.
+  if parts and parts[0].startswith(('jit(', 'pjit(')):
+    parts = parts[1:]
+  if any(p.startswith('transpose(') for p in parts):
+    direction = 'backward'
+  elif any(p.startswith('jvp(') for p in parts) or len(parts) > 1:
+    direction = 'forward'
+  else:
+    direction = 'other'
+  parts = [_TRANSFORMS.sub('', p) for p in parts]
+  return direction, _LAYER_INDEX.sub(r'\1*', '/'.join(p for p in parts if p))
+
+
+def op_scopes(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """HLO instruction name -> (direction, scope), from a compiled module's `as_text()`.
+
+  An op that XLA made of several (a combined all-reduce of all the gradients) is named by its
+  opcode and its first part."""
+  scopes = {}
+  for name, opcode, op_name in _INSTRUCTION.findall(hlo_text):
+    parts = op_name.split(':')
+    direction, scope = scope_of(parts[0])
+    if len(parts) > 1:
+      scope = f'{opcode} of {len(parts)}: {scope}, ...'
+    scopes[name] = direction, scope
+  return scopes
+
+
+def trace(run: Callable[[], Any], steps: int, logdir: str) -> str:
+  """Runs `run` `steps` times under the profiler; the path of the trace (an .xplane.pb)."""
+  jax.block_until_ready(run())  # Nothing of earlier calls runs inside the trace.
+  before = set(_traces(logdir))
+  with jax.profiler.trace(logdir):
+    for _ in range(steps):
+      jax.block_until_ready(run())
+  new = sorted(set(_traces(logdir)) - before, key=os.path.getmtime)
+  if not new:
+    raise RuntimeError(f'the profiler wrote no trace under {logdir}')
+  return new[-1]
+
+
+def _traces(logdir: str) -> list[str]:
+  return glob.glob(os.path.join(logdir, 'plugins', 'profile', '*', '*.xplane.pb'))
+
+
+def _module_events(xplane_path: str, module: str):
+  for plane in ProfileData.from_file(xplane_path).planes:
+    for line in plane.lines:
+      for event in line.events:
+        stats = dict(event.stats)
+        if stats.get('hlo_module') == module:
+          yield event, stats
+
+
+def traced_steps(xplane_path: str, module: str) -> int:
+  """How many executions of the compiled `module` (e.g. 'jit_train_step') the trace holds."""
+  return len({stats.get('run_id') for _, stats in _module_events(xplane_path, module)})
+
+
+def summarize(xplane_path: str, hlo_text: str, top: int = 20) -> list[dict]:
+  """The `top` scopes by op time per traced step: ms, ops per step, share of all ops' time.
+
+  Op times are summed over devices and threads: on CPU, XLA runs independent ops side by side
+  on its threads, so their sum can exceed the step's wall time.
+  """
+  scopes, module = op_scopes(hlo_text), _module_name(hlo_text)
+  seconds, calls = collections.Counter(), collections.Counter()
+  for event, _ in _module_events(xplane_path, module):
+    if event.name in scopes:
+      seconds[scopes[event.name]] += event.duration_ns / 1e9
+      calls[scopes[event.name]] += 1
+  steps, total = traced_steps(xplane_path, module), sum(seconds.values())
+  return [{'direction': direction, 'scope': scope, 'ms_per_step': s / steps * 1e3,
+           'ops_per_step': calls[(direction, scope)] / steps, 'share': s / total}
+          for (direction, scope), s in seconds.most_common(top)]
+
+
+def _module_name(hlo_text: str) -> str:
+  match = re.search(r'^HloModule ([\w.\-]+)', hlo_text, re.MULTILINE)
+  if not match:
+    raise ValueError('not the text of a compiled HLO module')
+  return match.group(1)
+
+
+def format_summary(rows: list[dict]) -> str:
+  lines = [f'{"ms/step":>8} {"ops":>5} {"share":>6}  where']
+  lines += [f'{r["ms_per_step"]:8.1f} {r["ops_per_step"]:5.0f} {r["share"]:6.1%}  '
+            f'{r["direction"]:<8} {r["scope"]}' for r in rows]
+  return '\n'.join(lines)
+
+
+class TrainProfiler:
+  """Traces steps `first_step + 1` to `last_step` of the train loop into `logdir`.
+
+  clu's periodic Profile action starts and stops the trace; the loop's device work is
+  asynchronous, so the step before each boundary is waited for and the trace holds exactly
+  those steps. Process 0 alone traces (processes on one host would share file names).
+  """
+
+  def __init__(self, logdir: str, first_step: int, steps: int):
+    from clu import periodic_actions  # pylint: disable=import-outside-toplevel  # TensorFlow:
+    # imported here, so that the bench, which traces without it, runs where it is not installed.
+    self.first_step, self.last_step = first_step, first_step + steps
+    self._action = periodic_actions.Profile(
+        logdir=logdir, num_profile_steps=steps, profile_duration_ms=None,
+        first_profile=first_step, every_steps=None, every_secs=None)
+
+  def __call__(self, step: int, step_outputs: Any) -> None:
+    if step in (self.first_step, self.last_step):
+      jax.block_until_ready(step_outputs)
+    self._action(step)
+
+
+def train_profiler(config: Any, workdir: str, start_step: int) -> Optional[TrainProfiler]:
+  """config.profile_steps steps traced after config.profile_skip_steps of this run (at least
+  the first, which compiles), as many as the run has; None when off or the run is too short."""
+  if not config.get('profile_steps', 0) or jax.process_index() != 0:
+    return None
+  first = start_step + max(config.get('profile_skip_steps', 5), 1)
+  steps = min(config.profile_steps, config.total_steps - first)
+  if steps <= 0:
+    logging.warning('no profile: the run ends at step %d, before the steps to trace',
+                    config.total_steps)
+    return None
+  return TrainProfiler(os.path.join(workdir, 'profile'), first, steps)
