@@ -41,6 +41,32 @@ def test_narrow_einsum_is_einsum_with_the_same_gradients(spec, shapes):
     np.testing.assert_allclose(g, w, rtol=0.05, atol=0.05)
 
 
+def _lhs_contractions(hlo_text):
+  """(lhs rank, lhs contracting dimensions) of every dot_general in StableHLO text."""
+  found = re.findall(r'stablehlo\.dot_general [^\n]*?contracting_dims = \[([\d, ]*)\] x [^\n]*?'
+                     r': \(tensor<((?:\d+x)+)\w+>', hlo_text)
+  return [(shape.count('x'), sorted(int(d) for d in dims.split(', '))) for dims, shape in found]
+
+
+@pytest.mark.parametrize('spec, shapes', [
+    ('btd,df->btf', [(2, 5, 4), (4, 3)]),  # Dense: the weight gradient contracts over tokens.
+    ('bhqk,bhkd->bhqd', [(2, 3, 5, 6), (2, 3, 6, 4)]),  # Attention: dv = p^T dy over queries.
+    ('bhqd,bhkd->bhqk', [(2, 3, 5, 4), (2, 3, 6, 4)]),
+    ('btD,sDhd->sbhtd', [(2, 5, 8), (3, 8, 2, 4)]),
+    ('abcd,bdg->acg', [(2, 3, 5, 4), (3, 4, 6)]),
+])
+def test_narrow_backward_products_contract_the_lhs_trailing_dimensions(spec, shapes):
+  """The form XLA:CPU runs on the matrix units; contracting over leading dimensions (tokens,
+  queries) sent the weight gradients and half the attention backward to generic kernels."""
+  a, b = _operands(0, *shapes)
+  grad = jax.grad(lambda a, b: matmul.narrow_einsum(spec, jnp.bfloat16, a, b).sum(),
+                  argnums=(0, 1))
+  products = _lhs_contractions(jax.jit(grad).lower(a, b).as_text())
+  assert len(products) == 2  # The forward product is not needed for these gradients.
+  for rank, dims in products:
+    assert dims == list(range(rank - len(dims), rank)), (rank, dims)
+
+
 def test_narrow_einsum_rejects_an_index_summed_over_one_operand():
   a, b = _operands(0, (3, 4), (4, 5))
   with pytest.raises(ValueError, match='summed over that operand alone'):

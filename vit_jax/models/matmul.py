@@ -6,8 +6,8 @@ its float32 rate), but a bfloat16 -> bfloat16 product on generic kernels (~0.25 
 autodiff of a float32-accumulating product makes float32 backward products. It has no bfloat16
 arithmetic either: element-wise work in bfloat16 is converted to float32 and back around every
 op. So on CPU a narrow compute dtype applies to the products alone: operands rounded to it,
-accumulation and results in float32, backward products the same way; the element-wise work in
-between stays float32. Accelerators get the plain `jnp.einsum` / `lax.dot_general` (bfloat16
+accumulation and results in float32, backward products the same way, each laid out as the matrix
+units take it (`_lhs_contracting_last`); the element-wise work in between stays float32. Accelerators get the plain `jnp.einsum` / `lax.dot_general` (bfloat16
 results, accumulated in float32 by the hardware), and so do float32 models everywhere.
 """
 import functools
@@ -51,11 +51,39 @@ def _narrow_einsum_bwd(spec, operand_dtype, residuals, g):
   a, b = residuals
   a_spec, b_spec, out_spec = _operand_specs(spec)
   a_narrow, b_narrow, g_narrow = (x.astype(operand_dtype) for x in (a, b, g))
-  da = jnp.einsum(f'{out_spec},{b_spec}->{a_spec}', g_narrow, b_narrow,
-                  preferred_element_type=jnp.float32)
-  db = jnp.einsum(f'{a_spec},{out_spec}->{b_spec}', a_narrow, g_narrow,
-                  preferred_element_type=jnp.float32)
+  da = _lhs_contracting_last(a_spec, (out_spec, g_narrow), (b_spec, b_narrow))
+  db = _lhs_contracting_last(b_spec, (a_spec, a_narrow), (out_spec, g_narrow))
   return da.astype(a.dtype), db.astype(b.dtype)
+
+
+def _lhs_contracting_last(out_spec: str, first: tuple[str, jax.Array],
+                          second: tuple[str, jax.Array]) -> jax.Array:
+  """The float32-accumulated einsum of two (spec, operand) pairs into `out_spec`, its lhs laid
+  out (batch, free, contracted indices).
+
+  XLA:CPU runs a narrow product on the matrix units only when its lhs contracts over its
+  trailing dimensions; the backward products that contract over tokens or queries (weight
+  gradients, p^T dy in attention) otherwise ran on its generic kernels. The lhs is the operand
+  holding the output's leading free index, transposed explicitly behind an optimization barrier,
+  which keeps XLA from folding the transpose back into the product's dimension numbers.
+  """
+  (lhs_spec, lhs), (rhs_spec, rhs) = first, second
+  batch = [c for c in out_spec if c in lhs_spec and c in rhs_spec]
+  if next(c for c in out_spec if c not in batch) not in lhs_spec:
+    (lhs_spec, lhs), (rhs_spec, rhs) = (rhs_spec, rhs), (lhs_spec, lhs)
+  free = [c for c in out_spec if c in lhs_spec and c not in batch]
+  contracted = [c for c in rhs_spec if c in lhs_spec and c not in out_spec]
+  layout = ''.join(batch + free + contracted)
+  if layout != lhs_spec:
+    lhs = lax.optimization_barrier(jnp.transpose(lhs, [lhs_spec.index(c) for c in layout]))
+  dimension_numbers = (([layout.index(c) for c in contracted],
+                        [rhs_spec.index(c) for c in contracted]),
+                       ([layout.index(c) for c in batch], [rhs_spec.index(c) for c in batch]))
+  # lax.dot_general keeps the operands' order (jnp.einsum may swap them).
+  out = lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=jnp.float32)
+  rhs_free = [c for c in rhs_spec if c not in lhs_spec]
+  produced = ''.join(batch + free + rhs_free)
+  return jnp.transpose(out, [produced.index(c) for c in out_spec])
 
 
 narrow_einsum.defvjp(_narrow_einsum_fwd, _narrow_einsum_bwd)
