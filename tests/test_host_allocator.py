@@ -9,10 +9,11 @@ import pytest
 from vit_jax import host_allocator
 
 # A fresh interpreter (the setting must come before jax starts threads) that runs a jitted
-# function with a 128 MiB output 24 times and reports the median minor page faults of the last
-# 12 calls: a buffer that large comes from mmap on an XLA worker thread unless the setting
-# applies. With it, the heap still grows on some of the first calls (up to the 11th in 5 runs
-# here: buffers are freed asynchronously and free blocks get split) before every call reuses it.
+# function with a 128 MiB output 48 times, deleting each output (its buffer is freed at once,
+# not whenever XLA gets to it), and reports the median minor page faults of the last 16 calls:
+# a buffer that large comes from mmap unless the setting applies. With it, the heap still grows
+# on some of the first calls (up to the 6th alone, up to the 18th with the 2 cores oversubscribed
+# 2.5x; CI once failed on calls 13-24 of an earlier probe) before every call reuses it.
 _PROBE = r'''
 import json, resource, statistics
 import vit_jax
@@ -20,12 +21,12 @@ import jax, jax.numpy as jnp
 double = jax.jit(lambda x: x * 2)
 x = jnp.ones((8192, 4096), jnp.float32)
 faults = []
-for _ in range(24):
+for _ in range(48):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  double(x).block_until_ready()
+  double(x).block_until_ready().delete()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(json.dumps({'tuned': vit_jax.HOST_ALLOCATOR_TUNED,
-                  'faults_per_call': statistics.median(faults[12:])}))
+                  'faults_per_call': statistics.median(faults[32:])}))
 '''
 
 
