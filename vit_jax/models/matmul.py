@@ -7,8 +7,9 @@ autodiff of a float32-accumulating product makes float32 backward products. It h
 arithmetic either: element-wise work in bfloat16 is converted to float32 and back around every
 op. So on CPU a narrow compute dtype applies to the products alone: operands rounded to it,
 accumulation and results in float32, backward products the same way, each laid out as the matrix
-units take it (`_lhs_contracting_last`); the element-wise work in between stays float32. Accelerators get the plain `jnp.einsum` / `lax.dot_general` (bfloat16
-results, accumulated in float32 by the hardware), and so do float32 models everywhere.
+units take it (`_lhs_contracting_last`); the element-wise work in between stays float32.
+Accelerators get the plain `jnp.einsum` / `lax.dot_general` (bfloat16 results, accumulated in
+float32 by the hardware), and so do float32 models everywhere.
 """
 import functools
 import string

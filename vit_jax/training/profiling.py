@@ -92,12 +92,13 @@ def summarize(xplane_path: str, hlo_text: str, top: int = 20) -> list[dict]:
   on its threads, so their sum can exceed the step's wall time.
   """
   scopes, module = op_scopes(hlo_text), _module_name(hlo_text)
-  seconds, calls = collections.Counter(), collections.Counter()
-  for event, _ in _module_events(xplane_path, module):
+  seconds, calls, runs = collections.Counter(), collections.Counter(), set()
+  for event, stats in _module_events(xplane_path, module):  # One pass over the trace file.
+    runs.add(stats.get('run_id'))
     if event.name in scopes:
       seconds[scopes[event.name]] += event.duration_ns / 1e9
       calls[scopes[event.name]] += 1
-  steps, total = traced_steps(xplane_path, module), sum(seconds.values())
+  steps, total = len(runs), sum(seconds.values())
   return [{'direction': direction, 'scope': scope, 'ms_per_step': s / steps * 1e3,
            'ops_per_step': calls[(direction, scope)] / steps, 'share': s / total}
           for (direction, scope), s in seconds.most_common(top)]
