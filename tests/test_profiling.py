@@ -23,6 +23,13 @@ from vit_jax.training import profiling
     ('jit(train_step)/add', ('other', 'add')),  # The optimizer, outside the model.
     ('jit(train_step)/(transpose(jvp(VisionTransformer))/head/reduce_sum',  # Combined op.
      ('backward', 'VisionTransformer/head/reduce_sum')),
+    # Jitted library functions, named by call site and function; after the function's name
+    # comes the name stack of its first (cached) trace, here from another call site.
+    ('jit(train_step)/jit(_threefry_fold_in)/PatchEmbedding.__call__/while',
+     ('other', '_threefry_fold_in')),  # The step's own rng, outside the model.
+    ('jit(train_step)/jvp(VisionTransformer)/Transformer/encoderblock_3/Dropout_0/'
+     'jit(_threefry_fold_in)/PatchEmbedding.__call__/while/body/closed_call/add',
+     ('forward', 'VisionTransformer/Transformer/encoderblock_*/Dropout_0/_threefry_fold_in')),
 ])
 def test_scope_of_names_the_model_scope(op_name, expected):
   assert profiling.scope_of(op_name) == expected

@@ -29,6 +29,12 @@ def scope_of(op_name: str) -> tuple[str, str]:
   parts = [part.lstrip('(') for part in op_name.split('/')]  # '(' opens a combined op's names.
   if parts and parts[0].startswith(('jit(', 'pjit(')):
     parts = parts[1:]
+  # A jitted library function called inside (jax.random.fold_in, jnp.clip) is named by the call
+  # site and the function: what follows its name is the name stack of the function's first,
+  # cached trace, which may come from another call site (e.g. 'PatchEmbedding.__call__').
+  nested = next((i for i, p in enumerate(parts) if p.startswith(('jit(', 'pjit('))), None)
+  if nested is not None:
+    parts = parts[:nested + 1]
   if any(p.startswith('transpose(') for p in parts):
     direction = 'backward'
   elif any(p.startswith('jvp(') for p in parts) or len(parts) > 1:
