@@ -109,6 +109,28 @@ def test_bfloat16_train_step_products_are_bfloat16_in_float32_out():
   assert set(dots) == {(('bf16', 'bf16'), 'f32')}
 
 
+def _compiled_dot_types(hlo_text):
+  """(lhs, rhs, result element type, op_name) of every dot in a compiled module's text."""
+  types = dict(re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[', hlo_text, re.MULTILINE))
+  found = re.findall(r'= (\w+)\[[\d,]*\]\S* dot\(%?([\w.\-]+), %?([\w.\-]+)\).*?op_name="([^"]*)"',
+                     hlo_text)
+  return [(types[lhs], types[rhs], out, op_name) for out, lhs, rhs, op_name in found]
+
+
+def test_bfloat16_encoder_products_stay_bfloat16_once_compiled():
+  """What XLA runs, not only what jax emits: a batched product whose operand XLA had laid out
+  transposed without moving data was upcast to float32 (three of the attention core's four
+  backward products, per layer)."""
+  model = models.create('ViT-Mu_4', num_classes=5, dtype='bfloat16')
+  images = jnp.ones((2, 32, 32, 3))
+  params = model.init(jax.random.PRNGKey(0), images)['params']
+  loss = lambda p: model.apply({'params': p}, images).astype(jnp.float32).sum()
+  dots = _compiled_dot_types(jax.jit(jax.grad(loss)).lower(params).compile().as_text())
+  encoder = [dot[:3] for dot in dots if '/encoderblock_' in dot[3]]
+  assert len(encoder) == 4 * (6 + 12)  # Per layer: 6 products forward, 12 backward.
+  assert set(encoder) == {('bf16', 'bf16', 'f32')}
+
+
 def _grad_dot_count(dtype, remat):
   model = models.create('ViT-Mu_4', num_classes=5, dtype=dtype, remat=remat)
   images = jnp.ones((2, 32, 32, 3))

@@ -51,22 +51,27 @@ def _narrow_einsum_fwd(spec, operand_dtype, a, b):
 def _narrow_einsum_bwd(spec, operand_dtype, residuals, g):
   a, b = residuals
   a_spec, b_spec, out_spec = _operand_specs(spec)
-  a_narrow, b_narrow, g_narrow = (x.astype(operand_dtype) for x in (a, b, g))
-  da = _lhs_contracting_last(a_spec, (out_spec, g_narrow), (b_spec, b_narrow))
-  db = _lhs_contracting_last(b_spec, (a_spec, a_narrow), (out_spec, g_narrow))
+  da = _lhs_contracting_last(a_spec, (out_spec, g), (b_spec, b), operand_dtype)
+  db = _lhs_contracting_last(b_spec, (a_spec, a), (out_spec, g), operand_dtype)
   return da.astype(a.dtype), db.astype(b.dtype)
 
 
 def _lhs_contracting_last(out_spec: str, first: tuple[str, jax.Array],
-                          second: tuple[str, jax.Array]) -> jax.Array:
-  """The float32-accumulated einsum of two (spec, operand) pairs into `out_spec`, its lhs laid
-  out (batch, free, contracted indices).
+                          second: tuple[str, jax.Array], operand_dtype: Any) -> jax.Array:
+  """The float32-accumulated einsum of two (spec, operand) pairs into `out_spec`, on operands
+  rounded to `operand_dtype`, its lhs laid out (batch, free, contracted indices).
 
   XLA:CPU runs a narrow product on the matrix units only when its lhs contracts over its
   trailing dimensions; the backward products that contract over tokens or queries (weight
   gradients, p^T dy in attention) otherwise ran on its generic kernels. The lhs is the operand
   holding the output's leading free index, transposed explicitly behind an optimization barrier,
   which keeps XLA from folding the transpose back into the product's dimension numbers.
+
+  XLA lays a transpose out so that it moves no data where it can (the array keeps its memory
+  order under a permuted layout). A 2-D product takes such an operand as it is; a batched one
+  was silently run in float32 on generic kernels instead (three of the attention core's four
+  backward products), so its operands are copied to row-major order: flattened behind the
+  barrier, which a permuted layout cannot be without a copy.
   """
   (lhs_spec, lhs), (rhs_spec, rhs) = first, second
   batch = [c for c in out_spec if c in lhs_spec and c in rhs_spec]
@@ -75,8 +80,13 @@ def _lhs_contracting_last(out_spec: str, first: tuple[str, jax.Array],
   free = [c for c in out_spec if c in lhs_spec and c not in batch]
   contracted = [c for c in rhs_spec if c in lhs_spec and c not in out_spec]
   layout = ''.join(batch + free + contracted)
-  if layout != lhs_spec:
-    lhs = lax.optimization_barrier(jnp.transpose(lhs, [lhs_spec.index(c) for c in layout]))
+  lhs = jnp.transpose(lhs, [lhs_spec.index(c) for c in layout]).astype(operand_dtype)
+  rhs = rhs.astype(operand_dtype)
+  if batch:
+    flat = lax.optimization_barrier((lhs.reshape(-1), rhs.reshape(-1)))
+    lhs, rhs = flat[0].reshape(lhs.shape), flat[1].reshape(rhs.shape)
+  elif layout != lhs_spec:
+    lhs = lax.optimization_barrier(lhs)
   dimension_numbers = (([layout.index(c) for c in contracted],
                         [rhs_spec.index(c) for c in contracted]),
                        ([layout.index(c) for c in batch], [rhs_spec.index(c) for c in batch]))
