@@ -96,14 +96,19 @@ def _dot_types(hlo_text):
   return [((lhs, rhs), out) for lhs, rhs, out in found]
 
 
+def _lowered_vit_grad(dtype, remat='none'):
+  """The jitted gradient of a tiny ViT's summed logits, lowered (parameter shapes suffice)."""
+  model = models.create('ViT-Mu_4', num_classes=5, dtype=dtype, remat=remat)
+  images = jnp.ones((2, 32, 32, 3))
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images))['params']
+  loss = lambda p: model.apply({'params': p}, images).astype(jnp.float32).sum()
+  return jax.jit(jax.grad(loss)).lower(params)
+
+
 def test_bfloat16_train_step_products_are_bfloat16_in_float32_out():
   """Every product of a bfloat16 ViT's forward and backward: bfloat16 operands, float32 result,
   the form XLA:CPU runs on the matrix units (before: bfloat16 results, or float32 operands)."""
-  model = models.create('ViT-Mu_4', num_classes=5, dtype='bfloat16')
-  images = jnp.ones((2, 32, 32, 3))
-  params = model.init(jax.random.PRNGKey(0), images)['params']
-  loss = lambda p: model.apply({'params': p}, images).astype(jnp.float32).sum()
-  dots = _dot_types(jax.jit(jax.grad(loss)).lower(params).as_text())
+  dots = _dot_types(_lowered_vit_grad('bfloat16').as_text())
   # Forward and backward: patch embedding, qkv, 2 attention products, out, 2 MLP, head.
   assert len(dots) >= 3 * 4 * 6
   assert set(dots) == {(('bf16', 'bf16'), 'f32')}
@@ -121,22 +126,14 @@ def test_bfloat16_encoder_products_stay_bfloat16_once_compiled():
   """What XLA runs, not only what jax emits: a batched product whose operand XLA had laid out
   transposed without moving data was upcast to float32 (three of the attention core's four
   backward products, per layer)."""
-  model = models.create('ViT-Mu_4', num_classes=5, dtype='bfloat16')
-  images = jnp.ones((2, 32, 32, 3))
-  params = model.init(jax.random.PRNGKey(0), images)['params']
-  loss = lambda p: model.apply({'params': p}, images).astype(jnp.float32).sum()
-  dots = _compiled_dot_types(jax.jit(jax.grad(loss)).lower(params).compile().as_text())
+  dots = _compiled_dot_types(_lowered_vit_grad('bfloat16').compile().as_text())
   encoder = [dot[:3] for dot in dots if '/encoderblock_' in dot[3]]
   assert len(encoder) == 4 * (6 + 12)  # Per layer: 6 products forward, 12 backward.
   assert set(encoder) == {('bf16', 'bf16', 'f32')}
 
 
 def _grad_dot_count(dtype, remat):
-  model = models.create('ViT-Mu_4', num_classes=5, dtype=dtype, remat=remat)
-  images = jnp.ones((2, 32, 32, 3))
-  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images))['params']
-  loss = lambda p: model.apply({'params': p}, images).astype(jnp.float32).sum()
-  return len(_dot_types(jax.jit(jax.grad(loss)).lower(params).as_text()))
+  return len(_dot_types(_lowered_vit_grad(dtype, remat).as_text()))
 
 
 def test_remat_dots_saves_the_narrow_products_as_it_saves_float32_ones():
