@@ -97,12 +97,13 @@ def _dot_types(hlo_text):
 
 
 def _lowered_vit_grad(dtype, remat='none'):
-  """The jitted gradient of a tiny ViT's summed logits, lowered (parameter shapes suffice)."""
+  """The jitted gradient of a tiny ViT's squared logits, lowered from shapes alone. The images
+  are an argument, not a constant XLA could fold into the backward products."""
   model = models.create('ViT-Mu_4', num_classes=5, dtype=dtype, remat=remat)
-  images = jnp.ones((2, 32, 32, 3))
-  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images))['params']
-  loss = lambda p: model.apply({'params': p}, images).astype(jnp.float32).sum()
-  return jax.jit(jax.grad(loss)).lower(params)
+  images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.ones(images.shape)))
+  loss = lambda p, x: (model.apply(p, x).astype(jnp.float32) ** 2).mean()
+  return jax.jit(jax.grad(loss)).lower(params, images)
 
 
 def test_bfloat16_train_step_products_are_bfloat16_in_float32_out():
@@ -126,10 +127,16 @@ def test_bfloat16_encoder_products_stay_bfloat16_once_compiled():
   """What XLA runs, not only what jax emits: a batched product whose operand XLA had laid out
   transposed without moving data was upcast to float32 (three of the attention core's four
   backward products, per layer)."""
-  dots = _compiled_dot_types(_lowered_vit_grad('bfloat16').compile().as_text())
+  hlo = _lowered_vit_grad('bfloat16').compile().as_text()
+  dots = _compiled_dot_types(hlo)
   encoder = [dot[:3] for dot in dots if '/encoderblock_' in dot[3]]
   assert len(encoder) == 4 * (6 + 12)  # Per layer: 6 products forward, 12 backward.
   assert set(encoder) == {('bf16', 'bf16', 'f32')}
+  # Each in a matmul-library fusion: a dot left in the entry computation runs on XLA's own
+  # kernel, which fails at run time on bfloat16 x bfloat16 -> float32 (XLA had rewritten
+  # transpose(dot(a, b)) into dot(b^T, a^T), undoing the lhs layout).
+  entry = hlo[hlo.index('\nENTRY'):]
+  assert not re.findall(r'^.* dot\(.*$', entry, re.MULTILINE)
 
 
 def _grad_dot_count(dtype, remat):

@@ -12,8 +12,9 @@ Accelerators get the plain `jnp.einsum` / `lax.dot_general` (bfloat16 results, a
 float32 by the hardware), and so do float32 models everywhere.
 """
 import functools
+import math
 import string
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 from jax import lax
@@ -56,6 +57,45 @@ def _narrow_einsum_bwd(spec, operand_dtype, residuals, g):
   return da.astype(a.dtype), db.astype(b.dtype)
 
 
+class _ProductLayout(NamedTuple):
+  """A product's indices, with `lhs_order` (batch, free, contracted) the lhs's layout and
+  `out_order` (batch, lhs free, rhs free) the order its output comes in."""
+  batch: list[str]
+  free: list[str]
+  contracted: list[str]
+  rhs_free: list[str]
+
+  @property
+  def lhs_order(self) -> str:
+    return ''.join(self.batch + self.free + self.contracted)
+
+  @property
+  def out_order(self) -> str:
+    return ''.join(self.batch + self.free + self.rhs_free)
+
+
+def _product_layout(out_spec: str, lhs_spec: str, rhs_spec: str) -> _ProductLayout:
+  batch = [c for c in out_spec if c in lhs_spec and c in rhs_spec]
+  return _ProductLayout(batch=batch,
+                        free=[c for c in out_spec if c in lhs_spec and c not in batch],
+                        contracted=[c for c in rhs_spec if c in lhs_spec and c not in out_spec],
+                        rhs_free=[c for c in rhs_spec if c not in lhs_spec])
+
+
+def _elements_moved(out_spec: str, lhs: tuple[str, jax.Array], rhs: tuple[str, jax.Array]) -> int:
+  """How many elements the transposes around the product move with `lhs` as its lhs: its own,
+  the output's, and the rhs's unless it is (batch, contracted, free) or (batch, free, contracted),
+  which XLA multiplies as it is."""
+  (lhs_spec, lhs_array), (rhs_spec, rhs_array) = lhs, rhs
+  p = _product_layout(out_spec, lhs_spec, rhs_spec)
+  rhs_as_is = rhs_spec in (''.join(p.batch + p.contracted + p.rhs_free),
+                           ''.join(p.batch + p.rhs_free + p.contracted))
+  sizes = dict(zip(lhs_spec + rhs_spec, lhs_array.shape + rhs_array.shape))
+  return ((lhs_array.size if p.lhs_order != lhs_spec else 0)
+          + (0 if rhs_as_is else rhs_array.size)
+          + (math.prod(sizes[c] for c in out_spec) if p.out_order != out_spec else 0))
+
+
 def _lhs_contracting_last(out_spec: str, first: tuple[str, jax.Array],
                           second: tuple[str, jax.Array], operand_dtype: Any) -> jax.Array:
   """The float32-accumulated einsum of two (spec, operand) pairs into `out_spec`, on operands
@@ -63,9 +103,12 @@ def _lhs_contracting_last(out_spec: str, first: tuple[str, jax.Array],
 
   XLA:CPU runs a narrow product on the matrix units only when its lhs contracts over its
   trailing dimensions; the backward products that contract over tokens or queries (weight
-  gradients, p^T dy in attention) otherwise ran on its generic kernels. The lhs is the operand
-  holding the output's leading free index, transposed explicitly behind an optimization barrier,
-  which keeps XLA from folding the transpose back into the product's dimension numbers.
+  gradients, p^T dy in attention) otherwise ran on its generic kernels. The lhs is transposed
+  explicitly behind an optimization barrier, which keeps XLA from folding the transpose back into
+  the product's dimension numbers, and so is the output where it needs a transpose. Which
+  operand is the lhs: the one for which these transposes move fewer elements (a weight gradient
+  then transposes the narrower of its two activations: for the MLP's second layer, its 384-wide
+  output gradient rather than its 1536-wide input).
 
   XLA lays a transpose out so that it moves no data where it can (the array keeps its memory
   order under a permuted layout). A 2-D product takes such an operand as it is; a batched one
@@ -73,28 +116,25 @@ def _lhs_contracting_last(out_spec: str, first: tuple[str, jax.Array],
   backward products), so its operands are copied to row-major order: flattened behind the
   barrier, which a permuted layout cannot be without a copy.
   """
-  (lhs_spec, lhs), (rhs_spec, rhs) = first, second
-  batch = [c for c in out_spec if c in lhs_spec and c in rhs_spec]
-  if next(c for c in out_spec if c not in batch) not in lhs_spec:
-    (lhs_spec, lhs), (rhs_spec, rhs) = (rhs_spec, rhs), (lhs_spec, lhs)
-  free = [c for c in out_spec if c in lhs_spec and c not in batch]
-  contracted = [c for c in rhs_spec if c in lhs_spec and c not in out_spec]
-  layout = ''.join(batch + free + contracted)
-  lhs = jnp.transpose(lhs, [lhs_spec.index(c) for c in layout]).astype(operand_dtype)
+  (lhs_spec, lhs), (rhs_spec, rhs) = min(
+      (first, second), (second, first), key=lambda pair: _elements_moved(out_spec, *pair))
+  p = _product_layout(out_spec, lhs_spec, rhs_spec)
+  lhs = jnp.transpose(lhs, [lhs_spec.index(c) for c in p.lhs_order]).astype(operand_dtype)
   rhs = rhs.astype(operand_dtype)
-  if batch:
+  if p.batch:
     flat = lax.optimization_barrier((lhs.reshape(-1), rhs.reshape(-1)))
     lhs, rhs = flat[0].reshape(lhs.shape), flat[1].reshape(rhs.shape)
-  elif layout != lhs_spec:
+  elif p.lhs_order != lhs_spec:
     lhs = lax.optimization_barrier(lhs)
-  dimension_numbers = (([layout.index(c) for c in contracted],
-                        [rhs_spec.index(c) for c in contracted]),
-                       ([layout.index(c) for c in batch], [rhs_spec.index(c) for c in batch]))
+  dimension_numbers = (([p.lhs_order.index(c) for c in p.contracted],
+                        [rhs_spec.index(c) for c in p.contracted]),
+                       ([p.lhs_order.index(c) for c in p.batch],
+                        [rhs_spec.index(c) for c in p.batch]))
   # lax.dot_general keeps the operands' order (jnp.einsum may swap them).
   out = lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=jnp.float32)
-  rhs_free = [c for c in rhs_spec if c not in lhs_spec]
-  produced = ''.join(batch + free + rhs_free)
-  return jnp.transpose(out, [produced.index(c) for c in out_spec])
+  if p.out_order != out_spec:  # Else XLA rewrites transpose(dot(a, b)) as dot(b^T, a^T).
+    out = lax.optimization_barrier(out)
+  return jnp.transpose(out, [p.out_order.index(c) for c in out_spec])
 
 
 narrow_einsum.defvjp(_narrow_einsum_fwd, _narrow_einsum_bwd)
