@@ -73,6 +73,11 @@ class _ProductLayout(NamedTuple):
   def out_order(self) -> str:
     return ''.join(self.batch + self.free + self.rhs_free)
 
+  @property
+  def rhs_orders_taken_as_is(self) -> tuple[str, str]:
+    return (''.join(self.batch + self.contracted + self.rhs_free),
+            ''.join(self.batch + self.rhs_free + self.contracted))
+
 
 def _product_layout(out_spec: str, lhs_spec: str, rhs_spec: str) -> _ProductLayout:
   batch = [c for c in out_spec if c in lhs_spec and c in rhs_spec]
@@ -88,11 +93,9 @@ def _elements_moved(out_spec: str, lhs: tuple[str, jax.Array], rhs: tuple[str, j
   which XLA multiplies as it is."""
   (lhs_spec, lhs_array), (rhs_spec, rhs_array) = lhs, rhs
   p = _product_layout(out_spec, lhs_spec, rhs_spec)
-  rhs_as_is = rhs_spec in (''.join(p.batch + p.contracted + p.rhs_free),
-                           ''.join(p.batch + p.rhs_free + p.contracted))
   sizes = dict(zip(lhs_spec + rhs_spec, lhs_array.shape + rhs_array.shape))
   return ((lhs_array.size if p.lhs_order != lhs_spec else 0)
-          + (0 if rhs_as_is else rhs_array.size)
+          + (0 if rhs_spec in p.rhs_orders_taken_as_is else rhs_array.size)
           + (math.prod(sizes[c] for c in out_spec) if p.out_order != out_spec else 0))
 
 
