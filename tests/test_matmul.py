@@ -101,7 +101,7 @@ def _lowered_vit_grad(dtype, remat='none'):
   are an argument, not a constant XLA could fold into the backward products."""
   model = models.create('ViT-Mu_4', num_classes=5, dtype=dtype, remat=remat)
   images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
-  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.ones(images.shape)))
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
   loss = lambda p, x: (model.apply(p, x).astype(jnp.float32) ** 2).mean()
   return jax.jit(jax.grad(loss)).lower(params, images)
 
