@@ -18,6 +18,7 @@ _PROBE = r'''
 import json, resource, statistics
 import vit_jax
 import jax, jax.numpy as jnp
+from vit_jax.training import benchmark
 double = jax.jit(lambda x: x * 2)
 x = jnp.ones((8192, 4096), jnp.float32)
 faults = []
@@ -26,7 +27,9 @@ for _ in range(48):
   double(x).block_until_ready().delete()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(json.dumps({'tuned': vit_jax.HOST_ALLOCATOR_TUNED,
-                  'faults_per_call': statistics.median(faults[32:])}))
+                  'huge_page_heap_bytes': vit_jax.HUGE_PAGE_HEAP_BYTES,
+                  'faults_per_call': statistics.median(faults[32:]),
+                  'huge_pages_bytes': benchmark.host_huge_pages_bytes()}))
 '''
 
 
@@ -47,6 +50,19 @@ def test_freed_buffers_are_reused_instead_of_faulted_in_again():
   assert kept['faults_per_call'] < 1_000
 
 
+@pytest.mark.skipif('[madvise]' not in host_allocator._read(
+    '/sys/kernel/mm/transparent_hugepage/enabled'), reason='transparent huge pages on request only')
+def test_buffers_come_in_huge_pages_unless_switched_off():
+  kept, small = _probe(), _probe(VIT_JAX_HOST_ALLOCATOR='small_pages')
+  assert kept['tuned'] and small['tuned']
+  assert kept['huge_page_heap_bytes'] > 2**30 and small['huge_page_heap_bytes'] == 0
+  # At least the 128 MiB input and the reused 128 MiB output in 2 MiB pages; measured: 1.1 GB
+  # with the setting (the heap's other blocks too), 0 without.
+  assert kept['huge_pages_bytes'] >= 200 * 2**20
+  assert small['huge_pages_bytes'] < 32 * 2**20
+  assert kept['faults_per_call'] < 1_000
+
+
 def test_left_alone_where_an_accelerator_is_expected_or_it_is_switched_off(monkeypatch):
   monkeypatch.setenv('JAX_PLATFORMS', 'cuda,cpu')
   assert host_allocator._accelerator_expected()
@@ -55,3 +71,12 @@ def test_left_alone_where_an_accelerator_is_expected_or_it_is_switched_off(monke
   assert not host_allocator._accelerator_expected()
   monkeypatch.setenv('VIT_JAX_HOST_ALLOCATOR', 'system')
   assert not host_allocator.keep_freed_memory()
+  assert host_allocator.advise_huge_pages() == 0
+  monkeypatch.setenv('VIT_JAX_HOST_ALLOCATOR', 'small_pages')
+  assert host_allocator.advise_huge_pages() == 0
+
+
+def test_an_unknown_setting_warns_and_keeps(monkeypatch):
+  monkeypatch.setenv('VIT_JAX_HOST_ALLOCATOR', 'small-pages')
+  with pytest.warns(UserWarning, match='not one of keep, small_pages, system'):
+    assert host_allocator._setting() == 'keep'

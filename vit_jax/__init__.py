@@ -3,3 +3,4 @@ from vit_jax import host_allocator
 
 # First thing, before jax or tensorflow start threads: see host_allocator's docstring.
 HOST_ALLOCATOR_TUNED = host_allocator.keep_freed_memory()
+HUGE_PAGE_HEAP_BYTES = host_allocator.advise_huge_pages() if HOST_ALLOCATOR_TUNED else 0

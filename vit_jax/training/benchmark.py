@@ -92,6 +92,15 @@ def peak_memory_bytes() -> tuple[int, str]:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'host RSS'
 
 
+def host_huge_pages_bytes() -> int:
+  """Process memory now in transparent huge pages (Linux; 0 elsewhere)."""
+  try:
+    with open('/proc/self/smaps_rollup') as f:
+      return next(int(line.split()[1]) * 1024 for line in f if line.startswith('AnonHugePages:'))
+  except (OSError, StopIteration):
+    return 0
+
+
 def _synthetic_batch(exp: Experiment, batch: int, with_mask: bool) -> dict:
   rng = np.random.default_rng(0)
   local = batch // jax.process_count()
@@ -169,7 +178,9 @@ def bench_step(exp: Experiment, what: str, steps: int = 20, warmup: int = 3,
     result['cpu_s_per_step_median'] = statistics.median(cpu for _, cpu, _ in timed)
     # Pages the step touched for the first time: each costs kernel time (vit_jax.host_allocator).
     result['page_faults_per_step_median'] = statistics.median(faults for _, _, faults in timed)
-    result['host_allocator'] = 'kept' if vit_jax.HOST_ALLOCATOR_TUNED else 'system'
+    result['host_allocator'] = ('system' if not vit_jax.HOST_ALLOCATOR_TUNED else
+                                'kept, huge pages' if vit_jax.HUGE_PAGE_HEAP_BYTES else 'kept')
+    result['host_huge_pages_gib'] = host_huge_pages_bytes() / 2**30
   nominal = perf.device_peak_tflops()
   if nominal:
     result['nominal_peak_tflops'] = nominal
