@@ -34,7 +34,6 @@ _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's <malloc.h>.
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 _MADV_HUGEPAGE = 14  # From <sys/mman.h>.
-_HUGE_PAGE_BYTES = 2**21
 _SETTINGS = ('keep', 'small_pages', 'system')
 
 
@@ -101,13 +100,13 @@ def advise_huge_pages() -> int:
   libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
   # With mmap off this block comes from growing the heap; malloc touches only its header page,
   # and freed it joins the heap's top, never trimmed, for later allocations to be cut from.
-  start = libc.malloc(os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') // 2)
+  page = os.sysconf('SC_PAGE_SIZE')
+  start = libc.malloc(os.sysconf('SC_PHYS_PAGES') * page // 2)
   if not start:
     return 0
   end = libc.sbrk(0)
   libc.free(start)
-  low = -(-start // _HUGE_PAGE_BYTES) * _HUGE_PAGE_BYTES
-  high = end // _HUGE_PAGE_BYTES * _HUGE_PAGE_BYTES  # Below `start` if glibc fell back to mmap.
+  low, high = -(-start // page) * page, end // page * page  # end < start: glibc used mmap.
   if high <= low or libc.madvise(low, high - low, _MADV_HUGEPAGE) != 0:
     return 0
   return high - low
