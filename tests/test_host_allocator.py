@@ -18,7 +18,6 @@ _PROBE = r'''
 import json, resource, statistics
 import vit_jax
 import jax, jax.numpy as jnp
-from vit_jax.training import benchmark
 double = jax.jit(lambda x: x * 2)
 x = jnp.ones((8192, 4096), jnp.float32)
 faults = []
@@ -29,7 +28,7 @@ for _ in range(48):
 print(json.dumps({'tuned': vit_jax.HOST_ALLOCATOR_TUNED,
                   'huge_page_heap_bytes': vit_jax.HUGE_PAGE_HEAP_BYTES,
                   'faults_per_call': statistics.median(faults[32:]),
-                  'huge_pages_bytes': benchmark.host_huge_pages_bytes()}))
+                  'huge_pages_bytes': vit_jax.host_allocator.huge_pages_bytes()}))
 '''
 
 

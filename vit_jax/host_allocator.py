@@ -110,3 +110,10 @@ def advise_huge_pages() -> int:
   if high <= low or libc.madvise(low, high - low, _MADV_HUGEPAGE) != 0:
     return 0
   return high - low
+
+
+def huge_pages_bytes() -> int:
+  """Process memory now in transparent huge pages (Linux; 0 elsewhere)."""
+  lines = _read('/proc/self/smaps_rollup').splitlines()
+  return next((int(line.split()[1]) * 1024 for line in lines
+               if line.startswith('AnonHugePages:')), 0)

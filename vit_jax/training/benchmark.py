@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 import vit_jax
+from vit_jax import host_allocator
 from vit_jax.data import global_batch
 from vit_jax.models import matmul
 from vit_jax.training import perf
@@ -90,15 +91,6 @@ def peak_memory_bytes() -> tuple[int, str]:
   if 'peak_bytes_in_use' in stats:
     return int(stats['peak_bytes_in_use']), 'device'
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'host RSS'
-
-
-def host_huge_pages_bytes() -> int:
-  """Process memory now in transparent huge pages (Linux; 0 elsewhere)."""
-  try:
-    with open('/proc/self/smaps_rollup') as f:
-      return next(int(line.split()[1]) * 1024 for line in f if line.startswith('AnonHugePages:'))
-  except (OSError, StopIteration):
-    return 0
 
 
 def _synthetic_batch(exp: Experiment, batch: int, with_mask: bool) -> dict:
@@ -180,7 +172,7 @@ def bench_step(exp: Experiment, what: str, steps: int = 20, warmup: int = 3,
     result['page_faults_per_step_median'] = statistics.median(faults for _, _, faults in timed)
     result['host_allocator'] = ('system' if not vit_jax.HOST_ALLOCATOR_TUNED else
                                 'kept, huge pages' if vit_jax.HUGE_PAGE_HEAP_BYTES else 'kept')
-    result['host_huge_pages_gib'] = host_huge_pages_bytes() / 2**30
+    result['host_huge_pages_gib'] = host_allocator.huge_pages_bytes() / 2**30
   nominal = perf.device_peak_tflops()
   if nominal:
     result['nominal_peak_tflops'] = nominal
