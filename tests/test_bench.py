@@ -84,11 +84,12 @@ def test_bench_profile_traces_the_step_and_names_its_top_ops(tmp_path):
   rows = result['top_ops']
   assert len(rows) == 20 and sum(row['share'] for row in rows) <= 1 + 1e-9
   assert {row['direction'] for row in rows} == {'forward', 'backward', 'other'}
-  # Every op of the differentiated model is named by its model scope, transforms and layer
-  # index stripped (an op XLA combined from several, the gradients' all-reduce, by its first).
+  # Every op of the differentiated objective is named by its model scope, or as the loss's,
+  # transforms and layer index stripped (an op XLA combined from several, the gradients'
+  # all-reduce, by its first).
   for row in rows:
     if row['direction'] != 'other':
-      assert row['scope'].split(': ')[-1].startswith('VisionTransformer/'), row
+      assert row['scope'].split(': ')[-1].startswith(('VisionTransformer/', 'loss/')), row
     assert 'jvp(' not in row['scope'] and not re.search(r'encoderblock_\d', row['scope'])
   assert len({(row['direction'], row['scope']) for row in rows}) == len(rows)
 

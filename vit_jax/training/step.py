@@ -38,8 +38,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   def micro_grads(params, images, labels, rng):
     def objective(params):
       logits = model.apply({'params': params}, images, train=True, rngs={'dropout': rng})
-      targets = _targets(labels, num_classes, label_smoothing)
-      return jnp.mean(loss_fn(logits, targets, loss))
+      with jax.named_scope('loss'):  # Profiles name these ops 'loss/...' beside the model's.
+        targets = _targets(labels, num_classes, label_smoothing)
+        return jnp.mean(loss_fn(logits, targets, loss))
     return jax.value_and_grad(objective)(params)
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
