@@ -1,4 +1,6 @@
 """The model zoo: exact parameter counts, layouts, options, equivalences and errors."""
+import types
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -143,7 +145,7 @@ def test_fused_attention_matches_explicit_softmax():
   np.testing.assert_allclose(attention.sum(-1), 1., atol=1e-5)
 
 
-@pytest.mark.parametrize('implementation', [None, 'xla'])
+@pytest.mark.parametrize('implementation', ['auto', 'xla'])
 def test_attention_matches_the_plain_formulation(implementation):
   """Every path (CPU default: normalised after PV; jax.nn.dot_product_attention; the explicit
   one that sows the weights) is the textbook softmax(q k^T / sqrt(d)) v of the released params."""
@@ -162,6 +164,47 @@ def test_attention_matches_the_plain_formulation(implementation):
   np.testing.assert_allclose(fused, expected, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(explicit, expected, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(inter['intermediates']['attention'][0], weights, atol=1e-6)
+
+
+def test_auto_attention_asks_for_cudnn_only_where_it_applies(monkeypatch):
+  """jax.nn.dot_product_attention defaults to XLA even on GPUs; 'auto' asks for cuDNN's kernel on
+  CUDA with half-precision operands and a head dim it takes, and leaves everything else to jax."""
+  choose = vit._fused_implementation  # pylint: disable=protected-access
+  assert choose('auto', jnp.bfloat16, 64) is None  # This CPU.
+  monkeypatch.setattr(jax.extend.backend, 'get_backend',
+                      lambda: types.SimpleNamespace(platform_version='cuda 12080'))
+  assert choose('auto', jnp.bfloat16, 64) == choose('auto', jnp.float16, 80) == 'cudnn'
+  assert choose('auto', jnp.float32, 64) is None  # cuDNN's kernel takes fp16/bf16 only.
+  assert choose('auto', jnp.bfloat16, 20) is None  # Not a multiple of 8.
+  assert choose('xla', jnp.bfloat16, 64) == 'xla'
+  monkeypatch.setattr(jax.extend.backend, 'get_backend',
+                      lambda: types.SimpleNamespace(platform_version='rocm 60300'))
+  assert choose('auto', jnp.bfloat16, 64) is None
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs a GPU')
+def test_auto_attention_on_gpu_is_cudnn_and_matches_xla():
+  """On GPUs 'auto' runs bf16 attention through cuDNN's fused kernel (ViT-B's shapes: 197 tokens,
+  12 heads of 64), with XLA's outputs and gradients up to bf16 rounding."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 197, 768))
+  layers = {impl: vit.MultiHeadDotProductAttention(num_heads=12, dtype=jnp.bfloat16,
+                                                   implementation=impl)
+            for impl in ('auto', 'xla')}
+  params = layers['xla'].init(jax.random.PRNGKey(1), x, deterministic=True)['params']
+  loss = lambda impl: jax.jit(jax.value_and_grad(  # pylint: disable=g-long-lambda
+      lambda p, x: jnp.sum(layers[impl].apply({'params': p}, x, deterministic=True)
+                           .astype(jnp.float32) ** 2), argnums=(0, 1)))
+  assert 'cudnn' in loss('auto').lower(params, x).as_text()
+  assert 'cudnn' not in loss('xla').lower(params, x).as_text()
+  (fused, fused_grads), (plain, plain_grads) = loss('auto')(params, x), loss('xla')(params, x)
+  rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+  assert rel(fused, plain) < 1e-2
+  # The key bias is left out: it shifts each query's logits by a constant, so its gradient is 0
+  # up to rounding and a relative error of it means nothing.
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(fused_grads),
+                          jax.tree.leaves(plain_grads)):
+    if "['key']['bias']" not in jax.tree_util.keystr(path):
+      assert rel(a.astype(jnp.float32), b.astype(jnp.float32)) < 2e-2, jax.tree_util.keystr(path)
 
 
 def test_head_projection_is_laid_out_and_initialised_as_dense_general():

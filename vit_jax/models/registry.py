@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from vit_jax.errors import ConfigError
 from vit_jax.models import resnet
-from vit_jax.models.vit import REMAT_POLICIES, VisionTransformer
+from vit_jax.models.vit import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, VisionTransformer
 
 # hidden_size, mlp_dim, num_heads, num_layers (the paper's Table 1, plus Ti and S from DeiT/AugReg,
 # plus small widths sized for CPU work).
@@ -25,7 +25,7 @@ SIZES = {
 # Options that change how the model is computed, not what: configs list them in
 # `model_overrides` so that `--config.model_overrides.scan=True` can set them (config_flags only
 # sets keys a config already has).
-COMPUTE_OPTIONS = {'scan': False, 'remat': 'none'}
+COMPUTE_OPTIONS = {'scan': False, 'remat': 'none', 'attention_impl': 'auto'}
 RELEASED = ('ViT-Ti_16', 'ViT-S_16', 'ViT-S_32', 'ViT-B_8', 'ViT-B_16', 'ViT-B_32', 'ViT-L_16',
             'ViT-L_32', 'ViT-H_14', 'R50+ViT-B_16')
 CPU_SIZED = ('ViT-Mu_4', 'ViT-Pico_4', 'ViT-Ti_4', 'ViT-Ti_7', 'R26+ViT-Mu_8', 'R8+ViT-Mu_8')
@@ -36,7 +36,7 @@ CPU_SIZED = ('ViT-Mu_4', 'ViT-Pico_4', 'ViT-Ti_4', 'ViT-Ti_7', 'R26+ViT-Mu_8', '
 STEMS = {'R50': ((3, 4, 9), 1.0), 'R26': ((2, 2), 1.0), 'R8': ((1, 1), 0.5)}
 _NAME = re.compile(r'^(?:(?P<stem>R\d+)\+)?ViT-(?P<size>[A-Za-z]+)_(?P<patch>\d+)$')
 _CHOICES = {'classifier': ('token', 'gap', 'map'), 'posemb': ('learn', 'sincos2d'),
-            'remat': tuple(REMAT_POLICIES)}
+            'remat': tuple(REMAT_POLICIES), 'attention_impl': ATTENTION_IMPLEMENTATIONS}
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 

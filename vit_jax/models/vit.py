@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional
 import einops
 import flax.linen as nn
 import jax
+import jax.extend.backend
 import jax.numpy as jnp
 import numpy as np
 
@@ -86,6 +87,24 @@ def _attention_cpu(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
   return (y / unnormalized.sum(-1, keepdims=True)).astype(v.dtype)
 
 
+# 'auto' picks per backend and dtype; 'xla' and 'cudnn' are `jax.nn.dot_product_attention`'s.
+ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn')
+
+
+def _fused_implementation(implementation: str, dtype: Dtype, head_dim: int) -> Optional[str]:
+  """`jax.nn.dot_product_attention`'s `implementation` for ours.
+
+  jax's own default is XLA's unfused formulation even on GPUs, so 'auto' asks for cuDNN's flash
+  kernel where it applies: an NVIDIA GPU (CUDA backend), half-precision operands, a head dim
+  that is a multiple of 8 up to 128 (ViT-Ti to ViT-H all qualify).
+  """
+  if implementation != 'auto':
+    return implementation
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  cuda = 'cuda' in jax.extend.backend.get_backend().platform_version.lower()
+  return 'cudnn' if cuda and half and head_dim % 8 == 0 and head_dim <= 128 else None
+
+
 class HeadProjection(nn.Module):
   """The parameters of `query`, `key` or `value`, laid out and initialised as `nn.DenseGeneral`
   (features=(heads, head_dim)) does; the attention layer applies all three as one matmul."""
@@ -107,15 +126,16 @@ class MultiHeadDotProductAttention(nn.Module):
   """Self-attention with the released layout: query/key/value (D, heads, D/heads), out (heads, D/heads, D).
 
   q, k and v come from one matmul against the three kernels side by side (the 1/sqrt(d) logit
-  scale folded into the query's). The fused `jax.nn.dot_product_attention` runs by default on
-  accelerators (cuDNN flash on GPUs), `_attention_cpu` on CPU (unless `implementation` is
-  given). When the 'intermediates' collection is mutable the weights are computed explicitly
-  and sown as `attention`, which is how the analyses read them from this same code.
+  scale folded into the query's). `implementation` (see `ATTENTION_IMPLEMENTATIONS`): 'auto'
+  runs `_attention_cpu` on CPU and `jax.nn.dot_product_attention` elsewhere, asking it for
+  cuDNN's fused kernel where that applies (`_fused_implementation`). When the 'intermediates'
+  collection is mutable the weights are computed explicitly and sown as `attention`, which is
+  how the analyses read them from this same code.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
   dropout_rate: float = 0.0
-  implementation: Optional[str] = None
+  implementation: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, deterministic: bool) -> jnp.ndarray:
@@ -123,7 +143,7 @@ class MultiHeadDotProductAttention(nn.Module):
     head_dim = features // self.num_heads
     use_dropout = self.dropout_rate > 0 and not deterministic
     explicit = self.is_mutable_collection('intermediates') or use_dropout
-    head_major = explicit or (self.implementation is None and jax.default_backend() == 'cpu')
+    head_major = explicit or (self.implementation == 'auto' and jax.default_backend() == 'cpu')
     kernels, biases = zip(*(HeadProjection(self.num_heads, head_dim, name=name)(features)
                             for name in ('query', 'key', 'value')))
     scale = jnp.asarray([1 / np.sqrt(head_dim), 1, 1], jnp.float32)
@@ -145,7 +165,9 @@ class MultiHeadDotProductAttention(nn.Module):
     elif head_major:
       y = _attention_cpu(q, k, v, einsum)
     else:
-      y = jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation=self.implementation)
+      y = jax.nn.dot_product_attention(
+          q, k, v, scale=1.0,
+          implementation=_fused_implementation(self.implementation, self.dtype, head_dim))
     return nn.DenseGeneral(
         features=features, axis=(1, 3) if head_major else (-2, -1), dtype=self.dtype,
         dot_general=matmul.dot_general_for(self.dtype), name='out',
@@ -187,7 +209,7 @@ class Encoder1DBlock(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   gelu_approximate: bool = True
-  attention_impl: Optional[str] = None
+  attention_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
@@ -221,7 +243,7 @@ class Encoder(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   gelu_approximate: bool = True
-  attention_impl: Optional[str] = None
+  attention_impl: str = 'auto'
   posemb: str = 'learn'
   remat: str = 'none'
   scan: bool = False
@@ -297,7 +319,7 @@ class VisionTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   remat: str = 'none'
   scan: bool = False
-  attention_impl: Optional[str] = None
+  attention_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, images: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:

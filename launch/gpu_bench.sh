@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# ViT-B/16 bf16 on one GPU, in one go (issue #8's accelerator row): the cuDNN attention test,
+# then the bench's train step with 'auto' (cuDNN) and 'xla' attention and a larger batch, and
+# the eval step. Each result is OUTDIR/NAME.json (+ .log); a table is printed last.
+#
+#   launch/gpu_bench.sh OUTDIR [WHEEL_DIR]
+#
+# Run from the repository root. The machine's python3 needs jax with CUDA, flax, optax, einops,
+# absl-py and PyYAML (no TensorFlow, no dataset); missing wheels (ml-collections on the lent
+# H200 image) are installed from WHEEL_DIR into /tmp/site (docs/performance.md).
+set -u
+out=${1:?usage: launch/gpu_bench.sh OUTDIR [WHEEL_DIR]}
+mkdir -p "$out"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if [ -n "${2:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "$2"/*.whl || exit 1
+  export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv
+python3 -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__,
+  "optax", optax.__version__, jax.devices())'
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_models.py -k cudnn -rs 2>&1 |
+  tee "$out/test_cudnn.log" | tail -3
+
+bench() {
+  local name=$1
+  shift
+  timeout 150 python3 -m vit_jax.bench --config=configs/vit_b16.py --num_classes=1000 \
+    --config.dtype=bfloat16 --json "$@" >"$out/$name.json" 2>"$out/$name.log"
+  echo "$name: rc $?"
+}
+bench train_b256_auto --config.batch=256
+bench train_b256_xla --config.batch=256 --config.model_overrides.attention_impl=xla
+bench train_b512_auto --config.batch=512
+bench eval_b1024_auto --what=eval --config.batch_eval=1024
+
+python3 - "$out" <<'EOF'
+import json, pathlib, sys
+print(f'{"run":18} {"img/s":>8} {"MFU":>6} {"vs matmul":>9} {"step ms":>8} {"compile s":>9} {"GiB":>6}')
+for path in sorted(pathlib.Path(sys.argv[1]).glob('*.json')):
+  try:
+    r = json.loads(path.read_text().strip().splitlines()[-1])
+  except (ValueError, IndexError):
+    print(f'{path.stem:18} failed: see {path.stem}.log')
+    continue
+  print(f'{path.stem:18} {r["img_per_sec"]:8.0f} {r.get("mfu_vs_nominal", float("nan")):6.1%} '
+        f'{r["mfu_vs_measured_matmul"]:9.1%} {1e3 * r["step_s_median"]:8.1f} '
+        f'{r["compile_s"]:9.1f} {r["peak_memory_gib"]:6.1f}')
+EOF
