@@ -1,5 +1,5 @@
 """The paper's pre-training configs: load as the CLI does, build abstractly, Table 3 values."""
-import importlib.machinery
+import importlib.util
 import math
 import os
 import subprocess
@@ -208,8 +208,10 @@ def test_finetune_compute_options_default_to_the_checkpoints(flags_given):
 
 @pytest.mark.parametrize('arg', ['imagenet', 'jft300m', 'imagenet21k,extra'])
 def test_bad_argument_is_a_config_error(arg):
-  module = importlib.machinery.SourceFileLoader(
-      'vit_b16_config', os.path.join(CONFIGS_DIR, 'vit_b16.py')).load_module()
+  spec = importlib.util.spec_from_file_location('vit_b16_config',
+                                                os.path.join(CONFIGS_DIR, 'vit_b16.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
   with pytest.raises(ConfigError, match=r'use :imagenet21k or :imagenet2012'):
     module.get_config(arg)
   # Through config_flags (what the CLI does) the same one-line message surfaces.

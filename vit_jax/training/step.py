@@ -63,7 +63,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       loss_value, grads = jax.tree.map(lambda x: x / accum_steps, (loss_value, grads))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'loss': loss_value, 'grad_norm': optax.global_norm(grads),
+    metrics = {'loss': loss_value, 'grad_norm': optax.tree.norm(grads),
                'learning_rate': schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
