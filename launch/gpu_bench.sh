@@ -37,7 +37,8 @@ bench eval_b1024_auto --what=eval --config.batch_eval=1024
 
 python3 - "$out" <<'EOF'
 import json, pathlib, sys
-print(f'{"run":18} {"img/s":>8} {"MFU":>6} {"vs matmul":>9} {"step ms":>8} {"compile s":>9} {"GiB":>6}')
+print(f'{"run":18} {"img/s":>8} {"MFU":>6} {"vs matmul":>9} {"step ms":>8} {"compile s":>9} '
+      f'{"GiB":>6} cuDNN attention')
 for path in sorted(pathlib.Path(sys.argv[1]).glob('*.json')):
   try:
     r = json.loads(path.read_text().strip().splitlines()[-1])
@@ -46,5 +47,5 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob('*.json')):
     continue
   print(f'{path.stem:18} {r["img_per_sec"]:8.0f} {r.get("mfu_vs_nominal", float("nan")):6.1%} '
         f'{r["mfu_vs_measured_matmul"]:9.1%} {1e3 * r["step_s_median"]:8.1f} '
-        f'{r["compile_s"]:9.1f} {r["peak_memory_gib"]:6.1f}')
+        f'{r["compile_s"]:9.1f} {r["peak_memory_gib"]:6.1f} {r.get("cudnn_attention")}')
 EOF

@@ -173,6 +173,9 @@ def bench_step(exp: Experiment, what: str, steps: int = 20, warmup: int = 3,
     result['host_allocator'] = ('system' if not vit_jax.HOST_ALLOCATOR_TUNED else
                                 'kept, huge pages' if vit_jax.HUGE_PAGE_HEAP_BYTES else 'kept')
     result['host_huge_pages_gib'] = host_allocator.huge_pages_bytes() / 2**30
+  if jax.default_backend() == 'gpu':
+    # Read from the compiled program, so the figure says which attention it measured.
+    result['cudnn_attention'] = '__cudnn$fmha' in compiled.as_text()
   nominal = perf.device_peak_tflops()
   if nominal:
     result['nominal_peak_tflops'] = nominal
