@@ -191,12 +191,13 @@ def test_auto_attention_on_gpu_is_cudnn_and_matches_xla():
                                                    implementation=impl)
             for impl in ('auto', 'xla')}
   params = layers['xla'].init(jax.random.PRNGKey(1), x, deterministic=True)['params']
-  loss = lambda impl: jax.jit(jax.value_and_grad(  # pylint: disable=g-long-lambda
-      lambda p, x: jnp.sum(layers[impl].apply({'params': p}, x, deterministic=True)
-                           .astype(jnp.float32) ** 2), argnums=(0, 1)))
-  assert 'cudnn' in loss('auto').lower(params, x).as_text()
-  assert 'cudnn' not in loss('xla').lower(params, x).as_text()
-  (fused, fused_grads), (plain, plain_grads) = loss('auto')(params, x), loss('xla')(params, x)
+  loss = {impl: jax.jit(jax.value_and_grad(  # pylint: disable=g-long-lambda
+      lambda p, x, layer=layer: jnp.sum(layer.apply({'params': p}, x, deterministic=True)
+                                        .astype(jnp.float32) ** 2), argnums=(0, 1)))
+          for impl, layer in layers.items()}
+  assert 'cudnn' in loss['auto'].lower(params, x).as_text()
+  assert 'cudnn' not in loss['xla'].lower(params, x).as_text()
+  (fused, fused_grads), (plain, plain_grads) = loss['auto'](params, x), loss['xla'](params, x)
   rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
   assert rel(fused, plain) < 1e-2
   # The key bias is left out: it shifts each query's logits by a constant, so its gradient is 0
