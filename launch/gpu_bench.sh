@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ViT-B/16 bf16 on one GPU, in one go (issue #8's accelerator row): the cuDNN attention test,
 # then the bench's train step with 'auto' (cuDNN) and 'xla' attention and a larger batch, and
-# the eval step. Each result is OUTDIR/NAME.json (+ .log); a table is printed last.
+# the eval step. Each result is OUTDIR/NAME.json, their logs one OUTDIR/bench.log (the device
+# tool returns at most 8 files); a table is printed last.
 #
 #   launch/gpu_bench.sh OUTDIR [WHEEL_DIR]
 #
@@ -27,8 +28,12 @@ bench() {
   local name=$1
   shift
   timeout 150 python3 -m vit_jax.bench --config=configs/vit_b16.py --num_classes=1000 \
-    --config.dtype=bfloat16 --json "$@" >"$out/$name.json" 2>"$out/$name.log"
-  echo "$name: rc $?"
+    --config.dtype=bfloat16 --json "$@" >"$out/$name.json" 2>"$out/$name.err"
+  local rc=$?
+  echo "$name: rc $rc"
+  [ "$rc" = 0 ] || tail -n 15 "$out/$name.err"
+  { echo "=== $name (rc $rc)"; cat "$out/$name.err"; } >>"$out/bench.log"
+  rm -f "$out/$name.err"
 }
 bench train_b256_auto --config.batch=256
 bench train_b256_xla --config.batch=256 --config.model_overrides.attention_impl=xla
@@ -43,7 +48,7 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob('*.json')):
   try:
     r = json.loads(path.read_text().strip().splitlines()[-1])
   except (ValueError, IndexError):
-    print(f'{path.stem:18} failed: see {path.stem}.log')
+    print(f'{path.stem:18} failed: see bench.log')
     continue
   print(f'{path.stem:18} {r["img_per_sec"]:8.0f} {r.get("mfu_vs_nominal", float("nan")):6.1%} '
         f'{r["mfu_vs_measured_matmul"]:9.1%} {1e3 * r["step_s_median"]:8.1f} '
