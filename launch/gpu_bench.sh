@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # ViT-B/16 bf16 on one GPU, in one go (issue #8's accelerator row): the cuDNN attention test,
 # then the bench's train step with 'auto' (cuDNN) and 'xla' attention and a larger batch, and
-# the eval step. Each result is OUTDIR/NAME.json, their logs one OUTDIR/bench.log (the device
-# tool returns at most 8 files); a table is printed last.
+# the eval step, and a profile of the train step's ops. Each result is OUTDIR/NAME.json, their
+# logs one OUTDIR/bench.log (the device tool returns at most 8 files); a table is printed last.
 #
 #   launch/gpu_bench.sh OUTDIR [WHEEL_DIR]
 #
@@ -39,6 +39,8 @@ bench train_b256_auto --config.batch=256
 bench train_b256_xla --config.batch=256 --config.model_overrides.attention_impl=xla
 bench train_b512_auto --config.batch=512
 bench eval_b1024_auto --what=eval --config.batch_eval=1024
+# Last, as the profiler is the likeliest to fail: where the step's time goes, per model scope.
+bench profile_b256_auto --config.batch=256 --steps=5 --profile_dir=/tmp/vit_profile
 
 python3 - "$out" <<'EOF'
 import json, pathlib, sys
@@ -53,4 +55,7 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob('*.json')):
   print(f'{path.stem:18} {r["img_per_sec"]:8.0f} {r.get("mfu_vs_nominal", float("nan")):6.1%} '
         f'{r["mfu_vs_measured_matmul"]:9.1%} {1e3 * r["step_s_median"]:8.1f} '
         f'{r["compile_s"]:9.1f} {r["peak_memory_gib"]:6.1f} {r.get("cudnn_attention")}')
+  if 'top_ops' in r:
+    from vit_jax.training import profiling
+    print(profiling.format_summary(r['top_ops']))
 EOF

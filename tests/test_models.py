@@ -170,7 +170,9 @@ def test_auto_attention_asks_for_cudnn_only_where_it_applies(monkeypatch):
   """jax.nn.dot_product_attention defaults to XLA even on GPUs; 'auto' asks for cuDNN's kernel on
   CUDA with half-precision operands and a head dim it takes, and leaves everything else to jax."""
   choose = vit._fused_implementation  # pylint: disable=protected-access
-  assert choose('auto', jnp.bfloat16, 64) is None  # This CPU.
+  monkeypatch.setattr(jax.extend.backend, 'get_backend',
+                      lambda: types.SimpleNamespace(platform_version='<unknown>'))  # A CPU's.
+  assert choose('auto', jnp.bfloat16, 64) is None
   monkeypatch.setattr(jax.extend.backend, 'get_backend',
                       lambda: types.SimpleNamespace(platform_version='cuda 12080'))
   assert choose('auto', jnp.bfloat16, 64) == choose('auto', jnp.float16, 80) == 'cudnn'
@@ -180,6 +182,31 @@ def test_auto_attention_asks_for_cudnn_only_where_it_applies(monkeypatch):
   monkeypatch.setattr(jax.extend.backend, 'get_backend',
                       lambda: types.SimpleNamespace(platform_version='rocm 60300'))
   assert choose('auto', jnp.bfloat16, 64) is None
+
+
+def test_cudnn_attention_pads_odd_token_counts_without_changing_the_result(monkeypatch):
+  """jax refuses cuDNN's gradient for odd token counts (ViT's 197), so the layer appends a masked
+  token. Checked here on CPU with XLA standing in for cuDNN: values and gradients as unpadded."""
+  calls = []
+  unpatched = jax.nn.dot_product_attention
+
+  def xla_for_cudnn(*args, implementation=None, **kwargs):
+    calls.append((args[0].shape, implementation, kwargs.get('key_value_seq_lengths')))
+    return unpatched(*args, implementation='xla' if implementation == 'cudnn' else implementation,
+                     **kwargs)
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', xla_for_cudnn)
+  q, k, v = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 5, 4, 8))
+  attend = lambda implementation: jax.value_and_grad(  # pylint: disable=g-long-lambda
+      lambda q, k, v: jnp.sum(jnp.sin(vit._fused_attention(q, k, v, implementation))),  # pylint: disable=protected-access
+      argnums=(0, 1, 2))(q, k, v)
+  (padded, padded_grads), (plain, plain_grads) = attend('cudnn'), attend('xla')
+  assert [(shape, impl) for shape, impl, _ in calls] == [((2, 6, 4, 8), 'cudnn'),
+                                                         ((2, 5, 4, 8), 'xla')]
+  np.testing.assert_array_equal(calls[0][2], [5, 5])
+  np.testing.assert_allclose(padded, plain, rtol=1e-5)
+  for a, b in zip(padded_grads, plain_grads):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs a GPU')
