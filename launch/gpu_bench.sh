@@ -41,6 +41,7 @@ bench train_b512_auto --config.batch=512
 bench eval_b1024_auto --what=eval --config.batch_eval=1024
 # Last, as the profiler is the likeliest to fail: where the step's time goes, per model scope.
 bench profile_b256_auto --config.batch=256 --steps=5 --profile_dir=/tmp/vit_profile
+cp "$(ls -t /tmp/vit_profile/plugins/profile/*/*.xplane.pb | head -1)" "$out/profile.xplane.pb"
 
 python3 - "$out" <<'EOF'
 import json, pathlib, sys

@@ -1,6 +1,8 @@
 """Profiles: HLO op names read as model scopes, and traces that hold exactly the steps asked for
 (the train loop's in test_training.py, the bench's in test_bench.py)."""
 import logging
+import textwrap
+import types
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +60,34 @@ def test_summary_attributes_the_ops_of_exactly_the_traced_steps(tmp_path):
   assert ('forward', 'MlpBlock/dot_general') in directions
   assert any(d == 'backward' for d, _ in directions)
   assert 'ms/step' in profiling.format_summary(rows)
+
+
+def test_summary_reads_gpu_kernels_by_their_hlo_op_and_skips_host_launches(monkeypatch):
+  """On GPUs a kernel event is named by the kernel and its HLO op is a stat, and the host plane
+  holds the launches too; a hand-made trace of that shape (2 steps) checks the summary's reading."""
+  event = lambda name, ms, **stats: types.SimpleNamespace(  # pylint: disable=g-long-lambda
+      name=name, duration_ns=ms * 1e6, stats=list({'hlo_module': 'jit_loss', **stats}.items()))
+  plane = lambda name, *events: types.SimpleNamespace(  # pylint: disable=g-long-lambda
+      name=name, lines=[types.SimpleNamespace(events=list(events))])
+  planes = [plane('/host:CPU', event('dot.1', 50.0, hlo_op='dot.1', run_id=1)),
+            plane('/device:GPU:0', *[event(kernel, ms, hlo_op=op, run_id=run)
+                                     for run in (1, 2)
+                                     for kernel, op, ms in [('sm90_xmma_gemm_bf16', 'dot.1', 3.0),
+                                                            ('loop_tanh_fusion', 'tanh.2', 1.0),
+                                                            ('memcpy', 'copy.9', 0.5)]])]
+  monkeypatch.setattr(profiling.ProfileData, 'from_file',
+                      lambda path: types.SimpleNamespace(planes=planes))
+  hlo_text = textwrap.dedent("""\
+      HloModule jit_loss
+      ENTRY %main {
+        %dot.1 = f32[8] dot(%a, %b), metadata={op_name="jit(loss)/MlpBlock/dot_general"}
+        %tanh.2 = f32[8] tanh(%dot.1), metadata={op_name="jit(loss)/MlpBlock/tanh"}
+      }""")
+  rows = {(row['direction'], row['scope']): (row['ms_per_step'], row['ops_per_step'])
+          for row in profiling.summarize('trace.xplane.pb', hlo_text)}
+  assert rows == {('forward', 'MlpBlock/dot_general'): (3.0, 1),
+                  ('forward', 'MlpBlock/tanh'): (1.0, 1), ('other', 'unattributed'): (0.5, 1)}
+  assert profiling.traced_steps('trace.xplane.pb', 'jit_loss') == 2
 
 
 def test_the_train_profiler_is_off_by_default_and_skips_runs_too_short(caplog):

@@ -78,12 +78,17 @@ def _traces(logdir: str) -> list[str]:
 
 
 def _module_events(xplane_path: str, module: str):
-  for plane in ProfileData.from_file(xplane_path).planes:
-    for line in plane.lines:
-      for event in line.events:
-        stats = dict(event.stats)
-        if stats.get('hlo_module') == module:
-          yield event, stats
+  """(event, stats) of the ops of `module`: from the device planes where they hold any (kernels
+  on GPUs, not their launches on the host), else from the host's (CPU thunks)."""
+  planes = list(ProfileData.from_file(xplane_path).planes)
+  device_planes = [plane for plane in planes if plane.name.startswith('/device:')]
+  for candidates in (device_planes, planes):
+    events = [(event, stats) for plane in candidates for line in plane.lines
+              for event in line.events
+              for stats in [dict(event.stats)] if stats.get('hlo_module') == module]
+    if events:
+      return events
+  return []
 
 
 def traced_steps(xplane_path: str, module: str) -> int:
@@ -95,15 +100,17 @@ def summarize(xplane_path: str, hlo_text: str, top: int = 20) -> list[dict]:
   """The `top` scopes by op time per traced step: ms, ops per step, share of all ops' time.
 
   Op times are summed over devices and threads: on CPU, XLA runs independent ops side by side
-  on its threads, so their sum can exceed the step's wall time.
+  on its threads, so their sum can exceed the step's wall time. An event is named by its
+  `hlo_op` stat (a GPU kernel's own name is the kernel's); time the module text does not name
+  is kept, as 'other unattributed', so shares stay shares of the whole.
   """
   scopes, module = op_scopes(hlo_text), _module_name(hlo_text)
   seconds, calls, runs = collections.Counter(), collections.Counter(), set()
-  for event, stats in _module_events(xplane_path, module):  # One pass over the trace file.
+  for event, stats in _module_events(xplane_path, module):
     runs.add(stats.get('run_id'))
-    if event.name in scopes:
-      seconds[scopes[event.name]] += event.duration_ns / 1e9
-      calls[scopes[event.name]] += 1
+    where = scopes.get(stats.get('hlo_op', event.name), ('other', 'unattributed'))
+    seconds[where] += event.duration_ns / 1e9
+    calls[where] += 1
   steps, total = len(runs), sum(seconds.values())
   return [{'direction': direction, 'scope': scope, 'ms_per_step': s / steps * 1e3,
            'ops_per_step': calls[(direction, scope)] / steps, 'share': s / total}
