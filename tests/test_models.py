@@ -173,12 +173,17 @@ def test_auto_attention_asks_for_cudnn_only_where_it_applies(monkeypatch):
   monkeypatch.setattr(jax.extend.backend, 'get_backend',
                       lambda: types.SimpleNamespace(platform_version='<unknown>'))  # A CPU's.
   assert choose('auto', jnp.bfloat16, 64) is None
+  with pytest.raises(ConfigError, match="attention_impl='cudnn' needs an NVIDIA GPU"):
+    choose('cudnn', jnp.bfloat16, 64)
   monkeypatch.setattr(jax.extend.backend, 'get_backend',
                       lambda: types.SimpleNamespace(platform_version='cuda 12080'))
   assert choose('auto', jnp.bfloat16, 64) == choose('auto', jnp.float16, 80) == 'cudnn'
   assert choose('auto', jnp.float32, 64) is None  # cuDNN's kernel takes fp16/bf16 only.
   assert choose('auto', jnp.bfloat16, 20) is None  # Not a multiple of 8.
-  assert choose('xla', jnp.bfloat16, 64) == 'xla'
+  assert choose('xla', jnp.bfloat16, 64) == choose('xla', jnp.float32, 20) == 'xla'
+  assert choose('cudnn', jnp.float16, 128) == 'cudnn'
+  with pytest.raises(ConfigError, match='float32, 64'):
+    choose('cudnn', jnp.float32, 64)
   monkeypatch.setattr(jax.extend.backend, 'get_backend',
                       lambda: types.SimpleNamespace(platform_version='rocm 60300'))
   assert choose('auto', jnp.bfloat16, 64) is None

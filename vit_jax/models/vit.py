@@ -96,13 +96,20 @@ def _fused_implementation(implementation: str, dtype: Dtype, head_dim: int) -> O
 
   jax's own default is XLA's unfused formulation even on GPUs, so 'auto' asks for cuDNN's flash
   kernel where it applies: an NVIDIA GPU (CUDA backend), half-precision operands, a head dim
-  that is a multiple of 8 up to 128 (ViT-Ti to ViT-H all qualify).
+  that is a multiple of 8 up to 128 (ViT-Ti to ViT-H all qualify). Naming 'cudnn' elsewhere is
+  a ConfigError (jax would fail deep inside the trace).
   """
-  if implementation != 'auto':
-    return implementation
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   cuda = 'cuda' in jax.extend.backend.get_backend().platform_version.lower()
-  return 'cudnn' if cuda and half and head_dim % 8 == 0 and head_dim <= 128 else None
+  cudnn_applies = cuda and half and head_dim % 8 == 0 and head_dim <= 128
+  if implementation == 'cudnn' and not cudnn_applies:
+    raise ConfigError(
+        f"attention_impl='cudnn' needs an NVIDIA GPU, dtype bfloat16 or float16 and a head dim "
+        f'that is a multiple of 8 up to 128 (here: {jax.default_backend()}, '
+        f'{jnp.dtype(dtype).name}, {head_dim}); use attention_impl=auto or xla')
+  if implementation != 'auto':
+    return implementation
+  return 'cudnn' if cudnn_applies else None
 
 
 def _fused_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
