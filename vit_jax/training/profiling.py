@@ -80,15 +80,18 @@ def _traces(logdir: str) -> list[str]:
 def _module_events(xplane_path: str, module: str):
   """(event, stats) of the ops of `module`: from the device planes where they hold any (kernels
   on GPUs, not their launches on the host), else from the host's (CPU thunks)."""
+  def events_on(planes):
+    found = []
+    for plane in planes:
+      for line in plane.lines:
+        for event in line.events:
+          stats = dict(event.stats)
+          if stats.get('hlo_module') == module:
+            found.append((event, stats))
+    return found
+
   planes = list(ProfileData.from_file(xplane_path).planes)
-  device_planes = [plane for plane in planes if plane.name.startswith('/device:')]
-  for candidates in (device_planes, planes):
-    events = [(event, stats) for plane in candidates for line in plane.lines
-              for event in line.events
-              for stats in [dict(event.stats)] if stats.get('hlo_module') == module]
-    if events:
-      return events
-  return []
+  return events_on([p for p in planes if p.name.startswith('/device:')]) or events_on(planes)
 
 
 def traced_steps(xplane_path: str, module: str) -> int:
