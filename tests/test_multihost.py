@@ -233,7 +233,9 @@ def test_ctrl_c_reaches_every_process_as_a_preemption_notice(tmp_path):
       'import signal\n'
       'signal.signal(signal.SIGTERM, lambda *a: (print("term", flush=True), sys.exit(0)))\n'
       'print("ready", signal.getsignal(signal.SIGINT) == signal.SIG_IGN, flush=True)\n'
-      'time.sleep(600)\n'))
+      # Short sleeps: a SIGTERM that lands between Python's last signal check and the sleep's
+      # syscall runs its handler only when that sleep ends (one CI run hung on a single 600 s one).
+      'while True:\n  time.sleep(0.1)\n'))
   proc = subprocess.Popen([LOCAL, '2', '--module=fake_main'], env=env, stdout=subprocess.PIPE,
                           text=True, start_new_session=True)
   try:
