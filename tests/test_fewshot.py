@@ -2,7 +2,6 @@
 
 Thresholds are conservative versions of measured values (digits: 10 classes, chance 0.1).
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import config_files
 from vit_jax.errors import ConfigError
 from vit_jax.evaluation import fewshot
 from vit_jax.training import experiment
@@ -81,10 +81,7 @@ def test_datasets_from_config():
 
 
 def _config(data_dir: str) -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location('default_config', ROOT / 'configs' / 'default.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = config_files.get_config('default')
   config.update(dict(TRAIN, data_dir=data_dir))
   config.fewshot = ml_collections.ConfigDict(dict(datasets={'digits': ('train', 'test')},
                                                   shots=SHOTS, seeds=2, every=100))

@@ -3,7 +3,6 @@
 A tiny ViT-Mu_4 is pre-trained here for 100 steps on Fashion-MNIST at 16 px, then fine-tuned on
 digits at 24 px (so the position embeddings are resized from a 4x4 to a 6x6 grid).
 """
-import importlib.util
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from ml_collections import config_flags
 
 import param_trees
 
+import config_files
 from vit_jax.checkpoints import npz
 from vit_jax.checkpoints import posemb as posemb_lib
 from vit_jax.checkpoints import restore
@@ -45,10 +45,7 @@ def _load_config(name: str, arg: str = ''):
 
 
 def _default_config(**overrides):
-  spec = importlib.util.spec_from_file_location('default_config', ROOT / 'configs' / 'default.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = config_files.get_config('default')
   config.update(overrides)
   return config
 

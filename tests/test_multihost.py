@@ -12,7 +12,6 @@ The real 2-process runs are slow-marked (~1.5-4 min each on the shared 2-core bo
 start, compiles and Orbax saves dominate); the launcher's own behaviour is tested quickly with
 a stand-in module.
 """
-import importlib.util
 import os
 import re
 import signal
@@ -25,6 +24,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import config_files
 from vit_jax import sharding
 from vit_jax.data import input_pipeline
 from vit_jax.training import experiment
@@ -40,10 +40,7 @@ TINY = dict(total_steps=8, batch=16, warmup_steps=2, progress_every=1, checkpoin
 
 def config_for(data_dir: str, **overrides) -> ml_collections.ConfigDict:
   """configs/default.py (the embedded default) made tiny."""
-  spec = importlib.util.spec_from_file_location('default_config', ROOT / 'configs' / 'default.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = config_files.get_config('default')
   config.update(dict(TINY, data_dir=data_dir, **overrides))
   return config
 

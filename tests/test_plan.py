@@ -5,7 +5,6 @@ model code), x 4 bytes (float32 params), / the fsdp shards; Adam holds two float
 parameter; the step's arguments are params + moments + the device's slice of the batch, and
 donation makes params + moments alias the outputs.
 """
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import ml_collections
 import pytest
 
+import config_files
 from vit_jax.models.registry import SIZES
 from vit_jax.training import planner
 from vit_jax.training import recipes
@@ -52,10 +52,7 @@ def check_memory(p: planner.Plan, count: int, fsdp: int, image: int, channels: i
 
 
 def default_config(**overrides) -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location('default_config', ROOT / 'configs' / 'default.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = config_files.get_config('default')
   config.update(dict(dict(num_classes=10, batch=64, batch_eval=64), **overrides))
   return config
 
