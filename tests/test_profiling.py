@@ -63,18 +63,25 @@ def test_summary_attributes_the_ops_of_exactly_the_traced_steps(tmp_path):
 
 
 def test_summary_reads_gpu_kernels_by_their_hlo_op_and_skips_host_launches(monkeypatch):
-  """On GPUs a kernel event is named by the kernel and its HLO op is a stat, and the host plane
-  holds the launches too; a hand-made trace of that shape (2 steps) checks the summary's reading."""
-  event = lambda name, ms, **stats: types.SimpleNamespace(  # pylint: disable=g-long-lambda
-      name=name, duration_ns=ms * 1e6, stats=list({'hlo_module': 'jit_loss', **stats}.items()))
+  """The shape of a real H200 trace (jax 0.11.2), hand-made with 2 steps: a kernel event is named
+  by the kernel, its HLO op is a stat, it carries no run_id (the host's launch of the module
+  does), and the host plane holds launches of the same ops. A kernel inside a CUDA graph is
+  named by the graph (hlo_op 'command_buffer_1'): unattributed."""
+  event = lambda kernel, ms, **stats: types.SimpleNamespace(  # pylint: disable=g-long-lambda
+      name=kernel, duration_ns=ms * 1e6, stats=list(stats.items()))
   plane = lambda name, *events: types.SimpleNamespace(  # pylint: disable=g-long-lambda
       name=name, lines=[types.SimpleNamespace(events=list(events))])
-  planes = [plane('/host:CPU', event('dot.1', 50.0, hlo_op='dot.1', run_id=1)),
-            plane('/device:GPU:0', *[event(kernel, ms, hlo_op=op, run_id=run)
-                                     for run in (1, 2)
+  launches = [event('CommonPjRtLoadedExecutable::Execute (jit_loss)', 9.0, run_id=run,
+                    name='jit_loss') for run in (7, 8)]
+  planes = [plane('/host:CPU', event('dot.1', 50.0, hlo_op='dot.1', hlo_module='jit_loss'),
+                  *launches),
+            plane('/device:GPU:0', *[event(kernel, ms, hlo_op=op, hlo_module='jit_loss')
+                                     for _ in launches
                                      for kernel, op, ms in [('sm90_xmma_gemm_bf16', 'dot.1', 3.0),
                                                             ('loop_tanh_fusion', 'tanh.2', 1.0),
-                                                            ('memcpy', 'copy.9', 0.5)]])]
+                                                            ('memcpy', 'copy.9', 0.5),
+                                                            ('loop_add_fusion', 'command_buffer_1',
+                                                             0.25)]])]
   monkeypatch.setattr(profiling.ProfileData, 'from_file',
                       lambda path: types.SimpleNamespace(planes=planes))
   hlo_text = textwrap.dedent("""\
@@ -86,7 +93,7 @@ def test_summary_reads_gpu_kernels_by_their_hlo_op_and_skips_host_launches(monke
   rows = {(row['direction'], row['scope']): (row['ms_per_step'], row['ops_per_step'])
           for row in profiling.summarize('trace.xplane.pb', hlo_text)}
   assert rows == {('forward', 'MlpBlock/dot_general'): (3.0, 1),
-                  ('forward', 'MlpBlock/tanh'): (1.0, 1), ('other', 'unattributed'): (0.5, 1)}
+                  ('forward', 'MlpBlock/tanh'): (1.0, 1), ('other', 'unattributed'): (0.75, 2)}
   assert profiling.traced_steps('trace.xplane.pb', 'jit_loss') == 2
 
 

@@ -11,7 +11,7 @@ import glob
 import logging
 import os
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 from jax.profiler import ProfileData
@@ -77,26 +77,33 @@ def _traces(logdir: str) -> list[str]:
   return glob.glob(os.path.join(logdir, 'plugins', 'profile', '*', '*.xplane.pb'))
 
 
-def _module_events(xplane_path: str, module: str):
+def _events(planes) -> Iterator[tuple[str, Any, dict]]:
+  """(plane name, event, its stats) of every event in `planes`."""
+  for plane in planes:
+    for line in plane.lines:
+      for event in line.events:
+        yield plane.name, event, dict(event.stats)
+
+
+def _module_events(planes, module: str) -> list[tuple[Any, dict]]:
   """(event, stats) of the ops of `module`: from the device planes where they hold any (kernels
   on GPUs, not their launches on the host), else from the host's (CPU thunks)."""
-  def events_on(planes):
-    found = []
-    for plane in planes:
-      for line in plane.lines:
-        for event in line.events:
-          stats = dict(event.stats)
-          if stats.get('hlo_module') == module:
-            found.append((event, stats))
-    return found
+  ops = [(plane, event, stats) for plane, event, stats in _events(planes)
+         if stats.get('hlo_module') == module]
+  on_device = [(event, stats) for plane, event, stats in ops if plane.startswith('/device:')]
+  return on_device or [(event, stats) for _, event, stats in ops]
 
-  planes = list(ProfileData.from_file(xplane_path).planes)
-  return events_on([p for p in planes if p.name.startswith('/device:')]) or events_on(planes)
+
+def _run_ids(planes, module: str) -> set:
+  """The executions of `module`: a `run_id` stat on its ops (CPU thunks) or on the host's
+  launches of it (a GPU's kernels carry none)."""
+  return {stats['run_id'] for _, _, stats in _events(planes)
+          if 'run_id' in stats and module in (stats.get('hlo_module'), stats.get('name'))}
 
 
 def traced_steps(xplane_path: str, module: str) -> int:
   """How many executions of the compiled `module` (e.g. 'jit_train_step') the trace holds."""
-  return len({stats.get('run_id') for _, stats in _module_events(xplane_path, module)})
+  return len(_run_ids(ProfileData.from_file(xplane_path).planes, module))
 
 
 def summarize(xplane_path: str, hlo_text: str, top: int = 20) -> list[dict]:
@@ -105,16 +112,17 @@ def summarize(xplane_path: str, hlo_text: str, top: int = 20) -> list[dict]:
   Op times are summed over devices and threads: on CPU, XLA runs independent ops side by side
   on its threads, so their sum can exceed the step's wall time. An event is named by its
   `hlo_op` stat (a GPU kernel's own name is the kernel's); time the module text does not name
-  is kept, as 'other unattributed', so shares stay shares of the whole.
+  (a kernel run inside a CUDA graph carries the graph's name) is kept, as 'other unattributed',
+  so shares stay shares of the whole.
   """
   scopes, module = op_scopes(hlo_text), _module_name(hlo_text)
-  seconds, calls, runs = collections.Counter(), collections.Counter(), set()
-  for event, stats in _module_events(xplane_path, module):
-    runs.add(stats.get('run_id'))
+  planes = list(ProfileData.from_file(xplane_path).planes)
+  seconds, calls = collections.Counter(), collections.Counter()
+  for event, stats in _module_events(planes, module):
     where = scopes.get(stats.get('hlo_op', event.name), ('other', 'unattributed'))
     seconds[where] += event.duration_ns / 1e9
     calls[where] += 1
-  steps, total = len(runs), sum(seconds.values())
+  steps, total = len(_run_ids(planes, module)), sum(seconds.values())
   return [{'direction': direction, 'scope': scope, 'ms_per_step': s / steps * 1e3,
            'ops_per_step': calls[(direction, scope)] / steps, 'share': s / total}
           for (direction, scope), s in seconds.most_common(top)]
