@@ -201,17 +201,21 @@ def test_cudnn_attention_pads_odd_token_counts_without_changing_the_result(monke
                      **kwargs)
 
   monkeypatch.setattr(jax.nn, 'dot_product_attention', xla_for_cudnn)
-  q, k, v = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 5, 4, 8))
-  attend = lambda implementation: jax.value_and_grad(  # pylint: disable=g-long-lambda
-      lambda q, k, v: jnp.sum(jnp.sin(vit._fused_attention(q, k, v, implementation))),  # pylint: disable=protected-access
-      argnums=(0, 1, 2))(q, k, v)
-  (padded, padded_grads), (plain, plain_grads) = attend('cudnn'), attend('xla')
+  monkeypatch.setattr(vit, '_fused_implementation', lambda implementation, *_: implementation)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 32))
+  layers = {impl: vit.MultiHeadDotProductAttention(num_heads=4, implementation=impl)
+            for impl in ('cudnn', 'xla')}
+  params = layers['xla'].init(jax.random.PRNGKey(1), x, deterministic=True)['params']
+  calls.clear()
+  (padded, padded_grads), (plain, plain_grads) = [jax.value_and_grad(  # pylint: disable=g-complex-comprehension
+      lambda p, x, layer=layer: jnp.sum(jnp.sin(layer.apply({'params': p}, x, deterministic=True))),
+      argnums=(0, 1))(params, x) for layer in layers.values()]
   assert [(shape, impl) for shape, impl, _ in calls] == [((2, 6, 4, 8), 'cudnn'),
                                                          ((2, 5, 4, 8), 'xla')]
   np.testing.assert_array_equal(calls[0][2], [5, 5])
   np.testing.assert_allclose(padded, plain, rtol=1e-5)
-  for a, b in zip(padded_grads, plain_grads):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               padded_grads, plain_grads)
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs a GPU')

@@ -112,26 +112,6 @@ def _fused_implementation(implementation: str, dtype: Dtype, head_dim: int) -> O
   return 'cudnn' if cudnn_applies else None
 
 
-def _fused_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
-                     implementation: Optional[str]) -> jnp.ndarray:
-  """`jax.nn.dot_product_attention` on (b, t, heads, d), with odd token counts padded for cuDNN.
-
-  jax (0.10 to 0.11) refuses cuDNN's gradient for an odd token count: its check takes the empty
-  placeholder for a bias, and with a bias cuDNN wants even lengths. ViT's [class] token makes the
-  count odd (197 at 224 px / 16), so one zero token is appended, masked out of the keys by
-  `key_value_seq_lengths` and its query row (which attends normally) dropped; outputs and
-  gradients are unchanged.
-  """
-  tokens = q.shape[1]
-  if implementation != 'cudnn' or tokens % 2 == 0:
-    return jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation=implementation)
-  pad = lambda a: jnp.pad(a, ((0, 0), (0, 1), (0, 0), (0, 0)))
-  lengths = jnp.full((q.shape[0],), tokens, jnp.int32)
-  y = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), scale=1.0,
-                                   implementation=implementation, key_value_seq_lengths=lengths)
-  return y[:, :tokens]
-
-
 class HeadProjection(nn.Module):
   """The parameters of `query`, `key` or `value`, laid out and initialised as `nn.DenseGeneral`
   (features=(heads, head_dim)) does; the attention layer applies all three as one matmul."""
@@ -177,6 +157,17 @@ class MultiHeadDotProductAttention(nn.Module):
     kernel = (jnp.stack(kernels) * scale[:, None, None, None]).astype(self.dtype)
     bias = (jnp.stack(biases) * scale[:, None, None]).astype(self.dtype)
     einsum = matmul.einsum_for(self.dtype)
+    tokens = x.shape[1]
+    fused = None if head_major else _fused_implementation(self.implementation, self.dtype,
+                                                          head_dim)
+    # jax (0.10 to 0.11) refuses cuDNN's gradient for an odd token count: its check takes the
+    # empty placeholder for a bias, and with a bias cuDNN wants even lengths. ViT's [class] token
+    # makes the count odd (197 at 224 px / 16), so the layer appends one zero token, masks it out
+    # of the keys and drops its row at the end: outputs and gradients are unchanged. Padding x,
+    # not q, k and v, copies one array instead of three.
+    padded = fused == 'cudnn' and tokens % 2 == 1
+    if padded:
+      x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
     if head_major:
       qkv = einsum('btD,sDhd->sbhtd', x.astype(self.dtype), kernel) + bias[:, None, :, None]
     else:
@@ -192,13 +183,15 @@ class MultiHeadDotProductAttention(nn.Module):
     elif head_major:
       y = _attention_cpu(q, k, v, einsum)
     else:
-      y = _fused_attention(
-          q, k, v, _fused_implementation(self.implementation, self.dtype, head_dim))
-    return nn.DenseGeneral(
+      lengths = jnp.full((x.shape[0],), tokens, jnp.int32) if padded else None
+      y = jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation=fused,
+                                       key_value_seq_lengths=lengths)
+    y = nn.DenseGeneral(
         features=features, axis=(1, 3) if head_major else (-2, -1), dtype=self.dtype,
         dot_general=matmul.dot_general_for(self.dtype), name='out',
         kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.zeros)(y)
+    return y[:, :tokens] if padded else y
 
 
 class MlpBlock(nn.Module):
