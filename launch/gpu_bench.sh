@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # ViT-B/16 bf16 on one GPU, in one go (issue #8's accelerator row): the cuDNN attention tests,
 # then the bench's train step at batch 256 (with a profile of its ops after the timed steps),
-# the same without dropout (what the masks cost), batch 512, and the eval step. Each result is
+# batch 512, and the eval step. Each result is
 # OUTDIR/NAME.json, their logs one OUTDIR/bench.log, the trace OUTDIR/profile.xplane.pb.gz
 # (the device tool returns at most 8 files); a table and the profile's top ops are printed last.
-# The xla-vs-cuDNN attention pair was measured once (docs/performance.md, "The H200"); rerun it
-# with --config.model_overrides.attention_impl=xla.
+# The xla-vs-cuDNN attention pair and dropout's cost (none) were measured once
+# (docs/performance.md, "The H200"); rerun them with --config.model_overrides.attention_impl=xla
+# and --config.model_overrides.dropout_rate=0.0.
 #
 #   launch/gpu_bench.sh OUTDIR [WHEEL_DIR]
 #
@@ -40,7 +41,6 @@ bench() {
 }
 bench train_b256_auto --config.batch=256 --profile_dir=/tmp/vit_profile
 gzip -c "$(ls -t /tmp/vit_profile/plugins/profile/*/*.xplane.pb | head -1)" >"$out/profile.xplane.pb.gz"
-bench train_b256_nodropout --config.batch=256 --config.model_overrides.dropout_rate=0.0
 bench train_b512_auto --config.batch=512
 bench eval_b1024_auto --what=eval --config.batch_eval=1024
 
