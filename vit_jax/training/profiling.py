@@ -11,7 +11,7 @@ import glob
 import logging
 import os
 import re
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import jax
 from jax.profiler import ProfileData
@@ -77,33 +77,28 @@ def _traces(logdir: str) -> list[str]:
   return glob.glob(os.path.join(logdir, 'plugins', 'profile', '*', '*.xplane.pb'))
 
 
-def _events(planes) -> Iterator[tuple[str, Any, dict]]:
-  """(plane name, event, its stats) of every event in `planes`."""
-  for plane in planes:
+def _module_trace(xplane_path: str, module: str) -> tuple[list[tuple[Any, dict]], set]:
+  """(event, stats) of the ops of `module`, and its executions' `run_id`s, in one pass.
+
+  Ops come from the device planes where they hold any (kernels on GPUs, not their launches on
+  the host), else from the host's (CPU thunks). A `run_id` is a stat of the ops on CPU and of
+  the host's launch of the module on GPUs (whose kernels carry none)."""
+  ops, run_ids = [], set()
+  for plane in ProfileData.from_file(xplane_path).planes:
     for line in plane.lines:
       for event in line.events:
-        yield plane.name, event, dict(event.stats)
-
-
-def _module_events(planes, module: str) -> list[tuple[Any, dict]]:
-  """(event, stats) of the ops of `module`: from the device planes where they hold any (kernels
-  on GPUs, not their launches on the host), else from the host's (CPU thunks)."""
-  ops = [(plane, event, stats) for plane, event, stats in _events(planes)
-         if stats.get('hlo_module') == module]
-  on_device = [(event, stats) for plane, event, stats in ops if plane.startswith('/device:')]
-  return on_device or [(event, stats) for _, event, stats in ops]
-
-
-def _run_ids(planes, module: str) -> set:
-  """The executions of `module`: a `run_id` stat on its ops (CPU thunks) or on the host's
-  launches of it (a GPU's kernels carry none)."""
-  return {stats['run_id'] for _, _, stats in _events(planes)
-          if 'run_id' in stats and module in (stats.get('hlo_module'), stats.get('name'))}
+        stats = dict(event.stats)
+        if 'run_id' in stats and module in (stats.get('hlo_module'), stats.get('name')):
+          run_ids.add(stats['run_id'])
+        if stats.get('hlo_module') == module:
+          ops.append((plane.name.startswith('/device:'), event, stats))
+  on_device = [(event, stats) for device, event, stats in ops if device]
+  return on_device or [(event, stats) for _, event, stats in ops], run_ids
 
 
 def traced_steps(xplane_path: str, module: str) -> int:
   """How many executions of the compiled `module` (e.g. 'jit_train_step') the trace holds."""
-  return len(_run_ids(ProfileData.from_file(xplane_path).planes, module))
+  return len(_module_trace(xplane_path, module)[1])
 
 
 def summarize(xplane_path: str, hlo_text: str, top: int = 20) -> list[dict]:
@@ -116,13 +111,13 @@ def summarize(xplane_path: str, hlo_text: str, top: int = 20) -> list[dict]:
   so shares stay shares of the whole.
   """
   scopes, module = op_scopes(hlo_text), _module_name(hlo_text)
-  planes = list(ProfileData.from_file(xplane_path).planes)
+  ops, run_ids = _module_trace(xplane_path, module)
   seconds, calls = collections.Counter(), collections.Counter()
-  for event, stats in _module_events(planes, module):
+  for event, stats in ops:
     where = scopes.get(stats.get('hlo_op', event.name), ('other', 'unattributed'))
     seconds[where] += event.duration_ns / 1e9
     calls[where] += 1
-  steps, total = len(_run_ids(planes, module)), sum(seconds.values())
+  steps, total = len(run_ids), sum(seconds.values())
   return [{'direction': direction, 'scope': scope, 'ms_per_step': s / steps * 1e3,
            'ops_per_step': calls[(direction, scope)] / steps, 'share': s / total}
           for (direction, scope), s in seconds.most_common(top)]
