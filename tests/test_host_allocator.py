@@ -64,10 +64,10 @@ def test_buffers_come_in_huge_pages_unless_switched_off():
 
 def test_left_alone_where_an_accelerator_is_expected_or_it_is_switched_off(monkeypatch):
   monkeypatch.setenv('JAX_PLATFORMS', 'cuda,cpu')
-  assert host_allocator._accelerator_expected()
+  assert host_allocator.accelerator_expected()
   assert not host_allocator.keep_freed_memory()
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
-  assert not host_allocator._accelerator_expected()
+  assert not host_allocator.accelerator_expected()
   monkeypatch.setenv('VIT_JAX_HOST_ALLOCATOR', 'system')
   assert not host_allocator.keep_freed_memory()
   assert host_allocator.advise_huge_pages() == 0

@@ -62,7 +62,8 @@ def _read(path: str) -> str:
     return ''
 
 
-def _accelerator_expected() -> bool:
+def accelerator_expected() -> bool:
+  """Whether jax will run on something other than the CPU, read before jax is imported."""
   platforms = os.environ.get('JAX_PLATFORMS', '')
   if platforms:
     return platforms.split(',')[0].strip() != 'cpu'
@@ -75,7 +76,7 @@ def _accelerator_expected() -> bool:
 def keep_freed_memory() -> bool:
   """One glibc arena, no mmap, no trimming, on CPU-only hosts; True where it was applied."""
   libc = _glibc()
-  if _setting() == 'system' or _accelerator_expected() or libc is None:
+  if _setting() == 'system' or accelerator_expected() or libc is None:
     return False
   return all(libc.mallopt(param, value) == 1 for param, value in (
       (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))

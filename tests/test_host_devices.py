@@ -1,0 +1,47 @@
+"""A CPU-only host runs as two XLA devices unless the user chose a count."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vit_jax import host_devices
+
+_PROBE = ('import json, os, vit_jax, jax; print(json.dumps({"set": vit_jax.CPU_DEVICES_SET, '
+          '"devices": jax.device_count(), "platform": jax.default_backend()}))')
+
+
+def _probe(**env) -> dict:
+  environ = {k: v for k, v in os.environ.items()
+             if k not in ('JAX_PLATFORMS', 'XLA_FLAGS', 'JAX_NUM_CPU_DEVICES')}
+  result = subprocess.run([sys.executable, '-c', _PROBE], env=environ | env, text=True,
+                          capture_output=True, timeout=120, check=True)
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(host_devices._cores() < 2, reason='needs 2 cores')
+def test_cpu_host_gets_two_devices_unless_the_user_set_a_count():
+  assert _probe() == {'set': 2, 'devices': 2, 'platform': 'cpu'}
+  assert _probe(XLA_FLAGS='--xla_force_host_platform_device_count=1')['devices'] == 1
+  assert _probe(JAX_NUM_CPU_DEVICES='3') == {'set': 0, 'devices': 3, 'platform': 'cpu'}
+
+
+def test_other_xla_flags_are_kept(monkeypatch):
+  monkeypatch.setattr(host_devices, '_cores', lambda: 2)
+  monkeypatch.delenv('JAX_NUM_CPU_DEVICES', raising=False)
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  monkeypatch.setenv('XLA_FLAGS', '--xla_dump_to=/tmp/dump')
+  assert host_devices.split_cpu() == 2
+  assert os.environ['XLA_FLAGS'] == ('--xla_dump_to=/tmp/dump '
+                                     '--xla_force_host_platform_device_count=2')
+
+
+@pytest.mark.parametrize('cores,platforms', [(2, 'cuda,cpu'), (2, 'tpu'), (1, 'cpu')])
+def test_left_alone_on_accelerator_or_single_core_hosts(monkeypatch, cores, platforms):
+  monkeypatch.setattr(host_devices, '_cores', lambda: cores)
+  monkeypatch.delenv('JAX_NUM_CPU_DEVICES', raising=False)
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  monkeypatch.setenv('JAX_PLATFORMS', platforms)
+  assert host_devices.split_cpu() == 0
+  assert 'XLA_FLAGS' not in os.environ
