@@ -15,6 +15,7 @@ jax computation: `vit_jax/__init__.py` calls it. A device count the user chose
 either to 1 for a single device. Hosts with an accelerator and single-core hosts are left alone.
 """
 import os
+import re
 
 from vit_jax import host_allocator
 
@@ -26,11 +27,16 @@ def _cores() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
+def with_device_count(xla_flags: str, count: int) -> str:
+  """`xla_flags` asking for `count` CPU devices, any count it gave replaced."""
+  kept = re.sub(rf'{DEVICE_COUNT_FLAG}=\S*', '', xla_flags).strip()
+  return f'{kept} {DEVICE_COUNT_FLAG}={count}'.strip()
+
+
 def split_cpu() -> int:
   """Asks XLA for two CPU devices where that applies; the count set, 0 where left alone."""
   if (DEVICE_COUNT_FLAG in os.environ.get('XLA_FLAGS', '') or 'JAX_NUM_CPU_DEVICES' in os.environ
       or host_allocator.accelerator_expected() or _cores() < CPU_DEVICES):
     return 0
-  os.environ['XLA_FLAGS'] = (
-      f'{os.environ.get("XLA_FLAGS", "")} {DEVICE_COUNT_FLAG}={CPU_DEVICES}'.strip())
+  os.environ['XLA_FLAGS'] = with_device_count(os.environ.get('XLA_FLAGS', ''), CPU_DEVICES)
   return CPU_DEVICES

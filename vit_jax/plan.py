@@ -9,8 +9,9 @@ read: the config must give num_classes (or pass --num_classes). See vit_jax/trai
 for what the figures mean and how the largest batch is found.
 """
 import os
-import re
 import sys
+
+from vit_jax import host_devices
 
 
 def _simulate_devices(argv: list[str]) -> None:
@@ -22,9 +23,8 @@ def _simulate_devices(argv: list[str]) -> None:
     elif arg == '--devices' and i + 1 < len(argv):
       value = argv[i + 1]
   if value and value.isdigit():
-    flags = re.sub(r'--xla_force_host_platform_device_count=\S*', '',
-                   os.environ.get('XLA_FLAGS', '')).strip()
-    os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={value}'.strip()
+    os.environ['XLA_FLAGS'] = host_devices.with_device_count(os.environ.get('XLA_FLAGS', ''),
+                                                             int(value))
     os.environ['JAX_PLATFORMS'] = 'cpu'
 
 
