@@ -181,6 +181,23 @@ def test_batchwise_path_matches_the_examplewise_one_up_to_flips(prepared_data_di
   assert _same(plain, next(_train(prepared_data_dir, size=size, pp=unflipped)))
 
 
+def test_no_pipeline_runs_tf_datas_autotuner(prepared_data_dir, monkeypatch):
+  """Its thread could hold an iterator's delete for up to a minute (`ip._numpy_iterator`): every
+  iterator handed out, batch- and example-wise, train and eval, runs without it."""
+  autotuned = []
+  as_numpy_iterator = tf.data.Dataset.as_numpy_iterator
+
+  def recording(ds):
+    autotuned.append(ds.options().autotune.enabled)
+    return as_numpy_iterator(ds)
+
+  monkeypatch.setattr(tf.data.Dataset, 'as_numpy_iterator', recording)
+  next(_train(prepared_data_dir, pp={'train': {'crop': 'resize'}}))  # Loads, decodes, batches.
+  next(_train(prepared_data_dir))
+  next(iter(_eval(prepared_data_dir)))
+  assert autotuned == [False] * 6, autotuned  # Load, decode, batches; load, batches; eval.
+
+
 def test_process_slices_are_disjoint_and_cover_the_split(prepared_data_dir):
   # 1500 / 2 processes = 750 each; local batch 50: 15 steps are one epoch.
   per_process = [

@@ -20,7 +20,7 @@ def _probe(**env) -> dict:
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(host_devices._cores() < 2, reason='needs 2 cores')
+@pytest.mark.skipif(host_devices.schedulable_cores() < 2, reason='needs 2 cores')
 def test_cpu_host_gets_two_devices_unless_the_user_set_a_count():
   assert _probe() == {'set': 2, 'devices': 2, 'platform': 'cpu'}
   assert _probe(XLA_FLAGS='--xla_force_host_platform_device_count=1')['devices'] == 1
@@ -28,7 +28,7 @@ def test_cpu_host_gets_two_devices_unless_the_user_set_a_count():
 
 
 def test_other_xla_flags_are_kept(monkeypatch):
-  monkeypatch.setattr(host_devices, '_cores', lambda: 2)
+  monkeypatch.setattr(host_devices, 'schedulable_cores', lambda: 2)
   monkeypatch.delenv('JAX_NUM_CPU_DEVICES', raising=False)
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
   monkeypatch.setenv('XLA_FLAGS', '--xla_dump_to=/tmp/dump')
@@ -39,7 +39,7 @@ def test_other_xla_flags_are_kept(monkeypatch):
 
 @pytest.mark.parametrize('cores,platforms', [(2, 'cuda,cpu'), (2, 'tpu'), (1, 'cpu')])
 def test_left_alone_on_accelerator_or_single_core_hosts(monkeypatch, cores, platforms):
-  monkeypatch.setattr(host_devices, '_cores', lambda: cores)
+  monkeypatch.setattr(host_devices, 'schedulable_cores', lambda: cores)
   monkeypatch.delenv('JAX_NUM_CPU_DEVICES', raising=False)
   monkeypatch.delenv('XLA_FLAGS', raising=False)
   monkeypatch.setenv('JAX_PLATFORMS', platforms)

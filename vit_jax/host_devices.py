@@ -23,7 +23,8 @@ DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
 CPU_DEVICES = 2
 
 
-def _cores() -> int:
+def schedulable_cores() -> int:
+  """The cores this process may run on (its affinity mask where the OS has one)."""
   return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
 
 
@@ -36,7 +37,7 @@ def with_device_count(xla_flags: str, count: int) -> str:
 def split_cpu() -> int:
   """Asks XLA for two CPU devices where that applies; the count set, 0 where left alone."""
   if (DEVICE_COUNT_FLAG in os.environ.get('XLA_FLAGS', '') or 'JAX_NUM_CPU_DEVICES' in os.environ
-      or host_allocator.accelerator_expected() or _cores() < CPU_DEVICES):
+      or host_allocator.accelerator_expected() or schedulable_cores() < CPU_DEVICES):
     return 0
   os.environ['XLA_FLAGS'] = with_device_count(os.environ.get('XLA_FLAGS', ''), CPU_DEVICES)
   return CPU_DEVICES

@@ -37,7 +37,8 @@ ConfigError):
   pp.eval.crop: 'resize' (default) | 'resize_crop' (shorter side to
       image_size / 0.875, then central crop).
 
-Measured rates, and why splits are held in memory or batched: docs/performance.md
+Every pipeline runs without tf.data's autotune thread (`_numpy_iterator`), one map call per
+core. Measured rates, and why splits are held in memory or batched: docs/performance.md
 ("Input pipeline").
 """
 import dataclasses
@@ -51,6 +52,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vit_jax import host_devices
 from vit_jax.data import catalog
 from vit_jax.data import preprocess
 from vit_jax.data import randaug
@@ -129,17 +131,35 @@ def _bytes_per_example(builder: tfds.core.DatasetBuilder) -> float:
   return builder.info.dataset_size / max(examples, 1)
 
 
+def _parallel_calls() -> int:
+  """One map call per core: the most tf.data's autotuner would run (its CPU budget)."""
+  return host_devices.schedulable_cores()
+
+
+def _numpy_iterator(ds: tf.data.Dataset) -> Iterator:
+  """`ds` as numpy, without tf.data's autotune thread.
+
+  Deleting an autotuned iterator (TF 2.21) can wait out that thread's sleep, up to a minute:
+  the cancellation wakes it before marking itself done, so it may sleep again. Seen as 40-60 s
+  gaps at the end of `main` runs, and as deletes of up to 2.1 s in 7 of 30 trials of a
+  3-second pipeline with the cores busy (0 of 30 without it): docs/performance.md.
+  """
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  return ds.with_options(options).as_numpy_iterator()
+
+
 def _load_encoded(ds: tf.data.Dataset) -> dict[str, np.ndarray]:
   """Every (still encoded) example of `ds` as numpy arrays, in order."""
-  parts = list(ds.batch(4096).as_numpy_iterator())
+  parts = list(_numpy_iterator(ds.batch(4096)))
   return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
 def _decode_all(encoded: np.ndarray, channels: int) -> np.ndarray:
   """Every image decoded once, uint8 [N, H, W, C] (all of one shape: the feature's static one)."""
   ds = tf.data.Dataset.from_tensor_slices(encoded).map(
-      lambda data: preprocess.decode(data, channels), num_parallel_calls=tf.data.AUTOTUNE)
-  return np.concatenate(list(ds.batch(4096).as_numpy_iterator()))
+      lambda data: preprocess.decode(data, channels), num_parallel_calls=_parallel_calls())
+  return np.concatenate(list(_numpy_iterator(ds.batch(4096))))
 
 
 def _padding(spec, count: int) -> tf.data.Dataset:
@@ -291,23 +311,22 @@ def make_train_iterator(*, dataset: str, split: str, data_dir: str | None,
       ds = encoded(shuffle_seed).shuffle(min(opts['shuffle_buffer'], size), seed=shuffle_seed)
       ds = ds.skip(start)
     ds = ds.enumerate(epoch * size + start)
-    return ds.map(example_fn, num_parallel_calls=tf.data.AUTOTUNE,
-                  deterministic=True)
+    return ds.map(example_fn, num_parallel_calls=_parallel_calls(), deterministic=True)
 
   def preprocessed_batches() -> Iterator[dict[str, np.ndarray]]:
     """Before mixup: batch-wise from decoded memory, else example-wise across epochs."""
     epoch, start = divmod(start_step * local_batch, size)
     if batch_fn is not None:
       ds = in_memory_indices(epoch, start).batch(local_batch).enumerate(start_step)
-      yield from ds.map(batch_fn, num_parallel_calls=tf.data.AUTOTUNE,
-                        deterministic=True).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+      yield from _numpy_iterator(ds.map(batch_fn, num_parallel_calls=_parallel_calls(),
+                                        deterministic=True).prefetch(tf.data.AUTOTUNE))
       return
     carry = None  # Examples from the end of the previous epoch(s).
     while True:
       ds = epoch_examples(epoch, start)
       if carry is not None:
         ds = _padding(ds.element_spec, len(carry['label'])).concatenate(ds)
-      for batch in ds.batch(local_batch).prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+      for batch in _numpy_iterator(ds.batch(local_batch).prefetch(tf.data.AUTOTUNE)):
         if carry is not None:
           n = len(carry['label'])
           batch = {k: np.concatenate([carry[k], v[n:]]) for k, v in batch.items()}
@@ -335,7 +354,7 @@ class EvalBatches:
   num_batches: int
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    return self.dataset.as_numpy_iterator()
+    return _numpy_iterator(self.dataset)
 
   def __len__(self) -> int:
     return self.num_batches
@@ -376,7 +395,7 @@ def make_eval_iterator(*, dataset: str, split: str, data_dir: str | None,
             'mask': tf.constant(True)}
 
   ds = builder.as_dataset(split=sliced, shuffle_files=False, decoders=_RAW)
-  ds = ds.map(example_fn, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(example_fn, num_parallel_calls=_parallel_calls())
   ds = ds.concatenate(_padding(ds.element_spec, num_batches * local_batch - size))
   return EvalBatches(ds.batch(local_batch).prefetch(tf.data.AUTOTUNE),
                      num_batches)

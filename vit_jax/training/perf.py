@@ -1,9 +1,10 @@
 """Hardware peaks and utilisation figures, shared by the training loop and the benchmark."""
-import os
 import re
 from typing import Optional
 
 import jax
+
+from vit_jax import host_devices
 
 # Nominal dense bf16 peak TFLOP/s per device (one chip; for v4/v5p one chip = one jax device).
 PEAK_TFLOPS_BF16 = {
@@ -25,7 +26,7 @@ def device_peak_tflops(device: Optional[jax.Device] = None) -> Optional[float]:
 def cores() -> int:
   """Accelerator devices, or physical CPU cores that XLA uses when running on CPU."""
   if jax.default_backend() == 'cpu':
-    return len(os.sched_getaffinity(0)) * jax.process_count()
+    return host_devices.schedulable_cores() * jax.process_count()
   return jax.device_count()
 
 
