@@ -38,12 +38,10 @@ ConfigError):
       image_size / 0.875, then central crop).
 
 Every pipeline runs without tf.data's autotune thread (`_numpy_iterator`), one map call per
-core. Measured rates, and why splits are held in memory or batched: docs/performance.md
-("Input pipeline").
+core (the most that autotuner's CPU budget would allow). Measured rates, and why splits are held
+in memory or batched: docs/performance.md ("Input pipeline").
 """
 import dataclasses
-import itertools
-import time
 from typing import Iterable, Iterator
 
 import jax
@@ -131,11 +129,6 @@ def _bytes_per_example(builder: tfds.core.DatasetBuilder) -> float:
   return builder.info.dataset_size / max(examples, 1)
 
 
-def _parallel_calls() -> int:
-  """One map call per core: the most tf.data's autotuner would run (its CPU budget)."""
-  return host_devices.schedulable_cores()
-
-
 def _numpy_iterator(ds: tf.data.Dataset) -> Iterator:
   """`ds` as numpy, without tf.data's autotune thread.
 
@@ -158,7 +151,8 @@ def _load_encoded(ds: tf.data.Dataset) -> dict[str, np.ndarray]:
 def _decode_all(encoded: np.ndarray, channels: int) -> np.ndarray:
   """Every image decoded once, uint8 [N, H, W, C] (all of one shape: the feature's static one)."""
   ds = tf.data.Dataset.from_tensor_slices(encoded).map(
-      lambda data: preprocess.decode(data, channels), num_parallel_calls=_parallel_calls())
+      lambda data: preprocess.decode(data, channels),
+      num_parallel_calls=host_devices.schedulable_cores())
   return np.concatenate(list(_numpy_iterator(ds.batch(4096))))
 
 
@@ -311,15 +305,17 @@ def make_train_iterator(*, dataset: str, split: str, data_dir: str | None,
       ds = encoded(shuffle_seed).shuffle(min(opts['shuffle_buffer'], size), seed=shuffle_seed)
       ds = ds.skip(start)
     ds = ds.enumerate(epoch * size + start)
-    return ds.map(example_fn, num_parallel_calls=_parallel_calls(), deterministic=True)
+    return ds.map(example_fn, num_parallel_calls=host_devices.schedulable_cores(),
+                  deterministic=True)
 
   def preprocessed_batches() -> Iterator[dict[str, np.ndarray]]:
     """Before mixup: batch-wise from decoded memory, else example-wise across epochs."""
     epoch, start = divmod(start_step * local_batch, size)
     if batch_fn is not None:
       ds = in_memory_indices(epoch, start).batch(local_batch).enumerate(start_step)
-      yield from _numpy_iterator(ds.map(batch_fn, num_parallel_calls=_parallel_calls(),
-                                        deterministic=True).prefetch(tf.data.AUTOTUNE))
+      ds = ds.map(batch_fn, num_parallel_calls=host_devices.schedulable_cores(),
+                  deterministic=True)
+      yield from _numpy_iterator(ds.prefetch(tf.data.AUTOTUNE))
       return
     carry = None  # Examples from the end of the previous epoch(s).
     while True:
@@ -395,18 +391,8 @@ def make_eval_iterator(*, dataset: str, split: str, data_dir: str | None,
             'mask': tf.constant(True)}
 
   ds = builder.as_dataset(split=sliced, shuffle_files=False, decoders=_RAW)
-  ds = ds.map(example_fn, num_parallel_calls=_parallel_calls())
+  ds = ds.map(example_fn, num_parallel_calls=host_devices.schedulable_cores())
   ds = ds.concatenate(_padding(ds.element_spec, num_batches * local_batch - size))
   return EvalBatches(ds.batch(local_batch).prefetch(tf.data.AUTOTUNE),
                      num_batches)
 
-
-def measure_throughput(iterator: Iterable[dict[str, np.ndarray]],
-                       num_batches: int) -> float:
-  """Images/s over `num_batches` batches, after one warm-up batch."""
-  iterator = iter(iterator)
-  next(iterator)
-  start = time.perf_counter()
-  images = sum(len(batch['image'])
-               for batch in itertools.islice(iterator, num_batches))
-  return images / (time.perf_counter() - start)
