@@ -3,9 +3,10 @@
 One XLA:CPU device runs its ops one after another, each split across the cores, and whatever
 does not split evenly leaves a core waiting. Two devices, each taking half of every batch on the
 mesh's data axis, run two streams of ops side by side that fill each other's gaps. Measured on
-the 2-core development machine (docs/performance.md, alternated runs): the ViT-S/16 train step
+a 2-core AMD Zen 4 (docs/performance.md, alternated runs): the ViT-S/16 train step
 5-12% faster (75-79% of the measured matmul peak instead of 68-73%, the same CPU time per step
-spread over busier cores), the embedded default 6-14%, the ViT-S/16 eval step 2-6%. Four devices
+spread over busier cores), the embedded default 6-14%, the ViT-S/16 eval step 2-6%; on an Intel
+Xeon the ViT-S/16 train step 1-7%, ViT-Ti/16's 13-17%, the default 8-12%, eval level. Four devices
 on those two cores were 10% slower than two, so it is two whatever the core count; hosts with
 more cores were not measured.
 
