@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 
 from vit_jax import models
 from vit_jax.checkpoints import npz
-from vit_jax.checkpoints.manager import Checkpointer
+from vit_jax.checkpoints.manager import Checkpointer, abandoned_reads_dropped, error_summary
 from vit_jax.errors import ConfigError
 from vit_jax.models import resnet
 
@@ -144,11 +144,11 @@ def _load_workdir(workdir: str) -> Pretrained:
   with checkpointer:
     config = _saved_config(workdir, checkpointer)
     try:
-      params = restore_params(checkpointer, steps[-1])
+      with abandoned_reads_dropped():
+        params = restore_params(checkpointer, steps[-1])
     except (ValueError, KeyError, OSError, TypeError) as e:
-      first = str(e).strip().splitlines()[0] if str(e).strip() else ''
       raise ConfigError(f'the checkpoint at step {steps[-1]} in {workdir} is unreadable '
-                        f'({type(e).__name__}: {first}): remove that step directory to use '
+                        f'({error_summary(e)}): remove that step directory to use '
                         'an older one') from e
   logging.info('loaded the params of %s (step %d, %s)', workdir, steps[-1], config['model'])
   return Pretrained(params, config['model'], dict(config.get('model_overrides') or {}),
