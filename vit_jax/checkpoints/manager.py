@@ -43,8 +43,8 @@ def abandoned_reads_dropped() -> Iterator[None]:
   When one array of a checkpoint cannot be read, orbax raises and leaves its other shard reads
   behind: each then prints a traceback as it completes on orbax's closed event loop or is
   collected (470-590 of them, 18k lines, for one truncated checkpoint of the embedded default).
-  This drops those, and only those; after a failure the filter stays for the rest of the process, as reads
-  still in flight complete later.
+  This drops those, and only those; after a failure the filter stays for the rest of the
+  process, as reads still in flight complete later.
   """
   previous = sys.unraisablehook
   dropped = 0
