@@ -130,7 +130,7 @@ def restore_params(checkpointer: Checkpointer, step: int) -> Params:
   """Only `state.params` of checkpoint `step`, as host numpy arrays (bit-exact)."""
   path = ocp.step.find_step_path(checkpointer.manager.directory, ocp.step.standard_name_format(),
                                  step=step) / 'state'
-  with ocp.PyTreeCheckpointer() as reader:
+  with abandoned_reads_dropped(), ocp.PyTreeCheckpointer() as reader:
     tree = reader.metadata(path).item_metadata.tree['params']
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,
                                 is_leaf=_is_array_metadata)
@@ -144,8 +144,7 @@ def _load_workdir(workdir: str) -> Pretrained:
   with checkpointer:
     config = _saved_config(workdir, checkpointer)
     try:
-      with abandoned_reads_dropped():
-        params = restore_params(checkpointer, steps[-1])
+      params = restore_params(checkpointer, steps[-1])
     except (ValueError, KeyError, OSError, TypeError) as e:
       raise ConfigError(f'the checkpoint at step {steps[-1]} in {workdir} is unreadable '
                         f'({error_summary(e)}): remove that step directory to use '
