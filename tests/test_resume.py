@@ -10,6 +10,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -165,13 +166,15 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
     open(os.path.join(data, name), 'w').close()
   printed = []  # What would reach stderr as "Exception ignored ..." tracebacks.
   monkeypatch.setattr(sys, 'unraisablehook', printed.append)
-  with caplog.at_level(logging.WARNING):
+  with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as warned:
+    warnings.simplefilter('always')
     state = _restore(config, workdir)
-  gc.collect()
+    gc.collect()
   assert int(state.step) == 20
   warning, = [r.getMessage() for r in caplog.records if 'step 30 is unreadable' in r.getMessage()]
   assert 'OUT_OF_RANGE' in warning and 'TensorStore(' not in warning  # the cause, on one line
   assert not printed  # orbax's abandoned shard reads (hundreds) are dropped
+  assert not [w for w in warned if 'never awaited' in str(w.message)]
   _assert_states_equal(state, _restore(config, base_workdir, step=20))
   # Training resumes from 20 and writes step 30 again (the unreadable one is set aside).
   result = loop.train_and_evaluate(config, workdir)

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from typing import Any, Iterator, Optional
 
 import jax
@@ -42,9 +43,9 @@ def abandoned_reads_dropped() -> Iterator[None]:
 
   When one array of a checkpoint cannot be read, orbax raises and leaves its other shard reads
   behind: each then prints a traceback as it completes on orbax's closed event loop or is
-  collected (470-590 of them, 18k lines, for one truncated checkpoint of the embedded default).
-  This drops those, and only those; after a failure the filter stays for the rest of the
-  process, as reads still in flight complete later.
+  collected (470-590 of them, 18k lines, for one truncated checkpoint of the embedded default),
+  or a warning if it never started. This drops those, and only those; after a failure the
+  traceback filter stays for the rest of the process, as reads still in flight complete later.
   """
   previous = sys.unraisablehook
   dropped = 0
@@ -57,15 +58,18 @@ def abandoned_reads_dropped() -> Iterator[None]:
       previous(unraisable)
 
   sys.unraisablehook = hook
-  try:
-    yield
-  finally:
-    gc.collect()
-    if dropped:
-      logging.info('dropped %d tracebacks of abandoned checkpoint reads (and any later ones)',
-                   dropped)
-    elif sys.unraisablehook is hook:
-      sys.unraisablehook = previous
+  with warnings.catch_warnings():  # The reads that never started warn instead.
+    warnings.filterwarnings('ignore', "coroutine '_read_array_index_and_device_put' was never",
+                            RuntimeWarning)
+    try:
+      yield
+    finally:
+      gc.collect()
+      if dropped:
+        logging.info('dropped %d tracebacks of abandoned checkpoint reads (and any later ones)',
+                     dropped)
+      elif sys.unraisablehook is hook:
+        sys.unraisablehook = previous
 
 
 def checkpoint_dir(workdir: str) -> str:
