@@ -335,7 +335,7 @@ def _parser() -> argparse.ArgumentParser:
                  help='pip spec of JAX for TPU, e.g. "jax[tpu]==0.4.35"')
 
   p = tpu_command('run', run, 'all', 'run vit_jax.main on all workers; '
-                  'arguments after -- go to it (e.g. --config.lr=0.1)')
+                  'arguments after -- go to it (e.g. --config.base_lr=0.1)')
   p.add_argument('--config', required=True, help='e.g. configs/X.py')
   p.add_argument('--workdir', required=True,
                  help='shared by all workers, so gs://BUCKET/...')

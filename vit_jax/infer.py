@@ -5,9 +5,9 @@ r"""Classifies image files with a trained ViT: the top-5 classes of each, or all
   python -m vit_jax.infer --checkpoint=WORKDIR --json IMG... > predictions.json
 
 Images of any size and mode are resized and converted as the model's eval split was. Labels come
-from the dataset named in a workdir's config (when prepared in its data_dir or $TFDS_DATA_DIR),
-else from --labels, else they are class indices. A file that is not an image gets one line on
-stderr and the others are still classified; the exit status is then 1. The formats are
+from --labels when given, else from the dataset named in a workdir's config (when prepared in its
+data_dir or $TFDS_DATA_DIR), else they are class indices. A file that is not an image gets one
+line on stderr and the others are still classified; the exit status is then 1. The formats are
 `vit_jax.evaluation.classify.report`'s.
 """
 from absl import app
