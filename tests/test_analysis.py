@@ -206,7 +206,7 @@ def _check_png(path):
 
 def test_analyze_writes_every_figure_and_its_numbers(tiny, images, tmp_path):
   model, variables = tiny
-  results = run.analyze(model, variables, images, out_dir=tmp_path, patch_size=4)
+  results = run.analyze(model, variables, images, out_dir=tmp_path)
   assert sorted(results) == sorted(run.ANALYSES)
   assert results['rollout']['rollout'].shape == (2, 4, 3)
   assert results['distance']['mean_attention_distance'].shape == (4, 2)
@@ -229,7 +229,7 @@ def test_analyze_a_scanned_gap_sincos_model_runs_only_what_is_asked(tiny, images
   params = dict(tiny[1]['params'], Transformer=dict(tiny[1]['params']['Transformer']))
   del params['cls'], params['Transformer']['posembed_input']  # Neither exists in this model.
   params = scan_layout.unrolled_to_scanned(params)
-  results = run.analyze(model, {'params': params}, images, out_dir=tmp_path, patch_size=(4, 4),
+  results = run.analyze(model, {'params': params}, images, out_dir=tmp_path,
                         which=('rollout', 'posemb'))
   assert sorted(p.name for p in tmp_path.iterdir()) == [
       'posemb.json', 'posemb.png', 'rollout.json', 'rollout.png']
@@ -238,20 +238,32 @@ def test_analyze_a_scanned_gap_sincos_model_runs_only_what_is_asked(tiny, images
   np.testing.assert_allclose(sim.reshape(12, 12).diagonal(), 1, rtol=1e-6)
 
 
-@pytest.mark.parametrize('name,overrides,which,patch,size,match', [
-    ('ViT-Mu_4', {}, ('rollout', 'attention'), 4, 16, 'unknown analyses'),
-    ('ViT-Mu_4', {'classifier': 'map'}, ('rollout',), 4, 16, 'leave "rollout" out'),
-    ('R26+ViT-Mu_8', {}, ('filters',), 8, 16, 'leave "filters" out'),
-    ('R26+ViT-Mu_8', {}, ('posemb',), 1, 16, r'pass \(8, 8\)'),
-    ('ViT-Mu_4', {}, ('posemb',), 4, 14, 'does not divide'),
+@pytest.mark.parametrize('name,overrides,which,size,match', [
+    ('ViT-Mu_4', {}, ('rollout', 'attention'), 16, 'unknown analyses'),
+    ('ViT-Mu_4', {'classifier': 'map'}, ('rollout',), 16, 'leave "rollout" out'),
+    ('R26+ViT-Mu_8', {}, ('filters',), 16, 'leave "filters" out'),
+    ('ViT-Mu_4', {}, ('posemb',), 14, 'does not divide'),
 ])
-def test_analyze_refuses_what_cannot_run_before_any_work(name, overrides, which, patch, size,
-                                                         match, tmp_path):
+def test_analyze_refuses_what_cannot_run_before_any_work(name, overrides, which, size, match,
+                                                         tmp_path):
   model = models.create(name, num_classes=5, **overrides)
   with pytest.raises(ConfigError, match=match):
-    run.analyze(model, {}, np.zeros((1, size, size, 3)), out_dir=tmp_path / 'out',
-                patch_size=patch, which=which)
+    run.analyze(model, {}, np.zeros((1, size, size, 3)), out_dir=tmp_path / 'out', which=which)
   assert not (tmp_path / 'out').exists()
+
+
+def test_analyze_the_embedded_default_whose_stem_pads_28_px_to_a_4x4_grid(tmp_path):
+  model = models.create('R8+ViT-Mu_8', num_classes=10)
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 28, 28, 1)).astype(np.float32)
+  variables = model.init(jax.random.PRNGKey(0), images[:1])
+  results = run.analyze(model, variables, images, out_dir=tmp_path,
+                        which=('rollout', 'distance', 'posemb'))
+  assert results['rollout']['rollout'].shape == (2, 4, 4)
+  assert results['distance']['patch_size'] == (8, 8)
+  # Tokens 8 px apart on a 4x4 grid: no two centres are more than 3 * 8 * sqrt(2) apart.
+  distances = results['distance']['mean_attention_distance']
+  assert distances.shape == (4, 2) and (0 < distances).all() and (distances < 34).all()
+  assert results['posemb']['cosine_similarity'].shape == (4, 4, 4, 4)
 
 
 def test_save_json_turns_arrays_into_lists(tmp_path):

@@ -169,8 +169,14 @@ def test_cli_errors_are_one_line_without_traceback(
   newest = max(Checkpointer(str(truncated), read_only=True).all_steps())
   for data in (truncated / 'checkpoints' / str(newest) / 'state').glob('ocdbt.process_*/d/*'):
     data.write_bytes(b'')
+  bad_meta = tmp_path / 'bad_meta'
+  shutil.copytree(pretrained, bad_meta)
+  for meta in (bad_meta / 'checkpoints' / str(newest) / 'meta').iterdir():
+    meta.write_text('{corrupt')
   cases = {
       'does not exist': ['--config.init=/nonexistent/workdir'],
+      f'step {newest} in {bad_meta} has an unreadable meta (JSONDecodeError':
+          [f'--config.init={bad_meta}'],
       'not a readable .npz': [f'--config.init={corrupt}'],
       f'step {newest} in {truncated} is unreadable (ValueError: OUT_OF_RANGE':
           [f'--config.init={truncated}'],

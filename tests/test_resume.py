@@ -21,6 +21,7 @@ from training_setup import (  # baseline and compile_cache are fixtures: importe
     TOTAL_STEPS, MainProcess, baseline, compile_cache, tiny_config, write_config_file)
 from vit_jax.checkpoints.manager import Checkpointer
 from vit_jax.data import input_pipeline
+from vit_jax.errors import ConfigError
 from vit_jax.training import experiment
 from vit_jax.training import loop
 from vit_jax.training import metrics as metrics_lib
@@ -182,6 +183,21 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
   set_aside = os.listdir(os.path.join(workdir, 'checkpoints', 'unreadable'))
   assert len(set_aside) == 1 and set_aside[0].startswith('30.')
   _assert_states_equal(_restore(config, workdir), _restore(config, base_workdir))
+
+
+def test_resuming_with_a_changed_model_names_the_cause_and_keeps_every_checkpoint(
+    baseline, tmp_path):
+  """Every checkpoint fails the same way: the error says why and that the config may be the
+  cause (not only "move the directory away"), and no checkpoint is moved or deleted."""
+  config, base_workdir, _ = baseline
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(base_workdir, workdir)
+  changed = tiny_config(config.data_dir, model_overrides={'mlp_dim': 128})
+  with pytest.raises(ConfigError, match=r'none of the checkpoints \[10, 20, 30\] .* \(step 30: '
+                     r'\w+Error: .*\): if the model or optimizer changed') as error:
+    loop.train_and_evaluate(changed, workdir)
+  assert '\n' not in str(error.value)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['10', '20', '30']
 
 
 def test_nan_loss_stops_with_training_diverged_keeping_only_finite_states(

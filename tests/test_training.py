@@ -18,12 +18,14 @@ import pytest
 
 from training_setup import (  # baseline and compile_cache are fixtures: imported, pytest uses them
     TOTAL_STEPS, MainProcess, baseline, compile_cache, tiny_config, write_config_file)
+from vit_jax import sharding
 from vit_jax.data import global_batch
 from vit_jax.data import input_pipeline
 from vit_jax.errors import ConfigError
 from vit_jax.training import experiment
 from vit_jax.training import loop
 from vit_jax.training import metrics as metrics_lib
+from vit_jax.training import optimizers
 from vit_jax.training import profiling
 
 
@@ -158,6 +160,40 @@ def test_gradient_accumulation_equals_the_big_batch(prepared_data_dir):
   assert head > 1e-3  # A real step, not a no-op.
 
 
+def test_gradient_accumulation_keeps_micro_batches_on_their_devices(prepared_data_dir):
+  """Each micro-batch is a slice of every device's shard: under pure data parallelism the
+  compiled step's only collective is the gradient all-reduce (contiguous micro-batches would
+  sit on 2 of the 8 devices and be all-gathered or permuted)."""
+  exp = experiment.build(tiny_config(prepared_data_dir, accum_steps=4))
+  batch_sharding = sharding.batch_sharding(exp.mesh)
+  batch = {'image': jax.ShapeDtypeStruct((64, 8, 8, 1), np.float32, sharding=batch_sharding),
+           'label': jax.ShapeDtypeStruct((64,), np.int32, sharding=batch_sharding)}
+  hlo = exp.jit_train_step().lower(exp.abstract_state, batch).compile().as_text()
+  assert 'all-reduce' in hlo
+  for moving in ('all-gather', 'collective-permute', 'all-to-all'):
+    assert moving not in hlo
+
+
+def test_weight_decay_reaches_kernels_only():
+  """Not biases, norms, the class token or the position embeddings (big_vision's, timm's)."""
+  config = tiny_config('', optimizer='adamw', weight_decay=0.5, base_lr=1.0, warmup_steps=0,
+                       decay_type='constant', grad_norm_clip=0.0)
+  params = {'cls': np.ones((1, 1, 4)), 'embedding': {'kernel': np.ones((2, 2, 1, 4)),
+                                                     'bias': np.ones(4)},
+            'Transformer': {'posembed_input': {'pos_embedding': np.ones((1, 5, 4))},
+                            'encoder_norm': {'scale': np.ones(4)}},
+            'head': {'kernel': np.ones((4, 3)), 'bias': np.ones(3)}}
+  tx = optimizers.make_optimizer(config, optimizers.learning_rate_schedule(config))
+  zero_grads = jax.tree.map(np.zeros_like, params)
+  updates, _ = tx.update(zero_grads, tx.init(params), params)
+  decayed = {'/'.join(k.key for k in path): bool(np.any(u))
+             for path, u in jax.tree_util.tree_leaves_with_path(updates)}
+  assert decayed == {'cls': False, 'embedding/bias': False, 'embedding/kernel': True,
+                     'Transformer/posembed_input/pos_embedding': False,
+                     'Transformer/encoder_norm/scale': False, 'head/bias': False,
+                     'head/kernel': True}
+
+
 # ---- Config errors ----------------------------------------------------------------------
 
 CONFIG_ERRORS = {
@@ -169,6 +205,12 @@ CONFIG_ERRORS = {
                         r"unknown dataset 'no_such_dataset'"),
     'unprepared_dataset': (dict(dataset='mnist', num_classes=None),
                            r"dataset 'mnist' is not prepared"),
+    'misspelled_loss': (dict(loss='sigmoid_xnet'), r"config.loss='sigmoid_xnet' is not one of"),
+    'zero_progress_every': (dict(progress_every=0), r'config.progress_every=0 must be positive'),
+    'zero_mesh_axis': (dict(mesh='data:-1,fsdp:0'), r'axis sizes must be positive'),
+    'zero_patch': (dict(model='ViT-Mu_0'), r'patch size must be positive'),
+    'moments_dtype': (dict(optimizer_moments_dtype='bf16'),
+                      r"optimizer_moments_dtype='bf16' is not one of"),
 }
 
 

@@ -64,6 +64,8 @@ def parse_mesh(spec: Any) -> dict[str, int]:
 
 def resolve_mesh_shape(spec: Any, num_devices: int) -> dict[str, int]:
   sizes = parse_mesh(spec)
+  if any(size == 0 or size < -1 for size in sizes.values()):
+    raise ConfigError(f'mesh {sizes}: axis sizes must be positive, or -1 for the one that fills')
   fill = [axis for axis, size in sizes.items() if size == -1]
   if len(fill) > 1:
     raise ConfigError(f'mesh {sizes}: only one axis may be -1 (fill)')
@@ -125,13 +127,13 @@ def _spec(axes: tuple, shape: tuple[int, ...], mesh: Mesh, rules) -> P:
   return P(*dims)
 
 
-def tree_shardings(abstract_tree: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
+def tree_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
   """NamedShardings for params or anything shaped like them (optimizer state, train state)."""
 
   def one(path, leaf):
     name = '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
                     for k in path)
     axes = logical_axes(name, len(leaf.shape))
-    return NamedSharding(mesh, _spec(axes, leaf.shape, mesh, rules))
+    return NamedSharding(mesh, _spec(axes, leaf.shape, mesh, LOGICAL_RULES))
 
   return jax.tree_util.tree_map_with_path(one, abstract_tree)

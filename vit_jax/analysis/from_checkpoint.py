@@ -67,7 +67,6 @@ def analyze_checkpoint(checkpoint: str, out_dir: str, *, model: Optional[str] = 
     shown = distance_images[:num_images]
     distance_images = distance_images[:num_distance_images]
   analyze = lambda x, names: run.analyze(ckpt.model, {'params': ckpt.params}, x, out_dir=out_dir,
-                                         patch_size=classify.patch_on_image(ckpt.model),
                                          which=names)
   if shown is distance_images or 'distance' not in which:
     return analyze(shown, which)

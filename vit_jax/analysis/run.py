@@ -13,29 +13,20 @@ from vit_jax.analysis.distance import mean_attention_distance
 from vit_jax.analysis.filters import embedding_filter_pcs
 from vit_jax.analysis.posemb_similarity import posemb_cosine_similarity
 from vit_jax.errors import ConfigError
-from vit_jax.models import resnet
-from vit_jax.models.vit import sincos2d_posemb, VisionTransformer
+from vit_jax.models.vit import patch_on_image, sincos2d_posemb, token_grid, VisionTransformer
 
 ANALYSES = ('rollout', 'distance', 'posemb', 'filters')
 NUM_FILTER_PCS = 28  # As many as the paper's Figure 7 shows.
 
 
-def _check(model: VisionTransformer, images: np.ndarray, patch_size: tuple[int, int],
-           which: Sequence[str]) -> None:
+def _check(model: VisionTransformer, images: np.ndarray, which: Sequence[str]) -> None:
   """Fails before any work for what cannot run, so no analysis is left half-written."""
   unknown = sorted(set(which) - set(ANALYSES))
   if unknown:
     raise ConfigError(f'unknown analyses {unknown}: choose from {list(ANALYSES)}')
   if images.ndim != 4:
     raise ConfigError(f'images must be [batch, height, width, channels], got {images.shape}')
-  stride = 1 if model.resnet is None else resnet.total_stride(model.resnet.num_layers)
-  on_image = (model.patch_size[0] * stride, model.patch_size[1] * stride)
-  if patch_size != on_image:
-    raise ConfigError(f'patch_size {patch_size} is not this model\'s patch on the image: '
-                      f'pass {on_image}')
-  if images.shape[1] % patch_size[0] or images.shape[2] % patch_size[1]:
-    raise ConfigError(f'patch size {patch_size} does not divide the images '
-                      f'{images.shape[1:3]}: resize or crop them to a multiple of it')
+  token_grid(model, *images.shape[1:3])
   if 'rollout' in which and model.classifier not in ('token', 'gap'):
     raise ConfigError(f'rollout needs a "token" or "gap" model, this one is {model.classifier!r}: '
                       'leave "rollout" out')
@@ -54,14 +45,14 @@ def _posemb(model: VisionTransformer, params: Mapping[str, Any],
 
 
 def analyze(model: VisionTransformer, variables: Mapping[str, Any], images: np.ndarray, *,
-            out_dir: str | os.PathLike, patch_size: int | tuple[int, int],
+            out_dir: str | os.PathLike,
             which: Sequence[str] = ANALYSES) -> dict[str, dict[str, Any]]:
   """Runs the chosen analyses; writes `<name>.png` and `<name>.json` into `out_dir`.
 
-  `images` are [B, H, W, C], preprocessed as the model expects (plots rescale them for display);
-  `patch_size` is the patch's extent on the image in pixels (for hybrids, the name's patch, e.g.
-  16 for R50+ViT-B_16, not the model's patch on the feature map). Returns {name: numbers}, the
-  same numbers as the JSON files, as arrays:
+  `images` are [B, H, W, C], preprocessed as the model expects (plots rescale them for display).
+  Distances are in pixels: a token spans `patch_on_image(model)` (for hybrids the name's patch,
+  e.g. 16 for R50+ViT-B_16). Returns {name: numbers}, the same numbers as the JSON files, as
+  arrays:
     rollout: per-patch rollout maps [B, gh, gw] (`attention_rollout`);
     distance: mean attention distance in pixels [layers, heads];
     posemb: cosine similarity of position embeddings [gh, gw, gh, gw];
@@ -69,9 +60,8 @@ def analyze(model: VisionTransformer, variables: Mapping[str, Any], images: np.n
       [k, ph, pw, C] and their explained variance ratios [k].
   """
   images = np.asarray(images)
-  patch = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
-  _check(model, images, patch, which)
-  grid = (images.shape[1] // patch[0], images.shape[2] // patch[1])
+  _check(model, images, which)
+  grid, patch = token_grid(model, *images.shape[1:3]), patch_on_image(model)
   params = nn.meta.unbox(variables)['params']
   os.makedirs(out_dir, exist_ok=True)
   path = lambda name, ext: os.path.join(out_dir, f'{name}.{ext}')

@@ -108,7 +108,7 @@ class Checkpointer:
     restored straight into its place on the mesh.
     """
     steps = self.all_steps()
-    unreadable, restored = [], None
+    unreadable, restored, newest_error = [], None, ''
     with abandoned_reads_dropped():
       for step in reversed(steps):
         try:
@@ -116,13 +116,16 @@ class Checkpointer:
               state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
           break
         except Exception as e:  # pylint: disable=broad-except
+          newest_error = newest_error or error_summary(e)
           logging.warning('checkpoint at step %d is unreadable (%s); trying an older one',
                           step, error_summary(e))
           unreadable.append(step)
     if restored is None:
       if steps:
         raise ConfigError(f'none of the checkpoints {steps} in {self.manager.directory} could '
-                          'be read: move the directory away to start afresh')
+                          f'be read (step {steps[-1]}: {newest_error}): if the model or '
+                          'optimizer changed since they were written, restore that config; '
+                          'else move the directory away to start afresh')
       return None, None
     if unreadable and not self.read_only:
       self._set_aside(unreadable)
@@ -168,8 +171,3 @@ class Checkpointer:
     self.wait()
     self.close()
 
-
-def abstract_like(tree: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs with shardings: the target Orbax restores into."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)

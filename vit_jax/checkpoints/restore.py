@@ -21,7 +21,6 @@ from vit_jax import models
 from vit_jax.checkpoints import npz
 from vit_jax.checkpoints.manager import Checkpointer, abandoned_reads_dropped, error_summary
 from vit_jax.errors import ConfigError
-from vit_jax.models import resnet
 
 Params = dict[str, Any]
 
@@ -55,10 +54,8 @@ class Pretrained:
     if posemb is None:
       raise ConfigError(f'{self.source} has no learned position embeddings to infer its image '
                         'size from: use its training workdir, whose config has it')
-    model = self.create_model(1)
-    stride = resnet.total_stride(model.resnet.num_layers) if model.resnet is not None else 1
     side = int(np.sqrt(posemb.shape[1] - int('cls' in self.params)))
-    return side * model.patch_size[0] * stride
+    return side * models.patch_on_image(self.create_model(1))[0]
 
   def create_model(self, num_classes: int, **overrides) -> Any:
     """The flax module of this architecture (overrides such as dtype or scan on top)."""
@@ -103,15 +100,25 @@ def _open(workdir: str) -> tuple[Checkpointer, list[int]]:
 
 def _saved_config(workdir: str, checkpointer: Checkpointer) -> dict[str, Any]:
   """The config stored with the newest checkpoint, else the workdir's config.json."""
-  config = checkpointer.restore_meta().get('config')
+  step = checkpointer.all_steps()[-1]
+  try:
+    config = checkpointer.restore_meta(step).get('config')
+  except (ValueError, KeyError, OSError, TypeError) as e:
+    raise ConfigError(f'the checkpoint at step {step} in {workdir} has an unreadable meta '
+                      f'({error_summary(e)}): remove that step directory to use an older '
+                      'one') from e
   if config:
     return config
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise ConfigError(f'{workdir} has a checkpoint but no saved config: it was not written by '
-                      'vit_jax.main; export its params to .npz and pass the model name')
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)
+                      'vit_jax.main, so save its params as a .npz in the released layout and '
+                      'pass that with the model name')
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except ValueError as e:
+    raise ConfigError(f'{path} is not valid JSON ({e}): write the run\'s config back into it') from e
 
 
 def saved_config(workdir: str) -> dict[str, Any]:

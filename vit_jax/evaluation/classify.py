@@ -22,7 +22,6 @@ from vit_jax.checkpoints import restore
 from vit_jax.data import input_pipeline
 from vit_jax.data import preprocess
 from vit_jax.errors import ConfigError
-from vit_jax.models import resnet
 
 # PIL modes decoded as one grey channel (as TF decodes grey PNGs); every other mode becomes RGB.
 _GREY_8BIT = ('1', 'L', 'LA', 'La', 'F')
@@ -67,12 +66,6 @@ def preprocess_image(pixels: np.ndarray, image_size: int, channels: int,
   else:
     image = preprocess.resize_small_and_central_crop(image, image_size)
   return preprocess.value_range(preprocess.to_channels(image, channels)).numpy()
-
-
-def patch_on_image(model: nn.Module) -> tuple[int, int]:
-  """One patch's extent in input pixels (for hybrids, the stem's stride times the patch)."""
-  stride = resnet.total_stride(model.resnet.num_layers) if model.resnet is not None else 1
-  return (model.patch_size[0] * stride, model.patch_size[1] * stride)
 
 
 def dataset_class_names(pretrained: restore.Pretrained) -> Optional[list[str]]:

@@ -1,6 +1,6 @@
 """Analytic FLOPs of the forward pass (2 per multiply-add, attention included), for MFU."""
-from vit_jax.models.resnet import ResNetConfig, total_stride
-from vit_jax.models.vit import VisionTransformer
+from vit_jax.models.resnet import ResNetConfig
+from vit_jax.models.vit import token_grid, VisionTransformer
 
 
 def _conv(out_h: int, out_w: int, k: int, c_in: int, c_out: int) -> int:
@@ -32,11 +32,10 @@ def forward_flops(model: VisionTransformer, height: int, width: int, channels: i
   total = 0
   if model.resnet is not None:
     total += resnet_flops(model.resnet, height, width, channels)
-    stride = total_stride(model.resnet.num_layers)
-    height, width = height // stride, width // stride
     channels = int(64 * model.resnet.width_factor) * 2**(len(model.resnet.num_layers) - 1) * 4
   ph, pw = model.patch_size
-  grid = (height // ph) * (width // pw)
+  gh, gw = token_grid(model, height, width)
+  grid = gh * gw
   d, m = model.hidden_size, model.mlp_dim
   total += 2 * grid * ph * pw * channels * d
   tokens = grid + (model.classifier == 'token')

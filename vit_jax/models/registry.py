@@ -29,10 +29,10 @@ COMPUTE_OPTIONS = {'scan': False, 'remat': 'none', 'attention_impl': 'auto'}
 RELEASED = ('ViT-Ti_16', 'ViT-S_16', 'ViT-S_32', 'ViT-B_8', 'ViT-B_16', 'ViT-B_32', 'ViT-L_16',
             'ViT-L_32', 'ViT-H_14', 'R50+ViT-B_16')
 CPU_SIZED = ('ViT-Mu_4', 'ViT-Pico_4', 'ViT-Ti_4', 'ViT-Ti_7', 'R26+ViT-Mu_8', 'R8+ViT-Mu_8')
-# Hybrid stems, (units per stage, width factor): R50 = BiT-R50 stages (3, 4, 9) (the third stage
-# dropped, as in the paper); R26 = a two-stage (2, 2) stem, /8, and R8 = one unit per stage at
-# half width, /8, both for small images on CPU. Hybrid names give the effective patch on the
-# image (R50+ViT-B_16 embeds the /16 feature map with 1x1 patches).
+# Hybrid stems, (units per stage, width factor): R50 = BiT-R50 with its fourth stage dropped and
+# the third extended from 6 to 9 units, as in the paper; R26 = a two-stage (2, 2) stem, /8, and
+# R8 = one unit per stage at half width, /8, both for small images on CPU. Hybrid names give the
+# effective patch on the image (R50+ViT-B_16 embeds the /16 feature map with 1x1 patches).
 STEMS = {'R50': ((3, 4, 9), 1.0), 'R26': ((2, 2), 1.0), 'R8': ((1, 1), 0.5)}
 _NAME = re.compile(r'^(?:(?P<stem>R\d+)\+)?ViT-(?P<size>[A-Za-z]+)_(?P<patch>\d+)$')
 _CHOICES = {'classifier': ('token', 'gap', 'map'), 'posemb': ('learn', 'sincos2d'),
@@ -52,6 +52,8 @@ def _parse(name: str) -> dict[str, Any]:
     hint = f'did you mean {close[0]!r}? ' if close else ''
     raise ConfigError(f'unknown model {name!r}: {hint}known: {", ".join(names())} '
                       f'(any ViT-<{"|".join(SIZES)}>_<patch> also works)')
+  if not int(match['patch']):
+    raise ConfigError(f'{name}: the patch size must be positive (e.g. ViT-Mu_4)')
   hidden, mlp, heads, layers = SIZES[match['size']]
   kwargs = dict(hidden_size=hidden, mlp_dim=mlp, num_heads=heads, num_layers=layers,
                 patch_size=int(match['patch']))

@@ -316,6 +316,27 @@ class MAPHead(nn.Module):
     return y[:, 0]
 
 
+def patch_on_image(model: 'VisionTransformer') -> tuple[int, int]:
+  """One token's extent in input pixels: the patch, times the stride of a hybrid's stem."""
+  stride = 1 if model.resnet is None else resnet_lib.total_stride(model.resnet.num_layers)
+  return model.patch_size[0] * stride, model.patch_size[1] * stride
+
+
+def token_grid(model: 'VisionTransformer', height: int, width: int) -> tuple[int, int]:
+  """The encoder's patch grid at an image size (a hybrid's SAME-padded stem rounds up, so 28 px
+  through a /8 stem is a 4x4 map), or a ConfigError when the patches do not tile it."""
+  if model.resnet is not None:
+    stride = resnet_lib.total_stride(model.resnet.num_layers)
+    height, width = -(-height // stride), -(-width // stride)
+  (ph, pw), on_image = model.patch_size, patch_on_image(model)
+  if height % ph or width % pw:
+    raise ConfigError(
+        f'patch size {ph}x{pw} does not divide the {height}x{width} '
+        f'{"feature map" if model.resnet else "image"}: choose an image size that is a '
+        f'multiple of {on_image[0]}x{on_image[1]}')
+  return height // ph, width // pw
+
+
 class VisionTransformer(nn.Module):
   """ViT (optionally hybrid). Returns logits, or pre-logit features when `num_classes == 0`.
 
@@ -342,16 +363,11 @@ class VisionTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, images: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
+    token_grid(self, images.shape[1], images.shape[2])  # A ConfigError before any work.
     x = images.astype(self.dtype)
     if self.resnet is not None:
       x = resnet_lib.resnet_stem(x, self.resnet, self.dtype)
-    ph, pw = self.patch_size
-    if x.shape[1] % ph or x.shape[2] % pw:
-      raise ConfigError(
-          f'patch size {ph}x{pw} does not divide the {x.shape[1]}x{x.shape[2]} '
-          f'{"feature map" if self.resnet else "image"}: choose an image size that is a '
-          f'multiple of {ph}x{pw}')
-    x = PatchEmbedding(self.hidden_size, (ph, pw), dtype=self.dtype, name='embedding')(x)
+    x = PatchEmbedding(self.hidden_size, self.patch_size, dtype=self.dtype, name='embedding')(x)
     gh, gw = x.shape[1:3]
     x = einops.rearrange(x, 'b h w d -> b (h w) d')
     if self.posemb == 'sincos2d':

@@ -61,15 +61,6 @@ def _timed_with_cpu(fn: Callable[[], Any]) -> tuple[float, float, int]:
           resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
 
 
-def measure_matmul_peak(dtype: Any, size: int = 0, repeats: int = 10) -> float:
-  """Achieved TFLOP/s of large square matmuls, the practical ceiling for this device.
-
-  The best run over `repeats` and over the sizes that suit the backend (or `size` alone): a
-  ceiling, so a noisy machine can only lower the MFU computed from it, never inflate it.
-  """
-  return max(_peak_of(dtype, n, repeats)[0] for n in ((size,) if size else _peak_sizes()))
-
-
 def _peak_sizes() -> tuple[int, ...]:
   return CPU_PEAK_SIZES if jax.default_backend() == 'cpu' else ACCELERATOR_PEAK_SIZES
 

@@ -7,7 +7,7 @@ import jax
 
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-               process_id: Optional[int] = None, cpu_collectives: str = 'gloo') -> None:
+               process_id: Optional[int] = None) -> None:
   """Explicit flags win; else Cloud TPU VM / SLURM auto-detection when their env says so.
 
   On CPU the processes talk through gloo collectives (how pod code paths are tested on one
@@ -17,8 +17,7 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
                                          'JAX_COORDINATOR_ADDRESS'))
   if coordinator_address is None and not auto:
     return
-  if cpu_collectives:
-    jax.config.update('jax_cpu_collectives_implementation', cpu_collectives)
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU devices only.
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)
   logging.info('process %d of %d, %d local / %d global devices', jax.process_index(),

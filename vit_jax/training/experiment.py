@@ -107,9 +107,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   missing = [key for key in REQUIRED_KEYS if key not in config]
   if missing:
     raise ConfigError(f'config lacks {missing}: start from configs/default.py')
-  for key in ('total_steps', 'batch', 'image_size'):
-    if config[key] <= 0:
+  for key in ('total_steps', 'batch', 'image_size', 'progress_every', 'checkpoint_every',
+              'accum_steps'):
+    if config.get(key, 1) <= 0:
       raise ConfigError(f'config.{key}={config[key]} must be positive')
+  if (config.get('eval_every') or 0) < 0:
+    raise ConfigError(f'config.eval_every={config.eval_every} must be positive (or 0: no eval)')
+  fewshot = config.get('fewshot')
+  if fewshot and fewshot.get('every', 0) <= 0:
+    raise ConfigError(f'config.fewshot.every={fewshot.get("every")} must be positive: the probe '
+                      'runs every that many steps')
+  loss = config.get('loss', 'softmax_xent')
+  if loss not in step_lib.LOSSES:
+    raise ConfigError(f'config.loss={loss!r} is not one of {step_lib.LOSSES}')
 
 
 def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:

@@ -33,8 +33,8 @@ def paper_config(dataset: str, *, total_steps: int, base_lr: float, model: str =
   """The paper's fine-tuning recipe (Table 4) for one dataset.
 
   SGD with momentum 0.9, batch 512, cosine decay, gradient clipping at global norm 1, no weight
-  decay, 384 px. Warmup is 500 steps, scaled down to a fifth of short runs (a 500-step run warms
-  up for 100, as the released AugReg fine-tuning config does).
+  decay, 384 px. Warmup is 500 steps, a fifth of the run for recipes under 2,500 steps (a
+  500-step run warms up for 100, as the released AugReg fine-tuning config does).
   """
   config = ml_collections.ConfigDict()
   config.init = ''  # A pre-training workdir or a released-layout .npz (then `model` names it).
@@ -62,7 +62,8 @@ def paper_config(dataset: str, *, total_steps: int, base_lr: float, model: str =
   config.momentum = 0.9
   config.base_lr = base_lr
   config.weight_decay = 0.0
-  # Short runs warm up for a fifth of the run, also when --config.total_steps shortens them.
+  # Recipes under 2,500 steps warm up for a fifth of the run, also when --config.total_steps
+  # changes it; a longer recipe keeps 500 (shortened below that, set --config.warmup_steps too).
   config.warmup_steps = 500 if total_steps >= 2500 else config.get_ref('total_steps') // 5
   config.decay_type = 'cosine'
   config.grad_norm_clip = 1.0

@@ -3,6 +3,7 @@
 No host sync inside the loop except every `progress_every` steps (metrics fetched as one
 window) and at checkpoints (the loss is checked finite before a state is saved).
 """
+import contextlib
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import time
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -59,7 +61,7 @@ def evaluate(exp: Experiment, eval_step, params: Any, eval_data) -> dict[str, fl
   totals = None
   for batch in global_batch.prefetch_to_mesh(eval_data, exp.mesh):
     sums = eval_step(params, batch)
-    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)  # No host sync.
   totals = jax.device_get(totals)
   count = float(totals.pop('count'))
   name = eval_name(exp.config)
@@ -151,7 +153,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     checkpoint_every = config.get('checkpoint_every', 1000)
     profiler = profiling.train_profiler(config, workdir, start_step)
     window, window_start, final = [], None, {}
-    with _StopSignal() as stop:
+    # Closed (flushed) also on an error: gs:// metrics are only written by a flush.
+    with _StopSignal() as stop, contextlib.closing(writer):
       for step in range(start_step + 1, total_steps + 1):
         state, step_metrics = train_step(state, next(batches))
         window.append(step_metrics)
@@ -184,9 +187,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           last = jax.device_get({k: step_metrics[k] for k in ('loss', 'grad_norm')})
           _check_finite(float(last['loss']), step, last_saved, float(last['grad_norm']))
           checkpointer.save(step, state, {'step': step, 'config': config.to_dict()})
+          writer.flush()  # The metrics up to a checkpoint survive with it.
           last_saved = step
         if preempted:
           logging.warning('stopped at step %d after a preemption notice; rerun to resume', step)
           break
-  writer.flush()
   return final | {'step': int(state.step)}

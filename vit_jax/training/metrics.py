@@ -92,13 +92,12 @@ def _duration(seconds: float) -> str:
 class Progress:
   """A live line: step, loss, img/s and ETA (carriage-return updated on a terminal)."""
 
-  def __init__(self, total_steps: int, start_step: int, stream=sys.stdout):
-    self.total_steps, self.start_step, self.stream = total_steps, start_step, stream
+  def __init__(self, total_steps: int, start_step: int):
+    self.total_steps, self.start_step, self.stream = total_steps, start_step, sys.stdout
     self.start_time = time.monotonic()
     self.enabled = jax.process_index() == 0
 
-  def update(self, step: int, loss: float, img_per_sec: Optional[float],
-             extra: str = '') -> None:
+  def update(self, step: int, loss: float, img_per_sec: Optional[float]) -> None:
     if not self.enabled:
       return
     elapsed = time.monotonic() - self.start_time
@@ -106,7 +105,7 @@ class Progress:
     eta = _duration((self.total_steps - step) / rate) if rate else '?'
     speed = f'{img_per_sec:,.0f} img/s' if img_per_sec else '- img/s'
     line = (f'step {step}/{self.total_steps} | loss {loss:.4f} | {speed} | '
-            f'elapsed {_duration(elapsed)} | ETA {eta}{extra}')
+            f'elapsed {_duration(elapsed)} | ETA {eta}')
     end = '\r' if self.stream.isatty() else '\n'
     self.stream.write(line + end)
     self.stream.flush()

@@ -8,6 +8,7 @@ from vit_jax.errors import ConfigError
 
 DECAY_TYPES = ('cosine', 'linear', 'constant')
 OPTIMIZERS = ('adam', 'adamw', 'sgd')
+MOMENT_DTYPES = ('float32', 'bfloat16')
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -17,7 +18,8 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     raise ConfigError(f'decay_type={decay_type!r} is not one of {DECAY_TYPES}')
   warmup, total = config.warmup_steps, config.total_steps
   if warmup >= total:
-    raise ConfigError(f'warmup_steps={warmup} must be below total_steps={total}')
+    raise ConfigError(f'warmup_steps={warmup} must be below total_steps={total}: lower '
+                      '--config.warmup_steps')
   end_value = config.base_lr * config.get('lr_end_fraction', 0.0)
   decay_steps = total - warmup
   decay = {
@@ -31,17 +33,23 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def _decay_mask(params):
-  """Weight decay on matrices and conv kernels only, not on biases, norms or embeddings' cls."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+  """Weight decay on dense and conv kernels only: not on biases, norms, the class token, the
+  position embeddings or the MAP probe (as big_vision's and timm's recipes)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
 
 
 def make_optimizer(config: ml_collections.ConfigDict,
                    schedule: optax.Schedule) -> optax.GradientTransformation:
-  """Gradient clipping -> the optimizer (decoupled weight decay for adamw)."""
+  """Gradient clipping -> the optimizer. 'adam' and 'adamw' are one: decoupled weight decay
+  scaled by the learning rate, as the paper's Flax `optim.Adam(weight_decay=...)` (recipes.py)."""
   name = config.get('optimizer', 'adam')
   if name not in OPTIMIZERS:
     raise ConfigError(f'optimizer={name!r} is not one of {OPTIMIZERS}')
-  mu_dtype = jnp.bfloat16 if config.get('optimizer_moments_dtype') == 'bfloat16' else None
+  moments = config.get('optimizer_moments_dtype') or 'float32'
+  if moments not in MOMENT_DTYPES:
+    raise ConfigError(f'optimizer_moments_dtype={moments!r} is not one of {MOMENT_DTYPES}')
+  mu_dtype = jnp.bfloat16 if moments == 'bfloat16' else None
   weight_decay = config.get('weight_decay', 0.0)
   if name == 'sgd':
     opt = optax.sgd(schedule, momentum=config.get('momentum', 0.9),

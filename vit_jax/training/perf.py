@@ -24,7 +24,7 @@ def device_peak_tflops(device: Optional[jax.Device] = None) -> Optional[float]:
 
 
 def cores() -> int:
-  """Accelerator devices, or physical CPU cores that XLA uses when running on CPU."""
+  """Accelerator devices, or on CPU the cores (logical CPUs) this process may run on."""
   if jax.default_backend() == 'cpu':
     return host_devices.schedulable_cores() * jax.process_count()
   return jax.device_count()

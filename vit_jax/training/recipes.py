@@ -34,6 +34,7 @@ import math
 import ml_collections
 
 from vit_jax import models
+from vit_jax.models import registry
 from vit_jax.errors import ConfigError
 
 BATCH = 4096
@@ -59,7 +60,6 @@ DEFAULT_DATASET = 'imagenet2012'
 
 # Table 3's epochs: ImageNet-21k 90 for B and smaller, 30 for L (and H); ImageNet 300 for all.
 _LARGE = ('ViT-L_16', 'ViT-L_32', 'ViT-H_14')
-HIDDEN_SIZE = {'Ti': 192, 'S': 384, 'B': 768, 'L': 1024, 'H': 1280}
 
 
 def epochs(model: str, dataset: str) -> int:
@@ -91,7 +91,7 @@ def pretrain_config(model: str, arg=None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model = model
   config.model_overrides = ml_collections.ConfigDict({
-      'representation_size': HIDDEN_SIZE[size],  # Pre-logits during pre-training.
+      'representation_size': registry.SIZES[size][0],  # Pre-logits: the hidden size.
       'dropout_rate': row['dropout'],
       'head_bias_init': row['head_bias_init'],
       **models.COMPUTE_OPTIONS,

@@ -48,7 +48,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     if accum_steps == 1:
       loss_value, grads = micro_grads(state.params, batch['image'], batch['label'], rng)
     else:
-      split = lambda x: x.reshape((accum_steps, -1) + x.shape[1:])
+      # Micro-batch i takes examples i, i + accum_steps, ...: a slice of every device's shard,
+      # so no micro-batch moves between data-parallel devices (contiguous chunks would).
+      split = lambda x: x.reshape((-1, accum_steps) + x.shape[1:]).swapaxes(0, 1)
       micro = jax.tree.map(split, batch)
 
       def accumulate(carry, inputs):
