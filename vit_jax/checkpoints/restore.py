@@ -118,7 +118,8 @@ def _saved_config(workdir: str, checkpointer: Checkpointer) -> dict[str, Any]:
     with open(path, encoding='utf-8') as f:
       return json.load(f)
   except ValueError as e:
-    raise ConfigError(f'{path} is not valid JSON ({e}): write the run\'s config back into it') from e
+    raise ConfigError(f'{path} is not valid JSON ({e}): write the run\'s config back into '
+                      'it') from e
 
 
 def saved_config(workdir: str) -> dict[str, Any]:
