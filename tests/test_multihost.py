@@ -27,6 +27,8 @@ import pytest
 import config_files
 from vit_jax import sharding
 from vit_jax.data import input_pipeline
+from vit_jax.errors import ConfigError
+from vit_jax.training import distributed
 from vit_jax.training import experiment
 from vit_jax.training.loop import evaluate, make_eval_data
 from vit_jax.training.metrics import read_jsonl
@@ -254,3 +256,33 @@ def test_bad_launcher_arguments_are_one_line_errors(args):
   assert result.returncode == 2
   assert result.stderr.startswith('error: ') and 'usage: launch/local.sh N' in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+@pytest.mark.parametrize('env,joins', [
+    ({}, False),
+    ({'SLURM_JOB_ID': '7'}, False),  # An salloc shell or sbatch script: no srun step.
+    ({'SLURM_JOB_ID': '7', 'SLURM_STEP_NODELIST': 'n1', 'SLURM_NTASKS': '2',
+      'SLURM_PROCID': '0', 'SLURM_LOCALID': '0'}, True),
+    ({'TPU_WORKER_HOSTNAMES': 'w0,w1'}, True),
+])
+def test_auto_detection_joins_only_a_real_multi_process_launch(env, joins, monkeypatch):
+  for name in distributed.SLURM_STEP_VARIABLES + ('TPU_WORKER_HOSTNAMES',
+                                                  'JAX_COORDINATOR_ADDRESS'):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kwargs: calls.append(kwargs))
+  monkeypatch.setattr(jax.config, 'update', lambda *args: None)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)  # What a joined process would see.
+  distributed.initialize()
+  assert bool(calls) == joins
+
+
+def test_a_mesh_that_replicates_the_batch_across_processes_is_refused(monkeypatch):
+  """Each process feeds its own slice: data x fsdp must split the batch over the processes."""
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  config = ml_collections.ConfigDict(dict(batch=16, mesh='data:1,tensor:-1'))
+  with pytest.raises(ConfigError, match=r"splits the batch 1 ways over 2 processes"):
+    experiment.check_batch(config, sharding.make_mesh(config.mesh))
+  experiment.check_batch(config, sharding.make_mesh('data:2,tensor:-1'))

@@ -185,6 +185,36 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
   _assert_states_equal(_restore(config, workdir), _restore(config, base_workdir))
 
 
+def test_only_the_newest_keep_checkpoints_stay(tmp_path):
+  with Checkpointer(str(tmp_path), keep=2) as checkpointer:
+    for step in range(1, 5):
+      checkpointer.save(step, {'w': jax.numpy.full((3,), float(step))}, {'step': step})
+  with Checkpointer(str(tmp_path), read_only=True) as checkpointer:
+    assert checkpointer.all_steps() == [3, 4]
+    assert checkpointer.restore_meta() == {'step': 4}
+
+
+def test_a_transient_read_error_is_retried_not_set_aside(baseline, tmp_path, monkeypatch):
+  """An object store's hiccup on the newest checkpoint: read again, restored, nothing moved."""
+  config, base_workdir, _ = baseline
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(base_workdir, workdir)
+  real, failed = ocp.CheckpointManager.restore, []
+
+  def flaky(self, step, *args, **kwargs):
+    if not failed:
+      failed.append(step)
+      raise OSError('503 Service Unavailable')
+    return real(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'restore', flaky)
+  exp = experiment.build(config)
+  with Checkpointer(workdir, async_save=False) as checkpointer:
+    state, _ = checkpointer.restore_latest(exp.abstract_state)
+  assert failed == [30] and int(state.step) == 30
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['10', '20', '30']
+
+
 def test_resuming_with_a_changed_model_names_the_cause_and_keeps_every_checkpoint(
     baseline, tmp_path):
   """Every checkpoint fails the same way: the error says why and that the config may be the

@@ -25,7 +25,6 @@ from vit_jax.errors import ConfigError
 from vit_jax.training import experiment
 from vit_jax.training import loop
 from vit_jax.training import metrics as metrics_lib
-from vit_jax.training import optimizers
 from vit_jax.training import profiling
 
 
@@ -174,26 +173,6 @@ def test_gradient_accumulation_keeps_micro_batches_on_their_devices(prepared_dat
     assert moving not in hlo
 
 
-def test_weight_decay_reaches_kernels_only():
-  """Not biases, norms, the class token or the position embeddings (big_vision's, timm's)."""
-  config = tiny_config('', optimizer='adamw', weight_decay=0.5, base_lr=1.0, warmup_steps=0,
-                       decay_type='constant', grad_norm_clip=0.0)
-  params = {'cls': np.ones((1, 1, 4)), 'embedding': {'kernel': np.ones((2, 2, 1, 4)),
-                                                     'bias': np.ones(4)},
-            'Transformer': {'posembed_input': {'pos_embedding': np.ones((1, 5, 4))},
-                            'encoder_norm': {'scale': np.ones(4)}},
-            'head': {'kernel': np.ones((4, 3)), 'bias': np.ones(3)}}
-  tx = optimizers.make_optimizer(config, optimizers.learning_rate_schedule(config))
-  zero_grads = jax.tree.map(np.zeros_like, params)
-  updates, _ = tx.update(zero_grads, tx.init(params), params)
-  decayed = {'/'.join(k.key for k in path): bool(np.any(u))
-             for path, u in jax.tree_util.tree_leaves_with_path(updates)}
-  assert decayed == {'cls': False, 'embedding/bias': False, 'embedding/kernel': True,
-                     'Transformer/posembed_input/pos_embedding': False,
-                     'Transformer/encoder_norm/scale': False, 'head/bias': False,
-                     'head/kernel': True}
-
-
 # ---- Config errors ----------------------------------------------------------------------
 
 CONFIG_ERRORS = {
@@ -208,6 +187,10 @@ CONFIG_ERRORS = {
     'misspelled_loss': (dict(loss='sigmoid_xnet'), r"config.loss='sigmoid_xnet' is not one of"),
     'zero_progress_every': (dict(progress_every=0), r'config.progress_every=0 must be positive'),
     'zero_mesh_axis': (dict(mesh='data:-1,fsdp:0'), r'axis sizes must be positive'),
+    'two_fill_axes': (dict(mesh='data:-1,fsdp:-1'), r'only one axis may be -1'),
+    'unknown_mesh_axis': (dict(mesh='dp:8'), r"unknown mesh axes \['dp'\]: use data, fsdp"),
+    'warmup_not_below_total': (dict(warmup_steps=TOTAL_STEPS),
+                               r'must be below total_steps=30: lower --config.warmup_steps'),
     'zero_patch': (dict(model='ViT-Mu_0'), r'patch size must be positive'),
     'moments_dtype': (dict(optimizer_moments_dtype='bf16'),
                       r"optimizer_moments_dtype='bf16' is not one of"),

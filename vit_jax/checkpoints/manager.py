@@ -112,8 +112,7 @@ class Checkpointer:
     with abandoned_reads_dropped():
       for step in reversed(steps):
         try:
-          restored = self.manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+          restored = self._restore_retrying_once(step, abstract_state)
           break
         except Exception as e:  # pylint: disable=broad-except
           newest_error = newest_error or error_summary(e)
@@ -130,6 +129,18 @@ class Checkpointer:
     if unreadable and not self.read_only:
       self._set_aside(unreadable)
     return restored['state'], restored['meta']
+
+  def _restore_retrying_once(self, step: int, abstract_state: Any) -> dict:
+    """A second try before a step counts as unreadable: a transient read error (an object
+    store's) must not set aside, or with several processes delete, a good checkpoint."""
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                              meta=ocp.args.JsonRestore())
+    try:
+      return self.manager.restore(step, args=args)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('reading the checkpoint at step %d failed (%s); trying it again', step,
+                      error_summary(e))
+    return self.manager.restore(step, args=args)
 
   def _set_aside(self, steps: list[int]) -> None:
     """Gets unreadable steps newer than the restored one out of the way (saving that step

@@ -5,6 +5,9 @@ from typing import Optional
 
 import jax
 
+SLURM_STEP_VARIABLES = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
+                        'SLURM_LOCALID')
+
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                process_id: Optional[int] = None) -> None:
@@ -13,8 +16,10 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
   On CPU the processes talk through gloo collectives (how pod code paths are tested on one
   machine). A single process with no coordinator does nothing.
   """
-  auto = any(os.environ.get(k) for k in ('TPU_WORKER_HOSTNAMES', 'SLURM_JOB_ID',
-                                         'JAX_COORDINATOR_ADDRESS'))
+  auto = any(os.environ.get(k) for k in ('TPU_WORKER_HOSTNAMES', 'JAX_COORDINATOR_ADDRESS'))
+  # A SLURM job step (srun), as JAX detects one: an salloc shell or a batch script without
+  # srun has SLURM_JOB_ID but no step, and JAX could not find a coordinator there.
+  auto = auto or all(k in os.environ for k in SLURM_STEP_VARIABLES)
   if coordinator_address is None and not auto:
     return
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU devices only.

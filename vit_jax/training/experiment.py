@@ -125,6 +125,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
   """The global batch must split evenly over data-parallel devices, processes and micro-batches."""
   dp = sharding.data_parallel_size(mesh)
+  if dp % jax.process_count():
+    raise ConfigError(
+        f'config.mesh={config.get("mesh", "data:-1")!r} splits the batch {dp} ways over '
+        f'{jax.process_count()} processes that each feed their own slice: give data x fsdp a '
+        f'multiple of {jax.process_count()}')
   accum = config.get('accum_steps', 1)
   for name, size, parts in (('batch', config.batch, dp * accum),
                             ('batch', config.batch, jax.process_count()),
