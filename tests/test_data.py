@@ -2,6 +2,7 @@
 import collections
 import gzip
 import hashlib
+import itertools
 import os
 import subprocess
 import sys
@@ -33,16 +34,31 @@ def _idx(name: str) -> np.ndarray:
   return data[8:] if 'labels' in name else data[16:].reshape(-1, 28, 28)
 
 
-def _train(data_dir, dataset='digits', batch=64, size=8, pp=None, **kw):
+def _train(data_dir, dataset='digits', batch=64, size=8, pp=None, channels=3, **kw):
   return ip.make_train_iterator(
       dataset=dataset, split='train', data_dir=data_dir, global_batch=batch,
-      image_size=size, channels=3, pp=_pp(pp), seed=kw.pop('seed', 0), **kw)
+      image_size=size, channels=channels, pp=_pp(pp), seed=kw.pop('seed', 0), **kw)
 
 
-def _eval(data_dir, dataset='digits', split='test', batch=64, size=8, pp=None, **kw):
+def _eval(data_dir, dataset='digits', split='test', batch=64, size=8, pp=None, channels=3,
+          **kw):
   return ip.make_eval_iterator(
       dataset=dataset, split=split, data_dir=data_dir, global_batch=batch,
-      image_size=size, channels=3, pp=_pp(pp), **kw)
+      image_size=size, channels=channels, pp=_pp(pp), **kw)
+
+
+def _image_folder(root, splits: dict[str, int]) -> str:
+  """ROOT/<split>/{cat,dog}/ with `splits[split]` small PNG and JPEG images per label."""
+  rng = np.random.default_rng(0)
+  for split, n in splits.items():
+    for label in ('cat', 'dog'):
+      os.makedirs(root / split / label)
+      for i in range(n):
+        image = rng.integers(0, 255, (20 + i, 30, 3), np.uint8)
+        encode = tf.io.encode_jpeg if i % 2 else tf.io.encode_png
+        tf.io.write_file(str(root / split / label / f'{i}.{"jpg" if i % 2 else "png"}'),
+                         encode(image))
+  return str(root)
 
 
 def _rows(batches) -> collections.Counter:
@@ -221,6 +237,17 @@ def test_eval_covers_the_split_once_on_any_process_count(prepared_data_dir, coun
       int(ex['label']) for ex in tfds.as_numpy(full))
 
 
+@pytest.mark.parametrize('split', [
+    'train[:3]+test[:3]',  # Each piece's remainder goes to process 0: it holds 4 of the 6.
+    'test[:1]',  # Process 1's slice is empty.
+])
+def test_eval_of_uneven_process_slices_ends_together(prepared_data_dir, split):
+  runs = [list(itertools.islice(_eval(prepared_data_dir, split=split, batch=2, process_index=p,
+                                      process_count=2), 20)) for p in range(2)]
+  assert len(runs[0]) == len(runs[1]) < 20
+  assert _rows(runs[0]) + _rows(runs[1]) == _rows(_eval(prepared_data_dir, split=split, batch=2))
+
+
 def test_eval_fashion_test_is_exact_and_reiterable(prepared_data_dir):
   batches = _eval(prepared_data_dir, 'fashion_mnist', batch=512, size=28,
                   pp={'eval': {'crop': 'resize_crop'}})
@@ -240,17 +267,8 @@ def test_mixup_makes_soft_labels(prepared_data_dir):
 
 
 def test_image_folder_becomes_a_tfds_dataset(tmp_path):
-  rng = np.random.default_rng(0)
-  for split, n in (('train', 3), ('val', 2)):
-    for label in ('cat', 'dog'):
-      os.makedirs(tmp_path / 'src' / split / label)
-      for i in range(n):
-        image = rng.integers(0, 255, (20 + i, 30, 3), np.uint8)
-        encode = tf.io.encode_jpeg if i % 2 else tf.io.encode_png
-        tf.io.write_file(str(tmp_path / 'src' / split / label / f'{i}.{"jpg" if i % 2 else "png"}'),
-                         encode(image))
   data_dir = str(tmp_path / 'tfds')
-  prepare.prepare('pets', data_dir, source=str(tmp_path / 'src'))
+  prepare.prepare('pets', data_dir, source=_image_folder(tmp_path / 'src', {'train': 3, 'val': 2}))
   assert ip.get_info('pets', 'val', data_dir) == ip.DatasetInfo(2, 4, ['cat', 'dog'], (None, None, 3))
   assert len(tfds.load('pets', split='train', data_dir=data_dir)) == 6
   batch = next(ip.make_train_iterator(  # Inception crop of JPEG and PNG bytes.
@@ -277,6 +295,22 @@ def test_to_global_and_prefetch_shard_the_batch():
     (lambda d: _train(d, batch=63, process_count=2), 'multiple of the process count 2'),
     (lambda d: _train(d, pp={'train': {'flips': False}}), "unknown pp.train keys ['flips']"),
     (lambda d: _eval(d, pp={'eval': {'crop': 'inception'}}), 'pp.eval.crop'),
+    (lambda d: ip.get_info('digits', 'train[5:3]', d), "split 'train[5:3]' of digits holds no"),
+    (lambda d: list(_eval(d, split='train[3:3]')), 'holds no examples'),
+    (lambda d: ip.get_info('digits:9.9.9', 'train', d), "digits versions ['1.0.0']"),
+    (lambda d: _eval(d, channels=2), 'channels=2: set the model channels to 1'),
+    (lambda d: next(_train(d, channels=2)), 'channels=2: set the model channels to 1'),
+    (lambda d: next(_train(d, pp={'train': 'resize'})), "pp.train='resize': pp.train holds"),
+    (lambda d: next(_train(d, pp={'train': {'randaug': 2}})), 'pp.train.randaug=2'),
+    (lambda d: next(_train(d, pp={'train': {'randaug': (2, 'x')}})), 'pp.train.randaug='),
+    (lambda d: next(_train(d, pp={'train': {'randaug': (-1, 5)}})), 'pp.train.randaug='),
+    (lambda d: next(_train(d, pp={'train': {'mixup': -1}})), 'pp.train.mixup=-1'),
+    (lambda d: next(_train(d, pp={'train': {'inception_area_min': 2}})),
+     'pp.train.inception_area_min=2'),
+    (lambda d: next(_train(d, pp={'train': {'shuffle_buffer': 0}})),
+     'pp.train.shuffle_buffer=0'),
+    (lambda d: next(_train(d, pp={'train': {'random_crop_pad': -1}})),
+     'pp.train.random_crop_pad=-1'),
 ])
 def test_mistakes_are_config_errors(prepared_data_dir, call, message):
   with pytest.raises(ConfigError) as e:
@@ -297,6 +331,26 @@ def test_missing_debian_package_names_the_fix(tmp_path, monkeypatch):
   monkeypatch.setattr(prepare, 'DEBIAN_FASHION_MNIST', str(tmp_path / 'none'))
   with pytest.raises(ConfigError, match='apt-get install dataset-fashion-mnist'):
     prepare.prepare('fashion_mnist', str(tmp_path))
+
+
+def test_prepared_fashion_mnist_needs_no_source_files(prepared_data_dir, monkeypatch):
+  monkeypatch.setattr(prepare, 'DEBIAN_FASHION_MNIST', '/nonexistent')
+  assert prepare.prepare('fashion_mnist', prepared_data_dir) == prepared_data_dir
+
+
+def test_image_folder_name_must_be_snake_case(tmp_path):
+  with pytest.raises(ConfigError, match="'My-Data' must be lowercase snake_case"):
+    prepare.prepare('My-Data', str(tmp_path / 'tfds'), source=str(tmp_path))
+
+
+def test_cli_prepare_describes_the_folders_own_splits(tmp_path):
+  source = _image_folder(tmp_path / 'src', {'training': 1, 'val': 1})
+  result = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.datasets', 'prepare', 'pets', f'--source={source}',
+       f'--data_dir={tmp_path / "tfds"}'], capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr
+  assert 'pets[training]: DatasetInfo(num_classes=2, num_examples=2' in result.stdout
+  assert 'pets[val]: DatasetInfo(num_classes=2, num_examples=2' in result.stdout
 
 
 def test_cli_prints_one_line_errors(tmp_path):

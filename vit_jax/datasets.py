@@ -5,6 +5,8 @@ r"""Prepares datasets offline and shows what the pipeline will see.
   python -m vit_jax.datasets prepare NAME --source=ROOT [--data_dir=DIR]  # ROOT/<split>/<label>/*.jpg
   python -m vit_jax.datasets info NAME [--split=train] [--data_dir=DIR]
 
+`prepare` then describes every split it prepared; `info` describes --split.
+
 DIR defaults to $TFDS_DATA_DIR, else ~/tensorflow_datasets. The results are
 plain TFDS datasets: `tfds.load(NAME, data_dir=DIR)` reads them in any program,
 and configs name them like catalogue datasets (an image folder by its NAME).
@@ -13,6 +15,7 @@ are once `tfds build` has prepared them there.
 """
 from absl import flags
 
+from vit_jax.data import catalog
 from vit_jax.data import input_pipeline
 from vit_jax.data import prepare
 from vit_jax.errors import ConfigError, run_cli
@@ -32,8 +35,11 @@ def main(argv: list[str]) -> None:
   if command == 'prepare':
     data_dir = prepare.prepare(name, _DATA_DIR.value, _SOURCE.value)
     print(f'prepared {name} in {data_dir}')
-  info = input_pipeline.get_info(name, _SPLIT.value, _DATA_DIR.value)
-  print(f'{name}[{_SPLIT.value}]: {info}')
+    splits = list(catalog.load_builder(name, data_dir).info.splits)  # An image folder's own.
+  else:
+    data_dir, splits = _DATA_DIR.value, [_SPLIT.value]
+  for split in splits:
+    print(f'{name}[{split}]: {input_pipeline.get_info(name, split, data_dir)}')
 
 
 if __name__ == '__main__':

@@ -40,7 +40,20 @@ def load_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     raise ConfigError(
         f'unknown dataset {name!r} (not in the TFDS catalogue nor prepared in '
         f'{data_dir}): {how_to_prepare(name, data_dir)}') from e
+  except AssertionError as e:  # TFDS's way of refusing a version its builder does not know.
+    unversioned = name.split(':')[0]
+    raise ConfigError(
+        f'{name!r} names a version that cannot be loaded: {data_dir} holds {unversioned} '
+        f'versions {_prepared_versions(unversioned, data_dir)}; use one or drop the version') from e
   if not builder.is_prepared():
     raise ConfigError(f'dataset {name!r} is not prepared in {data_dir}: '
                       f'{how_to_prepare(name, data_dir)}')
   return builder
+
+
+def _prepared_versions(unversioned: str, data_dir: str) -> list[str]:
+  """Versions of dataset `unversioned` ('name' or 'name/config') with a folder in data_dir."""
+  folder = os.path.join(data_dir, unversioned)
+  if not os.path.isdir(folder):
+    return []
+  return sorted(entry for entry in os.listdir(folder) if tfds.core.Version.is_valid(entry))

@@ -42,6 +42,7 @@ core (the most that autotuner's CPU budget would allow). Measured rates, and why
 in memory or batched: docs/performance.md ("Input pipeline").
 """
 import dataclasses
+import numbers
 from typing import Iterable, Iterator
 
 import jax
@@ -91,24 +92,83 @@ def _info(builder: tfds.core.DatasetBuilder, dataset: str,
       image_shape=tuple(features['image'].shape))
 
 
-def _num_examples(builder: tfds.core.DatasetBuilder, dataset: str,
-                  split) -> int:
+def _num_examples(builder: tfds.core.DatasetBuilder, dataset: str, split: str) -> int:
+  """Examples in the requested `split`; a missing split or an empty slice is a ConfigError."""
   try:
-    return builder.info.splits[split].num_examples
-  except (KeyError, ValueError) as e:
+    count = builder.info.splits[split].num_examples
+  except (KeyError, ValueError, AssertionError) as e:
     raise ConfigError(
         f'{dataset} has no split {split!r}: use one of '
         f'{sorted(builder.info.splits)} (or a slice like train[:90%])') from e
+  if count <= 0:
+    raise ConfigError(f'split {split!r} of {dataset} holds no examples: use a slice that '
+                      'starts before it ends, like train[:90%]')
+  return count
+
+
+def _slice_size(builder: tfds.core.DatasetBuilder, split: str, process_index: int,
+                process_count: int) -> int:
+  """Examples of `split` that process `process_index` reads (0 when its slice is empty)."""
+  sliced = tfds.split_for_jax_process(
+      split, process_index=process_index, process_count=process_count)
+  return builder.info.splits[sliced].num_examples
 
 
 def _options(part, defaults: dict, where: str) -> dict:
   """`part` (a ConfigDict, dict or None) over `defaults`; typos are errors."""
   part = part or {}
+  if not isinstance(part, (dict, ml_collections.ConfigDict)):
+    raise ConfigError(f'{where}={part!r}: {where} holds options, e.g. '
+                      f'{where}.crop={defaults["crop"]!r}')
   unknown = set(part.keys()) - set(defaults)
   if unknown:
     raise ConfigError(f'unknown {where} keys {sorted(unknown)}: valid keys are '
                       f'{sorted(defaults)}')
   return {k: part.get(k, v) for k, v in defaults.items()}
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, numbers.Real)
+
+
+def _is_count(value) -> bool:
+  return isinstance(value, numbers.Integral) and value >= 0
+
+
+def _train_options(part) -> dict:
+  """pp.train over its defaults, checked here: a bad value would otherwise fail inside tf.data
+  or numpy, as a raw error at the first batch."""
+  opts = _options(part, _TRAIN_PP, 'pp.train')
+  if opts['crop'] not in ('inception', 'resize', 'random_crop'):
+    raise ConfigError(f'pp.train.crop={opts["crop"]!r}: use inception, resize '
+                      'or random_crop')
+  if not _is_number(opts['mixup']) or opts['mixup'] < 0:
+    raise ConfigError(f'pp.train.mixup={opts["mixup"]!r}: use a beta alpha >= 0 (0 is off)')
+  area_min = opts['inception_area_min']
+  if not _is_number(area_min) or not 0 < area_min <= 1:
+    raise ConfigError(f'pp.train.inception_area_min={area_min!r}: use a fraction of the image '
+                      'area in (0, 1], e.g. 0.05')
+  if not _is_count(opts['random_crop_pad']):
+    raise ConfigError(f'pp.train.random_crop_pad={opts["random_crop_pad"]!r}: use pixels >= 0')
+  if not _is_count(opts['shuffle_buffer']) or not opts['shuffle_buffer']:
+    raise ConfigError(f'pp.train.shuffle_buffer={opts["shuffle_buffer"]!r}: use a positive '
+                      'number of examples')
+  layers_and_magnitude = opts['randaug']
+  if layers_and_magnitude is not None:
+    if (not isinstance(layers_and_magnitude, (tuple, list)) or len(layers_and_magnitude) != 2
+        or not _is_count(layers_and_magnitude[0]) or not _is_number(layers_and_magnitude[1])
+        or not 0 <= layers_and_magnitude[1] <= randaug.MAX_MAGNITUDE):
+      raise ConfigError(f'pp.train.randaug={layers_and_magnitude!r}: use None or (num_layers '
+                        '>= 0, magnitude 0..10), e.g. (2, 10)')
+    opts['randaug'] = (int(layers_and_magnitude[0]), float(layers_and_magnitude[1]))
+  return opts
+
+
+def _check_channels(channels: int) -> None:
+  """Here, before any tf.data map: raised inside one, the error arrives as a staging traceback."""
+  if channels not in (1, 3):
+    raise ConfigError(f'channels={channels!r}: set the model channels to 1 (grayscale) '
+                      'or 3 (RGB)')
 
 
 def _process_slice(split: str, global_batch: int, process_index: int | None,
@@ -165,13 +225,6 @@ def _padding(spec, count: int) -> tf.data.Dataset:
 def _train_example_fn(opts: dict, image_size: int, channels: int,
                       raw_channels: int, seed: int, index: int, count: int):
   """(position, encoded example) -> preprocessed example, seeded by position."""
-  if opts['crop'] not in ('inception', 'resize', 'random_crop'):
-    raise ConfigError(f'pp.train.crop={opts["crop"]!r}: use inception, resize '
-                      'or random_crop')
-  if opts['randaug'] is not None:
-    if len(opts['randaug']) != 2:
-      raise ConfigError('pp.train.randaug must be (num_layers, magnitude) or None')
-    opts['randaug'] = (int(opts['randaug'][0]), float(opts['randaug'][1]))
 
   def fn(position, example):
     example_seed = tf.stack(
@@ -246,12 +299,13 @@ def make_train_iterator(*, dataset: str, split: str, data_dir: str | None,
   """
   builder = catalog.load_builder(dataset, data_dir)
   info = _info(builder, dataset, split)
-  opts = _options(pp.get('train'), _TRAIN_PP, 'pp.train')
+  opts = _train_options(pp.get('train'))
+  _check_channels(channels)
   if seed < 0 or start_step < 0:
     raise ConfigError(f'seed ({seed}) and start_step ({start_step}) must be >= 0')
   index, count, local_batch, sliced = _process_slice(
       split, global_batch, process_index, process_count)
-  size = _num_examples(builder, dataset, sliced)
+  size = _slice_size(builder, split, index, count)
   if not size:
     raise ConfigError(f'{dataset}[{split}] has no examples for process {index} '
                       f'of {count}: use a larger split')
@@ -372,12 +426,16 @@ def make_eval_iterator(*, dataset: str, split: str, data_dir: str | None,
   opts = _options(pp.get('eval'), _EVAL_PP, 'pp.eval')
   if opts['crop'] not in ('resize', 'resize_crop'):
     raise ConfigError(f'pp.eval.crop={opts["crop"]!r}: use resize or resize_crop')
-  _, count, local_batch, sliced = _process_slice(
+  _check_channels(channels)
+  index, count, local_batch, sliced = _process_slice(
       split, global_batch, process_index, process_count)
-  # split_for_jax_process gives the first (total % count) processes one more.
-  largest = -(-info.num_examples // count)
-  num_batches = -(-largest // local_batch)
-  size = _num_examples(builder, dataset, sliced)
+  # split_for_jax_process splits each '+'-joined piece of `split` on its own and gives each
+  # piece's remainder to the low process indices: the largest slice sets the batch count.
+  sizes = [_slice_size(builder, split, i, count) for i in range(count)]
+  num_batches = -(-max(sizes) // local_batch)
+  size = sizes[index]
+  padding = num_batches * local_batch - size
+  assert padding >= 0, (sizes, index, local_batch)
 
   def example_fn(example):
     image = preprocess.decode(example['image'], info.image_shape[-1])
@@ -390,9 +448,11 @@ def make_eval_iterator(*, dataset: str, split: str, data_dir: str | None,
             'label': tf.cast(example['label'], tf.int32),
             'mask': tf.constant(True)}
 
-  ds = builder.as_dataset(split=sliced, shuffle_files=False, decoders=_RAW)
-  ds = ds.map(example_fn, num_parallel_calls=host_devices.schedulable_cores())
-  ds = ds.concatenate(_padding(ds.element_spec, num_batches * local_batch - size))
+  # TFDS refuses to read an empty slice: such a process reads none of the whole split instead,
+  # for the element shapes, and yields only padding.
+  ds = builder.as_dataset(split=sliced if size else split, shuffle_files=False, decoders=_RAW)
+  ds = ds.take(size).map(example_fn, num_parallel_calls=host_devices.schedulable_cores())
+  ds = ds.concatenate(_padding(ds.element_spec, padding))
   return EvalBatches(ds.batch(local_batch).prefetch(tf.data.AUTOTUNE),
                      num_batches)
 

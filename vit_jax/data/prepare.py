@@ -14,6 +14,7 @@ Supported sources (everything else: prepare with TFDS itself, see
 """
 import gzip
 import os
+import re
 import shutil
 import tempfile
 import urllib.parse
@@ -65,15 +66,16 @@ class _LocalFiles:
 
 
 def _prepare_fashion_mnist(data_dir: str, source: str) -> None:
-  """Runs TFDS's fashion_mnist builder on un-gzipped local idx files."""
+  """Runs TFDS's fashion_mnist builder on un-gzipped local idx files; a prepared dataset needs
+  none (the Debian package may be gone since)."""
+  builder = tfds.builder('fashion_mnist', data_dir=data_dir)
+  if builder.is_prepared():
+    return
   missing = [f for f in _IDX_FILES if not os.path.exists(os.path.join(source, f))]
   if missing:
     hint = ('apt-get install dataset-fashion-mnist'
             if source == DEBIAN_FASHION_MNIST else f'put them in {source}')
     raise ConfigError(f'fashion_mnist needs {", ".join(missing)} in {source}: {hint}')
-  builder = tfds.builder('fashion_mnist', data_dir=data_dir)
-  if builder.is_prepared():
-    return
   with tempfile.TemporaryDirectory() as tmp:
     files = {}
     for f in _IDX_FILES:
@@ -90,6 +92,9 @@ def _prepare_fashion_mnist(data_dir: str, source: str) -> None:
 
 def _prepare_image_folder(name: str, data_dir: str, root: str) -> None:
   """Stores `root/<split>/<label>/*` as TFDS dataset `name`, unless already there."""
+  if not re.fullmatch('[a-z][a-z0-9_]*', name):  # What TFDS can load back by that name.
+    raise ConfigError(f'dataset name {name!r} must be lowercase snake_case (a letter, then '
+                      'letters, digits or _), e.g. my_images')
   if name in tfds.list_builders(with_community_datasets=False):
     raise ConfigError(f'{name!r} is a TFDS catalogue name: pick another name '
                       f'for the image folder {root}')
