@@ -13,7 +13,10 @@ import pytest
 import skimage.data
 
 from vit_jax.analysis import from_checkpoint
+from vit_jax.analysis.filters import embedding_filter_pcs
+from vit_jax.analysis.posemb_similarity import posemb_cosine_similarity
 from vit_jax.checkpoints import npz
+from vit_jax.checkpoints import restore
 from vit_jax.errors import ConfigError
 from vit_jax.evaluation import classify
 from vit_jax.training import experiment
@@ -25,17 +28,20 @@ NAMES = ('rollout', 'distance', 'posemb', 'filters')
 
 @pytest.fixture(scope='module')
 def workdir(prepared_data_dir, tmp_path_factory) -> str:
-  """A ViT-Mu_4 workdir as vit_jax.main writes it (two steps: the analyses need no accuracy)."""
+  """A ViT-Mu_4 workdir as vit_jax.main writes it. The analyses need no accuracy, but three steps:
+  the head starts at zero, so only the third moves the embeddings off their init (after two, the
+  checkpoint's position embeddings and filters were still a fresh PRNGKey(0) model's)."""
   config = ml_collections.ConfigDict(dict(
       model='ViT-Mu_4', dataset='fashion_mnist', data_dir=prepared_data_dir, image_size=28,
-      channels=1, pp={'train': {'crop': 'resize'}}, batch=16, total_steps=2, base_lr=1e-3,
+      channels=1, pp={'train': {'crop': 'resize'}}, batch=16, total_steps=3, base_lr=1e-3,
       warmup_steps=1, eval_every=0, progress_every=2, seed=0))
   path = str(tmp_path_factory.mktemp('analyze') / 'workdir')
   loop.train_and_evaluate(config, path, exp=experiment.build(config, devices=jax.devices()[:1]))
   return path
 
 
-def _check_outputs(out_dir, grid, num_shown: int, num_averaged: int) -> None:
+def _check_outputs(out_dir, grid, num_shown: int, num_averaged: int, params) -> None:
+  """Shapes of all four outputs; posemb.json and filters.json are the numbers of `params`."""
   for name in NAMES:
     image = mpimg.imread(os.path.join(out_dir, f'{name}.png'))
     assert image.ndim == 3 and min(image.shape[:2]) > 50
@@ -46,9 +52,22 @@ def _check_outputs(out_dir, grid, num_shown: int, num_averaged: int) -> None:
   assert distance['num_images'] == num_averaged
   assert np.array(distance['mean_attention_distance']).shape == (4, 2)  # Mu: 4 layers, 2 heads.
   with open(os.path.join(out_dir, 'posemb.json'), encoding='utf-8') as f:
-    assert np.array(json.load(f)['cosine_similarity']).shape == (*grid, *grid)
+    similarity = np.array(json.load(f)['cosine_similarity'])
+  assert similarity.shape == (*grid, *grid)
+  # The checkpoint's own learned embeddings, its class token (the first of 1 + 7*7) dropped:
+  # catches analysing freshly initialised params (training moved them: see the workdir test)
+  # and dropping the wrong token (or none: 50 rows do not fill the grid).
+  posemb = params['Transformer']['posembed_input']['pos_embedding']
+  assert posemb.shape == (1, 1 + 7 * 7, 64)
+  np.testing.assert_allclose(similarity, posemb_cosine_similarity(posemb, grid, 1), atol=1e-9)
   with open(os.path.join(out_dir, 'filters.json'), encoding='utf-8') as f:
-    assert np.array(json.load(f)['components']).shape == (16, 4, 4, 1)  # rank 4*4*1 = 16.
+    filters = json.load(f)
+  components = np.array(filters['components'])
+  assert components.shape == (16, 4, 4, 1)  # rank 4*4*1 = 16, under the 28 the paper shows.
+  # The PCs of the checkpoint's 64 4x4 grey filters: catches a fresh init's filters too.
+  expected, ratio = embedding_filter_pcs(params['embedding']['kernel'], 16)
+  np.testing.assert_allclose(filters['explained_variance_ratio'], ratio, rtol=1e-9)
+  np.testing.assert_allclose(components, expected, atol=1e-6)
 
 
 def test_cli_on_a_workdir_uses_its_dataset(workdir, tmp_path):
@@ -60,11 +79,23 @@ def test_cli_on_a_workdir_uses_its_dataset(workdir, tmp_path):
   assert proc.returncode == 0, proc.stderr
   assert sorted(proc.stdout.split()) == sorted(
       os.path.join(out_dir, f'{name}.{ext}') for name in NAMES for ext in ('png', 'json'))
-  _check_outputs(out_dir, (7, 7), num_shown=4, num_averaged=32)
+  params = restore.load(workdir).params
+  _check_outputs(out_dir, (7, 7), num_shown=4, num_averaged=32, params=params)
+  # Those pins tell the checkpoint from a fresh model: training moved what they compare by far
+  # more than their tolerances (the third step moved similarities ~1e-2 and ratios ~3e-5).
+  model = classify.load_checkpoint(workdir).model
+  fresh = model.init(jax.random.PRNGKey(0), np.zeros((1, 28, 28, 1), np.float32))['params']
+  fresh_posemb = fresh['Transformer']['posembed_input']['pos_embedding']
+  moved = (posemb_cosine_similarity(params['Transformer']['posembed_input']['pos_embedding'],
+                                    (7, 7), 1) - posemb_cosine_similarity(fresh_posemb, (7, 7), 1))
+  assert np.abs(moved).max() > 1e-4
+  ratios = [embedding_filter_pcs(p['embedding']['kernel'], 16)[1] for p in (params, fresh)]
+  assert np.abs(ratios[0] - ratios[1]).max() > 1e-6
 
 
 def test_npz_with_photos_and_a_chosen_subset(workdir, prepared_data_dir, tmp_path):
   path = str(tmp_path / 'mu4.npz')
+  params = restore.load(workdir).params
   npz.save_npz(classify.load_checkpoint(workdir).params, path)
   photos = [str(tmp_path / 'astronaut.jpg'), str(tmp_path / 'coffee.png')]
   Image.fromarray(skimage.data.astronaut()).save(photos[0])
@@ -72,7 +103,7 @@ def test_npz_with_photos_and_a_chosen_subset(workdir, prepared_data_dir, tmp_pat
   out_dir = str(tmp_path / 'all')
   results = from_checkpoint.analyze_checkpoint(path, out_dir, model='ViT-Mu_4', images=photos)
   assert sorted(results) == sorted(NAMES)
-  _check_outputs(out_dir, (7, 7), num_shown=2, num_averaged=2)
+  _check_outputs(out_dir, (7, 7), num_shown=2, num_averaged=2, params=params)
   some = str(tmp_path / 'some')
   from_checkpoint.analyze_checkpoint(path, some, model='ViT-Mu_4', dataset='digits',
                              data_dir=prepared_data_dir, which=['rollout'])

@@ -158,6 +158,32 @@ def test_json_has_every_probability_and_logit(workdir, photos):
     np.testing.assert_allclose([t['probability'] for t in p['top5']], np.sort(probs)[::-1][:5])
 
 
+def test_cli_top_k_reaches_the_json_and_is_clamped_to_the_class_count(workdir, photos):
+  paths = [photos['astronaut.jpg'], photos['camera.png'], photos['moon16.png']]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', XLA_FLAGS='')
+  proc = subprocess.run([sys.executable, '-m', 'vit_jax.infer', f'--checkpoint={workdir}',
+                         '--json', '--top_k=2', *paths],
+                        capture_output=True, text=True, env=env, cwd=REPO, check=False)
+  assert proc.returncode == 0, proc.stderr
+  doc = json.loads(proc.stdout)
+  assert [p['image'] for p in doc['predictions']] == paths and doc['errors'] == []
+  for p in doc['predictions']:
+    # Exactly the 2 likeliest: a flag not passed on to `report` would give the default 'top5'.
+    assert sorted(p) == ['image', 'logits', 'probabilities', 'top2']
+    probs = np.array(p['probabilities'])
+    assert [t['index'] for t in p['top2']] == list(np.argsort(-probs)[:2])
+    np.testing.assert_allclose([t['probability'] for t in p['top2']], np.sort(probs)[::-1][:2])
+  # Above the 10 classes (the CLI passes --top_k to `report` as is, pinned above): each class
+  # once, likeliest first, summing to 1. Unclamped, the key would read 'top11'.
+  for p in json.loads(_report(workdir, paths, as_json=True, top_k=11))['predictions']:
+    assert sorted(p) == ['image', 'logits', 'probabilities', 'top10']
+    assert sorted(t['index'] for t in p['top10']) == list(range(10))
+    assert [t['label'] for t in p['top10']] == [FASHION[t['index']] for t in p['top10']]
+    probs = [t['probability'] for t in p['top10']]
+    assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-5
+    np.testing.assert_allclose(probs, np.sort(p['probabilities'])[::-1])
+
+
 def test_the_forward_pass_compiles_once_for_any_number_of_batches(workdir, photos):
   classifier = classify.Classifier.from_checkpoint(workdir, batch_size=2)
   paths = list(photos.values())  # 5 files: batches of 2, 2 and 1 padded to 2.
@@ -198,10 +224,26 @@ def test_cli_reports_each_unreadable_file_in_one_line_and_classifies_the_rest(
   args = [good[0], str(notes), str(truncated), good[1]]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', XLA_FLAGS='')
   proc = subprocess.run([sys.executable, '-m', 'vit_jax.infer', f'--checkpoint={workdir}',
-                         *args], capture_output=True, text=True, env=env, cwd=REPO, check=False)
+                         '--top_k=11', *args],
+                        capture_output=True, text=True, env=env, cwd=REPO, check=False)
   assert proc.returncode == 1, proc.stderr
   errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
   assert len(errors) == 2, proc.stderr
   assert errors[0].startswith(f'error: {notes}: not a readable image')
   assert errors[1].startswith(f'error: {truncated}: not a readable image')
   assert [line for line in proc.stdout.splitlines() if not line.startswith(' ')] == good
+  # --top_k=11, above the 10 classes, lists each class once per image (5 lines if ignored).
+  lines = proc.stdout.splitlines()
+  assert len(lines) == 11 * len(good)
+  for i in range(len(good)):
+    rows = [line.split(None, 1) for line in lines[11 * i + 1:11 * i + 11]]
+    assert sorted(name for _, name in rows) == sorted(FASHION)
+    probs = [float(p) for p, _ in rows]
+    assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-3  # 4 decimals.
+
+
+def test_top_k_below_one_is_a_config_error(workdir, photos):
+  # A negative k slipped through min() into argsort[:k] and printed all classes but the last.
+  with pytest.raises(ConfigError, match=r'top_k=-1: print at least one class'):
+    _report(workdir, list(photos.values())[:1], top_k=-1)
+

@@ -236,6 +236,8 @@ def report(classifier: Classifier, paths: Sequence[str], *, as_json: bool = Fals
   "top<k>": [{"index", "label", "probability"}], "probabilities", "logits"}], "errors":
   [{"image", "error"}]}. Each unreadable file also gets one `error: ...` line on `err`.
   """
+  if top_k < 1:
+    raise ConfigError(f'top_k={top_k}: print at least one class per image (--top_k=1 or more)')
   top_k = min(top_k, classifier.model.num_classes)
   predictions, errors = [], []
   for result in classifier.classify_files(paths):
