@@ -8,26 +8,19 @@ import subprocess
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh
 
+from data_setup import PLAIN, pp_dict, train_stream
 from vit_jax.data import global_batch
 from vit_jax.data import input_pipeline as ip
 from vit_jax.data import prepare
-from vit_jax.data import preprocess
-from vit_jax.data import randaug
 from vit_jax.errors import ConfigError
 
 FASHION = '/usr/share/datasets/fashion-mnist'
-PLAIN = {'train': {'crop': 'resize', 'flip': False}}  # No randomness: rows are comparable.
-
-
-def _pp(d=None):
-  return ml_collections.ConfigDict(d or {})
 
 
 def _idx(name: str) -> np.ndarray:
@@ -36,17 +29,11 @@ def _idx(name: str) -> np.ndarray:
   return data[8:] if 'labels' in name else data[16:].reshape(-1, 28, 28)
 
 
-def _train(data_dir, dataset='digits', batch=64, size=8, pp=None, channels=3, **kw):
-  return ip.make_train_iterator(
-      dataset=dataset, split='train', data_dir=data_dir, global_batch=batch,
-      image_size=size, channels=channels, pp=_pp(pp), seed=kw.pop('seed', 0), **kw)
-
-
 def _eval(data_dir, dataset='digits', split='test', batch=64, size=8, pp=None, channels=3,
           **kw):
   return ip.make_eval_iterator(
       dataset=dataset, split=split, data_dir=data_dir, global_batch=batch,
-      image_size=size, channels=channels, pp=_pp(pp), **kw)
+      image_size=size, channels=channels, pp=pp_dict(pp), **kw)
 
 
 def _image_folder(root, splits: dict[str, int]) -> str:
@@ -120,7 +107,7 @@ def test_digits_are_sklearns_last_297_for_test(prepared_data_dir):
 
 
 def test_train_batches_shape_range_and_labels(prepared_data_dir):
-  batch = next(_train(prepared_data_dir, 'fashion_mnist', batch=32, size=28))
+  batch = next(train_stream(prepared_data_dir, 'fashion_mnist', batch=32, size=28))
   assert batch['image'].shape == (32, 28, 28, 3) and batch['image'].dtype == np.float32
   assert batch['label'].shape == (32,) and batch['label'].dtype == np.int32
   assert -1 <= batch['image'].min() < 0 < batch['image'].max() <= 1
@@ -132,9 +119,9 @@ def test_train_batches_shape_range_and_labels(prepared_data_dir):
     {}, {'train': {'crop': 'random_crop'}},
     {'train': {'randaug': (2, 10), 'mixup': 0.2}}])
 def test_stream_is_a_function_of_seed_and_step(prepared_data_dir, pp):
-  first = [next(it) for it in [_train(prepared_data_dir, pp=pp)] for _ in range(3)]
-  again = [next(it) for it in [_train(prepared_data_dir, pp=pp)] for _ in range(3)]
-  other = next(_train(prepared_data_dir, pp=pp, seed=1))
+  first = [next(it) for it in [train_stream(prepared_data_dir, pp=pp)] for _ in range(3)]
+  again = [next(it) for it in [train_stream(prepared_data_dir, pp=pp)] for _ in range(3)]
+  other = next(train_stream(prepared_data_dir, pp=pp, seed=1))
   assert all(_same(a, b) for a, b in zip(first, again))
   assert not np.array_equal(first[0]['image'], other['image'])
   assert not np.array_equal(first[0]['image'], first[1]['image'])
@@ -156,17 +143,17 @@ def epoch_source(request, monkeypatch) -> dict:
 def test_resume_yields_the_uninterrupted_stream(prepared_data_dir, start_step, epoch_source,
                                                 crop):
   pp = {'train': {**crop, **epoch_source}}
-  full = _train(prepared_data_dir, batch=64, pp=pp)
+  full = train_stream(prepared_data_dir, batch=64, pp=pp)
   for _ in range(start_step):
     next(full)
-  resumed = _train(prepared_data_dir, batch=64, start_step=start_step, pp=pp)
+  resumed = train_stream(prepared_data_dir, batch=64, start_step=start_step, pp=pp)
   for _ in range(3):
     assert _same(next(full), next(resumed))
 
 
 def test_one_epoch_sees_every_example_once(prepared_data_dir, epoch_source):
   # 1500 examples, batch 60: 25 steps are exactly one epoch; the next epoch is another order.
-  it = _train(prepared_data_dir, batch=60, pp={'train': {**PLAIN['train'], **epoch_source}})
+  it = train_stream(prepared_data_dir, batch=60, pp={'train': {**PLAIN['train'], **epoch_source}})
   epochs = [[next(it) for _ in range(25)] for _ in range(2)]
   assert _rows(epochs[0]) == _rows(epochs[1]) == _rows(_eval(prepared_data_dir, split='train'))
   assert not np.array_equal(epochs[0][0]['label'], epochs[1][0]['label'])
@@ -179,10 +166,10 @@ def test_batchwise_path_matches_the_examplewise_one_up_to_flips(prepared_data_di
   example-wise path (forced by a zero byte budget: the split stays in memory, same order)
   gives the same images, each either as is or mirrored, flipped about half the time."""
   pp = {'train': {'crop': 'resize'}}
-  batchwise = [next(it) for it in [_train(prepared_data_dir, size=size, pp=pp)]
+  batchwise = [next(it) for it in [train_stream(prepared_data_dir, size=size, pp=pp)]
                for _ in range(8)]
   monkeypatch.setattr(ip, 'IN_MEMORY_BYTES', 0)
-  examplewise = [next(it) for it in [_train(prepared_data_dir, size=size, pp=pp)]
+  examplewise = [next(it) for it in [train_stream(prepared_data_dir, size=size, pp=pp)]
                  for _ in range(8)]
   images, reference = (np.concatenate([b['image'] for b in run]) for run in
                        (batchwise, examplewise))
@@ -194,9 +181,9 @@ def test_batchwise_path_matches_the_examplewise_one_up_to_flips(prepared_data_di
   asymmetric = ~np.all(reference == mirrored, axis=(1, 2, 3))
   assert 0.35 < flipped[asymmetric].mean() < 0.65, flipped[asymmetric].mean()
   unflipped = {'train': {'crop': 'resize', 'flip': False}}
-  plain = next(_train(prepared_data_dir, size=size, pp=unflipped))
+  plain = next(train_stream(prepared_data_dir, size=size, pp=unflipped))
   monkeypatch.setattr(ip, 'IN_MEMORY_BYTES', 2**31)
-  assert _same(plain, next(_train(prepared_data_dir, size=size, pp=unflipped)))
+  assert _same(plain, next(train_stream(prepared_data_dir, size=size, pp=unflipped)))
 
 
 def test_no_pipeline_runs_tf_datas_autotuner(prepared_data_dir, monkeypatch):
@@ -210,8 +197,8 @@ def test_no_pipeline_runs_tf_datas_autotuner(prepared_data_dir, monkeypatch):
     return as_numpy_iterator(ds)
 
   monkeypatch.setattr(tf.data.Dataset, 'as_numpy_iterator', recording)
-  next(_train(prepared_data_dir, pp={'train': {'crop': 'resize'}}))  # Loads, decodes, batches.
-  next(_train(prepared_data_dir))
+  next(train_stream(prepared_data_dir, pp={'train': {'crop': 'resize'}}))  # Loads, decodes, batches.
+  next(train_stream(prepared_data_dir))
   next(iter(_eval(prepared_data_dir)))
   assert autotuned == [False] * 6, autotuned  # Load, decode, batches; load, batches; eval.
 
@@ -219,7 +206,7 @@ def test_no_pipeline_runs_tf_datas_autotuner(prepared_data_dir, monkeypatch):
 def test_process_slices_are_disjoint_and_cover_the_split(prepared_data_dir):
   # 1500 / 2 processes = 750 each; local batch 50: 15 steps are one epoch.
   per_process = [
-      _rows([next(it) for it in [_train(prepared_data_dir, batch=100, pp=PLAIN,
+      _rows([next(it) for it in [train_stream(prepared_data_dir, batch=100, pp=PLAIN,
                                         process_index=p, process_count=2)]
              for _ in range(15)]) for p in range(2)]
   assert sum(per_process[0].values()) == sum(per_process[1].values()) == 750
@@ -262,156 +249,6 @@ def test_eval_fashion_test_is_exact_and_reiterable(prepared_data_dir):
   assert all(_same(a, b) for a, b in zip(first, batches))
 
 
-def test_mixup_makes_soft_labels(prepared_data_dir):
-  batch = next(_train(prepared_data_dir, pp={'train': {'mixup': 0.5}}))
-  assert batch['label'].shape == (64, 10) and batch['label'].dtype == np.float32
-  np.testing.assert_allclose(batch['label'].sum(1), 1, rtol=1e-6)
-
-
-def test_mixup_mixes_each_example_with_the_one_before_it(prepared_data_dir):
-  """Against the same stream without mixup: row i is lam * example i + (1 - lam) * example i-1
-  (the batch rolled by one), image and one-hot label alike, lam drawn anew each step. Catches
-  lam stuck at 1 (or 0), images left unmixed, labels paired with another partner than the
-  images (or the roll reversed: lam here is far from 1/2), and one lam for every step."""
-  mixed = _train(prepared_data_dir, pp={'train': {**PLAIN['train'], 'mixup': 0.5}})
-  plain = _train(prepared_data_dir, pp=PLAIN)
-  onehot = np.eye(10, dtype=np.float32)
-  lams = []
-  for _ in range(3):
-    m, p = next(mixed), next(plain)
-    labels, partners = p['label'], np.roll(p['label'], 1)
-    i = np.flatnonzero(labels != partners)[0]  # Own and partner's labels differ.
-    lam = m['label'][i, labels[i]]
-    assert 0.01 < lam < 0.99 and abs(lam - 0.5) > 0.1, lam
-    np.testing.assert_allclose(m['label'][i, partners[i]], 1 - lam, atol=1e-6)
-    np.testing.assert_allclose(m['label'], lam * onehot[labels] + (1 - lam) * onehot[partners],
-                               atol=1e-6)
-    np.testing.assert_allclose(
-        m['image'], lam * p['image'] + (1 - lam) * np.roll(p['image'], 1, axis=0), atol=1e-6)
-    lams.append(float(lam))
-  assert len(set(lams)) == 3, lams
-
-
-def _op(name: str, image: np.ndarray, level: float) -> np.ndarray:
-  return randaug.OPS[name](tf.constant(image, tf.float32), level).numpy()
-
-
-RAMP = np.arange(256, dtype=np.float32).reshape(16, 16, 1)  # Every 8-bit value once.
-
-
-@pytest.mark.parametrize('level,bits', [(1.0, 4), (-1.0, 4), (0.5, 6), (0.0, 8)])
-def test_randaug_posterize_keeps_the_top_bits(level, bits):
-  # 8 - round(4 |level|) bits survive. Catches a shift that ignores the level (or its sign),
-  # rounds instead of truncating, or keeps the low bits.
-  out = _op('posterize', RAMP, level)
-  np.testing.assert_array_equal(out, np.arange(256).reshape(RAMP.shape) & -2**(8 - bits))
-  assert np.all(out % 2**(8 - bits) == 0) and len(np.unique(out)) == 2**bits
-
-
-@pytest.mark.parametrize('level,expected', [
-    (1.0, [255, 128, 127, 55, 0]),  # Threshold 0: every pixel inverted.
-    (-0.5, [0, 127, 127, 55, 0]),  # Threshold 128: 128 and up inverted.
-    (0.25, [0, 127, 128, 55, 0]),  # Threshold 192.
-    (0.0, [0, 127, 128, 200, 255]),  # Threshold 256: none.
-])
-def test_randaug_solarize_inverts_pixels_from_the_threshold_up(level, expected):
-  # Catches inverting below the threshold, a threshold that ignores the level, or 256 - v.
-  out = _op('solarize', RAMP, level).ravel()
-  np.testing.assert_array_equal(out[[0, 127, 128, 200, 255]], expected)
-
-
-@pytest.mark.parametrize('level,turns', [(3.0, 1), (-3.0, -1)])
-def test_randaug_rotate_turns_about_the_centre(level, turns):
-  # Level 3 is 90 degrees (the pipeline's levels stop at 1, 30 degrees), where the result is
-  # exact: catches a rotation about a corner, a centre off by a pixel, or a wrong angle scale.
-  square = np.arange(25, dtype=np.float32).reshape(5, 5, 1)
-  np.testing.assert_allclose(_op('rotate', square, level), np.rot90(square, turns), atol=1e-3)
-  out = _op('rotate', square, 1.0)
-  assert out[2, 2, 0] == 12 and not np.allclose(out, square)  # 30 degrees: the centre stays.
-
-
-@pytest.mark.parametrize('axis', [0, 1])
-@pytest.mark.parametrize('level', [1.0, -1.0])
-def test_randaug_translate_shifts_by_45_percent_and_fills_gray(axis, level):
-  # 20 px along the axis, level +-1: content moves 9 px against (or with) it, 128 fills the
-  # rest. Catches the wrong axis, the shift sized by the other side, or another fill value.
-  image = np.arange(240, dtype=np.float32).reshape(12, 20, 1)  # Rows x 20 columns.
-  along_y = lambda x: x.transpose(1, 0, 2) if axis else x  # Translate_y on the transpose.
-  out = along_y(_op('translate_' + 'xy'[axis], along_y(image), level))
-  if level > 0:
-    expected = np.concatenate([image[:, 9:], np.full((12, 9, 1), 128, np.float32)], 1)
-  else:
-    expected = np.concatenate([np.full((12, 9, 1), 128, np.float32), image[:, :11]], 1)
-  np.testing.assert_allclose(out, expected, atol=1e-3)
-
-
-def test_randaug_autocontrast_stretches_each_channel_to_the_full_range():
-  # Catches stretching with the global min/max instead of each channel's, or no stretch.
-  image = np.stack([np.linspace(50, 100, 6), np.linspace(0, 51, 6), np.full(6, 7.)], -1)
-  out = _op('autocontrast', image.reshape(2, 3, 3), 0.7).reshape(6, 3)
-  np.testing.assert_allclose(out[:, 0], [0, 51, 102, 153, 204, 255], atol=1e-3)
-  np.testing.assert_allclose(out[:, 1], [0, 51, 102, 153, 204, 255], atol=1e-3)
-  np.testing.assert_array_equal(out[:, 2], 7)  # A flat channel is left as it is.
-
-
-def test_randaug_ops_at_level_zero_change_nothing_but_autocontrast():
-  # Magnitude 0 is no strength: catches e.g. a blend factor or rotation offset not neutral at 0.
-  # Autocontrast takes no level (as in the reference RandAugment), so it still stretches.
-  image = np.random.default_rng(0).integers(30, 200, (9, 7, 3)).astype(np.float32)
-  for name in randaug.OPS:
-    if name != 'autocontrast':
-      np.testing.assert_allclose(_op(name, image, 0.0), image, atol=1e-3, err_msg=name)
-  out = _op('autocontrast', image, 0.0)
-  assert out.min() == 0 and out.max() == 255
-
-
-def test_randaug_changes_the_batch_only_with_magnitude(prepared_data_dir):
-  """Same seed and order as the plain batch: at (2, 10) nearly every image differs, at (2, 0)
-  only images not spanning 0..255 may (autocontrast). Catches RandAugment never applied; the
-  (2, 0) control shows that the (2, 10) differences are the ops', not another crop path's."""
-  plain = next(_train(prepared_data_dir, pp=PLAIN))
-  strong, none = (next(_train(prepared_data_dir, pp={'train': {**PLAIN['train'],
-                                                               'randaug': (2, m)}}))
-                  for m in (10, 0))
-  assert np.array_equal(strong['label'], plain['label'])
-  changed = ~np.all(strong['image'] == plain['image'], axis=(1, 2, 3))
-  assert changed.mean() > 0.8, changed.mean()
-  assert -1 <= strong['image'].min() and strong['image'].max() <= 1
-  lo, hi = plain['image'].min(axis=(1, 2, 3)), plain['image'].max(axis=(1, 2, 3))
-  full_range = (lo == -1) & (hi == 1)
-  unchanged = np.all(none['image'] == plain['image'], axis=(1, 2, 3))
-  assert full_range.mean() > 0.9 and np.all(unchanged[full_range])
-
-
-@pytest.mark.parametrize('shape,window', [
-    ((32, 24), np.s_[5:26, 1:22]),  # Tall: 11 rows spare, 3 columns.
-    ((24, 32), np.s_[1:22, 5:26]),  # Wide.
-])
-def test_central_crop_keeps_the_centre(shape, window):
-  # size 21 / crop_fraction 0.875 = 24 = the shorter side: no resampling, so the output is the
-  # input's central 21 x 21 exactly (floor of the margin / 2 on top and left). Catches an
-  # off-centre (corner) crop, swapped height and width, or scaling the longer side to 24.
-  image = np.random.default_rng(0).integers(0, 256, shape + (3,)).astype(np.float32)
-  out = preprocess.resize_small_and_central_crop(tf.constant(image), 21).numpy()
-  assert out.shape == (21, 21, 3)
-  np.testing.assert_allclose(out, image[window], atol=1e-3)
-
-
-def test_central_crop_resizes_the_shorter_side_first():
-  # 40 x 30, size 8: the shorter side goes to ceil(8 / 0.875) = 10, the longer to
-  # ceil(40 * 9.14 / 30) = 13 (aspect kept), then rows 2:10 and columns 1:9. Catches a crop of
-  # the unresized image, a resize straight to 8 x 8, or a stretched aspect.
-  image = np.zeros((40, 30, 1), np.float32)
-  image[:, 15:] = 200  # Right half bright: a vertical edge a centre crop keeps in the middle.
-  image[:5] = 100  # A top band the crop leaves out.
-  out = preprocess.resize_small_and_central_crop(tf.constant(image), 8).numpy()
-  expected = tf.image.resize(image, [13, 10], antialias=True).numpy()[2:10, 1:9]
-  assert out.shape == (8, 8, 1)
-  np.testing.assert_allclose(out, expected, atol=1e-3)
-  np.testing.assert_allclose(out[:, :3], 0, atol=1e-3)  # Left of the edge, below the band.
-  np.testing.assert_allclose(out[:, 5:], 200, atol=1e-3)
-
-
 def test_image_folder_becomes_a_tfds_dataset(tmp_path):
   data_dir = str(tmp_path / 'tfds')
   prepare.prepare('pets', data_dir, source=_image_folder(tmp_path / 'src', {'train': 3, 'val': 2}))
@@ -419,7 +256,7 @@ def test_image_folder_becomes_a_tfds_dataset(tmp_path):
   assert len(tfds.load('pets', split='train', data_dir=data_dir)) == 6
   batch = next(ip.make_train_iterator(  # Inception crop of JPEG and PNG bytes.
       dataset='pets', split='train', data_dir=data_dir, global_batch=4,
-      image_size=16, channels=3, pp=_pp(), seed=0))
+      image_size=16, channels=3, pp=pp_dict(), seed=0))
   assert batch['image'].shape == (4, 16, 16, 3)
 
 
@@ -438,24 +275,24 @@ def test_to_global_and_prefetch_shard_the_batch():
 @pytest.mark.parametrize('call,message', [
     (lambda d: ip.get_info('no_such_dataset', 'train', d), 'unknown dataset'),
     (lambda d: ip.get_info('digits', 'validation', d), "no split 'validation'"),
-    (lambda d: _train(d, batch=63, process_count=2), 'multiple of the process count 2'),
-    (lambda d: _train(d, pp={'train': {'flips': False}}), "unknown pp.train keys ['flips']"),
+    (lambda d: train_stream(d, batch=63, process_count=2), 'multiple of the process count 2'),
+    (lambda d: train_stream(d, pp={'train': {'flips': False}}), "unknown pp.train keys ['flips']"),
     (lambda d: _eval(d, pp={'eval': {'crop': 'inception'}}), 'pp.eval.crop'),
     (lambda d: ip.get_info('digits', 'train[5:3]', d), "split 'train[5:3]' of digits holds no"),
     (lambda d: list(_eval(d, split='train[3:3]')), 'holds no examples'),
     (lambda d: ip.get_info('digits:9.9.9', 'train', d), "digits versions ['1.0.0']"),
     (lambda d: _eval(d, channels=2), 'channels=2: set the model channels to 1'),
-    (lambda d: next(_train(d, channels=2)), 'channels=2: set the model channels to 1'),
-    (lambda d: next(_train(d, pp={'train': 'resize'})), "pp.train='resize': pp.train holds"),
-    (lambda d: next(_train(d, pp={'train': {'randaug': 2}})), 'pp.train.randaug=2'),
-    (lambda d: next(_train(d, pp={'train': {'randaug': (2, 'x')}})), 'pp.train.randaug='),
-    (lambda d: next(_train(d, pp={'train': {'randaug': (-1, 5)}})), 'pp.train.randaug='),
-    (lambda d: next(_train(d, pp={'train': {'mixup': -1}})), 'pp.train.mixup=-1'),
-    (lambda d: next(_train(d, pp={'train': {'inception_area_min': 2}})),
+    (lambda d: next(train_stream(d, channels=2)), 'channels=2: set the model channels to 1'),
+    (lambda d: next(train_stream(d, pp={'train': 'resize'})), "pp.train='resize': pp.train holds"),
+    (lambda d: next(train_stream(d, pp={'train': {'randaug': 2}})), 'pp.train.randaug=2'),
+    (lambda d: next(train_stream(d, pp={'train': {'randaug': (2, 'x')}})), 'pp.train.randaug='),
+    (lambda d: next(train_stream(d, pp={'train': {'randaug': (-1, 5)}})), 'pp.train.randaug='),
+    (lambda d: next(train_stream(d, pp={'train': {'mixup': -1}})), 'pp.train.mixup=-1'),
+    (lambda d: next(train_stream(d, pp={'train': {'inception_area_min': 2}})),
      'pp.train.inception_area_min=2'),
-    (lambda d: next(_train(d, pp={'train': {'shuffle_buffer': 0}})),
+    (lambda d: next(train_stream(d, pp={'train': {'shuffle_buffer': 0}})),
      'pp.train.shuffle_buffer=0'),
-    (lambda d: next(_train(d, pp={'train': {'random_crop_pad': -1}})),
+    (lambda d: next(train_stream(d, pp={'train': {'random_crop_pad': -1}})),
      'pp.train.random_crop_pad=-1'),
 ])
 def test_mistakes_are_config_errors(prepared_data_dir, call, message):

@@ -26,7 +26,6 @@ def _check(model: VisionTransformer, images: np.ndarray, which: Sequence[str]) -
     raise ConfigError(f'unknown analyses {unknown}: choose from {list(ANALYSES)}')
   if images.ndim != 4:
     raise ConfigError(f'images must be [batch, height, width, channels], got {images.shape}')
-  token_grid(model, *images.shape[1:3])
   if 'rollout' in which and model.classifier not in ('token', 'gap'):
     raise ConfigError(f'rollout needs a "token" or "gap" model, this one is {model.classifier!r}: '
                       'leave "rollout" out')
@@ -61,7 +60,7 @@ def analyze(model: VisionTransformer, variables: Mapping[str, Any], images: np.n
   """
   images = np.asarray(images)
   _check(model, images, which)
-  grid, patch = token_grid(model, *images.shape[1:3]), patch_on_image(model)
+  grid, patch = token_grid(model, *images.shape[1:3]), patch_on_image(model)  # Or a ConfigError.
   params = nn.meta.unbox(variables)['params']
   os.makedirs(out_dir, exist_ok=True)
   path = lambda name, ext: os.path.join(out_dir, f'{name}.{ext}')

@@ -42,7 +42,6 @@ core (the most that autotuner's CPU budget would allow). Measured rates, and why
 in memory or batched: docs/performance.md ("Input pipeline").
 """
 import dataclasses
-import numbers
 from typing import Iterable, Iterator
 
 import jax
@@ -53,13 +52,11 @@ import tensorflow_datasets as tfds
 
 from vit_jax import host_devices
 from vit_jax.data import catalog
+from vit_jax.data import pp_options
 from vit_jax.data import preprocess
 from vit_jax.data import randaug
 from vit_jax.errors import ConfigError
 
-_TRAIN_PP = dict(crop='inception', inception_area_min=0.05, random_crop_pad=4,
-                 flip=True, mixup=0.0, randaug=None, shuffle_buffer=50_000)
-_EVAL_PP = dict(crop='resize')
 _RAW = {'image': tfds.decode.SkipDecoding()}
 IN_MEMORY_BYTES = 2 * 2**30  # Splits up to this size (encoded) are held in memory for training.
 
@@ -112,63 +109,6 @@ def _slice_size(builder: tfds.core.DatasetBuilder, split: str, process_index: in
   sliced = tfds.split_for_jax_process(
       split, process_index=process_index, process_count=process_count)
   return builder.info.splits[sliced].num_examples
-
-
-def _options(part, defaults: dict, where: str) -> dict:
-  """`part` (a ConfigDict, dict or None) over `defaults`; typos are errors."""
-  part = part or {}
-  if not isinstance(part, (dict, ml_collections.ConfigDict)):
-    raise ConfigError(f'{where}={part!r}: {where} holds options, e.g. '
-                      f'{where}.crop={defaults["crop"]!r}')
-  unknown = set(part.keys()) - set(defaults)
-  if unknown:
-    raise ConfigError(f'unknown {where} keys {sorted(unknown)}: valid keys are '
-                      f'{sorted(defaults)}')
-  return {k: part.get(k, v) for k, v in defaults.items()}
-
-
-def _is_number(value) -> bool:
-  return isinstance(value, numbers.Real)
-
-
-def _is_count(value) -> bool:
-  return isinstance(value, numbers.Integral) and value >= 0
-
-
-def _train_options(part) -> dict:
-  """pp.train over its defaults, checked here: a bad value would otherwise fail inside tf.data
-  or numpy, as a raw error at the first batch."""
-  opts = _options(part, _TRAIN_PP, 'pp.train')
-  if opts['crop'] not in ('inception', 'resize', 'random_crop'):
-    raise ConfigError(f'pp.train.crop={opts["crop"]!r}: use inception, resize '
-                      'or random_crop')
-  if not _is_number(opts['mixup']) or opts['mixup'] < 0:
-    raise ConfigError(f'pp.train.mixup={opts["mixup"]!r}: use a beta alpha >= 0 (0 is off)')
-  area_min = opts['inception_area_min']
-  if not _is_number(area_min) or not 0 < area_min <= 1:
-    raise ConfigError(f'pp.train.inception_area_min={area_min!r}: use a fraction of the image '
-                      'area in (0, 1], e.g. 0.05')
-  if not _is_count(opts['random_crop_pad']):
-    raise ConfigError(f'pp.train.random_crop_pad={opts["random_crop_pad"]!r}: use pixels >= 0')
-  if not _is_count(opts['shuffle_buffer']) or not opts['shuffle_buffer']:
-    raise ConfigError(f'pp.train.shuffle_buffer={opts["shuffle_buffer"]!r}: use a positive '
-                      'number of examples')
-  layers_and_magnitude = opts['randaug']
-  if layers_and_magnitude is not None:
-    if (not isinstance(layers_and_magnitude, (tuple, list)) or len(layers_and_magnitude) != 2
-        or not _is_count(layers_and_magnitude[0]) or not _is_number(layers_and_magnitude[1])
-        or not 0 <= layers_and_magnitude[1] <= randaug.MAX_MAGNITUDE):
-      raise ConfigError(f'pp.train.randaug={layers_and_magnitude!r}: use None or (num_layers '
-                        '>= 0, magnitude 0..10), e.g. (2, 10)')
-    opts['randaug'] = (int(layers_and_magnitude[0]), float(layers_and_magnitude[1]))
-  return opts
-
-
-def _check_channels(channels: int) -> None:
-  """Here, before any tf.data map: raised inside one, the error arrives as a staging traceback."""
-  if channels not in (1, 3):
-    raise ConfigError(f'channels={channels!r}: set the model channels to 1 (grayscale) '
-                      'or 3 (RGB)')
 
 
 def _process_slice(split: str, global_batch: int, process_index: int | None,
@@ -299,13 +239,13 @@ def make_train_iterator(*, dataset: str, split: str, data_dir: str | None,
   """
   builder = catalog.load_builder(dataset, data_dir)
   info = _info(builder, dataset, split)
-  opts = _train_options(pp.get('train'))
-  _check_channels(channels)
+  opts = pp_options.train_options(pp.get('train'))
+  pp_options.check_channels(channels)
   if seed < 0 or start_step < 0:
     raise ConfigError(f'seed ({seed}) and start_step ({start_step}) must be >= 0')
   index, count, local_batch, sliced = _process_slice(
       split, global_batch, process_index, process_count)
-  size = _slice_size(builder, split, index, count)
+  size = builder.info.splits[sliced].num_examples
   if not size:
     raise ConfigError(f'{dataset}[{split}] has no examples for process {index} '
                       f'of {count}: use a larger split')
@@ -423,10 +363,8 @@ def make_eval_iterator(*, dataset: str, split: str, data_dir: str | None,
   """
   builder = catalog.load_builder(dataset, data_dir)
   info = _info(builder, dataset, split)
-  opts = _options(pp.get('eval'), _EVAL_PP, 'pp.eval')
-  if opts['crop'] not in ('resize', 'resize_crop'):
-    raise ConfigError(f'pp.eval.crop={opts["crop"]!r}: use resize or resize_crop')
-  _check_channels(channels)
+  opts = pp_options.eval_options(pp.get('eval'))
+  pp_options.check_channels(channels)
   index, count, local_batch, sliced = _process_slice(
       split, global_batch, process_index, process_count)
   # split_for_jax_process splits each '+'-joined piece of `split` on its own and gives each

@@ -1,0 +1,79 @@
+"""The `pp` options of a config (pp.train, pp.eval) over their defaults, checked before the
+pipeline is built: a bad value would otherwise fail inside tf.data or numpy, as a raw error at
+the first batch."""
+import numbers
+from typing import Any
+
+import ml_collections
+
+from vit_jax.data import randaug
+from vit_jax.errors import ConfigError
+
+TRAIN_DEFAULTS = dict(crop='inception', inception_area_min=0.05, random_crop_pad=4,
+                      flip=True, mixup=0.0, randaug=None, shuffle_buffer=50_000)
+EVAL_DEFAULTS = dict(crop='resize')
+
+
+def _options(part: Any, defaults: dict, where: str) -> dict:
+  """`part` (a ConfigDict, dict or None) over `defaults`; typos are errors."""
+  part = part or {}
+  if not isinstance(part, (dict, ml_collections.ConfigDict)):
+    raise ConfigError(f'{where}={part!r}: {where} holds options, e.g. '
+                      f'{where}.crop={defaults["crop"]!r}')
+  unknown = set(part.keys()) - set(defaults)
+  if unknown:
+    raise ConfigError(f'unknown {where} keys {sorted(unknown)}: valid keys are '
+                      f'{sorted(defaults)}')
+  return {k: part.get(k, v) for k, v in defaults.items()}
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, numbers.Real)
+
+
+def _is_count(value) -> bool:
+  return isinstance(value, numbers.Integral) and value >= 0
+
+
+def train_options(part: Any) -> dict:
+  """pp.train over its defaults, checked."""
+  opts = _options(part, TRAIN_DEFAULTS, 'pp.train')
+  if opts['crop'] not in ('inception', 'resize', 'random_crop'):
+    raise ConfigError(f'pp.train.crop={opts["crop"]!r}: use inception, resize '
+                      'or random_crop')
+  if not _is_number(opts['mixup']) or opts['mixup'] < 0:
+    raise ConfigError(f'pp.train.mixup={opts["mixup"]!r}: use a beta alpha >= 0 (0 is off)')
+  area_min = opts['inception_area_min']
+  if not _is_number(area_min) or not 0 < area_min <= 1:
+    raise ConfigError(f'pp.train.inception_area_min={area_min!r}: use a fraction of the image '
+                      'area in (0, 1], e.g. 0.05')
+  if not _is_count(opts['random_crop_pad']):
+    raise ConfigError(f'pp.train.random_crop_pad={opts["random_crop_pad"]!r}: use pixels >= 0')
+  if not _is_count(opts['shuffle_buffer']) or not opts['shuffle_buffer']:
+    raise ConfigError(f'pp.train.shuffle_buffer={opts["shuffle_buffer"]!r}: use a positive '
+                      'number of examples')
+  layers_and_magnitude = opts['randaug']
+  if layers_and_magnitude is not None:
+    if (not isinstance(layers_and_magnitude, (tuple, list)) or len(layers_and_magnitude) != 2
+        or not _is_count(layers_and_magnitude[0]) or not _is_number(layers_and_magnitude[1])
+        or not 0 <= layers_and_magnitude[1] <= randaug.MAX_MAGNITUDE):
+      raise ConfigError(f'pp.train.randaug={layers_and_magnitude!r}: use None or (num_layers '
+                        '>= 0, magnitude 0..10), e.g. (2, 10)')
+    opts['randaug'] = (int(layers_and_magnitude[0]), float(layers_and_magnitude[1]))
+  return opts
+
+
+def check_channels(channels: int) -> None:
+  """Called before any tf.data map: raised inside one, the error arrives as a staging
+  traceback."""
+  if channels not in (1, 3):
+    raise ConfigError(f'channels={channels!r}: set the model channels to 1 (grayscale) '
+                      'or 3 (RGB)')
+
+
+def eval_options(part: Any) -> dict:
+  """pp.eval over its defaults, checked."""
+  opts = _options(part, EVAL_DEFAULTS, 'pp.eval')
+  if opts['crop'] not in ('resize', 'resize_crop'):
+    raise ConfigError(f'pp.eval.crop={opts["crop"]!r}: use resize or resize_crop')
+  return opts
