@@ -1,17 +1,21 @@
-"""The benchmark command runs on a tiny config and reports sane figures (no timing asserted)."""
+"""The benchmark command runs on a tiny config and reports sane figures (no step timing
+asserted)."""
 import json
 import os
 import re
 import subprocess
 import sys
+import time
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import config_files
 from vit_jax.models.flops import forward_flops
 from vit_jax.training import benchmark
 from vit_jax.training import experiment
+from vit_jax.training import perf
 from vit_jax.training import profiling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,3 +111,27 @@ def test_matmul_peak_probe_counts_its_flops():
   assert peak > 0 and size == 256 and flops % (2 * 256**3) == 0  # a whole number of products
   probe, flops = benchmark._matmul_probe(jnp.float32, 1024)  # pylint: disable=protected-access
   assert flops == 2 * 1024**3 * 8 and len(probe()) == 8
+
+
+def test_throughput_counts_images_after_the_warm_up_batch():
+  def batches():
+    time.sleep(1.0)  # The warm-up batch (a pipeline's start-up): not timed.
+    while True:
+      time.sleep(0.02)
+      yield {'image': np.zeros((4, 2, 2, 1))}
+  img_per_sec = benchmark.measure_throughput(batches(), num_batches=10)
+  assert 60 < img_per_sec <= 200  # 4 images per >= 20 ms; with the warm-up it would be < 40.
+
+
+def test_bench_data_reads_the_configs_dataset(prepared_data_dir):
+  out = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.bench', '--config=configs/default.py', '--what=data',
+       '--config.dataset=digits', f'--config.data_dir={prepared_data_dir}',
+       '--config.image_size=16', '--config.batch=32', '--json'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert (result['what'], result['dataset'], result['image_size'], result['batch']) == (
+      'data', 'digits', 16, 32)
+  assert result['img_per_sec'] > 0
+  assert result['img_per_sec_per_core'] == pytest.approx(result['img_per_sec'] / perf.cores())

@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from data_setup import PLAIN, pp_dict, train_stream
 from vit_jax.data import global_batch
 from vit_jax.data import input_pipeline as ip
+from vit_jax.data import pp_options
 from vit_jax.data import prepare
 from vit_jax.errors import ConfigError
 
@@ -294,6 +295,8 @@ def test_to_global_and_prefetch_shard_the_batch():
      'pp.train.shuffle_buffer=0'),
     (lambda d: next(train_stream(d, pp={'train': {'random_crop_pad': -1}})),
      'pp.train.random_crop_pad=-1'),
+    (lambda d: pp_options.configured({'pp': 'resize'}, 'eval'), "pp='resize': pp holds"),
+    (lambda d: pp_options.configured({'pp': {'eval': {'crop': 'x'}}}, 'eval'), 'pp.eval.crop'),
 ])
 def test_mistakes_are_config_errors(prepared_data_dir, call, message):
   with pytest.raises(ConfigError) as e:
@@ -334,6 +337,12 @@ def test_cli_prepare_describes_the_folders_own_splits(tmp_path):
   assert result.returncode == 0, result.stderr
   assert 'pets[training]: DatasetInfo(num_classes=2, num_examples=2' in result.stdout
   assert 'pets[val]: DatasetInfo(num_classes=2, num_examples=2' in result.stdout
+  result = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.datasets', 'info', 'pets', '--split=val',
+       f'--data_dir={tmp_path / "tfds"}'], capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip().splitlines()[-1].startswith(
+      "pets[val]: DatasetInfo(num_classes=2, num_examples=2, class_names=['cat', 'dog']")
 
 
 def test_cli_prints_one_line_errors(tmp_path):

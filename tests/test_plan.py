@@ -14,6 +14,7 @@ import ml_collections
 import pytest
 
 import config_files
+from vit_jax.errors import ConfigError
 from vit_jax.models.registry import SIZES
 from vit_jax.training import planner
 from vit_jax.training import recipes
@@ -69,6 +70,16 @@ def test_tiny_vit_memory_matches_the_count(mesh, fsdp):
   assert p.per_device_batch == 64 // 8
   check_memory(p, vit_params('Pico', 4, 28, 1, 10), fsdp, 28, 1)
   assert p.xla_flops_per_step == pytest.approx(p.model_flops_per_step, rel=0.15)
+
+
+def test_mixup_plans_soft_labels_and_bad_pp_is_a_config_error():
+  p = planner.plan(default_config(model='ViT-Pico_4', pp={'train': {'mixup': 0.2}}),
+                   search=False)
+  assert p.batch_bytes == p.per_device_batch * (28 * 28 * 1 * 4 + 10 * 4)  # float32 [B, 10].
+  config = default_config(model='ViT-Pico_4')
+  config.pp = {'train': 'inception'}
+  with pytest.raises(ConfigError, match=r'pp.train=.inception.: pp.train holds options'):
+    planner.plan(config, search=False)
 
 
 def test_vit_b16_on_8_devices_matches_the_count():

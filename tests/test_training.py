@@ -57,7 +57,9 @@ def test_metrics_jsonl_has_the_documented_keys(baseline):
   train = [r for r in rows if 'train/loss' in r]
   evals = [r for r in rows if 'test/accuracy' in r]
   assert [r['step'] for r in train] == [5, 10, 15, 20, 25, 30]
-  assert [r['step'] for r in evals] == [30]
+  assert [r['step'] for r in evals] == [20, 30]  # Every eval_every steps, and at the end.
+  assert [r['test/examples'] for r in evals] == [297, 297]
+  assert evals[0]['test/loss'] != evals[1]['test/loss']
   for row in train:
     assert {'train/loss', 'train/learning_rate', 'train/grad_norm', 'perf/img_per_sec',
             'perf/img_per_sec_per_core', 'perf/tflops_per_device'} <= set(row)
@@ -65,7 +67,8 @@ def test_metrics_jsonl_has_the_documented_keys(baseline):
     assert 0 < row['perf/img_per_sec'] < 1e7
     assert 0 < row['perf/img_per_sec_per_core'] <= row['perf/img_per_sec']
     assert 0 < row['perf/tflops_per_device'] < 10  # A few GFLOP/s on a CPU.
-  assert 0 <= evals[0]['test/accuracy'] <= 1 and evals[0]['test/loss'] > 0
+  for row in evals:
+    assert 0 <= row['test/accuracy'] <= 1 and row['test/loss'] > 0
   # The learning rate is the window's mean of the schedule at each step's state.step:
   # linear warmup over 5 steps to 3e-3, then cosine to 0. The first step (compiling) is
   # left out of the first window.
@@ -84,7 +87,9 @@ def test_metrics_jsonl_has_the_documented_keys(baseline):
 
 def test_profile_traces_exactly_the_asked_steps_and_changes_nothing(baseline, tmp_path):
   config, _, expected = baseline
+  # Without the baseline's eval at step 20 too: evaluating leaves training as it was.
   config = tiny_config(config.data_dir, profile_steps=2, profile_skip_steps=3)
+  assert config.eval_every == TOTAL_STEPS
   result = loop.train_and_evaluate(config, str(tmp_path))
   traces = glob.glob(str(tmp_path / 'profile' / 'plugins' / 'profile' / '*' / '*.xplane.pb'))
   assert len(traces) == 1

@@ -63,8 +63,9 @@ def write_config_file(config: ml_collections.ConfigDict, path) -> str:
 
 @pytest.fixture(scope='module')
 def baseline(prepared_data_dir, tmp_path_factory):
-  """30 uninterrupted steps of `tiny_config` (checkpoints at 10, 20, 30; eval at the end)."""
-  config = tiny_config(prepared_data_dir)
+  """30 uninterrupted steps of `tiny_config` (checkpoints at 10, 20, 30; eval at 20 and at the
+  end)."""
+  config = tiny_config(prepared_data_dir, eval_every=20)
   workdir = str(tmp_path_factory.mktemp('baseline'))
   result = loop.train_and_evaluate(config, workdir)
   return config, workdir, result

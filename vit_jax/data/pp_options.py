@@ -77,3 +77,13 @@ def eval_options(part: Any) -> dict:
   if opts['crop'] not in ('resize', 'resize_crop'):
     raise ConfigError(f'pp.eval.crop={opts["crop"]!r}: use resize or resize_crop')
   return opts
+
+
+def configured(config: Any, part: str) -> dict:
+  """`config.pp.<part>` ('train' or 'eval') over its defaults, checked, for the readers of one
+  option outside the pipeline (the planner's label shape, few-shot's and inference's crop)."""
+  pp = config.get('pp') or {}
+  if not isinstance(pp, (dict, ml_collections.ConfigDict)):
+    raise ConfigError(f'pp={pp!r}: pp holds the train and eval options, e.g. '
+                      'pp.eval.crop=\'resize\'')
+  return {'train': train_options, 'eval': eval_options}[part](pp.get(part))

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from vit_jax.checkpoints import restore
 from vit_jax.data import input_pipeline
+from vit_jax.data import pp_options
 from vit_jax.data import preprocess
 from vit_jax.errors import ConfigError
 
@@ -117,7 +118,7 @@ def load_checkpoint(path: str, model: Optional[str] = None) -> Checkpoint:
   flax_model = pretrained.create_model(pretrained.num_classes, dtype='float32')
   params = restore.checked_params(pretrained, flax_model)
   config = pretrained.config or {}
-  crop = ((config.get('pp') or {}).get('eval') or {}).get('crop', 'resize')
+  crop = pp_options.configured(config, 'eval')['crop']
   return Checkpoint(flax_model, params, image_size, pretrained.channels, crop, pretrained)
 
 

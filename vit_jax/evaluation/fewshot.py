@@ -20,6 +20,7 @@ import numpy as np
 from vit_jax import sharding
 from vit_jax.data import global_batch
 from vit_jax.data import input_pipeline
+from vit_jax.data import pp_options
 from vit_jax.errors import ConfigError
 from vit_jax.training.experiment import Experiment
 
@@ -170,5 +171,5 @@ def from_experiment(exp: Experiment) -> FewShotEvaluator:
       channels=config.get('channels', 3), shots=tuple(fewshot.get('shots', DEFAULT_SHOTS)),
       seeds=fewshot.get('seeds', 3), l2_reg=fewshot.get('l2_reg', DEFAULT_L2_REG),
       batch=fewshot.get('batch', config.get('batch_eval', config.batch)),
-      crop=config.get('pp', {}).get('eval', {}).get('crop', 'resize'),
+      crop=pp_options.configured(config, 'eval')['crop'],
       data_dir=config.get('data_dir'), context=exp.rules_context)

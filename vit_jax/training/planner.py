@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from vit_jax import sharding
+from vit_jax.data import pp_options
 from vit_jax.errors import ConfigError
 from vit_jax.training import experiment
 
@@ -84,7 +85,7 @@ def shard_bytes(tree: Any) -> int:
 def abstract_batch(exp: experiment.Experiment, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
   """What the input pipeline yields, as shapes: float32 images, int32 (or mixup soft) labels."""
   spec = sharding.batch_sharding(exp.mesh)
-  mixup = exp.config.get('pp', {}).get('train', {}).get('mixup', 0.0)
+  mixup = pp_options.configured(exp.config, 'train')['mixup']
   label = ((batch, exp.num_classes), np.float32) if mixup else ((batch,), np.int32)
   return {'image': jax.ShapeDtypeStruct((batch,) + exp.image_shape, np.float32, sharding=spec),
           'label': jax.ShapeDtypeStruct(*label, sharding=spec)}
