@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
@@ -114,6 +116,27 @@ def test_transfer_zeroes_the_head_and_resizes_the_position_embeddings(transferre
   for x, s in zip(jax.tree.leaves(state.params), jax.tree.leaves(exp.state_shardings.params)):
     assert x.sharding == s
 
+
+def test_new_layers_take_the_new_models_own_init(prepared_data_dir, pretrained):
+  """The head's bias and a pre-logits layer that pre-training lacked are the values the new
+  model's full init gives them, though only they are initialised."""
+  pre = restore.load(pretrained)
+  config = _finetune_config(prepared_data_dir, pretrained)
+  config.model_overrides = {'representation_size': 32, 'head_bias_init': -2.0}
+  exp = experiment.build(
+      finetune.with_architecture(config, pre.model, pre.model_overrides, pre.channels))
+  params = param_trees.flat(jax.device_get(finetune.initial_state(exp, pre).params))
+  with exp.rules_context():
+    full = jax.jit(lambda rng: exp.model.init(rng, jnp.zeros((1,) + exp.image_shape))['params'])(
+        jax.random.PRNGKey(exp.config.seed))
+  full = param_trees.flat(jax.device_get(nn.meta.unbox(full)))
+  assert params['pre_logits/kernel'].shape == (64, 32) and np.any(params['pre_logits/kernel'])
+  for key in ('pre_logits/kernel', 'pre_logits/bias', 'head/bias'):
+    np.testing.assert_array_equal(params[key], full[key])
+  assert np.all(params['head/bias'] == -2.0) and not np.any(params['head/kernel'])
+  assert params[POSEMB].shape == full[POSEMB].shape  # The rest: the checkpoint's, as above.
+  assert params['embedding/kernel'].tobytes() == param_trees.flat(pre.params)[
+      'embedding/kernel'].tobytes()
 
 def test_finetune_cli_improves_over_the_transferred_start(transferred, prepared_data_dir,
                                                           pretrained, tmp_path):

@@ -18,6 +18,9 @@ from vit_jax.errors import ConfigError
 Params = dict[str, Any]
 
 _WHAT = 'the pre-trained checkpoint'
+# The layers whose values come from the new model's init (the head's bias; the pre-logits
+# unless kept); every other param comes from the checkpoint.
+NEW_LAYERS = ('head', 'pre_logits')
 
 
 def _shape(x: Any) -> tuple[int, ...]:
@@ -46,7 +49,8 @@ def transfer_params(pretrained: Params, init: Params, *,
   Args:
     pretrained: the pre-trained params (scanned or unrolled, e.g. from `npz.load_npz`).
     init: freshly initialised params of the new model (boxed or not); gives the target layout,
-      shapes, the head's bias and, unless kept, the pre-logits layer.
+      shapes, the head's bias and, unless kept, the pre-logits layer. Outside `NEW_LAYERS` only
+      shapes are read, so those leaves may be abstract (`jax.eval_shape`).
     new_grid: the new model's patch grid (h, w); None means square.
     old_grid: the pre-training patch grid; None means square.
     keep_pre_logits: keep the pre-trained pre-logits layer (the new model must have one).

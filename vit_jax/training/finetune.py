@@ -108,13 +108,17 @@ def _given_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def initial_state(exp: experiment.Experiment, pretrained: restore.Pretrained, *,
                   keep_pre_logits: bool = False) -> state_lib.TrainState:
   """Step 0 of fine-tuning: the transferred params and a fresh optimizer state, on the mesh."""
-  replicated = sharding.replicated(exp.mesh)
   init_fn = lambda rng: exp.model.init(rng, jnp.zeros((1,) + exp.image_shape))['params']
+  rng = jax.random.PRNGKey(exp.config.get('seed', 0))
   with exp.rules_context():
-    init = jax.jit(init_fn, out_shardings=replicated)(
-        jax.random.PRNGKey(exp.config.get('seed', 0)))
-  params = transfer.transfer_params(pretrained.params, jax.device_get(init),
-                                    keep_pre_logits=keep_pre_logits)
+    # The checkpoint gives every other value: the new model's init contributes its shapes and
+    # only the new layers' values, so XLA drops the other initialisers and no device holds a
+    # second copy of the model.
+    init = dict(jax.eval_shape(init_fn, rng))
+    init.update(jax.device_get(jax.jit(
+        lambda r: {k: v for k, v in init_fn(r).items() if k in transfer.NEW_LAYERS},
+        out_shardings=sharding.replicated(exp.mesh))(rng)))
+  params = transfer.transfer_params(pretrained.params, init, keep_pre_logits=keep_pre_logits)
   # Every process holds the whole host copy; each device takes its shard of it.
   params = jax.tree.map(
       lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
