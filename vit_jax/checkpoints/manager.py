@@ -13,8 +13,10 @@ import warnings
 from typing import Any, Iterator, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from vit_jax.errors import ConfigError
 
@@ -119,6 +121,8 @@ class Checkpointer:
           logging.warning('checkpoint at step %d is unreadable (%s); trying an older one',
                           step, error_summary(e))
           unreadable.append(step)
+      if restored is not None and jax.process_count() > 1:
+        restored, unreadable = self._same_step_everywhere(restored, step, steps, abstract_state)
     if restored is None:
       if steps:
         raise ConfigError(f'none of the checkpoints {steps} in {self.manager.directory} could '
@@ -129,6 +133,19 @@ class Checkpointer:
     if unreadable and not self.read_only:
       self._set_aside(unreadable)
     return restored['state'], restored['meta']
+
+  def _same_step_everywhere(self, restored: dict, step: int, steps: list[int],
+                            abstract_state: Any) -> tuple[dict, list[int]]:
+    """Processes resume the oldest of the steps they read: a read error on one process only
+    must not leave the others on a newer state. All of them restore that step again, as
+    orbax's restore ends in a barrier that every process has to reach."""
+    everywhere = np.asarray(multihost_utils.process_allgather(np.int64(step)))
+    agreed = int(everywhere.min())
+    if agreed == int(everywhere.max()):
+      return restored, [s for s in steps if s > step]
+    logging.warning('the processes read steps %s as their newest checkpoint: all resume from '
+                    'step %d', everywhere.tolist(), agreed)
+    return self._restore_retrying_once(agreed, abstract_state), [s for s in steps if s > agreed]
 
   def _restore_retrying_once(self, step: int, abstract_state: Any) -> dict:
     """A second try before a step counts as unreadable: a transient read error (an object
