@@ -295,8 +295,8 @@ def test_to_global_and_prefetch_shard_the_batch():
      'pp.train.shuffle_buffer=0'),
     (lambda d: next(train_stream(d, pp={'train': {'random_crop_pad': -1}})),
      'pp.train.random_crop_pad=-1'),
-    (lambda d: pp_options.configured({'pp': 'resize'}, 'eval'), "pp='resize': pp holds"),
-    (lambda d: pp_options.configured({'pp': {'eval': {'crop': 'x'}}}, 'eval'), 'pp.eval.crop'),
+    (lambda d: pp_options.from_config({'pp': 'resize'}, 'eval'), "pp='resize': pp holds"),
+    (lambda d: pp_options.from_config({'pp': {'eval': {'crop': 'x'}}}, 'eval'), 'pp.eval.crop'),
 ])
 def test_mistakes_are_config_errors(prepared_data_dir, call, message):
   with pytest.raises(ConfigError) as e:

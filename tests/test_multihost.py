@@ -208,9 +208,10 @@ def test_one_failing_process_stops_the_rest_with_its_exit_code(tmp_path):
   assert sorted(result.stdout.splitlines()) == ['[0] hello', '[1] hello']
 
 
-# Two processes save checkpoints 1 and 2 of an array sharded over both, then restore with a
-# read of step 2 failing on process 1 only (raised before orbax's read, as a failed read is).
-_RESTORE_WITH_ONE_FAILED_READ = """
+# Two processes save checkpoints 1 and 2 of an array sharded over both, then restore: with
+# --case=failed_read, process 1's read of step 2 fails (raised before orbax's read, as a failed
+# read is); with --case=unshared, process 1 looks in another directory.
+_RESTORE_ON_TWO_PROCESSES = """
 import numpy as np
 args = dict(a[2:].split('=', 1) for a in sys.argv[1:])
 from vit_jax.training import distributed
@@ -218,38 +219,62 @@ distributed.initialize(args['coordinator_address'], int(args['num_processes']), 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 from vit_jax.checkpoints.manager import Checkpointer
-spec = NamedSharding(jax.make_mesh((8,), ('fsdp',)), PartitionSpec('fsdp'))
+from vit_jax.errors import ConfigError
+sharding = NamedSharding(jax.make_mesh((8,), ('fsdp',)), PartitionSpec('fsdp'))
 def state(step):
-  return {'w': jax.make_array_from_callback((8,), spec, lambda i: np.full(8, step * 1.0)[i])}
+  return {'w': jax.make_array_from_callback((8,), sharding, lambda i: np.full(8, step * 1.0)[i])}
 abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                         state(0))
 with Checkpointer(args['workdir'], async_save=False) as checkpointer:
   for step in (1, 2):
     checkpointer.save(step, state(step), {'step': step})
-  if pid == 1:
+unshared = args['case'] == 'unshared' and pid == 1
+with Checkpointer(args['workdir'] + ('/elsewhere' if unshared else '')) as checkpointer:
+  if args['case'] == 'failed_read' and pid == 1:
     read = checkpointer._restore_retrying_once
     def failing(step, abstract_state):
       if step == 2:
         raise OSError('injected read error')
       return read(step, abstract_state)
     checkpointer._restore_retrying_once = failing
-  restored, meta = checkpointer.restore_latest(abstract)
-  local = sorted({float(s.data[0]) for s in restored['w'].addressable_shards})
-  print('restored', meta['step'], local, 'kept', checkpointer.all_steps(), flush=True)
+  try:
+    restored, meta = checkpointer.restore_latest(abstract)
+  except ConfigError as e:
+    print('error:', e, flush=True)
+  else:
+    local = sorted({float(s.data[0]) for s in restored['w'].addressable_shards})
+    print('restored', meta['step'], local, 'kept', checkpointer.all_steps(), flush=True)
 """
+
+
+def _restore_on_two_processes(tmp_path: Path, case: str) -> str:
+  env = _fake_module(tmp_path, _RESTORE_ON_TWO_PROCESSES)
+  result = subprocess.run([LOCAL, '2', '--devices_per_process=4', '--module=fake_main',
+                           f'--workdir={tmp_path / "run"}', f'--case={case}'],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+  return result.stdout  # The launcher passes on both streams as its stdout.
 
 
 def test_processes_that_read_different_newest_steps_all_resume_the_oldest(tmp_path):
   """Else they would train from different states (or different numbers of steps, and hang)."""
-  env = _fake_module(tmp_path, _RESTORE_WITH_ONE_FAILED_READ)
-  result = subprocess.run([LOCAL, '2', '--devices_per_process=4', '--module=fake_main',
-                           f'--workdir={tmp_path / "run"}'],
-                          env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
-  assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-  lines = sorted(line for line in result.stdout.splitlines() if 'restored' in line)
+  out = _restore_on_two_processes(tmp_path, 'failed_read')
+  lines = sorted(line for line in out.splitlines() if 'restored' in line)
   assert lines == ['[0] restored 1 [1.0] kept [1]', '[1] restored 1 [1.0] kept [1]']
   assert 'the processes read steps [2, 1] as their newest checkpoint: all resume from step 1' in (
-      result.stdout)  # The launcher passes on both streams as its stdout.
+      out)
+
+
+def test_processes_that_list_different_checkpoints_all_stop(tmp_path):
+  """Else one would start afresh while the others wait for it in their restore."""
+  out = _restore_on_two_processes(tmp_path, 'unshared')
+  lines = sorted(line for line in out.splitlines() if 'error:' in line)
+  assert len(lines) == 2, out[-3000:]
+  for i, line in enumerate(lines):  # Each names the directory it looked in.
+    assert line.startswith(f'[{i}] error: the processes list different checkpoints in ')
+    assert line.endswith('(count, newest step per process: [[2, 2], [0, -1]]): the workdir '
+                         'must be on storage that every process shares')
+
 
 def test_processes_get_their_ids_devices_and_coordinator(tmp_path):
   env = _fake_module(tmp_path, 'import os\n'

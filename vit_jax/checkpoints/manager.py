@@ -110,11 +110,13 @@ class Checkpointer:
     restored straight into its place on the mesh.
     """
     steps = self.all_steps()
-    unreadable, restored, newest_error = [], None, ''
+    if jax.process_count() > 1:
+      self._check_same_steps_everywhere(steps)
+    unreadable, restored, restored_step, newest_error = [], None, None, ''
     with abandoned_reads_dropped():
       for step in reversed(steps):
         try:
-          restored = self._restore_retrying_once(step, abstract_state)
+          restored, restored_step = self._restore_retrying_once(step, abstract_state), step
           break
         except Exception as e:  # pylint: disable=broad-except
           newest_error = newest_error or error_summary(e)
@@ -122,7 +124,8 @@ class Checkpointer:
                           step, error_summary(e))
           unreadable.append(step)
       if restored is not None and jax.process_count() > 1:
-        restored, unreadable = self._same_step_everywhere(restored, step, steps, abstract_state)
+        restored, unreadable = self._oldest_step_everywhere(
+            restored, restored_step, unreadable, steps, abstract_state)
     if restored is None:
       if steps:
         raise ConfigError(f'none of the checkpoints {steps} in {self.manager.directory} could '
@@ -134,15 +137,27 @@ class Checkpointer:
       self._set_aside(unreadable)
     return restored['state'], restored['meta']
 
-  def _same_step_everywhere(self, restored: dict, step: int, steps: list[int],
-                            abstract_state: Any) -> tuple[dict, list[int]]:
+  def _check_same_steps_everywhere(self, steps: list[int]) -> None:
+    """A process that lists other checkpoints (a workdir not on storage they all share) would
+    restore another state, or start afresh, while the others wait for it."""
+    listed = np.asarray(multihost_utils.process_allgather(
+        np.array([len(steps), steps[-1] if steps else -1], np.int32)))
+    if np.any(listed != listed[0]):
+      raise ConfigError(f'the processes list different checkpoints in {self.manager.directory} '
+                        f'(count, newest step per process: {listed.tolist()}): the workdir '
+                        'must be on storage that every process shares')
+
+  def _oldest_step_everywhere(self, restored: dict, step: int, unreadable: list[int],
+                              steps: list[int], abstract_state: Any) -> tuple[dict, list[int]]:
     """Processes resume the oldest of the steps they read: a read error on one process only
     must not leave the others on a newer state. All of them restore that step again, as
-    orbax's restore ends in a barrier that every process has to reach."""
-    everywhere = np.asarray(multihost_utils.process_allgather(np.int64(step)))
+    orbax's restore ends in a barrier that every process has to reach. The newer steps are
+    set aside everywhere, though some processes read them: a step cannot be saved again while
+    it is there."""
+    everywhere = np.asarray(multihost_utils.process_allgather(np.int32(step)))
     agreed = int(everywhere.min())
     if agreed == int(everywhere.max()):
-      return restored, [s for s in steps if s > step]
+      return restored, unreadable
     logging.warning('the processes read steps %s as their newest checkpoint: all resume from '
                     'step %d', everywhere.tolist(), agreed)
     return self._restore_retrying_once(agreed, abstract_state), [s for s in steps if s > agreed]
@@ -175,7 +190,8 @@ class Checkpointer:
         except Exception:  # pylint: disable=broad-except
           pass
       self.manager.delete(step)
-      logging.warning('deleted the unreadable checkpoint of step %d', step)
+      logging.warning('deleted the checkpoint of step %d, unreadable here or on another '
+                      'process', step)
     self.manager.reload()
 
   def restore_meta(self, step: Optional[int] = None) -> dict:

@@ -21,6 +21,7 @@ _WHAT = 'the pre-trained checkpoint'
 # The layers whose values come from the new model's init (the head's bias; the pre-logits
 # unless kept); every other param comes from the checkpoint.
 NEW_LAYERS = ('head', 'pre_logits')
+_HEAD, _PRE_LOGITS = (f'{layer}/' for layer in NEW_LAYERS)  # Their flattened keys' prefixes.
 
 
 def _shape(x: Any) -> tuple[int, ...]:
@@ -65,21 +66,21 @@ def transfer_params(pretrained: Params, init: Params, *,
   dst = flax.traverse_util.flatten_dict(init, sep='/')
   out = dict(src)
 
-  for key in [k for k in src if k.startswith('head/')]:
+  for key in [k for k in src if k.startswith(_HEAD)]:
     del out[key]
     if key not in dst:
       log(f'transfer: dropped {key} {_shape(src[key])} (the new model has no head)')
-  for key in [k for k in dst if k.startswith('head/')]:
+  for key in [k for k in dst if k.startswith(_HEAD)]:
     was = f'pre-trained {_shape(src[key])}' if key in src else 'absent in pre-training'
-    if key == 'head/kernel':
+    if key == _HEAD + 'kernel':
       out[key] = np.zeros(dst[key].shape, dst[key].dtype)
       log(f'transfer: {key} set to zeros {_shape(dst[key])} ({was})')
     else:
       out[key] = dst[key]
       log(f'transfer: {key} from init {_shape(dst[key])} ({was})')
 
-  src_pre = [k for k in src if k.startswith('pre_logits/')]
-  dst_pre = [k for k in dst if k.startswith('pre_logits/')]
+  src_pre = [k for k in src if k.startswith(_PRE_LOGITS)]
+  dst_pre = [k for k in dst if k.startswith(_PRE_LOGITS)]
   if keep_pre_logits and not (src_pre and dst_pre):
     raise ConfigError(
         'keep_pre_logits needs a pre-logits layer in both the checkpoint '

@@ -79,7 +79,7 @@ def eval_options(part: Any) -> dict:
   return opts
 
 
-def configured(config: Any, part: str) -> dict:
+def from_config(config: Any, part: str) -> dict:
   """`config.pp.<part>` ('train' or 'eval') over its defaults, checked, for the readers of one
   option outside the pipeline (the planner's label shape, few-shot's and inference's crop)."""
   pp = config.get('pp') or {}

@@ -118,7 +118,7 @@ def load_checkpoint(path: str, model: Optional[str] = None) -> Checkpoint:
   flax_model = pretrained.create_model(pretrained.num_classes, dtype='float32')
   params = restore.checked_params(pretrained, flax_model)
   config = pretrained.config or {}
-  crop = pp_options.configured(config, 'eval')['crop']
+  crop = pp_options.from_config(config, 'eval')['crop']
   return Checkpoint(flax_model, params, image_size, pretrained.channels, crop, pretrained)
 
 

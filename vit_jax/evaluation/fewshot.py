@@ -171,5 +171,5 @@ def from_experiment(exp: Experiment) -> FewShotEvaluator:
       channels=config.get('channels', 3), shots=tuple(fewshot.get('shots', DEFAULT_SHOTS)),
       seeds=fewshot.get('seeds', 3), l2_reg=fewshot.get('l2_reg', DEFAULT_L2_REG),
       batch=fewshot.get('batch', config.get('batch_eval', config.batch)),
-      crop=pp_options.configured(config, 'eval')['crop'],
+      crop=pp_options.from_config(config, 'eval')['crop'],
       data_dir=config.get('data_dir'), context=exp.rules_context)

@@ -85,7 +85,7 @@ def shard_bytes(tree: Any) -> int:
 def abstract_batch(exp: experiment.Experiment, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
   """What the input pipeline yields, as shapes: float32 images, int32 (or mixup soft) labels."""
   spec = sharding.batch_sharding(exp.mesh)
-  mixup = pp_options.configured(exp.config, 'train')['mixup']
+  mixup = pp_options.from_config(exp.config, 'train')['mixup']
   label = ((batch, exp.num_classes), np.float32) if mixup else ((batch,), np.int32)
   return {'image': jax.ShapeDtypeStruct((batch,) + exp.image_shape, np.float32, sharding=spec),
           'label': jax.ShapeDtypeStruct(*label, sharding=spec)}
