@@ -9,6 +9,7 @@ import pytest
 
 from vit_jax import models
 from vit_jax.errors import ConfigError
+from vit_jax.models import attention
 from vit_jax.models import dropout
 from vit_jax.models import scan_layout
 from vit_jax.models import vit
@@ -149,7 +150,7 @@ def test_fused_attention_matches_explicit_softmax():
 def test_attention_matches_the_plain_formulation(implementation):
   """Every path (CPU default: normalised after PV; jax.nn.dot_product_attention; the explicit
   one that sows the weights) is the textbook softmax(q k^T / sqrt(d)) v of the released params."""
-  layer = vit.MultiHeadDotProductAttention(num_heads=3, implementation=implementation)
+  layer = attention.MultiHeadDotProductAttention(num_heads=3, implementation=implementation)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 11, 48))
   params = layer.init(jax.random.PRNGKey(1), x, deterministic=True)['params']
   params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(2), p.shape),
@@ -169,7 +170,7 @@ def test_attention_matches_the_plain_formulation(implementation):
 def test_auto_attention_asks_for_cudnn_only_where_it_applies(monkeypatch):
   """jax.nn.dot_product_attention defaults to XLA even on GPUs; 'auto' asks for cuDNN's kernel on
   CUDA with half-precision operands and a head dim it takes, and leaves everything else to jax."""
-  choose = vit._fused_implementation  # pylint: disable=protected-access
+  choose = attention._fused_implementation  # pylint: disable=protected-access
   monkeypatch.setattr(jax.extend.backend, 'get_backend',
                       lambda: types.SimpleNamespace(platform_version='<unknown>'))  # A CPU's.
   assert choose('auto', jnp.bfloat16, 64) is None
@@ -201,9 +202,9 @@ def test_cudnn_attention_pads_odd_token_counts_without_changing_the_result(monke
                      **kwargs)
 
   monkeypatch.setattr(jax.nn, 'dot_product_attention', xla_for_cudnn)
-  monkeypatch.setattr(vit, '_fused_implementation', lambda implementation, *_: implementation)
+  monkeypatch.setattr(attention, '_fused_implementation', lambda implementation, *_: implementation)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 32))
-  layers = {impl: vit.MultiHeadDotProductAttention(num_heads=4, implementation=impl)
+  layers = {impl: attention.MultiHeadDotProductAttention(num_heads=4, implementation=impl)
             for impl in ('cudnn', 'xla')}
   params = layers['xla'].init(jax.random.PRNGKey(1), x, deterministic=True)['params']
   calls.clear()
@@ -223,7 +224,7 @@ def test_auto_attention_on_gpu_is_cudnn_and_matches_xla():
   """On GPUs 'auto' runs bf16 attention through cuDNN's fused kernel (ViT-B's shapes: 197 tokens,
   12 heads of 64), with XLA's outputs and gradients up to bf16 rounding."""
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 197, 768))
-  layers = {impl: vit.MultiHeadDotProductAttention(num_heads=12, dtype=jnp.bfloat16,
+  layers = {impl: attention.MultiHeadDotProductAttention(num_heads=12, dtype=jnp.bfloat16,
                                                    implementation=impl)
             for impl in ('auto', 'xla')}
   params = layers['xla'].init(jax.random.PRNGKey(1), x, deterministic=True)['params']
@@ -247,7 +248,7 @@ def test_auto_attention_on_gpu_is_cudnn_and_matches_xla():
 def test_head_projection_is_laid_out_and_initialised_as_dense_general():
   """query/key/value keep nn.DenseGeneral's layout and init, so released checkpoints still load."""
   x = jnp.ones((2, 5, 48))
-  ours = vit.HeadProjection(num_heads=3, head_dim=16).init(jax.random.PRNGKey(0), 48)
+  ours = attention.HeadProjection(num_heads=3, head_dim=16).init(jax.random.PRNGKey(0), 48)
   dense = flax.linen.DenseGeneral(features=(3, 16), kernel_init=flax.linen.initializers.xavier_uniform())
   jax.tree.map(np.testing.assert_array_equal, ours, dense.init(jax.random.PRNGKey(0), x))
 

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 
 from vit_jax.errors import ConfigError
 from vit_jax.models import resnet
-from vit_jax.models.vit import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES, VisionTransformer
+from vit_jax.models.attention import ATTENTION_IMPLEMENTATIONS
+from vit_jax.models.vit import REMAT_POLICIES, VisionTransformer
 
 # hidden_size, mlp_dim, num_heads, num_layers (the paper's Table 1, plus Ti and S from DeiT/AugReg,
 # plus small widths sized for CPU work).
