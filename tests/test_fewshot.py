@@ -2,6 +2,7 @@
 
 Thresholds are conservative versions of measured values (digits: 10 classes, chance 0.1).
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 
 import config_files
 from vit_jax.checkpoints import npz
+from vit_jax.checkpoints.manager import Checkpointer
 from vit_jax.errors import ConfigError
 from vit_jax.evaluation import fewshot
 from vit_jax.training import experiment
@@ -30,7 +32,10 @@ PROBE_SPLIT, PROBE_L2_REG = 'train[:60%]', 30.0
 TRAIN = dict(dataset='digits', image_size=16, total_steps=200, batch=64, warmup_steps=20,
              base_lr=3e-3, eval_every=0, progress_every=50, checkpoint_every=1000,
              pp=ml_collections.ConfigDict({'train': {'crop': 'random_crop', 'random_crop_pad': 1,
-                                                     'flip': False}}))
+                                                     'flip': False},
+                                           # Not the default: the CLI must take it from the
+                                           # checkpoint's config.
+                                           'eval': {'crop': 'resize_crop'}}))
 
 
 def _clusters(num_classes=10, per_class=40, dim=32, spread=0.5, seed=0):
@@ -111,25 +116,35 @@ def test_fewshot_during_training_and_from_the_cli(prepared_data_dir, tmp_path,
                                                   tmp_path_factory):
   config = _config(prepared_data_dir)
   exp = experiment.build(config)
-  init_params = exp.init_state().params
-  untrained = fewshot.from_experiment(exp).scalars(init_params)
+  init_state = exp.init_state()
+  evaluator = fewshot.from_experiment(exp)
+  untrained = evaluator.scalars(init_state.params)
+  # A .npz holds no config, so the CLI resizes (the default pp.eval.crop); a workdir's
+  # checkpoint brings its config's crop.
+  untrained_resized = dataclasses.replace(evaluator, crop='resize').scalars(init_state.params)
   untrained_npz = str(tmp_path_factory.mktemp('npz') / 'untrained.npz')
-  npz.save_npz(jax.device_get(init_params), untrained_npz)
+  npz.save_npz(jax.device_get(init_state.params), untrained_npz)
+  untrained_workdir = str(tmp_path_factory.mktemp('untrained'))
+  with Checkpointer(untrained_workdir) as checkpointer:
+    checkpointer.save(0, init_state, {'step': 0, 'config': config.to_dict()})
   final = loop.train_and_evaluate(config, str(tmp_path), exp=exp)
   rows = [r for r in read_jsonl(str(tmp_path / 'metrics.jsonl')) if 'fewshot/digits_1shot' in r]
   assert [r['step'] for r in rows] == [100, 200]
   trained = {k: v for k, v in final.items() if k.startswith('fewshot/')}
   assert set(trained) == {f'fewshot/digits_{k}shot' for k in SHOTS}
   # Measured 1/5/10-shot: trained 0.96/0.96/0.96 (its features separate the digits it was
-  # trained on), untrained 0.34/0.54/0.63 (random ViT features are far from chance on
-  # digits, hence Gaussian noise for "chance" above).
+  # trained on), untrained 0.31/0.52/0.60 (0.34/0.54/0.63 resized; random ViT features are far
+  # from chance on digits, hence Gaussian noise for "chance" above).
   for k in SHOTS:
     assert trained[f'fewshot/digits_{k}shot'] > 0.85, (trained, untrained)
     assert trained[f'fewshot/digits_{k}shot'] > untrained[f'fewshot/digits_{k}shot'] + 0.1
 
-  # The same params, splits, penalty and seeds as the in-loop probes: the same accuracies.
-  # The untrained features are where the probe's split and penalty matter (the trained ones
-  # give ~0.96 with any), so the .npz run shows the CLI's flags reach the probe.
+  # The same params, splits, penalty, crop and seeds as the in-loop probes: the same
+  # accuracies. The untrained features are where these matter (the trained ones give ~0.96
+  # with any): resized, without --train_split they are 0.30/0.49/0.61, without --l2_reg
+  # 0.32/0.45/0.56; from the workdir, resized rather than with its crop 0.34/0.54/0.63.
   assert _cli(prepared_data_dir, f'--checkpoint={untrained_npz}',
-              f'--model={config.model}') == pytest.approx(untrained, abs=0.01)
+              f'--model={config.model}') == pytest.approx(untrained_resized, abs=0.01)
+  assert _cli(prepared_data_dir,
+              f'--checkpoint={untrained_workdir}') == pytest.approx(untrained, abs=0.01)
   assert _cli(prepared_data_dir, f'--checkpoint={tmp_path}') == pytest.approx(trained, abs=0.01)

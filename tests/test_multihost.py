@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -345,6 +346,21 @@ def test_auto_detection_joins_only_a_real_multi_process_launch(env, joins, monke
   monkeypatch.setattr(jax, 'process_count', lambda: 2)  # What a joined process would see.
   distributed.initialize()
   assert bool(calls) == joins
+
+
+@pytest.mark.parametrize('module', ['vit_jax.main', 'vit_jax.finetune'])
+def test_training_commands_take_the_launchers_flags(module, tmp_path):
+  """launch/local.sh passes --num_processes/--process_id to either command; without the
+  coordinator's address they are one line naming it, not a single-process run."""
+  result = subprocess.run(
+      [sys.executable, '-m', module, '--num_processes=2', '--process_id=1',
+       '--config=configs/default.py', f'--workdir={tmp_path}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+      'error: --num_processes/--process_id need --coordinator_address=HOST:PORT of process 0 '
+      '(off Cloud TPU and SLURM, which provide it)')
+  assert not list(tmp_path.iterdir())
 
 
 def test_a_mesh_that_replicates_the_batch_across_processes_is_refused(monkeypatch):

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+import tensorflow as tf
 
 from training_setup import (  # baseline and compile_cache are fixtures: imported, pytest uses them
     TOTAL_STEPS, MainProcess, baseline, compile_cache, tiny_config, write_config_file)
@@ -84,6 +85,22 @@ def test_metrics_jsonl_has_the_documented_keys(baseline):
   assert lrs[1] > lrs[2] > lrs[3] > lrs[4] > lrs[5]  # Decaying after the warmup.
   saved = json.load(open(os.path.join(workdir, 'config.json'), encoding='utf-8'))
   assert saved['model'] == 'ViT-Mu_4' and saved['total_steps'] == TOTAL_STEPS
+
+
+def test_an_object_store_workdir_gets_the_config_and_metrics(baseline, tmp_path):
+  """gs:// workdirs: orbax writes the checkpoints, tf.io.gfile the config and metrics rows;
+  ram:// stands in here (its writer cannot truncate, so one flush is all it can check)."""
+  config = baseline[0]
+  workdir = f'ram://{tmp_path.name}/run'
+  loop.save_config(config, workdir)
+  with tf.io.gfile.GFile(f'{workdir}/config.json') as f:
+    assert json.load(f) == json.loads(config.to_json_best_effort())
+  writer = metrics_lib.JsonlWriter(f'{workdir}/metrics.jsonl')
+  writer.write_scalars(1, {'a': 1.0})
+  writer.write_scalars(2, {'a': 0.5})
+  writer.close()
+  with tf.io.gfile.GFile(f'{workdir}/metrics.jsonl') as f:
+    assert [json.loads(line) for line in f] == [{'step': 1, 'a': 1.0}, {'step': 2, 'a': 0.5}]
 
 
 def test_profile_traces_exactly_the_asked_steps_and_changes_nothing(baseline, tmp_path):

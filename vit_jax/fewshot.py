@@ -4,8 +4,9 @@
       [--shots=1,5,10,25] [--seeds=3] [--json]
 
 PATH is a training workdir (its newest checkpoint, architecture from its saved config) or a
-released-layout `.npz` (then --model names the architecture). Images are resized to the
-checkpoint's own resolution. Prints mean and spread of the test accuracy over seeds per shot count.
+released-layout `.npz` (then --model names the architecture). Images are prepared as the
+checkpoint's evaluation saw them (its resolution and pp.eval.crop), so the figures match the
+probe run during training. Prints mean and spread of the test accuracy over seeds per shot count.
 """
 import json
 import logging
@@ -17,6 +18,7 @@ import numpy as np
 
 from vit_jax import sharding
 from vit_jax.checkpoints import restore
+from vit_jax.data import pp_options
 from vit_jax.errors import run_cli
 from vit_jax.evaluation import fewshot
 
@@ -27,9 +29,11 @@ _TRAIN_SPLIT = flags.DEFINE_string('train_split', 'train', 'Where the k shots ar
 _TEST_SPLIT = flags.DEFINE_string('test_split', 'test', 'Where accuracy is measured.')
 _SHOTS = flags.DEFINE_list('shots', [str(k) for k in fewshot.DEFAULT_SHOTS],
                            'Examples per class.')
-_SEEDS = flags.DEFINE_integer('seeds', 3, 'Independent draws of the shots.')
+flags.register_validator('shots', lambda shots: all(k.isdigit() and int(k) > 0 for k in shots),
+                         '--shots takes positive integers, e.g. --shots=1,5,10,25')
+_SEEDS = flags.DEFINE_integer('seeds', 3, 'Independent draws of the shots.', lower_bound=1)
 _L2_REG = flags.DEFINE_float('l2_reg', fewshot.DEFAULT_L2_REG, 'Ridge penalty.')
-_BATCH = flags.DEFINE_integer('batch', 256, 'Feature-extraction batch size.')
+_BATCH = flags.DEFINE_integer('batch', 256, 'Feature-extraction batch size.', lower_bound=1)
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data_dir (default: $TFDS_DATA_DIR).')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
 flags.mark_flags_as_required(['checkpoint', 'dataset'])
@@ -57,7 +61,8 @@ def main(argv):
       datasets={_DATASET.value: (_TRAIN_SPLIT.value, _TEST_SPLIT.value)},
       image_size=pretrained.image_size(), channels=pretrained.channels,
       shots=[int(k) for k in _SHOTS.value], seeds=_SEEDS.value, l2_reg=_L2_REG.value,
-      batch=_BATCH.value, data_dir=_DATA_DIR.value)
+      batch=_BATCH.value, crop=pp_options.from_config(pretrained.config or {}, 'eval')['crop'],
+      data_dir=_DATA_DIR.value)
   results = evaluator.evaluate(jax.device_put(params, shardings))[_DATASET.value]
   if _JSON.value:
     print(json.dumps({'checkpoint': pretrained.source, 'model': pretrained.model,

@@ -28,7 +28,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.getLogger().setLevel(logging.INFO)
-  distributed.initialize()  # Auto-detected on Cloud TPU / SLURM; nothing on one machine.
+  distributed.initialize_from_flags()
   result = finetune.finetune(_CONFIG.value, _WORKDIR.value)
   logging.info('final: %s', result)
 

@@ -4,6 +4,8 @@ This is the format of the released ViT checkpoints, so those load here and ours 
 Every failure a user can cause (wrong path, broken file, other architecture) is a one-line
 ConfigError that names the fix.
 """
+import contextlib
+import io
 import os
 import uuid
 import zipfile
@@ -13,6 +15,7 @@ from typing import Any
 import flax
 import flax.linen as nn
 import numpy as np
+import tensorflow as tf
 
 from vit_jax.errors import ConfigError
 from vit_jax.models import scan_layout
@@ -36,6 +39,12 @@ def save_npz(params: Params, path: str) -> None:
   """
   params = scan_layout.scanned_to_unrolled(flax.core.unfreeze(nn.meta.unbox(params)))
   flat = {k: np.asarray(v, np.float32) for k, v in _flat(params).items()}
+  if '://' in path:  # An object store (gs://) shows an object only once it is whole.
+    buffer = io.BytesIO()  # zipfile needs tell(), which object-store writers may lack.
+    np.savez(buffer, **flat)
+    with tf.io.gfile.GFile(path, 'wb') as f:
+      f.write(buffer.getvalue())
+    return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   # Not tempfile.mkstemp: its 0600 mode would outlive the rename; this gets the umask's.
   tmp = f'{path}.{uuid.uuid4().hex}.tmp'
@@ -63,14 +72,19 @@ def load_npz(path: str) -> Params:
   optimizer state saved next to them, are ignored.
   """
   try:
-    data, flat = np.load(path, allow_pickle=False), None
-    if isinstance(data, np.lib.npyio.NpzFile):
-      with data:
-        flat = {k: data[k] for k in data.files}
-  except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+    with contextlib.ExitStack() as stack:
+      # Object stores (gs://, where the released checkpoints live) through tf.io.gfile.
+      source = stack.enter_context(tf.io.gfile.GFile(path, 'rb')) if '://' in path else path
+      data, flat = np.load(source, allow_pickle=False), None
+      if isinstance(data, np.lib.npyio.NpzFile):
+        with data:
+          flat = {k: data[k] for k in data.files}
+  except (FileNotFoundError, IsADirectoryError, NotADirectoryError,
+          tf.errors.NotFoundError) as e:
     raise ConfigError(f'checkpoint {path} does not exist ({_first_line(e)}): check the '
                       'checkpoint path in the config/flags') from e
-  except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError) as e:
+  except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError,
+          tf.errors.OpError) as e:
     raise ConfigError(f'checkpoint {path} is not a readable .npz file ({_first_line(e)}): it is '
                       'corrupt or truncated; re-download or re-save it') from e
   if flat is None:

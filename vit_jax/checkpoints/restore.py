@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorflow as tf
 
 from vit_jax import models
 from vit_jax.checkpoints import npz
@@ -110,12 +111,12 @@ def _saved_config(workdir: str, checkpointer: Checkpointer) -> dict[str, Any]:
   if config:
     return config
   path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  if not tf.io.gfile.exists(path):
     raise ConfigError(f'{workdir} has a checkpoint but no saved config: it was not written by '
                       'vit_jax.main, so save its params as a .npz in the released layout and '
                       'pass that with the model name')
   try:
-    with open(path, encoding='utf-8') as f:
+    with tf.io.gfile.GFile(path) as f:
       return json.load(f)
   except ValueError as e:
     raise ConfigError(f'{path} is not valid JSON ({e}): write the run\'s config back into '

@@ -3,7 +3,16 @@ import logging
 import os
 from typing import Optional
 
+from absl import flags
 import jax
+
+from vit_jax.errors import ConfigError
+
+# The commands that train (main, finetune) share these, so launch/local.sh can start either.
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0, for multi-process runs off Cloud TPU.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process in a multi-process run.')
 
 SLURM_STEP_VARIABLES = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
                         'SLURM_LOCALID')
@@ -21,9 +30,17 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
   # srun has SLURM_JOB_ID but no step, and JAX could not find a coordinator there.
   auto = auto or all(k in os.environ for k in SLURM_STEP_VARIABLES)
   if coordinator_address is None and not auto:
+    if num_processes is not None or process_id is not None:
+      raise ConfigError('--num_processes/--process_id need --coordinator_address=HOST:PORT of '
+                        'process 0 (off Cloud TPU and SLURM, which provide it)')
     return
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU devices only.
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)
   logging.info('process %d of %d, %d local / %d global devices', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def initialize_from_flags() -> None:
+  """`initialize` with the command line's --coordinator_address/--num_processes/--process_id."""
+  initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tensorflow as tf
 
 from vit_jax.checkpoints.manager import Checkpointer
 from vit_jax.data import global_batch
@@ -97,8 +98,9 @@ def _check_finite(loss: float, step: int, last_saved: Optional[int],
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Through tf.io.gfile, so a gs:// workdir gets it too (the metrics go the same way)."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+    with tf.io.gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
 
 
@@ -127,7 +129,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   exp = exp or build(config)
   _check_data(config)  # build() skips the dataset when config.num_classes is set.
-  os.makedirs(workdir, exist_ok=True)
+  tf.io.gfile.makedirs(workdir)
   save_config(config, workdir)
   with Checkpointer(workdir, keep=config.get('keep_checkpoints', 3)) as checkpointer:
     state, _ = checkpointer.restore_latest(exp.abstract_state)
