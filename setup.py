@@ -1,11 +1,13 @@
 """vit_jax: Vision Transformers in JAX/Flax. `requirements.txt` pins the tested versions."""
+import pathlib
+
 import setuptools
 
 setuptools.setup(
     name='vit_jax',
     version='0.1.0',
     description='Pre-train and fine-tune Vision Transformers (ViT) in JAX/Flax, CPU to TPU pods.',
-    long_description=open('README.md', encoding='utf-8').read(),
+    long_description=pathlib.Path('README.md').read_text(encoding='utf-8'),
     long_description_content_type='text/markdown',
     packages=setuptools.find_packages(include=['vit_jax', 'vit_jax.*']),
     python_requires='>=3.11',

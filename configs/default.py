@@ -66,6 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.weight_decay = 0.05
   config.warmup_steps = 200
   config.decay_type = 'cosine'
+  config.lr_end_fraction = 0.0  # The decay ends at base_lr times this.
   config.grad_norm_clip = 1.0
   config.label_smoothing = 0.0
   config.accum_steps = 1

@@ -7,8 +7,12 @@ The argument picks the dataset (default: imagenet2012); anything else is a Confi
 
 The paper lists hybrids for JFT-300M only (Tables 3 and 6); the recipe is the ViT-B row.
 """
+from typing import Optional
+
+import ml_collections
+
 from vit_jax.training import recipes
 
 
-def get_config(arg=None):
+def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   return recipes.pretrain_config('R50+ViT-B_16', arg)

@@ -9,8 +9,12 @@ Expected (paper, Table 5: ImageNet top-1 after fine-tuning at 384 px):
   pre-trained on ImageNet-21k: 81.28%
   pre-trained on ImageNet:     73.38%
 """
+from typing import Optional
+
+import ml_collections
+
 from vit_jax.training import recipes
 
 
-def get_config(arg=None):
+def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   return recipes.pretrain_config('ViT-B_32', arg)

@@ -11,8 +11,12 @@ Expected (paper, Table 5: ImageNet top-1 after fine-tuning at 384 px):
 ImageNet-21k: Table 3 has no H row; the L row (30 epochs) is used. The paper reports no
 ImageNet-only ViT-H/14.
 """
+from typing import Optional
+
+import ml_collections
+
 from vit_jax.training import recipes
 
 
-def get_config(arg=None):
+def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   return recipes.pretrain_config('ViT-H_14', arg)

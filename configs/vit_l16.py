@@ -9,8 +9,12 @@ Expected (paper, Table 5: ImageNet top-1 after fine-tuning at 384 px):
   pre-trained on ImageNet-21k: 85.15%
   pre-trained on ImageNet:     76.53%
 """
+from typing import Optional
+
+import ml_collections
+
 from vit_jax.training import recipes
 
 
-def get_config(arg=None):
+def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   return recipes.pretrain_config('ViT-L_16', arg)

@@ -9,8 +9,12 @@ Expected (paper, Table 5: ImageNet top-1 after fine-tuning at 384 px):
   pre-trained on ImageNet-21k: 80.99%
   pre-trained on ImageNet:     71.16%
 """
+from typing import Optional
+
+import ml_collections
+
 from vit_jax.training import recipes
 
 
-def get_config(arg=None):
+def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   return recipes.pretrain_config('ViT-L_32', arg)

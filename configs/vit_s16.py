@@ -8,8 +8,12 @@ The argument picks the dataset (default: imagenet2012); anything else is a Confi
 Not in the paper (Ti and S come from DeiT / "How to train your ViT"); the recipe is Table 3's B
 row.
 """
+from typing import Optional
+
+import ml_collections
+
 from vit_jax.training import recipes
 
 
-def get_config(arg=None):
+def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   return recipes.pretrain_config('ViT-S_16', arg)

@@ -332,7 +332,7 @@ def _parser() -> argparse.ArgumentParser:
                  help='interpreter for the venv on the workers; apt installs '
                  'it (and its -venv) when missing')
   p.add_argument('--jax', default='jax[tpu]',
-                 help='pip spec of JAX for TPU, e.g. "jax[tpu]==0.4.35"')
+                 help='pip spec of JAX for TPU, e.g. "jax[tpu]==0.10.2"')
 
   p = tpu_command('run', run, 'all', 'run vit_jax.main on all workers; '
                   'arguments after -- go to it (e.g. --config.base_lr=0.1)')

@@ -127,11 +127,11 @@ def test_bench_data_reads_the_configs_dataset(prepared_data_dir):
   out = subprocess.run(
       [sys.executable, '-m', 'vit_jax.bench', '--config=configs/default.py', '--what=data',
        '--config.dataset=digits', f'--config.data_dir={prepared_data_dir}',
-       '--config.image_size=16', '--config.batch=32', '--json'],
+       '--config.image_size=16', '--config.batch=32', '--steps=7', '--json'],
       cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
-  assert (result['what'], result['dataset'], result['image_size'], result['batch']) == (
-      'data', 'digits', 16, 32)
+  assert (result['what'], result['dataset'], result['image_size'], result['batch'],
+          result['batches_timed']) == ('data', 'digits', 16, 32, 7)
   assert result['img_per_sec'] > 0
   assert result['img_per_sec_per_core'] == pytest.approx(result['img_per_sec'] / perf.cores())

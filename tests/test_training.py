@@ -122,9 +122,7 @@ def test_profile_traces_exactly_the_asked_steps_and_changes_nothing(baseline, tm
 def test_data_fsdp_and_tensor_parallel_match_one_device(prepared_data_dir):
   """The baseline config on four meshes: losses and params after 4 steps agree."""
   config = tiny_config(prepared_data_dir)  # 'data:8' then reuses the baseline's executables.
-  local = input_pipeline.make_train_iterator(
-      dataset='digits', split='train', data_dir=prepared_data_dir, global_batch=config.batch,
-      image_size=8, channels=1, pp=config.pp, seed=0)
+  local = input_pipeline.train_iterator(config)
   batches = [next(local) for _ in range(4)]
   results = {}
   for mesh, devices in (('data:1', jax.devices()[:1]), ('data:8', None),
@@ -218,6 +216,9 @@ CONFIG_ERRORS = {
     'zero_patch': (dict(model='ViT-Mu_0'), r'patch size must be positive'),
     'moments_dtype': (dict(optimizer_moments_dtype='bf16'),
                       r"optimizer_moments_dtype='bf16' is not one of"),
+    'zero_base_lr': (dict(base_lr=0.0), r'base_lr=0.0 must be positive'),
+    'lr_end_fraction_above_one': (dict(lr_end_fraction=2.0),
+                                  r'lr_end_fraction=2.0 must be in \[0, 1\]'),
 }
 
 

@@ -1,6 +1,6 @@
 """Throughput and MFU of the real step: `python -m vit_jax.bench --config=configs/vit_s16.py`.
 
-  --what=train (default) | eval | data;  --steps=N timed steps;  --json for scripts;
+  --what=train (default) | eval | data;  --steps=N timed steps (batches for data);  --json;
   --profile_dir=DIR: a trace of a few more steps (TensorBoard's profile plugin / XProf read it)
   and the step's top ops by time, by model scope.
 The config's dataset decides the class count unless `config.num_classes` or --num_classes is set
@@ -8,6 +8,7 @@ The config's dataset decides the class count unless `config.num_classes` or --nu
 """
 import json
 
+from absl import app
 from absl import flags
 from ml_collections import config_flags
 
@@ -18,8 +19,11 @@ from vit_jax.training.experiment import build
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=False)
 _WHAT = flags.DEFINE_enum('what', 'train', benchmark.WHATS, 'What to time.')
-_STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (after warm-up).')
-_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compiling.')
+_STEPS = flags.DEFINE_integer(
+    'steps', None, 'Timed steps after warm-up (default 20); with --what=data, timed batches '
+    '(default 50).', lower_bound=1)
+_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compiling (train, eval).',
+                               lower_bound=0)
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
 _PROFILE_DIR = flags.DEFINE_string(
     'profile_dir', None, 'Trace --profile_steps steps after the timed ones into this folder.')
@@ -40,16 +44,17 @@ def _print_table(result: dict) -> None:
           f'{profiling.format_summary(top_ops)}')
 
 
-def main(argv):
-  del argv
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
   if _WHAT.value == 'data':
     if _PROFILE_DIR.value:
       raise ConfigError('--profile_dir traces a step: use it with --what=train or --what=eval')
-    result = benchmark.bench_data(config)
+    result = benchmark.bench_data(config, batches=_STEPS.value or 50)
   else:
     result = benchmark.bench_step(build(config, num_classes=_NUM_CLASSES.value), _WHAT.value,
-                                  steps=_STEPS.value, warmup=_WARMUP.value,
+                                  steps=_STEPS.value or 20, warmup=_WARMUP.value,
                                   profile_dir=_PROFILE_DIR.value, profile_steps=_PROFILE_STEPS.value)
   if _JSON.value:
     print(json.dumps(result))

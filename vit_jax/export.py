@@ -19,7 +19,7 @@ _OUTPUT = flags.DEFINE_string('output', None, 'The .npz file to write.')
 flags.mark_flags_as_required(['workdir', 'output'])
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.getLogger().setLevel(logging.INFO)

@@ -18,7 +18,6 @@ import numpy as np
 
 from vit_jax import sharding
 from vit_jax.checkpoints import restore
-from vit_jax.data import pp_options
 from vit_jax.errors import run_cli
 from vit_jax.evaluation import fewshot
 
@@ -47,7 +46,7 @@ def _table(results: dict[int, list[float]]) -> str:
   return '\n'.join(rows)
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.getLogger().setLevel(logging.INFO)
@@ -61,7 +60,7 @@ def main(argv):
       datasets={_DATASET.value: (_TRAIN_SPLIT.value, _TEST_SPLIT.value)},
       image_size=pretrained.image_size(), channels=pretrained.channels,
       shots=[int(k) for k in _SHOTS.value], seeds=_SEEDS.value, l2_reg=_L2_REG.value,
-      batch=_BATCH.value, crop=pp_options.from_config(pretrained.config or {}, 'eval')['crop'],
+      batch=_BATCH.value, crop=pretrained.eval_crop(),
       data_dir=_DATA_DIR.value)
   results = evaluator.evaluate(jax.device_put(params, shardings))[_DATASET.value]
   if _JSON.value:

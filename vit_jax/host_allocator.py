@@ -3,15 +3,17 @@
 XLA's CPU runtime allocates each step's temporary buffer afresh (850 MB for the ViT-Ti/16 train
 step at batch 16). glibc serves an allocation that large from worker threads with mmap and
 unmaps it on free, so every step faulted all of it in again: 216k page faults, ~0.4 CPU-s of
-kernel time and ~13% of the Ti step's wall time on the 2-core machine (docs/performance.md).
+kernel time and ~12% of the Ti step's wall time on the 2-core machine (docs/performance.md).
 One malloc arena that never unmaps or trims lets the next step reuse the same pages.
 
 Reused step after step, those pages are better large: a ViT-S/16 train step runs through ~1.7 GB
 of buffers, 430k 4 KiB pages, far more than the TLB maps. Where the kernel gives transparent
 huge pages on request (THP mode `madvise`, the usual default), the heap is then grown by half
 the physical memory, untouched (address space, not memory), and advised MADV_HUGEPAGE, so the
-buffers carved from it later are faulted in as 2 MiB pages: ViT-S/16 train 1-11% faster, eval
-8-20%, ViT-Ti/16 train 7-10%, the embedded default 8-9% (docs/performance.md). That is what
+buffers carved from it later are faulted in as 2 MiB pages: on the Intel Xeon ViT-S/16 train
+1-11% faster, eval 8-20%, ViT-Ti/16 train 7-10%, the embedded default 8-9%; on the AMD Zen 4
+the embedded default 7-28% faster, the 224 px train steps 3-6% slower with one device and level
+with two (docs/performance.md). That is what
 glibc does with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, which must be set before the process
 starts.
 

@@ -58,7 +58,7 @@ _JSON = flags.DEFINE_bool('json', False, 'Print JSON instead of the report.')
 flags.mark_flags_as_required(['config'])
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if _DEVICES.value is not None and jax.device_count() != _DEVICES.value:

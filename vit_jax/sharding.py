@@ -5,7 +5,7 @@ sharded over `fsdp`, gathered per layer by XLA) and tensor parallel (Megatron-st
 heads and MLP over `tensor`) are all the same model with a different mesh.
 """
 import re
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -81,7 +81,7 @@ def resolve_mesh_shape(spec: Any, num_devices: int) -> dict[str, int]:
   return sizes
 
 
-def make_mesh(spec: Any, devices=None) -> Mesh:
+def make_mesh(spec: Any, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """A mesh over all (or the given) devices, laid out by `jax.make_mesh` for the topology."""
   devices = jax.devices() if devices is None else devices
   sizes = resolve_mesh_shape(spec, len(devices))

@@ -4,7 +4,8 @@
       --workdir=workdirs/ft_pets --config.init=ViT-B_16.npz --config.model=ViT-B_16
 
 Learning rate: the paper sweeps {0.001, 0.003, 0.01, 0.03} and picks the best on a held-out
-10% of the train split (train[:90%] / train[90%:]); 0.03 is the released code's default. With 500
+10% of the train split (while sweeping, --config.train_split='train[:90%]'
+--config.eval_split='train[90%:]'); 0.03 is the released code's default. With 500
 steps the warmup is 100 (a fifth of the run, as in the released AugReg config).
 """
 import ml_collections

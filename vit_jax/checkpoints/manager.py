@@ -187,8 +187,9 @@ class Checkpointer:
           (directory / str(step)).rename(target)
           logging.warning('moved the unreadable checkpoint of step %d to %s', step, target)
           continue
-        except Exception:  # pylint: disable=broad-except
-          pass
+        except Exception as e:  # pylint: disable=broad-except
+          logging.warning('could not move the unreadable checkpoint of step %d (%s): deleting '
+                          'it', step, error_summary(e))
       self.manager.delete(step)
       logging.warning('deleted the checkpoint of step %d, unreadable here or on another '
                       'process', step)

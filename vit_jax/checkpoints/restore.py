@@ -21,6 +21,7 @@ import tensorflow as tf
 from vit_jax import models
 from vit_jax.checkpoints import npz
 from vit_jax.checkpoints.manager import Checkpointer, abandoned_reads_dropped, error_summary
+from vit_jax.data import pp_options
 from vit_jax.errors import ConfigError
 
 Params = dict[str, Any]
@@ -46,6 +47,10 @@ class Pretrained:
     """Input channels of the first layer: the hybrid stem's root conv, else the embedding."""
     first = self.params.get('conv_root') or self.params.get('embedding')
     return int(first['kernel'].shape[2]) if first else 3
+
+  def eval_crop(self) -> str:
+    """pp.eval.crop of its training config ('resize', the default, for a .npz)."""
+    return pp_options.from_config(self.config or {}, 'eval')['crop']
 
   def image_size(self) -> int:
     """The resolution it was trained at: from its config, else from its position embeddings."""

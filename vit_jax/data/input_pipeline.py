@@ -19,23 +19,7 @@ Batches run across epoch boundaries, so no example is dropped.
 Each process reads only its slice of the split (`tfds.split_for_jax_process`)
 and yields global_batch // process_count examples per step.
 
-`pp` keys (ml_collections.ConfigDict; every key optional, unknown keys are a
-ConfigError):
-  pp.train.crop: 'inception' (default; area inception_area_min..1, aspect
-      3/4..4/3) | 'resize' | 'random_crop' (resize, reflect-pad by
-      random_crop_pad pixels, random crop back: for tiny images like 28px).
-  pp.train.inception_area_min: 0.05.
-  pp.train.random_crop_pad: 4.
-  pp.train.flip: True (random horizontal flip).
-  pp.train.mixup: 0.0 (beta alpha; 0 = off). When > 0, each batch is mixed with
-      itself rolled by one, and 'label' becomes float32 [B, num_classes] soft
-      labels instead of int32 [B].
-  pp.train.randaug: None, or (num_layers, magnitude 0..10), e.g. (2, 10)
-      (`vit_jax.data.randaug`: 12 of the paper's 14 ops).
-  pp.train.shuffle_buffer: 50_000 encoded examples (capped at the slice size); splits that
-      fit it or IN_MEMORY_BYTES are permuted exactly in memory instead.
-  pp.eval.crop: 'resize' (default) | 'resize_crop' (shorter side to
-      image_size / 0.875, then central crop).
+The `pp` options (augmentation, crops) and their defaults: `vit_jax.data.pp_options`.
 
 Every pipeline runs without tf.data's autotune thread (`_numpy_iterator`), one map call per
 core (the most that autotuner's CPU budget would allow). Measured rates, and why splits are held
@@ -335,6 +319,16 @@ def make_train_iterator(*, dataset: str, split: str, data_dir: str | None,
       yield batch
 
   return batches()
+
+
+def train_iterator(config: ml_collections.ConfigDict,
+                   start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """`make_train_iterator` as a training config (dataset, split, batch, resolution, pp) sets it."""
+  return make_train_iterator(
+      dataset=config.dataset, split=config.get('train_split', 'train'),
+      data_dir=config.get('data_dir'), global_batch=config.batch, image_size=config.image_size,
+      channels=config.get('channels', 3), pp=config.get('pp', ml_collections.ConfigDict()),
+      seed=config.get('seed', 0), start_step=start_step)
 
 
 @dataclasses.dataclass(frozen=True)

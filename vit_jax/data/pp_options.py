@@ -1,6 +1,24 @@
 """The `pp` options of a config (pp.train, pp.eval) over their defaults, checked before the
 pipeline is built: a bad value would otherwise fail inside tf.data or numpy, as a raw error at
-the first batch."""
+the first batch.
+
+The keys (every one optional; an unknown key is a ConfigError):
+  pp.train.crop: 'inception' (default; area inception_area_min..1, aspect
+      3/4..4/3) | 'resize' | 'random_crop' (resize, reflect-pad by
+      random_crop_pad pixels, random crop back: for tiny images like 28px).
+  pp.train.inception_area_min: 0.05.
+  pp.train.random_crop_pad: 4.
+  pp.train.flip: True (random horizontal flip).
+  pp.train.mixup: 0.0 (beta alpha; 0 = off). When > 0, each batch is mixed with
+      itself rolled by one, and 'label' becomes float32 [B, num_classes] soft
+      labels instead of int32 [B].
+  pp.train.randaug: None, or (num_layers, magnitude 0..10), e.g. (2, 10)
+      (`vit_jax.data.randaug`: 12 of the paper's 14 ops).
+  pp.train.shuffle_buffer: 50_000 encoded examples (capped at the slice size); splits that
+      fit it or `input_pipeline.IN_MEMORY_BYTES` are permuted exactly in memory instead.
+  pp.eval.crop: 'resize' (default) | 'resize_crop' (shorter side to
+      image_size / 0.875, then central crop).
+"""
 import numbers
 from typing import Any
 
@@ -12,6 +30,7 @@ from vit_jax.errors import ConfigError
 TRAIN_DEFAULTS = dict(crop='inception', inception_area_min=0.05, random_crop_pad=4,
                       flip=True, mixup=0.0, randaug=None, shuffle_buffer=50_000)
 EVAL_DEFAULTS = dict(crop='resize')
+EVAL_CROPS = ('resize', 'resize_crop')
 
 
 def _options(part: Any, defaults: dict, where: str) -> dict:
@@ -74,8 +93,8 @@ def check_channels(channels: int) -> None:
 def eval_options(part: Any) -> dict:
   """pp.eval over its defaults, checked."""
   opts = _options(part, EVAL_DEFAULTS, 'pp.eval')
-  if opts['crop'] not in ('resize', 'resize_crop'):
-    raise ConfigError(f'pp.eval.crop={opts["crop"]!r}: use resize or resize_crop')
+  if opts['crop'] not in EVAL_CROPS:
+    raise ConfigError(f'pp.eval.crop={opts["crop"]!r}: use one of {EVAL_CROPS}')
   return opts
 
 

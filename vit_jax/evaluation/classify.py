@@ -27,7 +27,6 @@ from vit_jax.errors import ConfigError
 # PIL modes decoded as one grey channel (as TF decodes grey PNGs); every other mode becomes RGB.
 _GREY_8BIT = ('1', 'L', 'LA', 'La', 'F')
 _GREY_16BIT = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
-CROPS = ('resize', 'resize_crop')  # pp.eval.crop of the input pipeline.
 
 
 class ImageError(ConfigError):
@@ -59,8 +58,8 @@ def load_image(path: str) -> np.ndarray:
 def preprocess_image(pixels: np.ndarray, image_size: int, channels: int,
                      crop: str = 'resize') -> np.ndarray:
   """float32 [image_size, image_size, channels] in [-1, 1]: the eval pipeline's ops, in order."""
-  if crop not in CROPS:
-    raise ConfigError(f'crop={crop!r}: use one of {CROPS}')
+  if crop not in pp_options.EVAL_CROPS:
+    raise ConfigError(f'crop={crop!r}: use one of {pp_options.EVAL_CROPS}')
   image = tf.convert_to_tensor(pixels)
   if crop == 'resize':
     image = preprocess.resize(image, image_size)
@@ -117,9 +116,8 @@ def load_checkpoint(path: str, model: Optional[str] = None) -> Checkpoint:
   image_size = pretrained.image_size()
   flax_model = pretrained.create_model(pretrained.num_classes, dtype='float32')
   params = restore.checked_params(pretrained, flax_model)
-  config = pretrained.config or {}
-  crop = pp_options.from_config(config, 'eval')['crop']
-  return Checkpoint(flax_model, params, image_size, pretrained.channels, crop, pretrained)
+  return Checkpoint(flax_model, params, image_size, pretrained.channels, pretrained.eval_crop(),
+                    pretrained)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,7 +70,7 @@ def _parse(name: str) -> dict[str, Any]:
   return kwargs
 
 
-def model_kwargs(name: str, num_classes: int, **overrides) -> dict[str, Any]:
+def _model_kwargs(name: str, num_classes: int, **overrides) -> dict[str, Any]:
   """The resolved keyword arguments of `VisionTransformer` for a name plus overrides."""
   kwargs = _parse(name)
   kwargs.update(num_classes=num_classes, **overrides)
@@ -89,7 +89,7 @@ def model_kwargs(name: str, num_classes: int, **overrides) -> dict[str, Any]:
 
 def create(name: str, num_classes: int = 1000, **overrides) -> VisionTransformer:
   """The flax module for a named variant; `overrides` replace any field (dtype may be a string)."""
-  kwargs = model_kwargs(name, num_classes, **overrides)
+  kwargs = _model_kwargs(name, num_classes, **overrides)
   patch = kwargs['patch_size']
   kwargs['patch_size'] = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
   stem = kwargs.get('resnet')

@@ -22,7 +22,7 @@ def total_stride(num_layers: tuple[int, ...]) -> int:
   return 4 * 2**(len(num_layers) - 1)
 
 
-def weight_standardize(w: jnp.ndarray, axis, eps: float) -> jnp.ndarray:
+def weight_standardize(w: jnp.ndarray, axis: int | tuple[int, ...], eps: float) -> jnp.ndarray:
   """Zero mean, unit variance per output filter: BiT's trick that lets GroupNorm train well."""
   w = w - jnp.mean(w, axis=axis, keepdims=True)
   return w / jnp.sqrt(jnp.var(w, axis=axis, keepdims=True) + eps)

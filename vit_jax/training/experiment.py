@@ -3,9 +3,10 @@
 Shared by pre-training, fine-tuning, the benchmark and the pod planner, so that all of them run
 the very same step. Every check a user can fail happens here, before anything compiles.
 """
+import contextlib
 import dataclasses
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -44,9 +45,11 @@ class Experiment:
     """Training FLOPs per image: forward x 3 (the backward pass costs twice the forward)."""
     return 3 * forward_flops(self.model, *self.image_shape)
 
-  def rules_context(self):
+  @contextlib.contextmanager
+  def rules_context(self) -> Iterator[None]:
     """Logical-axis rules and the mesh, active while the model is traced."""
-    return _Contexts(nn.logical_axis_rules(sharding.LOGICAL_RULES), jax.set_mesh(self.mesh))
+    with nn.logical_axis_rules(sharding.LOGICAL_RULES), jax.set_mesh(self.mesh):
+      yield
 
   def init_state(self, rng: Optional[jax.Array] = None) -> state_lib.TrainState:
     """Params and optimizer state created already sharded (jit with out_shardings)."""
@@ -88,21 +91,6 @@ class Experiment:
       return fn.lower(*args)
 
 
-class _Contexts:
-  """Enters several context managers as one (re-entrant: a fresh stack per `with`)."""
-
-  def __init__(self, *managers):
-    self.managers = managers
-
-  def __enter__(self):
-    for manager in self.managers:
-      manager.__enter__()
-
-  def __exit__(self, *exc):
-    for manager in reversed(self.managers):
-      manager.__exit__(*exc)
-
-
 def check_config(config: ml_collections.ConfigDict) -> None:
   missing = [key for key in REQUIRED_KEYS if key not in config]
   if missing:
@@ -131,8 +119,7 @@ def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> N
         f'{jax.process_count()} processes that each feed their own slice: give data x fsdp a '
         f'multiple of {jax.process_count()}')
   accum = config.get('accum_steps', 1)
-  for name, size, parts in (('batch', config.batch, dp * accum),
-                            ('batch', config.batch, jax.process_count()),
+  for name, size, parts in (('batch', config.batch, dp * accum),  # dp splits over processes.
                             ('batch_eval', config.get('batch_eval', config.batch), dp)):
     if size % parts:
       raise ConfigError(
@@ -150,7 +137,7 @@ def _dataset_num_classes(config: ml_collections.ConfigDict) -> int:
 
 
 def build(config: ml_collections.ConfigDict, *, num_classes: Optional[int] = None,
-          devices=None) -> Experiment:
+          devices: Optional[Sequence[jax.Device]] = None) -> Experiment:
   """Validates the config and builds the run's pieces; nothing is allocated or compiled."""
   check_config(config)
   mesh = sharding.make_mesh(config.get('mesh', 'data:-1'), devices)

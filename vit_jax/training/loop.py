@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +57,8 @@ class _StopSignal:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def evaluate(exp: Experiment, eval_step, params: Any, eval_data) -> dict[str, float]:
+def evaluate(exp: Experiment, eval_step: Callable, params: Any,
+             eval_data: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
   """Accuracy (top-1, top-5 when > 5 classes) and loss over every example of the eval split."""
   totals = None
   for batch in global_batch.prefetch_to_mesh(eval_data, exp.mesh):
@@ -76,7 +77,7 @@ def eval_name(config: ml_collections.ConfigDict) -> str:
   return 'val' if split == config.get('train_split', 'train').split('[')[0] else split
 
 
-def make_eval_data(exp: Experiment):
+def make_eval_data(exp: Experiment) -> Iterable[dict[str, np.ndarray]]:
   config = exp.config
   return input_pipeline.make_eval_iterator(
       dataset=config.dataset, split=config.get('eval_split', 'test'),
@@ -140,11 +141,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     start_step, total_steps = int(state.step), config.total_steps
     last_saved = start_step if checkpointer.all_steps() else None
     train_step, eval_step = exp.jit_train_step(), exp.jit_eval_step()
-    local_batches = input_pipeline.make_train_iterator(
-        dataset=config.dataset, split=config.get('train_split', 'train'),
-        data_dir=config.get('data_dir'), global_batch=config.batch, image_size=config.image_size,
-        channels=config.get('channels', 3), pp=config.get('pp', ml_collections.ConfigDict()),
-        seed=config.get('seed', 0), start_step=start_step)
+    local_batches = input_pipeline.train_iterator(config, start_step)
     batches = global_batch.prefetch_to_mesh(local_batches, exp.mesh)
     eval_data = make_eval_data(exp) if config.get('eval_every') else None
     fewshot = _fewshot_evaluator(exp)

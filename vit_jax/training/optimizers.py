@@ -17,6 +17,11 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   if decay_type not in DECAY_TYPES:
     raise ConfigError(f'decay_type={decay_type!r} is not one of {DECAY_TYPES}')
   warmup, total = config.warmup_steps, config.total_steps
+  if not config.base_lr > 0:
+    raise ConfigError(f'base_lr={config.base_lr} must be positive: set --config.base_lr')
+  if not 0 <= config.get('lr_end_fraction', 0.0) <= 1:
+    raise ConfigError(f'lr_end_fraction={config.lr_end_fraction} must be in [0, 1]: the decay '
+                      'ends at base_lr times it')
   if warmup >= total:
     raise ConfigError(f'warmup_steps={warmup} must be below total_steps={total}: lower '
                       '--config.warmup_steps')

@@ -30,6 +30,7 @@ Recipe choices the paper's table leaves open (documented here, overridable by fl
   * Eval: ImageNet's `validation` split (50,000 images), resize to 256 then central crop 224.
 """
 import math
+from typing import Optional
 
 import ml_collections
 
@@ -73,7 +74,7 @@ def steps_for(num_epochs: int, train_examples: int, batch: int = BATCH) -> int:
   return math.ceil(num_epochs * train_examples / batch)
 
 
-def parse_dataset(arg) -> str:
+def parse_dataset(arg: Optional[str]) -> str:
   """The config file's argument -> a dataset of DATASETS (None or '' = the default)."""
   name = (arg or DEFAULT_DATASET).strip().lower()
   if name not in DATASETS:
@@ -83,7 +84,7 @@ def parse_dataset(arg) -> str:
   return name
 
 
-def pretrain_config(model: str, arg=None) -> ml_collections.ConfigDict:
+def pretrain_config(model: str, arg: Optional[str] = None) -> ml_collections.ConfigDict:
   """The Table 3 recipe for `model` (a registry name) on the dataset named by `arg`."""
   dataset = parse_dataset(arg)
   row = DATASETS[dataset]
