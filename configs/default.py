@@ -75,7 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every = 1000
   config.progress_every = 100
   config.checkpoint_every = 500
-  config.keep_checkpoints = 3
+  config.keep_checkpoints = 3  # The newest that many stay; 0 keeps them all.
   config.profile_steps = 0  # > 0: trace that many steps into WORKDIR/profile (XProf).
   config.profile_skip_steps = 5  # Steps of the run before the trace (compile, warm-up).
   config.seed = 0

@@ -205,6 +205,9 @@ def test_cli_errors_are_one_line_without_traceback(
       f'step {newest} in {truncated} is unreadable (ValueError: OUT_OF_RANGE':
           [f'--config.init={truncated}'],
       'does not fit the model': [f'--config.init={exported}', '--config.model=ViT-Ti_4'],
+      # The later --workdir wins: fine-tuning into the pre-training workdir.
+      'is the pre-training workdir config.init': [f'--config.init={pretrained}',
+                                                  f'--workdir={pretrained}/'],
   }
   procs = {expected: subprocess.Popen(
       [sys.executable, '-m', 'vit_jax.finetune', '--config=configs/finetune/digits.py',

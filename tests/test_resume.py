@@ -123,23 +123,24 @@ def test_resume_after_sigkill_is_bitwise_identical(baseline, compile_cache, tmp_
                        f'(killed with {listing}, resumed from {resumed})')
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(prepared_data_dir, compile_cache,
-                                                      tmp_path):
+def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_exits_cleanly(prepared_data_dir,
+                                                                compile_cache, tmp_path):
   config = tiny_config(prepared_data_dir, total_steps=5000, checkpoint_every=1000, progress_every=1,
                    eval_every=0)
   config_file = write_config_file(config, tmp_path / 'config.py')
   workdir = str(tmp_path / 'run')
   runs = []
-  for _ in range(2):  # The second run resumes from the first one's checkpoint.
+  # The second run, stopped by Ctrl-C, resumes from the first one's checkpoint.
+  for signum, logged in ((signal.SIGTERM, 'SIGTERM received'), (signal.SIGINT, 'Ctrl-C: saving')):
     main = MainProcess(config_file, workdir, compile_cache)
     try:
       first = main.wait_for_step(3)
-      main.proc.send_signal(signal.SIGTERM)
+      main.proc.send_signal(signum)
     finally:
       returncode = main.finish(120)
     assert returncode == 0, main.err()[-3000:]
     assert 'Traceback' not in main.err()
-    assert 'SIGTERM received' in main.err()
+    assert logged in main.err()
     steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))
                    if s.isdigit())
     runs.append((first, steps, main.err()))
@@ -185,12 +186,13 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
   _assert_states_equal(_restore(config, workdir), _restore(config, base_workdir))
 
 
-def test_only_the_newest_keep_checkpoints_stay(tmp_path):
-  with Checkpointer(str(tmp_path), keep=2) as checkpointer:
+@pytest.mark.parametrize('keep,kept', [(2, [3, 4]), (0, [1, 2, 3, 4])])  # 0 keeps them all.
+def test_only_the_newest_keep_checkpoints_stay(tmp_path, keep, kept):
+  with Checkpointer(str(tmp_path), keep=keep) as checkpointer:
     for step in range(1, 5):
       checkpointer.save(step, {'w': jax.numpy.full((3,), float(step))}, {'step': step})
   with Checkpointer(str(tmp_path), read_only=True) as checkpointer:
-    assert checkpointer.all_steps() == [3, 4]
+    assert checkpointer.all_steps() == kept
     assert checkpointer.restore_meta() == {'step': 4}
 
 
@@ -223,11 +225,14 @@ def test_resuming_with_a_changed_model_names_the_cause_and_keeps_every_checkpoin
   workdir = str(tmp_path / 'run')
   shutil.copytree(base_workdir, workdir)
   changed = tiny_config(config.data_dir, model_overrides={'mlp_dim': 128})
+  saved_config = open(os.path.join(workdir, 'config.json'), encoding='utf-8').read()
   with pytest.raises(ConfigError, match=r'none of the checkpoints \[10, 20, 30\] .* \(step 30: '
                      r'\w+Error: .*\): if the model or optimizer changed') as error:
     loop.train_and_evaluate(changed, workdir)
   assert '\n' not in str(error.value)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['10', '20', '30']
+  # The config the error says to restore is still the one the checkpoints were written with.
+  assert open(os.path.join(workdir, 'config.json'), encoding='utf-8').read() == saved_config
 
 
 def test_nan_loss_stops_with_training_diverged_keeping_only_finite_states(

@@ -217,6 +217,9 @@ CONFIG_ERRORS = {
     'moments_dtype': (dict(optimizer_moments_dtype='bf16'),
                       r"optimizer_moments_dtype='bf16' is not one of"),
     'zero_base_lr': (dict(base_lr=0.0), r'base_lr=0.0 must be positive'),
+    'zero_batch_eval': (dict(batch_eval=0), r'config.batch_eval=0 must be positive'),
+    'negative_keep_checkpoints': (dict(keep_checkpoints=-1),
+                                  r'keep_checkpoints=-1 must be positive \(or 0: keep them all\)'),
     'lr_end_fraction_above_one': (dict(lr_end_fraction=2.0),
                                   r'lr_end_fraction=2.0 must be in \[0, 1\]'),
 }
@@ -231,6 +234,14 @@ def test_config_errors_come_before_compiling(name, prepared_data_dir, tmp_path, 
   with pytest.raises(ConfigError, match=message) as error:
     loop.train_and_evaluate(tiny_config(prepared_data_dir, **overrides), str(tmp_path / 'run'))
   assert '\n' not in str(error.value) and not compiled
+
+
+def test_a_workdir_that_is_a_file_is_a_config_error(prepared_data_dir, tmp_path):
+  path = tmp_path / 'results.txt'
+  path.write_text('kept')
+  with pytest.raises(ConfigError, match=r'results.txt is a file: pass a directory'):
+    loop.train_and_evaluate(tiny_config(prepared_data_dir), str(path))
+  assert path.read_text() == 'kept'
 
 
 def test_missing_dataset_is_an_error_before_init_even_with_num_classes(prepared_data_dir,

@@ -80,12 +80,13 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 class Checkpointer:
-  """A thin policy layer over `ocp.CheckpointManager` (which does the real work)."""
+  """A thin policy layer over `ocp.CheckpointManager` (which does the real work); `keep` newest
+  checkpoints stay, 0 keeps them all."""
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
                read_only: bool = False):
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only,
+        max_to_keep=keep or None, create=not read_only,
         read_only=read_only, enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                          item_names=('state', 'meta'))

@@ -95,10 +95,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   missing = [key for key in REQUIRED_KEYS if key not in config]
   if missing:
     raise ConfigError(f'config lacks {missing}: start from configs/default.py')
-  for key in ('total_steps', 'batch', 'image_size', 'progress_every', 'checkpoint_every',
-              'accum_steps'):
+  for key in ('total_steps', 'batch', 'batch_eval', 'image_size', 'progress_every',
+              'checkpoint_every', 'accum_steps'):
     if config.get(key, 1) <= 0:
       raise ConfigError(f'config.{key}={config[key]} must be positive')
+  if config.get('keep_checkpoints', 3) < 0:
+    raise ConfigError(f'config.keep_checkpoints={config.keep_checkpoints} must be positive '
+                      '(or 0: keep them all)')
   if (config.get('eval_every') or 0) < 0:
     raise ConfigError(f'config.eval_every={config.eval_every} must be positive (or 0: no eval)')
   fewshot = config.get('fewshot')

@@ -128,6 +128,12 @@ def initial_state(exp: experiment.Experiment, pretrained: restore.Pretrained, *,
   return jax.jit(fresh, out_shardings=exp.state_shardings)(params)
 
 
+def _same_path(a: str, b: str) -> bool:
+  if '://' in a or '://' in b:
+    return a.rstrip('/') == b.rstrip('/')
+  return os.path.realpath(a) == os.path.realpath(b)
+
+
 def _has_checkpoints(workdir: str) -> bool:
   if '://' not in workdir and not os.path.isdir(checkpoint_dir(workdir)):
     return False
@@ -143,6 +149,9 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   if not config.get('init'):
     raise ConfigError('config.init is empty: pass --config.init=<pre-training workdir or .npz>')
+  if _same_path(config.init, workdir):
+    raise ConfigError(f'--workdir {workdir} is the pre-training workdir config.init: fine-tune '
+                      'into a new workdir, so the pre-training checkpoints stay as they are')
   pretrained = None
   if _has_checkpoints(workdir):
     saved = restore.saved_config(workdir)

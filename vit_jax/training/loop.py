@@ -32,29 +32,36 @@ class TrainingDiverged(ConfigError):
 
 
 class _StopSignal:
-  """Turns SIGTERM (a TPU preemption notice) into a flag the loop checks between steps.
+  """Turns SIGTERM (a TPU preemption notice) and a first Ctrl-C into a flag the loop checks
+  between steps, so the run saves and stops; a second Ctrl-C interrupts at once.
 
   Single process only: with several, a per-process flag would stop them at different steps
   (a hang), so JAX's preemption service keeps SIGTERM and `reached_preemption` agrees a step.
   """
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.received = False
-    self._previous = None
+    self._previous = {}
 
   def __enter__(self):
     if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM received: saving a checkpoint and stopping')
+    del frame
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
+      logging.warning('Ctrl-C: saving a checkpoint and stopping (Ctrl-C again to stop without '
+                      'saving)')
+    else:
+      logging.warning('SIGTERM received: saving a checkpoint and stopping')
     self.received = True
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 def evaluate(exp: Experiment, eval_step: Callable, params: Any,
@@ -130,10 +137,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   exp = exp or build(config)
   _check_data(config)  # build() skips the dataset when config.num_classes is set.
+  if tf.io.gfile.exists(workdir) and not tf.io.gfile.isdir(workdir):
+    raise ConfigError(f'workdir {workdir} is a file: pass a directory (made if missing)')
   tf.io.gfile.makedirs(workdir)
-  save_config(config, workdir)
   with Checkpointer(workdir, keep=config.get('keep_checkpoints', 3)) as checkpointer:
     state, _ = checkpointer.restore_latest(exp.abstract_state)
+    save_config(config, workdir)  # After the restore: a config that cannot resume keeps the old.
     if state is None:
       state = initial_state if initial_state is not None else exp.init_state()
     else:
@@ -189,6 +198,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           writer.flush()  # The metrics up to a checkpoint survive with it.
           last_saved = step
         if preempted:
-          logging.warning('stopped at step %d after a preemption notice; rerun to resume', step)
+          logging.warning('stopped at step %d on a stop signal or preemption notice; rerun to '
+                          'resume', step)
           break
   return final | {'step': int(state.step)}
