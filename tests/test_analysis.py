@@ -252,6 +252,15 @@ def test_analyze_refuses_what_cannot_run_before_any_work(name, overrides, which,
   assert not (tmp_path / 'out').exists()
 
 
+def test_an_out_dir_that_is_a_file_is_refused(tmp_path):
+  out = tmp_path / 'figures.png'
+  out.write_bytes(b'kept')
+  model = models.create('ViT-Mu_4', num_classes=5)
+  with pytest.raises(ConfigError, match=r'out_dir .*figures.png is a file: pass a directory'):
+    run.analyze(model, {}, np.zeros((1, 16, 16, 3)), out_dir=out, which=('posemb',))
+  assert out.read_bytes() == b'kept'
+
+
 def test_analyze_the_embedded_default_whose_stem_pads_28_px_to_a_4x4_grid(tmp_path):
   model = models.create('R8+ViT-Mu_8', num_classes=10)
   images = np.random.default_rng(0).uniform(-1, 1, (2, 28, 28, 1)).astype(np.float32)

@@ -324,6 +324,22 @@ def test_prepared_fashion_mnist_needs_no_source_files(prepared_data_dir, monkeyp
   assert prepare.prepare('fashion_mnist', prepared_data_dir) == prepared_data_dir
 
 
+def test_a_file_that_is_not_an_image_is_named_before_anything_is_stored(tmp_path):
+  source = _image_folder(tmp_path / 'src', {'train': 2})
+  bad = tmp_path / 'src' / 'train' / 'dog' / 'notes.jpg'
+  bad.write_text('not an image')
+  with pytest.raises(ConfigError, match=rf'{bad} is not a readable image \(Unknown image file '
+                     r'format\. One of JPEG.*\): remove or replace it'):
+    prepare.prepare('pets', str(tmp_path / 'tfds'), source=source)
+  assert not (tmp_path / 'tfds').exists()
+
+
+def test_a_data_dir_that_is_a_file_is_refused(tmp_path):
+  (tmp_path / 'tfds').write_text('kept')
+  with pytest.raises(ConfigError, match=r'data_dir .*tfds is a file: pass a directory'):
+    prepare.prepare('digits', str(tmp_path / 'tfds'))
+
+
 def test_image_folder_name_must_be_snake_case(tmp_path):
   with pytest.raises(ConfigError, match="'My-Data' must be lowercase snake_case"):
     prepare.prepare('My-Data', str(tmp_path / 'tfds'), source=str(tmp_path))

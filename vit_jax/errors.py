@@ -1,5 +1,6 @@
 """User-facing errors: one line that names the fix, printed without a traceback."""
 import functools
+import os
 import re
 import sys
 from typing import Callable, NoReturn
@@ -11,6 +12,13 @@ from ml_collections.config_flags import config_flags
 
 class ConfigError(ValueError):
   """A mistake the user can fix (config, flags, paths); its message names the fix."""
+
+
+def check_not_a_file(path: str, what: str) -> None:
+  """A directory argument naming an existing file: one line before anything is written, not
+  FileExistsError from deep inside a makedirs."""
+  if '://' not in str(path) and os.path.isfile(path):
+    raise ConfigError(f'{what} {path} is a file: pass a directory (made if missing)')
 
 
 def _exit_with(message: str) -> NoReturn:

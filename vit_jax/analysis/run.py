@@ -12,7 +12,7 @@ from vit_jax.analysis.attention import rollout_map
 from vit_jax.analysis.distance import mean_attention_distance
 from vit_jax.analysis.filters import embedding_filter_pcs
 from vit_jax.analysis.posemb_similarity import posemb_cosine_similarity
-from vit_jax.errors import ConfigError
+from vit_jax.errors import ConfigError, check_not_a_file
 from vit_jax.models.vit import patch_on_image, sincos2d_posemb, token_grid, VisionTransformer
 
 ANALYSES = ('rollout', 'distance', 'posemb', 'filters')
@@ -60,6 +60,7 @@ def analyze(model: VisionTransformer, variables: Mapping[str, Any], images: np.n
   """
   images = np.asarray(images)
   _check(model, images, which)
+  check_not_a_file(out_dir, 'out_dir')
   grid, patch = token_grid(model, *images.shape[1:3]), patch_on_image(model)  # Or a ConfigError.
   params = nn.meta.unbox(variables)['params']
   os.makedirs(out_dir, exist_ok=True)

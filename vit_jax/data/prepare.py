@@ -24,7 +24,7 @@ import tensorflow_datasets as tfds
 
 from vit_jax.data import catalog
 from vit_jax.data import digits  # pylint: disable=unused-import  # Registers 'digits'.
-from vit_jax.errors import ConfigError
+from vit_jax.errors import ConfigError, check_not_a_file
 
 DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
 _IDX_FILES = ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz',
@@ -36,6 +36,7 @@ def prepare(name: str, data_dir: str | None = None,
             source: str | None = None) -> str:
   """Prepares dataset `name` under `data_dir`; returns the resolved data_dir."""
   data_dir = catalog.resolve_data_dir(data_dir)
+  check_not_a_file(data_dir, 'data_dir')
   if name == 'fashion_mnist':
     _prepare_fashion_mnist(data_dir, source or DEBIAN_FASHION_MNIST)
   elif name == 'digits':
@@ -90,6 +91,18 @@ def _prepare_fashion_mnist(data_dir: str, source: str) -> None:
     builder.download_and_prepare(download_config=_OFFLINE)
 
 
+def _check_images_decode(examples: tf.data.Dataset) -> None:
+  """Every file decodes as training will decode it: a bad one would otherwise stop training
+  deep inside tf.data, naming no file."""
+  for example in examples:
+    try:
+      tf.io.decode_image(example['image'], channels=3, expand_animations=False)
+    except tf.errors.InvalidArgumentError as e:
+      reason = re.sub(r'\{\{.*?\}\}|\[Op:.*', '', e.message).strip()  # TF's op decorations.
+      raise ConfigError(f"{example['image/filename'].numpy().decode()} is not a readable image "
+                        f'({reason}): remove or replace it, then prepare again') from e
+
+
 def _prepare_image_folder(name: str, data_dir: str, root: str) -> None:
   """Stores `root/<split>/<label>/*` as TFDS dataset `name`, unless already there."""
   if not re.fullmatch('[a-z][a-z0-9_]*', name):  # What TFDS can load back by that name.
@@ -110,6 +123,8 @@ def _prepare_image_folder(name: str, data_dir: str, root: str) -> None:
   if not folder.info.splits or not folder.info.splits.total_num_examples:
     raise ConfigError(f'no images in {root}: expected ROOT/<split>/<label>/*.jpg|png')
   raw = {'image': tfds.decode.SkipDecoding()}
+  for split in folder.info.splits:
+    _check_images_decode(folder.as_dataset(split=split, decoders=raw))
   splits = {
       split: folder.as_dataset(split=split, decoders=raw).map(
           lambda ex: {'image': ex['image'], 'label': ex['label']})

@@ -20,7 +20,7 @@ import tensorflow as tf
 from vit_jax.checkpoints.manager import Checkpointer
 from vit_jax.data import global_batch
 from vit_jax.data import input_pipeline
-from vit_jax.errors import ConfigError
+from vit_jax.errors import ConfigError, check_not_a_file
 from vit_jax.training import metrics as metrics_lib
 from vit_jax.training import perf
 from vit_jax.training import profiling
@@ -137,8 +137,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   exp = exp or build(config)
   _check_data(config)  # build() skips the dataset when config.num_classes is set.
-  if tf.io.gfile.exists(workdir) and not tf.io.gfile.isdir(workdir):
-    raise ConfigError(f'workdir {workdir} is a file: pass a directory (made if missing)')
+  check_not_a_file(workdir, 'workdir')
   tf.io.gfile.makedirs(workdir)
   with Checkpointer(workdir, keep=config.get('keep_checkpoints', 3)) as checkpointer:
     state, _ = checkpointer.restore_latest(exp.abstract_state)
