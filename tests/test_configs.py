@@ -241,6 +241,9 @@ def test_cli_runs_a_paper_config_up_to_the_missing_dataset(tmp_path):
      "error: config argument 'bogus' is not a pre-training dataset: use :imagenet21k"),
     (['--config=configs/no_such.py'], 'error: --config=configs/no_such.py: no such config file'),
     (['--config=configs/default.py', '--config.batchh=8'], "error: unknown config key 'batchh'"),
+    # Names from other trainers (ml_collections alone would suggest accum_steps here).
+    (['--config=configs/default.py', '--config.num_steps=8'],
+     "error: unknown config key 'num_steps': here it is --config.total_steps"),
     (['--config=configs/default.py', '--config.batch=many'],
      "error: flag --config.batch=many: invalid literal for int()"),
 ])

@@ -222,6 +222,20 @@ def test_cli_errors_are_one_line_without_traceback(
     assert len(errors) == 1 and expected in errors[0], errors
 
 
+@pytest.mark.parametrize('args,expected', [
+    (['--workdir=/nonexistent/run', '--output=x.npz'],
+     'error: --workdir=/nonexistent/run is not a directory: pass the training workdir'),
+    (['--workdir=run.npz', '--output=x.npz'],
+     'error: --workdir=run.npz is already a .npz: pass a training workdir'),
+    (['--workdir=.', '--output=x.zip'], 'error: --output=x.zip must end in .npz'),
+])
+def test_export_mistakes_are_one_line(args, expected, tmp_path):
+  proc = subprocess.run([sys.executable, '-m', 'vit_jax.export', *args], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=120, env=_env())
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == expected, proc.stderr
+  assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize('name,dataset,steps,lr', [
     ('cifar10', 'cifar10', 10_000, 0.03), ('cifar100', 'cifar100', 10_000, 0.03),
     ('imagenet2012', 'imagenet2012', 20_000, 0.03),

@@ -196,6 +196,21 @@ def test_only_the_newest_keep_checkpoints_stay(tmp_path, keep, kept):
     assert checkpointer.restore_meta() == {'step': 4}
 
 
+def test_reading_a_checkpoint_logs_no_routine_orbax_warnings(tmp_path, caplog):
+  """Orbax's warnings on every read-only open and read looked like corruption to users."""
+  state = {'w': jax.numpy.full((3,), 2.0)}
+  with Checkpointer(str(tmp_path)) as checkpointer:
+    checkpointer.save(1, state, {'step': 1})
+  with caplog.at_level(logging.INFO):
+    with Checkpointer(str(tmp_path), read_only=True) as checkpointer:
+      restored, meta = checkpointer.restore_latest(
+          jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                       state))
+  assert meta == {'step': 1} and restored['w'].tolist() == [2.0] * 3
+  assert any('orbax' in r.pathname for r in caplog.records)  # Its INFO lines still show.
+  assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 def test_a_transient_read_error_is_retried_not_set_aside(baseline, tmp_path, monkeypatch):
   """An object store's hiccup on the newest checkpoint: read again, restored, nothing moved."""
   config, base_workdir, _ = baseline

@@ -6,10 +6,12 @@ line before anything compiles. Resume and failures are in test_resume.py; the sh
 compilation cache and baseline run in training_setup.py.
 """
 import glob
+import io
 import json
 import math
 import os
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -101,6 +103,36 @@ def test_an_object_store_workdir_gets_the_config_and_metrics(baseline, tmp_path)
   writer.close()
   with tf.io.gfile.GFile(f'{workdir}/metrics.jsonl') as f:
     assert [json.loads(line) for line in f] == [{'step': 1, 'a': 1.0}, {'step': 2, 'a': 0.5}]
+
+
+class _Terminal(io.StringIO):
+  def isatty(self) -> bool:
+    return True
+
+
+@pytest.mark.parametrize('stream', [io.StringIO, _Terminal])
+def test_stdout_shows_progress_and_every_evaluation(stream):
+  progress = metrics_lib.Progress(total_steps=30, start_step=0)
+  progress.stream = stream()
+  progress.update(10, 1.23456, 512.0)
+  progress.report(20, {'test/accuracy': 0.8123, 'test/loss': 0.5, 'test/examples': 297.0,
+                       'fewshot/digits_5shot': 0.5})
+  progress.update(30, 0.5, None)
+  lines = re.split('[\r\n]', progress.stream.getvalue())
+  assert [line.split(' | ')[:2] for line in lines if line] == [
+      ['step 10/30', 'loss 1.2346'], ['step 20/30', 'test/accuracy 81.23%'],
+      ['step 30/30', 'loss 0.5000']]
+  assert lines[[i for i, l in enumerate(lines) if 'accuracy' in l][0]].endswith(
+      'test/accuracy 81.23% | test/loss 0.5000 | fewshot/digits_5shot 50.00%')
+
+
+def test_a_finished_run_says_so_and_trains_nothing(baseline, tmp_path, capsys):
+  config, workdir, _ = baseline
+  shutil.copytree(workdir, tmp_path / 'run')
+  result = loop.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert result == {'step': TOTAL_STEPS}
+  assert f'already holds step {TOTAL_STEPS} of total_steps={TOTAL_STEPS}: nothing to train' in (
+      capsys.readouterr().out)
 
 
 def test_profile_traces_exactly_the_asked_steps_and_changes_nothing(baseline, tmp_path):

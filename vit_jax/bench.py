@@ -29,7 +29,8 @@ _PROFILE_DIR = flags.DEFINE_string(
     'profile_dir', None, 'Trace --profile_steps steps after the timed ones into this folder.')
 _PROFILE_STEPS = flags.DEFINE_integer('profile_steps', 3, 'Steps in the trace.')
 _NUM_CLASSES = flags.DEFINE_integer(
-    'num_classes', None, 'Head size; default: config.num_classes, else the dataset\'s.')
+    'num_classes', None, 'Head size; default: config.num_classes, else the dataset\'s.',
+    lower_bound=1)
 flags.mark_flags_as_required(['config'])
 
 

@@ -10,6 +10,19 @@ from absl import flags
 from ml_collections.config_flags import config_flags
 
 
+# What timm, big_vision and other trainers call our config keys (ml_collections' own guess
+# can be far off: num_steps -> accum_steps).
+KEYS_ELSEWHERE = {
+    'lr': 'base_lr', 'learning_rate': 'base_lr', 'wd': 'weight_decay',
+    'batch_size': 'batch', 'steps': 'total_steps', 'num_steps': 'total_steps',
+    'num_train_steps': 'total_steps', 'max_steps': 'total_steps',
+    'epochs': 'total_steps (steps, not epochs)', 'num_epochs': 'total_steps (steps, not epochs)',
+    'warmup': 'warmup_steps', 'num_warmup_steps': 'warmup_steps', 'warmup_epochs': 'warmup_steps',
+    'grad_clip': 'grad_norm_clip', 'clip_grad': 'grad_norm_clip', 'opt': 'optimizer',
+    'input_size': 'image_size', 'img_size': 'image_size', 'res': 'image_size',
+}
+
+
 class ConfigError(ValueError):
   """A mistake the user can fix (config, flags, paths); its message names the fix."""
 
@@ -50,9 +63,11 @@ def _flag_error_line(error: BaseException) -> str:
     return str(innermost)
   if isinstance(error, (AttributeError, KeyError)):  # `--config.key=...` for a key not in the file
     suggestion = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', str(error))
+    key = suggestion[2] if suggestion else str(error).strip('\'"')
+    if key.split('.')[-1] in KEYS_ELSEWHERE:
+      return f'unknown config key {key!r}: here it is --config.{KEYS_ELSEWHERE[key.split(".")[-1]]}'
     if suggestion:
-      return f'unknown config key {suggestion[2]!r}: did you mean {suggestion[1]!r}?'
-    key = str(error).strip('\'"')
+      return f'unknown config key {key!r}: did you mean {suggestion[1]!r}?'
     return f'unknown config key {key!r}: a new key belongs in the config file\'s get_config()'
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   return lines[0] if len(lines) == 1 else f'{lines[0]} ... {lines[-1]}'

@@ -6,6 +6,7 @@ The file loads in the released vision_transformer code and back here (`--config.
 with the model named), bit-exact, whichever layout (scanned or unrolled) the run trained in.
 """
 import logging
+import os
 
 from absl import app
 from absl import flags
@@ -27,6 +28,8 @@ def main(argv: list[str]) -> None:
     raise ConfigError(f'--output={_OUTPUT.value} must end in .npz')
   if restore.is_npz(_WORKDIR.value):
     raise ConfigError(f'--workdir={_WORKDIR.value} is already a .npz: pass a training workdir')
+  if '://' not in _WORKDIR.value and not os.path.isdir(_WORKDIR.value):
+    raise ConfigError(f'--workdir={_WORKDIR.value} is not a directory: pass the training workdir')
   pretrained = restore.load(_WORKDIR.value)
   npz.save_npz(pretrained.params, _OUTPUT.value)
   overrides = f' with model_overrides {pretrained.model_overrides}' if (

@@ -22,7 +22,7 @@ def _simulate_devices(argv: list[str]) -> None:
       value = arg.split('=', 1)[1]
     elif arg == '--devices' and i + 1 < len(argv):
       value = argv[i + 1]
-  if value and value.isdigit():
+  if value and value.isdigit() and int(value) > 0:  # Else the flag's own check says why.
     os.environ['XLA_FLAGS'] = host_devices.with_device_count(os.environ.get('XLA_FLAGS', ''),
                                                              int(value))
     os.environ['JAX_PLATFORMS'] = 'cpu'
@@ -46,10 +46,13 @@ from vit_jax.training import planner
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
                                           lock_config=True)
-_DEVICES = flags.DEFINE_integer('devices', None, 'Simulated CPU devices to plan for.')
+_DEVICES = flags.DEFINE_integer('devices', None, 'Simulated CPU devices to plan for.',
+                                lower_bound=1)
 _MESH = flags.DEFINE_string('mesh', None, 'Mesh, e.g. data:-1,fsdp:64 (default: the config\'s).')
-_BATCH = flags.DEFINE_integer('batch', None, 'Global batch (default: the config\'s).')
-_NUM_CLASSES = flags.DEFINE_integer('num_classes', None, 'If the config has no num_classes.')
+_BATCH = flags.DEFINE_integer('batch', None, 'Global batch (default: the config\'s).',
+                              lower_bound=1)
+_NUM_CLASSES = flags.DEFINE_integer('num_classes', None, 'If the config has no num_classes.',
+                                    lower_bound=1)
 _MEMORY = flags.DEFINE_float('device_memory_gib', None, 'Memory per device: fit and max batch.')
 _SEARCH = flags.DEFINE_bool('max_batch', True, 'Search the largest batch that fits (compiles).')
 _PEAK = flags.DEFINE_float('peak_tflops', None, 'Peak TFLOP/s per device: step time and days.')

@@ -21,6 +21,20 @@ from jax.experimental import multihost_utils
 from vit_jax.errors import ConfigError
 
 
+class _RoutineReadWarnings(logging.Filter):
+  """Orbax warns on every read-only open and on every state it reads (its per-item metadata
+  file, which our composite checkpoints do not have): noise on every export, infer or fine-tune,
+  and "Metadata file does not exist" reads like corruption."""
+  ROUTINE = ('Given directory is read only', 'Metadata file does not exist: ')
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.pathname.startswith(os.path.dirname(ocp.__file__))
+                and str(record.msg).startswith(self.ROUTINE))
+
+
+logging.getLogger('absl').addFilter(_RoutineReadWarnings())
+
+
 def error_summary(error: BaseException) -> str:
   """Type and first line of the innermost cause: orbax wraps TensorStore's telling error (which
   file, which byte range) in one whose first line ends in an unprintable spec."""
@@ -85,8 +99,9 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
                read_only: bool = False):
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep or None, create=not read_only,
+    options = ocp.CheckpointManagerOptions(  # A reader neither keeps nor saves (or orbax warns).
+        max_to_keep=None if read_only else keep or None,
+        save_interval_steps=0 if read_only else 1, create=not read_only,
         read_only=read_only, enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                          item_names=('state', 'meta'))

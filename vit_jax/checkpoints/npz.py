@@ -25,6 +25,8 @@ Params = dict[str, Any]
 # Older files nest the params under a prefix, next to optimizer state that we do not load.
 _PREFIXES = ('opt/target/', 'params/')
 POSEMB_KEY = 'Transformer/posembed_input/pos_embedding'
+# Where the user names a .npz's architecture: the readers' flag, or the fine-tune config's key.
+MODEL_FLAGS = 'the model (--model; --config.model and model_overrides when fine-tuning)'
 _SHOWN = 5  # Keys listed per kind of mismatch: enough to recognise the problem, still one line.
 
 
@@ -106,8 +108,7 @@ def _hint(shape_keys: list[str], what: str) -> str:
     return (f'only the head / position embeddings differ: to fine-tune {what} at another class '
             'count or resolution, load it with vit_jax.checkpoints.transfer.transfer_params '
             '(the fine-tune path), which replaces the head and resizes the position embeddings')
-  return (f'--config.model (name and overrides) must match the architecture {what} was '
-          'trained with')
+  return f'{MODEL_FLAGS} must name the architecture {what} was trained with'
 
 
 def _listed(keys: list[str]) -> str:
@@ -141,7 +142,7 @@ def to_layout_of(params: Params, reference: Params, what: str) -> Params:
   except (KeyError, ValueError, TypeError) as e:
     raise ConfigError(f'{what}: its encoder blocks do not convert to the '
                       f'{"scanned" if scanned else "unrolled"} layout ({_first_line(e)}): '
-                      '--config.model must match the checkpoint\'s architecture') from e
+                      f'{MODEL_FLAGS} must name the checkpoint\'s architecture') from e
 
 
 def match_params(loaded: Params, expected_shapes: Params, *, what: str) -> Params:

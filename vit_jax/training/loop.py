@@ -4,7 +4,6 @@ No host sync inside the loop except every `progress_every` steps (metrics fetche
 window) and at checkpoints (the loss is checked finite before a state is saved).
 """
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -155,6 +154,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     fewshot = _fewshot_evaluator(exp)
     writer = metrics_lib.create_writer(workdir)
     progress = metrics_lib.Progress(total_steps, start_step)
+    if start_step >= total_steps:
+      progress.note(f'{workdir} already holds step {start_step} of total_steps={total_steps}: '
+                    'nothing to train (a larger --config.total_steps trains on)')
     progress_every = config.get('progress_every', 100)
     eval_every = config.get('eval_every', 0)
     checkpoint_every = config.get('checkpoint_every', 1000)
@@ -182,12 +184,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if eval_data is not None and (step % eval_every == 0 or step == total_steps):
           final = evaluate(exp, eval_step, state.params, eval_data)
           writer.write_scalars(step, final)
-          logging.info('step %d: %s', step, json.dumps(final))
+          progress.report(step, final)
           window_start = (step, time.perf_counter())  # Exclude eval time from img/s.
         if fewshot is not None and (step % config.fewshot.every == 0 or step == total_steps):
           scalars = fewshot.scalars(state.params)
           writer.write_scalars(step, scalars)
-          logging.info('step %d: %s', step, json.dumps(scalars))
+          progress.report(step, scalars)
           final, window_start = final | scalars, (step, time.perf_counter())
         preempted = stop.received or checkpointer.reached_preemption(step)
         if preempted or step == total_steps or step % checkpoint_every == 0:

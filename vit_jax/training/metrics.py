@@ -90,12 +90,27 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-  """A live line: step, loss, img/s and ETA (carriage-return updated on a terminal)."""
+  """A live line: step, loss, img/s and ETA (carriage-return updated on a terminal), and the
+  evaluations' results on lines of their own, so stdout tells how the run goes."""
 
   def __init__(self, total_steps: int, start_step: int):
     self.total_steps, self.start_step, self.stream = total_steps, start_step, sys.stdout
     self.start_time = time.monotonic()
     self.enabled = jax.process_index() == 0
+    self._live = False  # The last line ended in '\r' and is still being updated.
+
+  def note(self, text: str) -> None:
+    """A line that stays (the live line, if any, is kept above it)."""
+    if self.enabled:
+      self.stream.write(('\n' if self._live else '') + text + '\n')
+      self.stream.flush()
+      self._live = False
+
+  def report(self, step: int, scalars: Mapping[str, float]) -> None:
+    """An evaluation's results: accuracies in %, losses as they are."""
+    parts = [f'{k} {100 * v:.2f}%' if 'accuracy' in k or k.endswith('shot') else f'{k} {v:.4f}'
+             for k, v in scalars.items() if not k.endswith('/examples')]
+    self.note(' | '.join([f'step {step}/{self.total_steps}', *parts]))
 
   def update(self, step: int, loss: float, img_per_sec: Optional[float]) -> None:
     if not self.enabled:
@@ -106,6 +121,6 @@ class Progress:
     speed = f'{img_per_sec:,.0f} img/s' if img_per_sec else '- img/s'
     line = (f'step {step}/{self.total_steps} | loss {loss:.4f} | {speed} | '
             f'elapsed {_duration(elapsed)} | ETA {eta}')
-    end = '\r' if self.stream.isatty() else '\n'
-    self.stream.write(line + end)
+    self._live = self.stream.isatty()
+    self.stream.write(line + ('\r' if self._live else '\n'))
     self.stream.flush()
