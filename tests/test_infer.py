@@ -211,6 +211,10 @@ def test_npz_takes_labels_from_a_file_or_prints_indices(workdir, photos, tmp_pat
     _report(path, image, model='ViT-Mu_4', labels=str(labels))
   with pytest.raises(ConfigError, match='name the model'):
     _report(path, image)
+  # A workdir names its own architecture: another --model is a mistake, the same one is fine.
+  with pytest.raises(ConfigError, match=r'holds a ViT-Mu_4, not ViT-B_16: drop --model'):
+    _report(workdir, image, model='ViT-B_16')
+  assert _report(workdir, image, model='ViT-Mu_4') == _report(workdir, image)
 
 
 def test_cli_reports_each_unreadable_file_in_one_line_and_classifies_the_rest(

@@ -50,7 +50,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.getLogger().setLevel(logging.INFO)
-  pretrained = restore.load(_CHECKPOINT.value, _MODEL.value)
+  pretrained = restore.load_for_reading(_CHECKPOINT.value, _MODEL.value)
   model = pretrained.create_model(num_classes=0)
   params = restore.checked_params(pretrained, model)
   mesh = sharding.make_mesh('data:-1')

@@ -81,6 +81,16 @@ def _check_exists(path: str) -> None:
                       'file')
 
 
+def load_for_reading(path: str, model: Optional[str] = None) -> Pretrained:
+  """`load` for the commands that only read params (infer, analyze, few-shot): their --model
+  names a `.npz`'s architecture; naming another one for a workdir is a mistake, not ignored."""
+  pretrained = load(path, model)
+  if model and model != pretrained.model:
+    raise ConfigError(f'{pretrained.source} holds a {pretrained.model}, not {model}: drop '
+                      '--model (a workdir names its own architecture)')
+  return pretrained
+
+
 def load(path: str, model: Optional[str] = None,
          model_overrides: Optional[dict[str, Any]] = None) -> Pretrained:
   """Reads a workdir's newest checkpoint or a `.npz` (for which `model` is required)."""

@@ -112,7 +112,7 @@ class Checkpoint:
 
 def load_checkpoint(path: str, model: Optional[str] = None) -> Checkpoint:
   """A workdir's newest params and architecture, or a `.npz` of the named `model` (float32)."""
-  pretrained = restore.load(path, model)
+  pretrained = restore.load_for_reading(path, model)
   image_size = pretrained.image_size()
   flax_model = pretrained.create_model(pretrained.num_classes, dtype='float32')
   params = restore.checked_params(pretrained, flax_model)
