@@ -13,12 +13,9 @@ from vit_jax.evaluation import classify
 
 def supported(ckpt: classify.Checkpoint) -> list[str]:
   """The analyses that apply to this architecture."""
-  skip = set()
-  if ckpt.model.classifier not in ('token', 'gap'):
-    skip.add('rollout')
-  if ckpt.model.resnet is not None or ckpt.channels not in (1, 3):
-    skip.add('filters')
-  return [name for name in run.ANALYSES if name not in skip]
+  applies = {'rollout': run.rollout_applies(ckpt.model),
+             'filters': run.filters_apply(ckpt.model, ckpt.channels)}
+  return [name for name in run.ANALYSES if applies.get(name, True)]
 
 
 def dataset_images(ckpt: classify.Checkpoint, dataset: str, split: str,

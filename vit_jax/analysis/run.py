@@ -19,6 +19,16 @@ ANALYSES = ('rollout', 'distance', 'posemb', 'filters')
 NUM_FILTER_PCS = 28  # As many as the paper's Figure 7 shows.
 
 
+def rollout_applies(model: VisionTransformer) -> bool:
+  """Rollout follows attention to a class token or the pooled patches; a MAP head has neither."""
+  return model.classifier in ('token', 'gap')
+
+
+def filters_apply(model: VisionTransformer, channels: int) -> bool:
+  """The embedding's filters are pictures only on grey or RGB pixels, not on a hybrid's stem."""
+  return model.resnet is None and channels in (1, 3)
+
+
 def _check(model: VisionTransformer, images: np.ndarray, which: Sequence[str]) -> None:
   """Fails before any work for what cannot run, so no analysis is left half-written."""
   unknown = sorted(set(which) - set(ANALYSES))
@@ -26,10 +36,10 @@ def _check(model: VisionTransformer, images: np.ndarray, which: Sequence[str]) -
     raise ConfigError(f'unknown analyses {unknown}: choose from {list(ANALYSES)}')
   if images.ndim != 4:
     raise ConfigError(f'images must be [batch, height, width, channels], got {images.shape}')
-  if 'rollout' in which and model.classifier not in ('token', 'gap'):
+  if 'rollout' in which and not rollout_applies(model):
     raise ConfigError(f'rollout needs a "token" or "gap" model, this one is {model.classifier!r}: '
                       'leave "rollout" out')
-  if 'filters' in which and (model.resnet is not None or images.shape[-1] not in (1, 3)):
+  if 'filters' in which and not filters_apply(model, images.shape[-1]):
     raise ConfigError('"filters" shows a grey or RGB pixel embedding, which hybrid models (and '
                       f'{images.shape[-1]}-channel images) do not have: leave "filters" out')
 
