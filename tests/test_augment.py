@@ -144,6 +144,17 @@ def test_central_crop_keeps_the_centre(shape, window):
   np.testing.assert_allclose(out, image[window], atol=1e-3)
 
 
+def test_resize_is_the_released_codes_plain_bilinear():
+  """Shrinking without antialiasing, as the released pipeline (so its checkpoints score as
+  published); an image already at the size passes through untouched."""
+  image = np.zeros((16, 16, 1), np.float32)
+  image[:, ::3] = 255  # Thin stripes, which antialiasing would blur.
+  out = preprocess.resize(tf.constant(image), 6).numpy()
+  np.testing.assert_array_equal(out, tf.image.resize(image, [6, 6]).numpy())
+  assert np.abs(out - tf.image.resize(image, [6, 6], antialias=True).numpy()).max() > 10
+  np.testing.assert_array_equal(preprocess.resize(tf.constant(image), 16).numpy(), image)
+
+
 def test_central_crop_resizes_the_shorter_side_first():
   # 40 x 30, size 8: the shorter side goes to ceil(8 / 0.875) = 10, the longer to
   # ceil(40 * 9.14 / 30) = 13 (aspect kept), then rows 2:10 and columns 1:9. Catches a crop of
@@ -152,7 +163,7 @@ def test_central_crop_resizes_the_shorter_side_first():
   image[:, 15:] = 200  # Right half bright: a vertical edge a centre crop keeps in the middle.
   image[:5] = 100  # A top band the crop leaves out.
   out = preprocess.resize_small_and_central_crop(tf.constant(image), 8).numpy()
-  expected = tf.image.resize(image, [13, 10], antialias=True).numpy()[2:10, 1:9]
+  expected = tf.image.resize(image, [13, 10]).numpy()[2:10, 1:9]
   assert out.shape == (8, 8, 1)
   np.testing.assert_allclose(out, expected, atol=1e-3)
   np.testing.assert_allclose(out[:, :3], 0, atol=1e-3)  # Left of the edge, below the band.

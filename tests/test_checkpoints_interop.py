@@ -134,6 +134,24 @@ def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
   assert os.listdir(tmp_path) == ['ckpt.npz']
 
 
+def test_released_hybrid_groupnorm_shapes_load(tmp_path):
+  """flax.nn saved the released hybrids' GroupNorm scale/bias as (1, 1, 1, C)."""
+  model = models.create('R8+ViT-Mu_8', num_classes=10)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  rng = np.random.RandomState(0)
+  params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32),
+                        flax.linen.meta.unbox(shapes)['params'])
+  flat = param_trees.flat(params)
+  legacy = {k: v.reshape(1, 1, 1, -1) if '/gn' in f'/{k}' and k.endswith(('/scale', '/bias'))
+            else v for k, v in flat.items()}
+  assert legacy['gn_root/scale'].shape == (1, 1, 1, 32)
+  assert legacy['block2/unit1/gn_proj/bias'].shape == (1, 1, 1, 256)
+  path = str(tmp_path / 'released_hybrid.npz')
+  np.savez(path, **legacy)
+  loaded = npz.match_params(npz.load_npz(path), params, what=path)
+  param_trees.assert_bit_identical(loaded, params)
+
+
 def test_object_store_paths_save_and_load(tmp_path):
   """gs:// (the released checkpoints' home) goes through tf.io.gfile; its in-memory ram://
   filesystem stands in for it here, without tell() on its writer, as object stores may be."""

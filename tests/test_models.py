@@ -11,6 +11,7 @@ from vit_jax import models
 from vit_jax.errors import ConfigError
 from vit_jax.models import attention
 from vit_jax.models import dropout
+from vit_jax.models import resnet
 from vit_jax.models import scan_layout
 from vit_jax.models import vit
 from vit_jax.models.flops import forward_flops
@@ -27,7 +28,9 @@ def _count(variables) -> int:
 
 @pytest.mark.parametrize('name,expected', [
     ('ViT-Ti_16', 5_717_416), ('ViT-S_16', 22_050_664), ('ViT-B_16', 86_567_656),
-    ('ViT-L_16', 304_326_632), ('ViT-H_14', 632_045_800), ('R50+ViT-B_16', 98_659_112)])
+    ('ViT-L_16', 304_326_632), ('ViT-H_14', 632_045_800), ('R50+ViT-B_16', 98_659_112),
+    # The released configs' other hybrids (timm lists 328.99M and 36.43M for them).
+    ('R50+ViT-L_32', 328_994_856), ('R26+ViT-S_32', 36_431_912)])
 def test_parameter_counts_match_the_paper(name, expected):
   model = models.create(name, num_classes=1000)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3))))
@@ -66,6 +69,31 @@ def test_hybrid_keys_sit_at_the_top_level():
   assert params['embedding']['kernel'].shape == (1, 1, 1024, 768)
 
 
+@pytest.mark.parametrize('name,units,embedded', [
+    ('R50+ViT-B_16', (3, 4, 9), 1024), ('R50+ViT-L_32', (3, 4, 6, 3), 2048),
+    ('R26+ViT-S_32', (2, 2, 2, 2), 2048), ('R14+ViT-Mu_8', (2, 2), 512),
+    ('R8+ViT-Mu_8', (1, 1), 256)])
+def test_hybrid_names_build_the_released_stems(name, units, embedded):
+  """The name's patch is the effective one: the stem's stride times the ViT's 1x1 patch."""
+  model = models.create(name, num_classes=10)
+  assert (model.resnet.num_layers, model.patch_size) == (units, (1, 1))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
+  params = shapes['params']
+  assert [len(params[f'block{i + 1}']) for i in range(len(units))] == list(units)
+  assert params['embedding']['kernel'].shape[2] == embedded
+  assert vit.token_grid(model, 64, 64) == (64 // int(name.split('_')[-1]),) * 2
+
+
+def test_stem_stride_and_weight_standardisation_are_the_released_ones():
+  assert [resnet.total_stride(units) for units in ((), (1,), (3, 4, 9), (3, 4, 6, 3))] == [
+      4, 4, 16, 32]  # The root conv and max-pool halve twice; each later stage once.
+  w = np.random.RandomState(0).normal(scale=0.003, size=(3, 3, 4, 5)).astype(np.float32)
+  centred = w - w.mean(axis=(0, 1, 2))
+  released = centred / (centred.std(axis=(0, 1, 2)) + 1e-5)  # eps on the std, not the variance
+  np.testing.assert_allclose(resnet.weight_standardize(jnp.asarray(w), (0, 1, 2), 1e-5),
+                             released, rtol=1e-5)
+
+
 def test_init_is_deterministic_and_head_is_zero():
   model = models.create('ViT-Mu_4', num_classes=10, head_bias_init=-10.)
   a, b = _init(model, seed=3), _init(model, seed=3)
@@ -98,7 +126,7 @@ def test_non_square_resolution_and_hybrid_forward():
   assert variables['params']['Transformer']['posembed_input']['pos_embedding'].shape == (
       1, 6 * 10 + 1, 64)
   assert model.apply(variables, jnp.ones((2, 24, 40, 3))).shape == (2, 3)
-  hybrid = models.create('R26+ViT-Mu_8', num_classes=3)
+  hybrid = models.create('R14+ViT-Mu_8', num_classes=3)
   assert hybrid.apply(_init(hybrid), jnp.ones((2, 32, 32, 3))).shape == (2, 3)
 
 
@@ -318,7 +346,7 @@ def test_forward_flops_agree_with_xla_cost_analysis():
   # The embedded default last: its 28 px grey images pass a /8 stem that pads to a 4x4 map.
   for name, kwargs, size, channels in [
       ('ViT-Mu_4', {}, 32, 3), ('ViT-Mu_4', dict(classifier='map'), 32, 3),
-      ('R26+ViT-Mu_8', {}, 32, 3), ('R8+ViT-Mu_8', {}, 32, 3), ('R8+ViT-Mu_8', {}, 28, 1)]:
+      ('R14+ViT-Mu_8', {}, 32, 3), ('R8+ViT-Mu_8', {}, 32, 3), ('R8+ViT-Mu_8', {}, 28, 1)]:
     model = models.create(name, num_classes=10, **kwargs)
     images = jnp.zeros((1, size, size, channels))
     variables = _init(model, shape=images.shape)

@@ -7,6 +7,7 @@ ConfigError that names the fix.
 import contextlib
 import io
 import os
+import re
 import uuid
 import zipfile
 import zlib
@@ -24,6 +25,9 @@ Params = dict[str, Any]
 
 # Older files nest the params under a prefix, next to optimizer state that we do not load.
 _PREFIXES = ('opt/target/', 'params/')
+# The released hybrids (R50+ViT-B_16, AugReg's R26/R50) were saved by flax.nn, whose GroupNorm
+# kept its scale and bias as (1, 1, 1, C); linen's are (C,), which the released loader squeezes.
+_LEGACY_GROUPNORM = re.compile(r'(^|/)gn(\d+|_root|_proj)/(scale|bias)$')
 POSEMB_KEY = 'Transformer/posembed_input/pos_embedding'
 # Where the user names a .npz's architecture: the readers' flag, or the fine-tune config's key.
 MODEL_FLAGS = 'the model (--model; --config.model and model_overrides when fine-tuning)'
@@ -99,6 +103,8 @@ def load_npz(path: str) -> Params:
   if not flat:
     raise ConfigError(f'checkpoint {path} contains no arrays: point the checkpoint path at a '
                       'params .npz file')
+  flat = {k: v.reshape(v.shape[-1:]) if _LEGACY_GROUPNORM.search(k) else v
+          for k, v in flat.items()}
   return flax.traverse_util.unflatten_dict(flat, sep='/')
 
 

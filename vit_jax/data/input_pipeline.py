@@ -186,8 +186,7 @@ def _train_batch_fn(opts: dict, images: np.ndarray, labels: np.ndarray, image_si
   def fn(step, indices):
     batch = tf.gather(images, indices)
     if batch.shape[1:3] != (image_size, image_size):
-      batch = tf.image.resize(batch, [image_size, image_size],
-                              antialias=max(batch.shape[1:3]) > image_size)  # As resize().
+      batch = tf.image.resize(batch, [image_size, image_size])  # As preprocess.resize().
     batch = preprocess.to_channels(tf.cast(batch, tf.float32), channels)
     if opts['flip']:
       flip = tf.random.stateless_uniform(

@@ -45,18 +45,12 @@ def decode_and_inception_crop(data: tf.Tensor, seed: tf.Tensor, channels: int,
 
 
 def resize(image: tf.Tensor, size: int) -> tf.Tensor:
-  """Bilinear resize to [size, size], antialiased only when shrinking; float32.
-
-  Resizing is the costliest op at 28px, and antialiasing makes it 4x costlier
-  while changing nothing when enlarging, so it runs only where it matters.
-  """
+  """Bilinear resize to [size, size], float32, not antialiased: the released code's eval and
+  train resize, so its checkpoints see the pixels they were trained and scored on. An image
+  already that size is passed through (resizing is the costliest op at 28 px)."""
   image = tf.cast(image, tf.float32)
-  hw = tf.shape(image)[:2]
-  image = tf.case([
-      (tf.reduce_all(hw == size), lambda: image),
-      (tf.reduce_any(hw > size),
-       lambda: tf.image.resize(image, [size, size], antialias=True)),
-  ], default=lambda: tf.image.resize(image, [size, size]))
+  image = tf.cond(tf.reduce_all(tf.shape(image)[:2] == size), lambda: image,
+                  lambda: tf.image.resize(image, [size, size]))
   image.set_shape([size, size, image.shape[-1]])
   return image
 
@@ -67,7 +61,7 @@ def resize_small_and_central_crop(image: tf.Tensor, size: int,
   shape = tf.cast(tf.shape(image)[:2], tf.float32)
   small = size / crop_fraction
   scaled = tf.cast(tf.math.ceil(shape * small / tf.reduce_min(shape)), tf.int32)
-  image = tf.image.resize(image, scaled, antialias=True)
+  image = tf.image.resize(image, scaled)  # Not antialiased, as resize().
   top = (scaled[0] - size) // 2
   left = (scaled[1] - size) // 2
   image = image[top:top + size, left:left + size]

@@ -28,13 +28,19 @@ SIZES = {
 # sets keys a config already has).
 COMPUTE_OPTIONS = {'scan': False, 'remat': 'none', 'attention_impl': 'auto'}
 RELEASED = ('ViT-Ti_16', 'ViT-S_16', 'ViT-S_32', 'ViT-B_8', 'ViT-B_16', 'ViT-B_32', 'ViT-L_16',
-            'ViT-L_32', 'ViT-H_14', 'R50+ViT-B_16')
-CPU_SIZED = ('ViT-Mu_4', 'ViT-Pico_4', 'ViT-Ti_4', 'ViT-Ti_7', 'R26+ViT-Mu_8', 'R8+ViT-Mu_8')
-# Hybrid stems, (units per stage, width factor): R50 = BiT-R50 with its fourth stage dropped and
-# the third extended from 6 to 9 units, as in the paper; R26 = a two-stage (2, 2) stem, /8, and
-# R8 = one unit per stage at half width, /8, both for small images on CPU. Hybrid names give the
-# effective patch on the image (R50+ViT-B_16 embeds the /16 feature map with 1x1 patches).
-STEMS = {'R50': ((3, 4, 9), 1.0), 'R26': ((2, 2), 1.0), 'R8': ((1, 1), 0.5)}
+            'ViT-L_32', 'ViT-H_14', 'R50+ViT-B_16', 'R50+ViT-L_32', 'R26+ViT-S_32',
+            'R26+ViT-B_32')
+CPU_SIZED = ('ViT-Mu_4', 'ViT-Pico_4', 'ViT-Ti_4', 'ViT-Ti_7', 'R14+ViT-Mu_8', 'R8+ViT-Mu_8')
+# Hybrid stems: per total stride, (units per stage, width factor), as the released configs build
+# them. Hybrid names give the effective patch on the image, and the stem takes the largest stride
+# that divides it: R50+ViT-B_16 is BiT-R50 with its fourth stage dropped and the third extended
+# from 6 to 9 units (the paper's, /16, 1x1 patches), R50+ViT-L_32 the whole ResNet-50 (/32),
+# R26+ViT-S_32 a (2, 2, 2, 2) ResNet-26 (AugReg's). R14 (a two-stage (2, 2) stem) and R8 (one unit
+# per stage at half width), both /8, are for small images on CPU.
+STEMS = {'R50': {16: ((3, 4, 9), 1.0), 32: ((3, 4, 6, 3), 1.0)},
+         'R26': {32: ((2, 2, 2, 2), 1.0)},
+         'R14': {8: ((2, 2), 1.0)},
+         'R8': {8: ((1, 1), 0.5)}}
 _NAME = re.compile(r'^(?:(?P<stem>R\d+)\+)?ViT-(?P<size>[A-Za-z]+)_(?P<patch>\d+)$')
 _CHOICES = {'classifier': ('token', 'gap', 'map'), 'posemb': ('learn', 'sincos2d'),
             'remat': tuple(REMAT_POLICIES), 'attention_impl': ATTENTION_IMPLEMENTATIONS}
@@ -60,13 +66,15 @@ def _parse(name: str) -> dict[str, Any]:
                 patch_size=int(match['patch']))
   if match['stem']:
     # The name gives the effective patch on the image; the stem already downsampled part of it.
-    stages, width_factor = STEMS[match['stem']]
-    stride = resnet.total_stride(stages)
-    if kwargs['patch_size'] % stride:
-      raise ConfigError(f'{name}: the {match["stem"]} stem downsamples by {stride}, so the patch '
-                        f'size must be a multiple of {stride}')
+    strides = STEMS[match['stem']]
+    fitting = [s for s in strides if kwargs['patch_size'] % s == 0]
+    if not fitting:
+      raise ConfigError(f'{name}: the {match["stem"]} stem downsamples by '
+                        f'{" or ".join(map(str, strides))}, so the patch size must be a multiple '
+                        'of that')
+    stages, width_factor = strides[max(fitting)]
     kwargs.update(resnet=dict(num_layers=stages, width_factor=width_factor),
-                  patch_size=kwargs['patch_size'] // stride)
+                  patch_size=kwargs['patch_size'] // resnet.total_stride(stages))
   return kwargs
 
 

@@ -2,7 +2,8 @@
 
 Names (`conv_root`, `gn_root`, `block{n}/unit{m}/conv1..3, gn1..3, conv_proj, gn_proj`) follow
 the released R50+ViT checkpoints. The stem downsamples by 4 at the root and by 2 in every stage
-after the first, so stages (3, 4, 9) turn 224 px into a 14x14 map that ViT embeds with 1x1 patches.
+after the first, so stages (3, 4, 9) turn 224 px into a 14x14 map that ViT embeds with 1x1 patches
+(and the full ResNet-50's (3, 4, 6, 3) into 7x7).
 """
 import dataclasses
 from typing import Any
@@ -19,13 +20,15 @@ class ResNetConfig:
 
 def total_stride(num_layers: tuple[int, ...]) -> int:
   """Downsampling of the stem: 4 at the root, 2 in every stage after the first."""
-  return 4 * 2**(len(num_layers) - 1)
+  return 4 * 2**max(len(num_layers) - 1, 0)
 
 
 def weight_standardize(w: jnp.ndarray, axis: int | tuple[int, ...], eps: float) -> jnp.ndarray:
-  """Zero mean, unit variance per output filter: BiT's trick that lets GroupNorm train well."""
+  """Zero mean, unit standard deviation per output filter: BiT's trick that lets GroupNorm train
+  well. `eps` is added to the deviation, as in the code the released hybrids were trained with
+  (not under the square root: for the small kernels weight decay leaves, the two differ)."""
   w = w - jnp.mean(w, axis=axis, keepdims=True)
-  return w / jnp.sqrt(jnp.var(w, axis=axis, keepdims=True) + eps)
+  return w / (jnp.std(w, axis=axis, keepdims=True) + eps)
 
 
 class StdConv(nn.Conv):
