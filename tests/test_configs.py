@@ -195,7 +195,8 @@ def test_finetune_compute_options_default_to_the_checkpoints(flags_given):
   """Unset (None), scan / remat come from the pre-trained run; given as flags, they win."""
   argv = ['finetune', f'--config={CONFIGS_DIR}/finetune/digits.py']
   if flags_given:
-    argv += ['--config.model_overrides.scan=False', '--config.model_overrides.remat=dots']
+    argv += ['--config.model_overrides.scan=False', '--config.model_overrides.remat=dots',
+             '--config.model_overrides.dropout_rate=0.2']
   flag_values = flags.FlagValues()
   flag = config_flags.DEFINE_config_file('config', flag_values=flag_values, sys_argv=argv,
                                          lock_config=True)
@@ -204,6 +205,8 @@ def test_finetune_compute_options_default_to_the_checkpoints(flags_given):
   overrides = finetune.with_architecture(flag.value, 'ViT-Mu_4', checkpoints, 1).model_overrides
   expected = {'scan': False, 'remat': 'dots'} if flags_given else {'scan': True, 'remat': 'full'}
   assert {k: overrides[k] for k in expected} == expected
+  # Pre-training's dropout is not inherited; the fine-tune's own is set like the rest.
+  assert overrides.get('dropout_rate') == (0.2 if flags_given else None)
 
 
 @pytest.mark.parametrize('arg', ['imagenet', 'jft300m', 'imagenet21k,extra'])

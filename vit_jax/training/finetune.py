@@ -44,6 +44,9 @@ def paper_config(dataset: str, *, total_steps: int, base_lr: float, model: str =
   config.model_overrides = ml_collections.ConfigDict({
       k: ml_collections.config_dict.placeholder(type(v))
       for k, v in models.COMPUTE_OPTIONS.items()})
+  # None: no dropout (pre-training's is not inherited); the released code fine-tunes ViT-L,
+  # ViT-H and R50+ViT-B with --config.model_overrides.dropout_rate=0.1.
+  config.model_overrides.dropout_rate = ml_collections.config_dict.placeholder(float)
   config.dataset = dataset
   # None: TFDS_DATA_DIR or ~/tensorflow_datasets. A typed placeholder, so that
   # --config.data_dir=DIR works on the command line.
