@@ -60,8 +60,9 @@ def test_probe_separates_clusters_and_noise_stays_at_chance():
 
 
 @pytest.mark.parametrize('per_class,dim', [(2, 32), (8, 4)])
-def test_primal_and_dual_forms_agree(per_class, dim):
-  """Fewer examples than dimensions takes the dual branch; both are the same ridge solution."""
+def test_probe_is_ridge_on_standardised_features(per_class, dim):
+  """The paper's regularised least squares onto {-1, 1}^K, written out here, with fewer
+  examples than dimensions (20 < 32) and more (80 > 4)."""
   x, y = _clusters(per_class=per_class, dim=dim, spread=2.0)
   x_test, y_test = _clusters(per_class=50, dim=dim, spread=2.0, seed=0)
   reg = 3.0
@@ -70,7 +71,7 @@ def test_primal_and_dual_forms_agree(per_class, dim):
   w = np.linalg.lstsq(np.vstack([xs, np.sqrt(reg) * np.eye(dim)]),
                       np.vstack([t - t.mean(0), np.zeros((dim, 10))]), rcond=None)[0]
   expected = np.argmax(((x_test - x.mean(0)) / (x.std(0) + 1e-6)) @ w + t.mean(0), axis=1)
-  got = fewshot.linear_probe_accuracy(x, y, x_test, y_test, 10, reg)
+  got = fewshot.linear_probe_accuracy(x, y, x_test, y_test, reg)
   assert got == pytest.approx(np.mean(expected == y_test))
 
 
