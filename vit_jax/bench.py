@@ -56,7 +56,8 @@ def main(argv: list[str]) -> None:
   else:
     result = benchmark.bench_step(build(config, num_classes=_NUM_CLASSES.value), _WHAT.value,
                                   steps=_STEPS.value or 20, warmup=_WARMUP.value,
-                                  profile_dir=_PROFILE_DIR.value, profile_steps=_PROFILE_STEPS.value)
+                                  profile_dir=_PROFILE_DIR.value,
+                                  profile_steps=_PROFILE_STEPS.value)
   if _JSON.value:
     print(json.dumps(result))
   else:

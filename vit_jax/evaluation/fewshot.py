@@ -5,9 +5,10 @@ maps the (frozen) representation of a subset of training images to {-1, 1}^K tar
 (Dosovitskiy et al., Sec. 4.1). It needs no training loop, so it can run every few hundred steps
 of pre-training and show how the representation improves long before fine-tuning would.
 
-`fewshot_accuracies` is the closed-form part (scikit-learn's ridge, on the host); `FewShotEvaluator` extracts the
-pre-logit features (the model with `num_classes=0`) of a dataset's train and test splits on the
-device mesh and runs it for every dataset, shot count and seed.
+`fewshot_accuracies` is the closed-form part (scikit-learn's ridge, on the host);
+`FewShotEvaluator` extracts the pre-logit features (the model with `num_classes=0`) of a
+dataset's train and test splits on the device mesh and runs it for every dataset, shot count and
+seed.
 """
 import contextlib
 import dataclasses
