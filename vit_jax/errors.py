@@ -64,8 +64,9 @@ def _flag_error_line(error: BaseException) -> str:
   if isinstance(error, (AttributeError, KeyError)):  # `--config.key=...` for a key not in the file
     suggestion = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', str(error))
     key = suggestion[2] if suggestion else str(error).strip('\'"')
-    if key.split('.')[-1] in KEYS_ELSEWHERE:
-      return f'unknown config key {key!r}: here it is --config.{KEYS_ELSEWHERE[key.split(".")[-1]]}'
+    ours = KEYS_ELSEWHERE.get(key.split('.')[-1])
+    if ours:
+      return f'unknown config key {key!r}: here it is --config.{ours}'
     if suggestion:
       return f'unknown config key {key!r}: did you mean {suggestion[1]!r}?'
     return f'unknown config key {key!r}: a new key belongs in the config file\'s get_config()'

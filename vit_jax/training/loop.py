@@ -146,6 +146,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     else:
       logging.info('resumed from the checkpoint at step %d', int(state.step))
     start_step, total_steps = int(state.step), config.total_steps
+    progress = metrics_lib.Progress(total_steps, start_step)
+    if start_step >= total_steps:  # Before any step is compiled or pipeline built.
+      progress.note(f'{workdir} already holds step {start_step} of total_steps={total_steps}: '
+                    'nothing to train (a larger --config.total_steps trains on)')
+      return {'step': start_step}
     last_saved = start_step if checkpointer.all_steps() else None
     train_step, eval_step = exp.jit_train_step(), exp.jit_eval_step()
     local_batches = input_pipeline.train_iterator(config, start_step)
@@ -153,10 +158,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     eval_data = make_eval_data(exp) if config.get('eval_every') else None
     fewshot = _fewshot_evaluator(exp)
     writer = metrics_lib.create_writer(workdir)
-    progress = metrics_lib.Progress(total_steps, start_step)
-    if start_step >= total_steps:
-      progress.note(f'{workdir} already holds step {start_step} of total_steps={total_steps}: '
-                    'nothing to train (a larger --config.total_steps trains on)')
     progress_every = config.get('progress_every', 100)
     eval_every = config.get('eval_every', 0)
     checkpoint_every = config.get('checkpoint_every', 1000)
