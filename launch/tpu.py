@@ -37,6 +37,7 @@ REMOTE_VENV = 'vit_jax_venv'  # outside REMOTE_DIR: survives a fresh setup
 # The venv's python as seen from inside REMOTE_DIR, where runs start.
 REMOTE_PYTHON = posixpath.join('..', REMOTE_VENV, 'bin', 'python')
 DEFAULT_LOG = 'vit_jax_run.log'
+TRAINING_MODULES = ('vit_jax.main', 'vit_jax.finetune')  # Both take the same launch flags.
 # Where `setup` packs the local tree; inside the source tree so no shared /tmp.
 PACK_DIR = 'build/launch'
 LIBTPU_INDEX = ('https://storage.googleapis.com/jax-releases/'
@@ -228,11 +229,12 @@ def setup(args: argparse.Namespace) -> List[Cmd]:
 
 
 def run(args: argparse.Namespace) -> List[Cmd]:
-  """Starts vit_jax.main on all workers at once, as multi-host JAX requires."""
+  """Starts the training command on all workers at once, as multi-host JAX requires, each
+  joining the others (--distributed: JAX finds the pod's workers itself)."""
   env = [f'TFDS_DATA_DIR={args.tfds_data_dir}'] if args.tfds_data_dir else []
   env += args.env
   train = (['env', *env] if env else []) + [
-      REMOTE_PYTHON, '-m', 'vit_jax.main', f'--config={args.config}',
+      REMOTE_PYTHON, '-m', args.module, '--distributed', f'--config={args.config}',
       f'--workdir={args.workdir}', *args.overrides]
   if not args.detach:
     return [_ssh(args, f'{_sh("cd", REMOTE_DIR)} && {_sh(*train)}')]
@@ -334,8 +336,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--jax', default='jax[tpu]',
                  help='pip spec of JAX for TPU, e.g. "jax[tpu]==0.10.2"')
 
-  p = tpu_command('run', run, 'all', 'run vit_jax.main on all workers; '
+  p = tpu_command('run', run, 'all', 'run vit_jax.main (or --module) on all workers; '
                   'arguments after -- go to it (e.g. --config.base_lr=0.1)')
+  p.add_argument('--module', default='vit_jax.main', choices=TRAINING_MODULES,
+                 help='the training command to run')
   p.add_argument('--config', required=True, help='e.g. configs/X.py')
   p.add_argument('--workdir', required=True,
                  help='shared by all workers, so gs://BUCKET/...')

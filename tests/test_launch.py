@@ -149,9 +149,21 @@ def test_run_remote_command_keeps_every_word(fake):
   assert argv[-1] == '--zone=z'
   assert remote_words(argv) == [
       'cd', 'vit_jax', '&&', 'env', f'TFDS_DATA_DIR=gs://b/{HOSTILE}',
-      f'XLA_FLAGS={HOSTILE}', VENV_PY, '-m', 'vit_jax.main',
+      f'XLA_FLAGS={HOSTILE}', VENV_PY, '-m', 'vit_jax.main', '--distributed',
       f'--config=configs/{HOSTILE}.py', f'--workdir=gs://b/{HOSTILE}',
       override, ';touch pwned']
+
+
+def test_run_can_start_fine_tuning_and_refuses_other_modules(fake):
+  ok(fake.run('run', 'pod', '--zone=z', '--module=vit_jax.finetune', '--config=c.py',
+              '--workdir=gs://w'))
+  [argv] = fake.calls()
+  words = remote_words(argv)
+  assert words[words.index(VENV_PY):] == [VENV_PY, '-m', 'vit_jax.finetune', '--distributed',
+                                          '--config=c.py', '--workdir=gs://w']
+  failed = fake.run('run', 'pod', '--zone=z', '--module=vit_jax.export', '--config=c.py',
+                    '--workdir=gs://w')
+  assert failed.returncode == 2 and 'invalid choice' in failed.stderr
 
 
 def test_detached_run_and_stop_in_a_real_shell(fake, tmp_path):
@@ -187,8 +199,8 @@ def test_detached_run_and_stop_in_a_real_shell(fake, tmp_path):
   assert seen.exists(), 'the detached run did not start'
   argv, tfds_data_dir, pid = json.loads(seen.read_text())
   try:
-    assert argv == ['-m', 'vit_jax.main', '--config=c.py', '--workdir=gs://w',
-                    override]
+    assert argv == ['-m', 'vit_jax.main', '--distributed', '--config=c.py',
+                    '--workdir=gs://w', override]
     assert tfds_data_dir == HOSTILE
     assert int(pid_file.read_text()) == pid
     assert os.getpgid(pid) == pid  # setsid: the run leads its own group

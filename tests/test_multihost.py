@@ -327,25 +327,42 @@ def test_bad_launcher_arguments_are_one_line_errors(args):
   assert 'Traceback' not in result.stderr
 
 
-@pytest.mark.parametrize('env,joins', [
-    ({}, False),
-    ({'SLURM_JOB_ID': '7'}, False),  # An salloc shell or sbatch script: no srun step.
-    ({'SLURM_JOB_ID': '7', 'SLURM_STEP_NODELIST': 'n1', 'SLURM_NTASKS': '2',
-      'SLURM_PROCID': '0', 'SLURM_LOCALID': '0'}, True),
-    ({'TPU_WORKER_HOSTNAMES': 'w0,w1'}, True),
-])
-def test_auto_detection_joins_only_a_real_multi_process_launch(env, joins, monkeypatch):
+def _no_cluster_env(monkeypatch) -> list:
+  """No launcher's variables; jax.distributed.initialize recorded instead of run."""
   for name in distributed.SLURM_STEP_VARIABLES + ('TPU_WORKER_HOSTNAMES',
                                                   'JAX_COORDINATOR_ADDRESS'):
     monkeypatch.delenv(name, raising=False)
-  for name, value in env.items():
-    monkeypatch.setenv(name, value)
   calls = []
   monkeypatch.setattr(jax.distributed, 'initialize', lambda **kwargs: calls.append(kwargs))
   monkeypatch.setattr(jax.config, 'update', lambda *args: None)
-  monkeypatch.setattr(jax, 'process_count', lambda: 2)  # What a joined process would see.
-  distributed.initialize()
-  assert bool(calls) == joins
+  return calls
+
+
+@pytest.mark.parametrize('env,detect,joins', [
+    ({}, False, False),
+    ({}, True, True),  # --distributed: a Cloud TPU VM pod, which JAX finds by its metadata.
+    ({'SLURM_JOB_ID': '7'}, False, False),  # An salloc shell or sbatch script: no srun step.
+    ({'SLURM_JOB_ID': '7', 'SLURM_STEP_NODELIST': 'n1', 'SLURM_NTASKS': '2',
+      'SLURM_PROCID': '0', 'SLURM_LOCALID': '0'}, False, True),
+    ({'TPU_WORKER_HOSTNAMES': 'w0,w1'}, False, True),
+])
+def test_auto_detection_joins_only_a_real_multi_process_launch(env, detect, joins, monkeypatch):
+  calls = _no_cluster_env(monkeypatch)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  distributed.initialize(detect=detect)
+  assert calls == ([{'coordinator_address': None, 'num_processes': None, 'process_id': None}]
+                   if joins else [])
+
+
+def test_a_pod_host_that_did_not_join_stops_naming_the_flag(monkeypatch):
+  """A Cloud TPU VM pod's runtime sees every host even unjoined; Orbax's barriers and the
+  preemption notices would then fail or stay silent, so this stops before training."""
+  calls = _no_cluster_env(monkeypatch)
+  monkeypatch.setattr(jax, 'process_count', lambda: 4)
+  with pytest.raises(ConfigError, match=r'one of 4 processes, not joined: pass --distributed'):
+    distributed.initialize()
+  assert not calls
 
 
 @pytest.mark.parametrize('module', ['vit_jax.main', 'vit_jax.finetune'])

@@ -72,6 +72,20 @@ def test_tiny_vit_memory_matches_the_count(mesh, fsdp):
   assert p.xla_flops_per_step == pytest.approx(p.model_flops_per_step, rel=0.15)
 
 
+def test_a_mesh_that_cannot_split_the_heads_says_so():
+  """ViT-Pico has 4 heads: tensor:8 splits its MLP (512 wide) but leaves q/k/v/out whole on
+  every device, which the plan names with their bytes (6 layers x 7 arrays: q, k, v kernels
+  and biases, out kernel; 3 x (128 x 128 + 128) + 128 x 128 floats a layer)."""
+  p = planner.plan(default_config(model='ViT-Pico_4', mesh='data:1,tensor:8'), search=False)
+  per_layer = (3 * (128 * 128 + 128) + 128 * 128) * 4
+  assert p.unsplit_note == (
+      f'not split, kept whole on every device: heads (4) over tensor=8 in 42 arrays '
+      f'({6 * per_layer / 2**20:.1f} MiB): pick mesh sizes that divide these dims')
+  assert 'params not split' in planner.format_plan(p)
+  assert planner.plan(default_config(model='ViT-Pico_4', mesh='data:2,tensor:4'),
+                      search=False).unsplit_note == ''
+
+
 def test_mixup_plans_soft_labels_and_bad_pp_is_a_config_error():
   p = planner.plan(default_config(model='ViT-Pico_4', pp={'train': {'mixup': 0.2}}),
                    search=False)

@@ -88,10 +88,12 @@ def test_resume_after_a_crash_is_bitwise_identical(baseline, monkeypatch, tmp_pa
   _assert_states_equal(_restore(config, workdir), _restore(config, base_workdir))
   rows = metrics_lib.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
   base_rows = metrics_lib.read_jsonl(os.path.join(base_workdir, 'metrics.jsonl'))
-  # The rerun's progress windows 16-20, 21-25, 26-30 are the baseline's: same mean losses.
-  loss_at = lambda rs: {r['step']: r['train/loss'] for r in rs if 'train/loss' in r}
-  for step in (20, 25, 30):
-    assert loss_at(rows)[step] == loss_at(base_rows)[step]
+  # The rerun's progress windows 11-15 (its first: the compiling step counts too), 16-20,
+  # 21-25, 26-30 are the baseline's: the same mean losses and learning rates.
+  at = lambda rs, key: {r['step']: r[key] for r in rs if key in r}
+  for key in ('train/loss', 'train/learning_rate'):
+    for step in (15, 20, 25, 30):
+      assert at(rows, key)[step] == at(base_rows, key)[step], (key, step)
 
 
 @pytest.mark.slow

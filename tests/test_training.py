@@ -14,6 +14,7 @@ import re
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -21,6 +22,7 @@ import tensorflow as tf
 
 from training_setup import (  # baseline and compile_cache are fixtures: imported, pytest uses them
     TOTAL_STEPS, MainProcess, baseline, compile_cache, tiny_config, write_config_file)
+from vit_jax import models
 from vit_jax import sharding
 from vit_jax.data import global_batch
 from vit_jax.data import input_pipeline
@@ -185,6 +187,21 @@ def test_data_fsdp_and_tensor_parallel_match_one_device(prepared_data_dir):
   assert tensor[2] == tensor[3] and tensor[2][1] == 'tensor' and tensor[4] == (64, 64)
 
 
+@pytest.mark.parametrize('name,overrides', [('R50+ViT-B_16', {}),
+                                            ('ViT-Ti_16', {'classifier': 'map'})])
+def test_fsdp_splits_every_matrix_the_hybrid_stem_and_map_head_included(name, overrides):
+  """Every param of 4k+ values is split over fsdp: the stem's convs (11.8M of R50+ViT-B/16's
+  99M) and the MAP head's attention and MLP stayed whole on every device before."""
+  model = models.create(name, num_classes=10, **overrides)
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)),
+                                             train=False))['params']
+  shardings = jax.tree.leaves(sharding.tree_shardings(params, sharding.make_mesh('data:2,fsdp:4')))
+  whole = [(path, leaf.shape) for (path, leaf), placed in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0], shardings)
+           if leaf.size >= 4096 and 'fsdp' not in placed.spec]
+  assert not whole, whole
+
+
 def test_gradient_accumulation_equals_the_big_batch(prepared_data_dir):
   """SGD (the update is lr x grad), constant lr: one step with accum_steps=4 == accum 1."""
   overrides = dict(optimizer='sgd', weight_decay=0.0, warmup_steps=0, decay_type='constant',
@@ -254,6 +271,9 @@ CONFIG_ERRORS = {
                                   r'keep_checkpoints=-1 must be positive \(or 0: keep them all\)'),
     'lr_end_fraction_above_one': (dict(lr_end_fraction=2.0),
                                   r'lr_end_fraction=2.0 must be in \[0, 1\]'),
+    'head_smaller_than_the_classes': (dict(num_classes=5),
+                                      r'digits has 10 classes but the model.s head 5: set '
+                                      r'--config.num_classes=10'),
 }
 
 

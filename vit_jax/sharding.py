@@ -19,14 +19,16 @@ BATCH_AXES = ('data', 'fsdp')
 
 # Logical axes of each parameter, by the path's ending (released layout). A scanned model's
 # blocks get a leading 'layers' axis; anything unlisted is replicated.
+# Attention and MLP blocks match in the encoder and in the MAP head alike.
 PARAM_AXES = (
     (r'(query|key|value)/kernel$', ('embed', 'heads', 'kv')),
     (r'(query|key|value)/bias$', ('heads', 'kv')),
-    (r'MultiHeadDotProductAttention_1/out/kernel$', ('heads', 'kv', 'embed')),
-    (r'MlpBlock_3/Dense_0/kernel$', ('embed', 'mlp')),
-    (r'MlpBlock_3/Dense_0/bias$', ('mlp',)),
-    (r'MlpBlock_3/Dense_1/kernel$', ('mlp', 'embed')),
+    (r'MultiHeadDotProductAttention_\d+/out/kernel$', ('heads', 'kv', 'embed')),
+    (r'MlpBlock_\d+/Dense_0/kernel$', ('embed', 'mlp')),
+    (r'MlpBlock_\d+/Dense_0/bias$', ('mlp',)),
+    (r'MlpBlock_\d+/Dense_1/kernel$', ('mlp', 'embed')),
     (r'(^|/)embedding/kernel$', (None, None, None, 'embed')),
+    (r'(^|/)conv(_root|_proj|\d)/kernel$', (None, None, None, 'channels')),  # Hybrid stem.
     (r'pos_embedding$', (None, 'length', 'embed')),
     (r'(^|/)pre_logits/kernel$', ('embed', 'mlp')),
     (r'(^|/)head/kernel$', ('embed', 'classes')),
@@ -40,6 +42,7 @@ LOGICAL_RULES = (
     ('heads', 'tensor'),
     ('mlp', 'tensor'),
     ('embed', 'fsdp'),
+    ('channels', 'fsdp'),
     ('kv', None),
     ('length', None),
     ('classes', None),
@@ -116,24 +119,54 @@ def logical_axes(path: str, ndim: int) -> tuple[Optional[str], ...]:
   return (None,) * ndim
 
 
+def _devices_along(names: Any, mesh: Mesh) -> int:
+  """How many devices one mesh axis name, a tuple of them, or None spans."""
+  group = (names,) if isinstance(names, str) else tuple(names or ())
+  return int(np.prod([mesh.shape[n] for n in group]))
+
+
+def _mesh_axes(axes: tuple, shape: tuple[int, ...], mesh: Mesh, rules) -> list:
+  """Per dim: (mesh axes the rules give it, whether they divide it)."""
+  return [(names, size % _devices_along(names, mesh) == 0)
+          for size, names in zip(shape, nn.logical_to_mesh_axes(axes, rules))]
+
+
 def _spec(axes: tuple, shape: tuple[int, ...], mesh: Mesh, rules) -> P:
   """Mesh axes per dim; a dim that the mesh axes do not divide stays replicated."""
-  mesh_axes = nn.logical_to_mesh_axes(axes, rules)
-  dims = []
-  for size, names in zip(shape, mesh_axes):
-    group = (names,) if isinstance(names, str) else tuple(names or ())
-    dims.append(names if group and size % np.prod([mesh.shape[n] for n in group]) == 0
-                else None)
-  return P(*dims)
+  return P(*(names if divides else None for names, divides in _mesh_axes(axes, shape, mesh,
+                                                                          rules)))
+
+
+def _named_leaves(tree: Any) -> list[tuple[str, Any]]:
+  """('/'-joined path, leaf) pairs: the names PARAM_AXES patterns match."""
+  return [('/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+                    for k in path), leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def tree_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
   """NamedShardings for params or anything shaped like them (optimizer state, train state)."""
+  leaves = [NamedSharding(mesh, _spec(logical_axes(name, len(leaf.shape)), leaf.shape, mesh,
+                                      LOGICAL_RULES))
+            for name, leaf in _named_leaves(abstract_tree)]
+  return jax.tree.unflatten(jax.tree.structure(abstract_tree), leaves)
 
-  def one(path, leaf):
-    name = '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
-                    for k in path)
+
+def unsplit_note(abstract_params: Any, mesh: Mesh) -> Optional[str]:
+  """Which params a rule means to split but the mesh cannot (fsdp:512 over 768-wide
+  embeddings, tensor:32 over 16 heads): they stay whole on every device, silently costing the
+  memory the mesh was chosen to save. None when every split happens."""
+  unsplit: dict[tuple, list] = {}
+  for name, leaf in _named_leaves(abstract_params):
     axes = logical_axes(name, len(leaf.shape))
-    return NamedSharding(mesh, _spec(axes, leaf.shape, mesh, LOGICAL_RULES))
-
-  return jax.tree_util.tree_map_with_path(one, abstract_tree)
+    for axis, size, (names, divides) in zip(axes, leaf.shape,
+                                            _mesh_axes(axes, leaf.shape, mesh, LOGICAL_RULES)):
+      if names and not divides:
+        unsplit.setdefault((axis, names, size), []).append(leaf.size * leaf.dtype.itemsize)
+  if not unsplit:
+    return None
+  parts = [f'{axis} ({size}) over {names}={_devices_along(names, mesh)} in {len(sizes)} '
+           f'arrays ({sum(sizes) / 2**20:.1f} MiB)'
+           for (axis, names, size), sizes in unsplit.items()]
+  return (f'not split, kept whole on every device: {"; ".join(parts)}: pick mesh sizes that '
+          'divide these dims')

@@ -13,19 +13,27 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0, for multi-process runs off Cloud TPU.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process in a multi-process run.')
+_DETECT = flags.DEFINE_bool(
+    'distributed', False, 'Join the processes of the cluster JAX detects by itself: a Cloud '
+    'TPU VM pod (launch/tpu.py run passes it), GKE, SLURM.')
 
 SLURM_STEP_VARIABLES = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
                         'SLURM_LOCALID')
 
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-               process_id: Optional[int] = None) -> None:
-  """Explicit flags win; else Cloud TPU VM / SLURM auto-detection when their env says so.
+               process_id: Optional[int] = None, detect: bool = False) -> None:
+  """Explicit flags win; else JAX's own detection when asked (`detect`) or when the
+  environment names a cluster (GKE TPU, a coordinator, a SLURM step). A Cloud TPU VM pod names
+  none: JAX finds it through the metadata server, which is only asked when told to.
 
   On CPU the processes talk through gloo collectives (how pod code paths are tested on one
-  machine). A single process with no coordinator does nothing.
+  machine). A single process with no coordinator does nothing, and stops with one line if it
+  turns out to be one of several hosts that were not joined (Orbax and preemption notices
+  need the joined runtime).
   """
-  auto = any(os.environ.get(k) for k in ('TPU_WORKER_HOSTNAMES', 'JAX_COORDINATOR_ADDRESS'))
+  auto = detect or any(os.environ.get(k)
+                       for k in ('TPU_WORKER_HOSTNAMES', 'JAX_COORDINATOR_ADDRESS'))
   # A SLURM job step (srun), as JAX detects one: an salloc shell or a batch script without
   # srun has SLURM_JOB_ID but no step, and JAX could not find a coordinator there.
   auto = auto or all(k in os.environ for k in SLURM_STEP_VARIABLES)
@@ -33,6 +41,9 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     if num_processes is not None or process_id is not None:
       raise ConfigError('--num_processes/--process_id need --coordinator_address=HOST:PORT of '
                         'process 0 (off Cloud TPU and SLURM, which provide it)')
+    if jax.process_count() > 1:
+      raise ConfigError(f'this host is one of {jax.process_count()} processes, not joined: '
+                        'pass --distributed (launch/tpu.py run does) or --coordinator_address')
     return
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU devices only.
   jax.distributed.initialize(coordinator_address=coordinator_address,
@@ -42,5 +53,6 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
 
 
 def initialize_from_flags() -> None:
-  """`initialize` with the command line's --coordinator_address/--num_processes/--process_id."""
-  initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  """`initialize` with the command line's --coordinator_address/--num_processes/--process_id/
+  --distributed."""
+  initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DETECT.value)

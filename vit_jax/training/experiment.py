@@ -6,6 +6,7 @@ the very same step. Every check a user can fail happens here, before anything co
 import contextlib
 import dataclasses
 import functools
+import logging
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import flax.linen as nn
@@ -113,8 +114,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.loss={loss!r} is not one of {step_lib.LOSSES}')
 
 
-def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-  """The global batch must split evenly over data-parallel devices, processes and micro-batches."""
+def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                eval_too: bool = True) -> None:
+  """The global batch (and batch_eval, unless not `eval_too`) must split evenly over
+  data-parallel devices, processes and micro-batches."""
   dp = sharding.data_parallel_size(mesh)
   if dp % jax.process_count():
     raise ConfigError(
@@ -122,8 +125,10 @@ def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> N
         f'{jax.process_count()} processes that each feed their own slice: give data x fsdp a '
         f'multiple of {jax.process_count()}')
   accum = config.get('accum_steps', 1)
-  for name, size, parts in (('batch', config.batch, dp * accum),  # dp splits over processes.
-                            ('batch_eval', config.get('batch_eval', config.batch), dp)):
+  batches = [('batch', config.batch, dp * accum)]  # dp splits over processes.
+  if eval_too:
+    batches.append(('batch_eval', config.get('batch_eval', config.batch), dp))
+  for name, size, parts in batches:
     if size % parts:
       raise ConfigError(
           f'config.{name}={size} is not divisible by {parts} (data-parallel devices {dp}'
@@ -156,6 +161,9 @@ def build(config: ml_collections.ConfigDict, *, num_classes: Optional[int] = Non
   shapes = jax.eval_shape(functools.partial(state_lib.init_state, model, tx,
                                             image_shape=image_shape), jax.random.PRNGKey(0))
   shardings = sharding.tree_shardings(shapes, mesh)
+  unsplit = sharding.unsplit_note(shapes.params, mesh)
+  if unsplit:
+    logging.warning('params %s', unsplit)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           shapes, shardings)
   return Experiment(config=config, mesh=mesh, model=model, num_classes=num_classes,

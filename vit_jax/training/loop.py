@@ -119,13 +119,18 @@ def _fewshot_evaluator(exp: Experiment):
   return fewshot.from_experiment(exp)
 
 
-def _check_data(config: ml_collections.ConfigDict) -> None:
-  """The train (and eval) split exist: a ConfigError now, before anything is compiled."""
+def _check_data(config: ml_collections.ConfigDict, num_classes: int) -> None:
+  """The train (and eval) split exist and their labels fit the head: a ConfigError now, before
+  anything is compiled (a label past the head is an all-zero target: silent non-learning)."""
   splits = [config.get('train_split', 'train')]
   if config.get('eval_every'):
     splits.append(config.get('eval_split', 'test'))
   for split in splits:
-    input_pipeline.get_info(config.dataset, split, config.get('data_dir'))
+    info = input_pipeline.get_info(config.dataset, split, config.get('data_dir'))
+    if info.num_classes and info.num_classes > num_classes:
+      raise ConfigError(f'{config.dataset} has {info.num_classes} classes but the model\'s head '
+                        f'{num_classes}: set --config.num_classes={info.num_classes} (or drop it '
+                        'to read it from the dataset)')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -135,7 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `initial_state` (fine-tuning) is used only when the workdir has no checkpoint yet.
   """
   exp = exp or build(config)
-  _check_data(config)  # build() skips the dataset when config.num_classes is set.
+  _check_data(config, exp.num_classes)  # build() skips the dataset given config.num_classes.
   check_not_a_file(workdir, 'workdir')
   tf.io.gfile.makedirs(workdir)
   with Checkpointer(workdir, keep=config.get('keep_checkpoints', 3)) as checkpointer:
@@ -172,7 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           profiler(step, step_metrics)
         if window_start is None:  # The first step compiles; rates are measured after it.
           jax.block_until_ready(step_metrics)
-          window, window_start = [], (step, time.perf_counter())
+          window_start = (step, time.perf_counter())
         if window and (step % progress_every == 0 or step == total_steps):
           scalars = metrics_lib.mean_of(window, 'train')
           _check_finite(scalars['train/loss'], step, last_saved)

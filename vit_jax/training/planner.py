@@ -63,6 +63,7 @@ class Plan:
   xla_flops_per_step: float  # cost_analysis() of the per-device program x devices.
   xla_flops_note: str = ''
   memory_note: str = ''
+  unsplit_note: str = ''  # Params the mesh was meant to split but cannot.
   device_memory_bytes: Optional[int] = None
   fits: Optional[bool] = None
   max_per_device_batch: Optional[int] = None
@@ -202,10 +203,9 @@ def plan(config: ml_collections.ConfigDict, *, num_classes: Optional[int] = None
       raise ConfigError(f'--{name}={value} must be positive')
   experiment.check_config(config)
   compiler = Compiler(config, num_classes)
+  experiment.check_batch(config, sharding.make_mesh(config.get('mesh', 'data:-1')),
+                         eval_too=False)  # Eval is not planned.
   dp, accum = compiler.data_parallel(), config.get('accum_steps', 1)
-  if config.batch % (dp * accum):
-    raise ConfigError(f'batch {config.batch} does not split over {dp} data-parallel devices '
-                      f'x accum_steps {accum}: use a multiple of {dp * accum}')
   exp, compiled, memory = compiler.compile(config.batch // dp)
   state = exp.abstract_state
   result = Plan(
@@ -217,6 +217,7 @@ def plan(config: ml_collections.ConfigDict, *, num_classes: Optional[int] = None
       model_flops_per_step=float(exp.flops_per_image) * config.batch,
       xla_flops_per_step=xla_flops(compiled) * jax.device_count(),
       total_steps=config.total_steps)
+  result.unsplit_note = sharding.unsplit_note(state.params, exp.mesh) or ''
   if jax.default_backend() == 'cpu' and config.get('dtype', 'float32') != 'float32':
     result.memory_note = (f'XLA:CPU computes {config.dtype} in float32, so temp is a float32 '
                           'figure: expect a TPU\'s activations at up to about half of it')
@@ -262,6 +263,8 @@ def format_plan(p: Plan) -> str:
   ]
   if p.memory_note:
     lines.append(f'  ({p.memory_note})')
+  if p.unsplit_note:
+    lines.append(f'  params {p.unsplit_note}')
   if p.device_memory_bytes:
     verdict = 'fits' if p.fits else 'does NOT fit'
     lines.append(f'  device memory    {_gib(p.device_memory_bytes)}  {verdict} '

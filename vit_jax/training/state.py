@@ -1,7 +1,9 @@
 """The train state: everything a checkpoint must hold to resume bit-exactly.
 
-The data position is `step` (the input stream is a pure function of seed and step) and the
-dropout key is derived from the seed and step, so params, optimizer state and step suffice.
+The data position is `step` (the input stream is a pure function of seed, step and the
+process count: resuming on another mesh or device count is exact, on another number of hosts
+the example order changes) and the dropout key is derived from the seed and step, so params,
+optimizer state and step suffice.
 """
 from typing import Any
 
