@@ -42,6 +42,7 @@ a small CNN, 89.6%) but not its 92.5% goal.
 import ml_collections
 
 from vit_jax import models
+from vit_jax.data import pp_options
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -56,8 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_split = 'test'
   config.image_size = 28
   config.channels = 1
-  config.pp = ml_collections.ConfigDict({'train': {'crop': 'resize', 'flip': True},
-                                         'eval': {'crop': 'resize'}})
+  config.pp = pp_options.config_dict(train={'crop': 'resize', 'flip': True}, eval_crop='resize')
   config.batch = 128
   config.batch_eval = 1000
   config.total_steps = 3500

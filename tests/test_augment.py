@@ -1,7 +1,11 @@
 """Augmentation: mixup's labels and images, RandAugment's ops against hand-computed pixels, and
 the eval central crop."""
 import numpy as np
+import PIL.Image
+import PIL.ImageEnhance
+import PIL.ImageOps
 import pytest
+import skimage.data
 import tensorflow as tf
 
 from data_setup import PLAIN, train_stream
@@ -39,95 +43,164 @@ def test_mixup_mixes_each_example_with_the_one_before_it(prepared_data_dir):
   assert len(set(lams)) == 3, lams
 
 
-def _op(name: str, image: np.ndarray, level: float) -> np.ndarray:
-  return randaug.OPS[name](tf.constant(image, tf.float32), level).numpy()
+def test_mixup_weight_is_one_per_global_batch_and_favours_the_example(prepared_data_dir):
+  """Two processes' slices of the same steps mix at the same weight, >= 1/2 on the example
+  itself (big_vision draws one weight per global batch and sorts it). Catches a weight seeded
+  by the process, or a small alpha swapping examples for their neighbours."""
+  weights = []
+  for index in (0, 1):
+    stream = train_stream(prepared_data_dir, pp={'train': {**PLAIN['train'], 'mixup': 1.0}},
+                          process_index=index, process_count=2)
+    # A row's largest soft label is the example's weight where its partner's class differs.
+    weights.append([next(stream)['label'].max(axis=1).min() for _ in range(4)])
+  assert weights[0] == weights[1], weights
+  assert min(weights[0]) >= 0.5 and len(set(weights[0])) == 4, weights
 
 
-RAMP = np.arange(256, dtype=np.float32).reshape(16, 16, 1)  # Every 8-bit value once.
+def _op(name: str, image: np.ndarray, magnitude: float, sign: float = 1.0,
+        seed=(0, 0)) -> np.ndarray:
+  out = randaug.OPS[name](tf.constant(image, tf.uint8), magnitude / randaug.MAX_LEVEL,
+                          tf.constant(sign), tf.constant(seed, tf.int64))
+  assert out.dtype == tf.uint8
+  return out.numpy()
 
 
-@pytest.mark.parametrize('level,bits', [(1.0, 4), (-1.0, 4), (0.5, 6), (0.0, 8)])
-def test_randaug_posterize_keeps_the_top_bits(level, bits):
-  # 8 - round(4 |level|) bits survive. Catches a shift that ignores the level (or its sign),
-  # rounds instead of truncating, or keeps the low bits.
-  out = _op('posterize', RAMP, level)
-  np.testing.assert_array_equal(out, np.arange(256).reshape(RAMP.shape) & -2**(8 - bits))
-  assert np.all(out % 2**(8 - bits) == 0) and len(np.unique(out)) == 2**bits
+RAMP = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)  # Every 8-bit value once.
+PHOTO = np.asarray(PIL.Image.fromarray(skimage.data.chelsea()).resize((40, 32)))  # 32 x 40 RGB.
 
 
-@pytest.mark.parametrize('level,expected', [
-    (1.0, [255, 128, 127, 55, 0]),  # Threshold 0: every pixel inverted.
-    (-0.5, [0, 127, 127, 55, 0]),  # Threshold 128: 128 and up inverted.
-    (0.25, [0, 127, 128, 55, 0]),  # Threshold 192.
-    (0.0, [0, 127, 128, 200, 255]),  # Threshold 256: none.
-])
-def test_randaug_solarize_inverts_pixels_from_the_threshold_up(level, expected):
-  # Catches inverting below the threshold, a threshold that ignores the level, or 256 - v.
-  out = _op('solarize', RAMP, level).ravel()
-  np.testing.assert_array_equal(out[[0, 127, 128, 200, 255]], expected)
+@pytest.mark.parametrize('magnitude,bits', [(10, 4), (5, 2), (2.4, 1), (20, 8), (30, 8)])
+def test_randaug_posterize_is_pils_with_the_references_bits(magnitude, bits):
+  # int(4 m / 10) bits, as the reference maps the level: catches rounding instead of truncating,
+  # or PIL's posterize disagreeing (it keeps the top bits).
+  np.testing.assert_array_equal(_op('posterize', PHOTO, magnitude),
+                                np.asarray(PIL.ImageOps.posterize(PIL.Image.fromarray(PHOTO),
+                                                                  bits)))
 
 
-@pytest.mark.parametrize('level,turns', [(3.0, 1), (-3.0, -1)])
-def test_randaug_rotate_turns_about_the_centre(level, turns):
-  # Level 3 is 90 degrees (the pipeline's levels stop at 1, 30 degrees), where the result is
-  # exact: catches a rotation about a corner, a centre off by a pixel, or a wrong angle scale.
-  square = np.arange(25, dtype=np.float32).reshape(5, 5, 1)
-  np.testing.assert_allclose(_op('rotate', square, level), np.rot90(square, turns), atol=1e-3)
-  out = _op('rotate', square, 1.0)
-  assert out[2, 2, 0] == 12 and not np.allclose(out, square)  # 30 degrees: the centre stays.
+def test_randaug_posterize_at_magnitude_0_keeps_the_top_bit():
+  # 0 bits is a shift by 8, which TensorFlow clamps to 7 in the reference: 0 or 128, not black.
+  np.testing.assert_array_equal(_op('posterize', RAMP, 0), RAMP & 128)
+
+
+@pytest.mark.parametrize('magnitude,threshold', [(0, 0), (5, 128), (7.5, 192), (10, 256)])
+def test_randaug_solarize_is_pils_at_threshold_magnitude_times_25_6(magnitude, threshold):
+  # The threshold rises with the magnitude (weaker), as in the reference.
+  expected = np.where(RAMP < threshold, RAMP, 255 - RAMP)
+  np.testing.assert_array_equal(_op('solarize', RAMP, magnitude), expected)
+  if threshold <= 255:
+    np.testing.assert_array_equal(
+        expected[..., 0], np.asarray(PIL.ImageOps.solarize(PIL.Image.fromarray(RAMP[..., 0]),
+                                                           threshold)))
+
+
+def test_randaug_solarize_add_brightens_the_dark_half_by_11_per_magnitude():
+  ramp = RAMP.astype(np.int32)
+  expected = np.where(ramp < 128, np.minimum(ramp + 110, 255), ramp)
+  np.testing.assert_array_equal(_op('solarize_add', RAMP, 10), expected)
+  np.testing.assert_array_equal(_op('solarize_add', RAMP, 20),
+                                np.where(ramp < 128, np.minimum(ramp + 220, 255), ramp))
+
+
+def test_randaug_equalize_and_autocontrast_are_pils():
+  image = PIL.Image.fromarray((PHOTO // 2 + 40).astype(np.uint8))  # A narrower range.
+  np.testing.assert_array_equal(_op('equalize', np.asarray(image), 7),
+                                np.asarray(PIL.ImageOps.equalize(image)))
+  # PIL computes autocontrast's scale in float64, the reference in float32: a level apart where
+  # a product lands just under an integer.
+  stretched = _op('autocontrast', np.asarray(image), 7).astype(int)
+  assert np.abs(stretched - np.asarray(PIL.ImageOps.autocontrast(image))).max() == 1
+  assert stretched.min() == 0 and stretched.max() == 255
+  flat = np.full((4, 4, 3), 9, np.uint8)
+  for name in ('equalize', 'autocontrast'):  # Nothing to spread: unchanged.
+    np.testing.assert_array_equal(_op(name, flat, 10), flat)
+
+
+@pytest.mark.parametrize('magnitude', [0, 5, 10, 20])
+@pytest.mark.parametrize('name,enhance', [('color', 'Color'), ('brightness', 'Brightness'),
+                                          ('sharpness', 'Sharpness')])
+def test_randaug_enhance_ops_are_pils_at_factor_magnitude_times_0_18_plus_0_1(
+    name, enhance, magnitude):
+  # The reference's factor, 0.1 at magnitude 0 (not the identity), 1 (the identity) at 5. PIL
+  # rounds where the reference truncates, the result and the blurred or gray image it blends
+  # from: one level each, the latter's scaled by |1 - factor|.
+  factor = magnitude / 10 * 1.8 + 0.1
+  expected = np.asarray(getattr(PIL.ImageEnhance, enhance)(
+      PIL.Image.fromarray(PHOTO)).enhance(factor)).astype(int)
+  out = _op(name, PHOTO, magnitude).astype(int)
+  assert np.abs(out - expected).max() <= 1 + abs(1 - factor), np.abs(out - expected).max()
+  assert (np.abs(out - PHOTO.astype(int)).mean() > 1) == (magnitude != 5)
+
+
+def test_randaug_contrast_blends_towards_the_references_pixel_count_gray():
+  # The reference's gray is (pixel count / 256) clipped to 255, not the image mean: 5 here.
+  factor = 0.55
+  expected = np.clip(5 + factor * (PHOTO.astype(np.float32) - 5), 0, 255).astype(np.uint8)
+  np.testing.assert_array_equal(_op('contrast', PHOTO, 2.5), expected)
+
+
+def test_randaug_invert_and_cutout():
+  np.testing.assert_array_equal(_op('invert', RAMP, 3), 255 - RAMP)
+  image = np.zeros((224, 224, 3), np.uint8)
+  gray = np.all(_op('cutout', image, 10, seed=(3, 4)) == 128, axis=-1)
+  rows, cols = np.flatnonzero(gray.any(1)), np.flatnonzero(gray.any(0))
+  # A square of side 80 at 224 px (40 each side of the centre), cut where it leaves the image.
+  assert len(rows) <= 80 and len(cols) <= 80 and gray.sum() == len(rows) * len(cols)
+  assert len(rows) == 80 or rows[0] == 0 or rows[-1] == 223
+  small = np.all(_op('cutout', np.zeros((28, 28, 1), np.uint8), 10, seed=(3, 4)) == 128, -1)
+  assert 0 < small.sum() <= 10 * 10  # Scaled with the image: side 2 * int(40 * 28 / 224).
+
+
+@pytest.mark.parametrize('sign,turns', [(1.0, 1), (-1.0, -1)])
+def test_randaug_rotate_turns_about_the_centre_30_degrees_per_10(sign, turns):
+  # Magnitude 30 is 90 degrees, where nearest sampling is exact: catches a rotation about a
+  # corner, a centre off by a pixel, or another angle scale.
+  square = np.arange(25, dtype=np.uint8).reshape(5, 5, 1)
+  np.testing.assert_array_equal(_op('rotate', square, 30, sign), np.rot90(square, turns))
+  out = _op('rotate', square, 10)
+  assert out[2, 2, 0] == 12 and not np.array_equal(out, square)
 
 
 @pytest.mark.parametrize('axis', [0, 1])
-@pytest.mark.parametrize('level', [1.0, -1.0])
-def test_randaug_translate_shifts_by_45_percent_and_fills_gray(axis, level):
-  # 20 px along the axis, level +-1: content moves 9 px against (or with) it, 128 fills the
-  # rest. Catches the wrong axis, the shift sized by the other side, or another fill value.
-  image = np.arange(240, dtype=np.float32).reshape(12, 20, 1)  # Rows x 20 columns.
+@pytest.mark.parametrize('sign', [1.0, -1.0])
+def test_randaug_translate_moves_100_pixels_at_224_scaled_and_fills_gray(axis, sign):
+  # 112 px along the axis at magnitude 2: 20 px at 224, so 10 here. Catches the wrong axis, a
+  # shift sized by the other side or not scaled, or another fill value.
+  image = np.arange(112 * 12, dtype=np.int32).reshape(12, 112, 1).astype(np.uint8)
   along_y = lambda x: x.transpose(1, 0, 2) if axis else x  # Translate_y on the transpose.
-  out = along_y(_op('translate_' + 'xy'[axis], along_y(image), level))
-  if level > 0:
-    expected = np.concatenate([image[:, 9:], np.full((12, 9, 1), 128, np.float32)], 1)
-  else:
-    expected = np.concatenate([np.full((12, 9, 1), 128, np.float32), image[:, :11]], 1)
-  np.testing.assert_allclose(out, expected, atol=1e-3)
+  out = along_y(_op('translate_' + 'xy'[axis], along_y(image), 2, sign))
+  gray = np.full((12, 10, 1), 128, np.uint8)
+  expected = (np.concatenate([image[:, 10:], gray], 1) if sign > 0
+              else np.concatenate([gray, image[:, :-10]], 1))
+  np.testing.assert_array_equal(out, expected)
 
 
-def test_randaug_autocontrast_stretches_each_channel_to_the_full_range():
-  # Catches stretching with the global min/max instead of each channel's, or no stretch.
-  image = np.stack([np.linspace(50, 100, 6), np.linspace(0, 51, 6), np.full(6, 7.)], -1)
-  out = _op('autocontrast', image.reshape(2, 3, 3), 0.7).reshape(6, 3)
-  np.testing.assert_allclose(out[:, 0], [0, 51, 102, 153, 204, 255], atol=1e-3)
-  np.testing.assert_allclose(out[:, 1], [0, 51, 102, 153, 204, 255], atol=1e-3)
-  np.testing.assert_array_equal(out[:, 2], 7)  # A flat channel is left as it is.
+def test_randaug_shear_moves_row_y_by_0_03_y_per_magnitude():
+  # At magnitude 100/3 the shear is 1: row y moves y pixels (nearest, exact), gray comes in.
+  image = np.tile(np.arange(1, 21, dtype=np.uint8), (6, 1))[..., None]
+  out = _op('shear_x', image, 100 / 3)
+  for y in range(6):
+    np.testing.assert_array_equal(out[y, :20 - y, 0], image[y, y:, 0])
+    assert np.all(out[y, 20 - y:] == 128)
+  np.testing.assert_array_equal(
+      _op('shear_y', image.transpose(1, 0, 2), 100 / 3).transpose(1, 0, 2), out)
 
 
-def test_randaug_ops_at_level_zero_change_nothing_but_autocontrast():
-  # Magnitude 0 is no strength: catches e.g. a blend factor or rotation offset not neutral at 0.
-  # Autocontrast takes no level (as in the reference RandAugment), so it still stretches.
-  image = np.random.default_rng(0).integers(30, 200, (9, 7, 3)).astype(np.float32)
-  for name in randaug.OPS:
-    if name != 'autocontrast':
-      np.testing.assert_allclose(_op(name, image, 0.0), image, atol=1e-3, err_msg=name)
-  out = _op('autocontrast', image, 0.0)
-  assert out.min() == 0 and out.max() == 255
-
-
-def test_randaug_changes_the_batch_only_with_magnitude(prepared_data_dir):
-  """Same seed and order as the plain batch: at (2, 10) nearly every image differs, at (2, 0)
-  only images not spanning 0..255 may (autocontrast). Catches RandAugment never applied; the
-  (2, 0) control shows that the (2, 10) differences are the ops', not another crop path's."""
+def test_randaug_changes_the_batch_with_layers_even_at_magnitude_0(prepared_data_dir):
+  """Same seed and order as the plain batch: with two layers nearly every image differs at
+  magnitude 10 and most at 0 (AugReg's "not nothing"), with no layer none does. Catches
+  RandAugment never applied; the no-layer control shows that the differences are the ops', not
+  another crop path's or the uint8 hand-over's."""
   plain = next(train_stream(prepared_data_dir, pp=PLAIN))
-  strong, none = (next(train_stream(prepared_data_dir, pp={'train': {**PLAIN['train'],
-                                                               'randaug': (2, m)}}))
-                  for m in (10, 0))
-  assert np.array_equal(strong['label'], plain['label'])
-  changed = ~np.all(strong['image'] == plain['image'], axis=(1, 2, 3))
-  assert changed.mean() > 0.8, changed.mean()
-  assert -1 <= strong['image'].min() and strong['image'].max() <= 1
-  lo, hi = plain['image'].min(axis=(1, 2, 3)), plain['image'].max(axis=(1, 2, 3))
-  full_range = (lo == -1) & (hi == 1)
-  unchanged = np.all(none['image'] == plain['image'], axis=(1, 2, 3))
-  assert full_range.mean() > 0.9 and np.all(unchanged[full_range])
+  for layers, magnitude in ((2, 10), (2, 0), (0, 10)):
+    out = next(train_stream(prepared_data_dir, pp={'train': {**PLAIN['train'],
+                                                             'randaug': (layers, magnitude)}}))
+    assert np.array_equal(out['label'], plain['label'])
+    assert -1 <= out['image'].min() and out['image'].max() <= 1
+    changed = ~np.all(out['image'] == plain['image'], axis=(1, 2, 3))
+    # Some ops leave an 8 px digit as it is (solarize at 10, the affine ones at 0, ...).
+    assert changed.mean() > (0.8 if magnitude else 0.5) if layers else not changed.any(), (
+        layers, magnitude, changed.mean())
 
 
 @pytest.mark.parametrize('shape,window', [

@@ -40,8 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.init = 'workdirs/default'
   config.channels = 1
   # Small shifts only: the 8x8 digits upscaled to 28 px are centred, and flips change digits.
-  config.pp.train = ml_collections.ConfigDict({'crop': 'random_crop', 'random_crop_pad': 2,
-                                               'flip': False})
+  config.pp.train.update(crop='random_crop', random_crop_pad=2, flip=False)
   config.batch = 128
   config.batch_eval = 256
   config.eval_every = 100

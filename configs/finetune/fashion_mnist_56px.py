@@ -31,8 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
                                  model='ViT-Mu_4', image_size=56)
   config.init = 'workdirs/default'
   config.channels = 1
-  config.pp.train = ml_collections.ConfigDict({'crop': 'random_crop', 'random_crop_pad': 4,
-                                               'flip': True})
+  config.pp.train.update(crop='random_crop', random_crop_pad=4, flip=True)
   config.batch = 128
   config.batch_eval = 1000
   config.eval_every = 100

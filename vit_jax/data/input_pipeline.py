@@ -200,8 +200,10 @@ def _train_batch_fn(opts: dict, images: np.ndarray, labels: np.ndarray, image_si
 
 def _mixup(batch: dict[str, np.ndarray], alpha: float, num_classes: int,
            rng: np.random.Generator) -> dict[str, np.ndarray]:
-  """Mixes the batch with itself rolled by one; labels become soft."""
+  """Mixes the batch with itself rolled by one; labels become soft. The example keeps the
+  larger weight (as big_vision sorts them), so a small alpha does not swap examples."""
   lam = np.float32(rng.beta(alpha, alpha))
+  lam = max(lam, 1 - lam)
   onehot = np.eye(num_classes, dtype=np.float32)[batch['label']]
   mix = lambda x: lam * x + (1 - lam) * np.roll(x, 1, axis=0)
   return {'image': mix(batch['image']), 'label': mix(onehot)}
@@ -224,6 +226,9 @@ def make_train_iterator(*, dataset: str, split: str, data_dir: str | None,
   info = _info(builder, dataset, split)
   opts = pp_options.train_options(pp.get('train'))
   pp_options.check_channels(channels)
+  if opts['crop'] == 'random_crop' and opts['random_crop_pad'] >= image_size:
+    raise ConfigError(f'pp.train.random_crop_pad={opts["random_crop_pad"]} reflects at most '
+                      f'image_size - 1 = {image_size - 1} pixels: use a smaller pad')
   if seed < 0 or start_step < 0:
     raise ConfigError(f'seed ({seed}) and start_step ({start_step}) must be >= 0')
   index, count, local_batch, sliced = _process_slice(
@@ -312,9 +317,9 @@ def make_train_iterator(*, dataset: str, split: str, data_dir: str | None,
 
   def batches() -> Iterator[dict[str, np.ndarray]]:
     for step, batch in enumerate(preprocessed_batches(), start_step):
-      if opts['mixup']:
+      if opts['mixup']:  # One weight for the global batch: seeded without the process.
         batch = _mixup(batch, opts['mixup'], info.num_classes,
-                       np.random.default_rng([seed, step, index]))
+                       np.random.default_rng([seed, step]))
       yield batch
 
   return batches()

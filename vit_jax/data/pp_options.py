@@ -10,10 +10,11 @@ The keys (every one optional; an unknown key is a ConfigError):
   pp.train.random_crop_pad: 4.
   pp.train.flip: True (random horizontal flip).
   pp.train.mixup: 0.0 (beta alpha; 0 = off). When > 0, each batch is mixed with
-      itself rolled by one, and 'label' becomes float32 [B, num_classes] soft
+      itself rolled by one, at one weight per global batch (the larger one on the example
+      itself, as big_vision mixes), and 'label' becomes float32 [B, num_classes] soft
       labels instead of int32 [B].
-  pp.train.randaug: None, or (num_layers, magnitude 0..10), e.g. (2, 10)
-      (`vit_jax.data.randaug`: 12 of the paper's 14 ops).
+  pp.train.randaug: None, or (num_layers, magnitude >= 0): AugReg's (2, 10), (2, 15) or
+      (2, 20) (`vit_jax.data.randaug`: big_vision's 16 ops).
   pp.train.shuffle_buffer: 50_000 encoded examples (capped at the slice size); splits that
       fit it or `input_pipeline.IN_MEMORY_BYTES` are permuted exactly in memory instead.
   pp.eval.crop: 'resize' (default) | 'resize_crop' (shorter side to
@@ -24,7 +25,6 @@ from typing import Any
 
 import ml_collections
 
-from vit_jax.data import randaug
 from vit_jax.errors import ConfigError
 
 TRAIN_DEFAULTS = dict(crop='inception', inception_area_min=0.05, random_crop_pad=4,
@@ -47,11 +47,20 @@ def _options(part: Any, defaults: dict, where: str) -> dict:
 
 
 def _is_number(value) -> bool:
-  return isinstance(value, numbers.Real)
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _is_count(value) -> bool:
-  return isinstance(value, numbers.Integral) and value >= 0
+  return _is_number(value) and isinstance(value, numbers.Integral) and value >= 0
+
+
+def config_dict(train: dict, eval_crop: str) -> ml_collections.ConfigDict:
+  """`config.pp` with every key, the given ones over the defaults, so that any can be set on
+  the command line (--config.pp.train.mixup=0.2, --config.pp.train.randaug='(2, 15)')."""
+  train = {**TRAIN_DEFAULTS, **train}
+  if train['randaug'] is None:
+    train['randaug'] = ml_collections.config_dict.placeholder(tuple)
+  return ml_collections.ConfigDict({'train': train, 'eval': {**EVAL_DEFAULTS, 'crop': eval_crop}})
 
 
 def train_options(part: Any) -> dict:
@@ -60,6 +69,8 @@ def train_options(part: Any) -> dict:
   if opts['crop'] not in ('inception', 'resize', 'random_crop'):
     raise ConfigError(f'pp.train.crop={opts["crop"]!r}: use inception, resize '
                       'or random_crop')
+  if not isinstance(opts['flip'], bool):
+    raise ConfigError(f'pp.train.flip={opts["flip"]!r}: use True or False')
   if not _is_number(opts['mixup']) or opts['mixup'] < 0:
     raise ConfigError(f'pp.train.mixup={opts["mixup"]!r}: use a beta alpha >= 0 (0 is off)')
   area_min = opts['inception_area_min']
@@ -75,9 +86,9 @@ def train_options(part: Any) -> dict:
   if layers_and_magnitude is not None:
     if (not isinstance(layers_and_magnitude, (tuple, list)) or len(layers_and_magnitude) != 2
         or not _is_count(layers_and_magnitude[0]) or not _is_number(layers_and_magnitude[1])
-        or not 0 <= layers_and_magnitude[1] <= randaug.MAX_MAGNITUDE):
+        or layers_and_magnitude[1] < 0):
       raise ConfigError(f'pp.train.randaug={layers_and_magnitude!r}: use None or (num_layers '
-                        '>= 0, magnitude 0..10), e.g. (2, 10)')
+                        '>= 0, magnitude >= 0), e.g. (2, 10)')
     opts['randaug'] = (int(layers_and_magnitude[0]), float(layers_and_magnitude[1]))
   return opts
 

@@ -18,6 +18,7 @@ from vit_jax import sharding
 from vit_jax.checkpoints import restore
 from vit_jax.checkpoints import transfer
 from vit_jax.checkpoints.manager import Checkpointer, checkpoint_dir
+from vit_jax.data import pp_options
 from vit_jax.errors import ConfigError
 from vit_jax.training import experiment
 from vit_jax.training import loop
@@ -55,8 +56,8 @@ def paper_config(dataset: str, *, total_steps: int, base_lr: float, model: str =
   config.eval_split = eval_split
   config.image_size = image_size
   config.channels = 3
-  config.pp = ml_collections.ConfigDict({'train': {'crop': 'inception', 'flip': True},
-                                         'eval': {'crop': 'resize'}})
+  config.pp = pp_options.config_dict(train={'crop': 'inception', 'flip': True},
+                                     eval_crop='resize')
   config.batch = 512
   config.batch_eval = 512
   config.accum_steps = 1  # The released code uses 8 for B/16 at 384 px on a TPUv3-8.
@@ -121,7 +122,9 @@ def initial_state(exp: experiment.Experiment, pretrained: restore.Pretrained, *,
     init.update(jax.device_get(jax.jit(
         lambda r: {k: v for k, v in init_fn(r).items() if k in transfer.NEW_LAYERS},
         out_shardings=sharding.replicated(exp.mesh))(rng)))
-  params = transfer.transfer_params(pretrained.params, init, keep_pre_logits=keep_pre_logits)
+  params = transfer.transfer_params(
+      pretrained.params, init, keep_pre_logits=keep_pre_logits,
+      log=logging.info if jax.process_index() == 0 else lambda line: None)  # Said once a run.
   # Every process holds the whole host copy; each device takes its shard of it.
   params = jax.tree.map(
       lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),

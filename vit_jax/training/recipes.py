@@ -24,9 +24,12 @@ Recipe choices the paper's table leaves open (documented here, overridable by fl
     follows the B row.
   * total_steps = ceil(epochs x train examples / 4096). ImageNet-2012 train has 1,281,167
     images. ImageNet-21k is the fall 2011 release, 14,197,122 images in 21,843 classes (the
-    released checkpoints' head); its TFDS builder has only a `train` split, of which the first
-    98% is trained on (`train[:98%]` = 13,913,180 images, TFDS rounds to the closest index)
-    and the last 2% is the minival (`train[98%:]`).
+    released checkpoints' head). TFDS has no builder for it: extract the release's per-class
+    tars into ROOT/train/<wordnet id>/ and run `python -m vit_jax.datasets prepare imagenet21k
+    --source=ROOT` (classes in sorted folder order). Of its one split, `train`, the first 98%
+    is trained on (`train[:98%]` = 13,913,180 images, TFDS rounds to the closest index) and
+    the last 2% is the minival (`train[98%:]`). A head smaller than the prepared classes is a
+    one-line error before training.
   * Eval: ImageNet's `validation` split (50,000 images), resize to 256 then central crop 224.
 """
 import math
@@ -35,6 +38,7 @@ from typing import Optional
 import ml_collections
 
 from vit_jax import models
+from vit_jax.data import pp_options
 from vit_jax.models import registry
 from vit_jax.errors import ConfigError
 
@@ -106,9 +110,8 @@ def pretrain_config(model: str, arg: Optional[str] = None) -> ml_collections.Con
   config.num_classes = row['num_classes']  # The model is built without reading the dataset.
   config.image_size = IMAGE_SIZE
   config.channels = 3
-  config.pp = ml_collections.ConfigDict({
-      'train': {'crop': 'inception', 'flip': True},
-      'eval': {'crop': 'resize_crop'}})
+  config.pp = pp_options.config_dict(train={'crop': 'inception', 'flip': True},
+                                     eval_crop='resize_crop')
   config.batch = BATCH
   config.batch_eval = 1024
   config.epochs = epochs(model, dataset)  # Informational: total_steps is what the loop reads.
