@@ -11,6 +11,7 @@ from absl import flags
 from ml_collections import config_flags
 
 import config_files
+from vit_jax.data import pp_options
 from vit_jax.errors import ConfigError
 from vit_jax.training import experiment
 from vit_jax.training import finetune
@@ -258,3 +259,27 @@ def test_cli_flag_mistakes_are_one_line(tmp_path, flags_given, expected):
   assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
   assert proc.stderr.rstrip().splitlines()[-1].startswith(expected), proc.stderr[-500:]
   assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('config_arg', ['default.py', 'vit_b16.py', 'finetune/digits.py'])
+def test_every_pp_option_can_be_set_on_the_command_line(config_arg):
+  """They were unknown keys (only crop and flip were in the configs). The file's own choices
+  stay (digits: random_crop, no flip) and unset RandAugment is None."""
+  argv = ['main', f'--config={CONFIGS_DIR}/{config_arg}']
+  given = ['--config.pp.train.mixup=0.2', '--config.pp.train.randaug=(2, 15)',
+           '--config.pp.train.inception_area_min=0.08', '--config.pp.train.shuffle_buffer=1000',
+           '--config.pp.eval.crop=resize_crop']
+  values = []
+  for args in ([], given):
+    flag_values = flags.FlagValues()
+    flag = config_flags.DEFINE_config_file('config', flag_values=flag_values,
+                                           sys_argv=argv + args, lock_config=True)
+    flag_values(argv + args)
+    values.append(pp_options.train_options(flag.value.pp.train) | {
+        'eval_crop': pp_options.eval_options(flag.value.pp.eval)['crop']})
+  unset, set_ = values
+  assert unset['randaug'] is None and unset['mixup'] == 0.0
+  assert set_ == unset | dict(mixup=0.2, randaug=(2, 15.0), inception_area_min=0.08,
+                              shuffle_buffer=1000, eval_crop='resize_crop')
+  if config_arg.startswith('finetune/digits'):
+    assert (set_['crop'], set_['flip'], set_['random_crop_pad']) == ('random_crop', False, 2)
