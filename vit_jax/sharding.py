@@ -66,6 +66,7 @@ def parse_mesh(spec: Any) -> dict[str, int]:
 
 
 def resolve_mesh_shape(spec: Any, num_devices: int) -> dict[str, int]:
+  """Axis sizes for `num_devices`, the -1 axis filled; a ConfigError if they do not fit."""
   sizes = parse_mesh(spec)
   if any(size == 0 or size < -1 for size in sizes.values()):
     raise ConfigError(f'mesh {sizes}: axis sizes must be positive, or -1 for the one that fills')
@@ -97,6 +98,7 @@ def make_mesh(spec: Any, devices: Optional[Sequence[jax.Device]] = None) -> Mesh
 
 
 def data_parallel_size(mesh: Mesh) -> int:
+  """How many slices the batch is cut into (data x fsdp)."""
   return int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
 
 

@@ -89,6 +89,7 @@ def abandoned_reads_dropped() -> Iterator[None]:
 
 
 def checkpoint_dir(workdir: str) -> str:
+  """WORKDIR/checkpoints, absolute: Orbax refuses relative paths; object stores stay as given."""
   return os.path.join(os.path.abspath(workdir) if '://' not in workdir else workdir,
                       'checkpoints')
 
@@ -117,6 +118,7 @@ class Checkpointer:
     return self.manager.reached_preemption(step)
 
   def all_steps(self) -> list[int]:
+    """Committed steps, oldest first."""
     return sorted(self.manager.all_steps())
 
   def restore_latest(self, abstract_state: Any) -> tuple[Optional[Any], Optional[dict]]:
@@ -212,6 +214,7 @@ class Checkpointer:
     self.manager.reload()
 
   def restore_meta(self, step: Optional[int] = None) -> dict:
+    """The JSON beside the state (its step and config), without reading any array."""
     step = self.manager.latest_step() if step is None else step
     if step is None:
       raise ConfigError(f'no checkpoint in {self.manager.directory}: train one with '

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class ResNetConfig:
+  """The hybrid's stem: bottleneck units per stage (none: the root conv alone) and width."""
   num_layers: tuple[int, ...] = (3, 4, 9)
   width_factor: float = 1.0
 

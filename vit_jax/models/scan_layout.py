@@ -9,6 +9,7 @@ Params = dict[str, Any]
 
 
 def is_scanned(params: Params) -> bool:
+  """Whether the blocks are one stacked `encoderblock` (scan) rather than one per layer."""
   return 'encoderblock' in params.get('Transformer', {})
 
 
@@ -34,4 +35,5 @@ def unrolled_to_scanned(params: Params) -> Params:
 
 
 def to_layout(params: Params, scanned: bool) -> Params:
+  """`params` in the layout of a model built with scan=`scanned`, whichever it was saved in."""
   return unrolled_to_scanned(params) if scanned else scanned_to_unrolled(params)

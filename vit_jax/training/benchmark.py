@@ -40,7 +40,8 @@ ACCELERATOR_PEAK_SIZES = (8192,)
 def _matmul_probe(dtype: Any, size: int) -> tuple[Callable[[], Any], float]:
   """A compiled, warmed-up `size`^2 matmul run back to back (>= 2 * 2048^3 FLOPs) and its FLOPs."""
   a = jax.random.normal(jax.random.PRNGKey(0), (size, size), dtype)
-  # The product as the model computes it (bfloat16 on CPU accumulates in float32: vit_jax.models.matmul).
+  # The product as the model computes it (bfloat16 on CPU accumulates in float32:
+  # vit_jax.models.matmul).
   compiled = jax.jit(functools.partial(matmul.einsum_for(dtype), 'ij,jk->ik')).lower(a, a).compile()
   jax.block_until_ready(compiled(a, a))
   repeat = max(1, (2048 // size)**3)

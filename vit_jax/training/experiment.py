@@ -28,6 +28,8 @@ REQUIRED_KEYS = ('model', 'dataset', 'total_steps', 'batch', 'base_lr', 'warmup_
 
 @dataclasses.dataclass
 class Experiment:
+  """What one config builds: the mesh, model, optimizer and the state's shapes and
+  shardings, shared by training, fine-tuning, the bench and the planner."""
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
   model: nn.Module
@@ -60,6 +62,7 @@ class Experiment:
       return jax.jit(init, out_shardings=self.state_shardings)(rng)
 
   def jit_train_step(self) -> Callable:
+    """The update, jitted with the state's shardings and donated (updated in place)."""
     config = self.config
     step = step_lib.make_train_step(
         self.model, self.tx, self.schedule, num_classes=self.num_classes,
@@ -72,6 +75,7 @@ class Experiment:
     return self._in_context(jitted)
 
   def jit_eval_step(self) -> Callable:
+    """Summed loss and correct counts of a padded batch, replicated on every device."""
     step = step_lib.make_eval_step(self.model, num_classes=self.num_classes,
                                    loss=self.config.get('loss', 'softmax_xent'))
     jitted = jax.jit(step, in_shardings=(self.state_shardings.params,
@@ -93,6 +97,7 @@ class Experiment:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
+  """Values nothing else checks before compiling: a ConfigError naming the key and the fix."""
   missing = [key for key in REQUIRED_KEYS if key not in config]
   if missing:
     raise ConfigError(f'config lacks {missing}: start from configs/default.py')

@@ -84,6 +84,7 @@ def eval_name(config: ml_collections.ConfigDict) -> str:
 
 
 def make_eval_data(exp: Experiment) -> Iterable[dict[str, np.ndarray]]:
+  """The eval split as this process's padded batches, re-iterable for every evaluation."""
   config = exp.config
   return input_pipeline.make_eval_iterator(
       dataset=config.dataset, split=config.get('eval_split', 'test'),

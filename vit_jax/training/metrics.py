@@ -73,6 +73,7 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
 
 
 def read_jsonl(path: str) -> list[dict]:
+  """The rows of a run's metrics.jsonl, one dict a step that wrote any."""
   with open(path, encoding='utf-8') as f:
     return [json.loads(line) for line in f if line.strip()]
 

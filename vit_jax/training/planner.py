@@ -47,6 +47,7 @@ class StepMemory:
 
 @dataclasses.dataclass
 class Plan:
+  """The planner's findings, as printed by `format_plan` or as JSON."""
   model: str
   devices: int
   platform: str

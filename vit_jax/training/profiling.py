@@ -131,6 +131,7 @@ def _module_name(hlo_text: str) -> str:
 
 
 def format_summary(rows: list[dict]) -> str:
+  """The top ops as a table: time per step, count, share of the op time, pass and scope."""
   lines = [f'{"ms/step":>8} {"ops":>5} {"share":>6}  where']
   lines += [f'{r["ms_per_step"]:8.1f} {r["ops_per_step"]:5.0f} {r["share"]:6.1%}  '
             f'{r["direction"]:<8} {r["scope"]}' for r in rows]

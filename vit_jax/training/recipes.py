@@ -68,6 +68,7 @@ _LARGE = ('ViT-L_16', 'ViT-L_32', 'ViT-H_14')
 
 
 def epochs(model: str, dataset: str) -> int:
+  """Table 3's pre-training epochs."""
   if dataset == 'imagenet2012':
     return 300
   return 30 if model in _LARGE else 90

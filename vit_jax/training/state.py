@@ -15,6 +15,7 @@ import optax
 
 
 class TrainState(flax.struct.PyTreeNode):
+  """A pytree, so that jit, shardings and Orbax take it whole."""
   step: jax.Array
   params: Any
   opt_state: optax.OptState
