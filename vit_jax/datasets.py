@@ -2,7 +2,7 @@ r"""Prepares datasets offline and shows what the pipeline will see.
 
   python -m vit_jax.datasets prepare fashion_mnist [--data_dir=DIR]
   python -m vit_jax.datasets prepare digits [--data_dir=DIR]
-  python -m vit_jax.datasets prepare NAME --source=ROOT [--data_dir=DIR]  # ROOT/<split>/<label>/*.jpg
+  python -m vit_jax.datasets prepare NAME --source=ROOT [--data_dir=DIR]  # ROOT/<split>/<label>/
   python -m vit_jax.datasets info NAME [--split=train] [--data_dir=DIR]
 
 `prepare` then describes every split it prepared; `info` describes --split.
@@ -12,8 +12,14 @@ plain TFDS datasets: `tfds.load(NAME, data_dir=DIR)` reads them in any program,
 and configs name them like catalogue datasets (an image folder by its NAME).
 Other catalogue datasets (cifar10, imagenet2012, ...) are read from DIR as they
 are once `tfds build` has prepared them there.
+
+An image folder holds JPEG, PNG, GIF, BMP or WebP files, two or more labels, and no empty
+folders; NAME remembers its ROOT (`vit_jax.data.prepare`).
 """
+import logging
+
 from absl import flags
+from absl import logging as absl_logging
 
 from vit_jax.data import catalog
 from vit_jax.data import input_pipeline
@@ -23,14 +29,21 @@ from vit_jax.errors import ConfigError, run_cli
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data directory.')
 _SOURCE = flags.DEFINE_string(
     'source', None, 'fashion_mnist: folder with the idx .gz files; '
-    'other NAME: image folder ROOT/<split>/<label>/*.jpg|png.')
+    'other NAME: image folder ROOT/<split>/<label>/*.jpg|png|gif|bmp|webp.')
 _SPLIT = flags.DEFINE_string('split', 'train', 'Split that `info` describes.')
 
 
+def _not_tfds_chatter(record: logging.LogRecord) -> bool:
+  """Drops TFDS's INFO and WARNING lines: they tell of its probing (e.g. that a folder which
+  does not exist has no dataset_info.json), not of the user's data, before our one-line error."""
+  return record.levelno >= logging.ERROR or '/tensorflow_datasets/' not in record.pathname
+
+
 def main(argv: list[str]) -> None:
+  absl_logging.get_absl_logger().addFilter(_not_tfds_chatter)
   if len(argv) != 3 or argv[1] not in ('prepare', 'info'):
-    raise ConfigError('usage: python -m vit_jax.datasets prepare|info NAME '
-                      '[--data_dir=DIR] [--source=ROOT]')
+    raise ConfigError('usage: python -m vit_jax.datasets prepare NAME [--source=ROOT] '
+                      '[--data_dir=DIR], or info NAME [--split=SPLIT] [--data_dir=DIR]')
   command, name = argv[1:]
   if command == 'prepare':
     data_dir = prepare.prepare(name, _DATA_DIR.value, _SOURCE.value)

@@ -3,6 +3,7 @@
 Reading never downloads: a dataset not prepared in data_dir is a ConfigError
 naming the command that prepares it.
 """
+import difflib
 import os
 
 import tensorflow_datasets as tfds
@@ -20,15 +21,20 @@ def resolve_data_dir(data_dir: str | None) -> str:
 
 
 def how_to_prepare(name: str, data_dir: str) -> str:
-  """The command that prepares `name` in `data_dir`."""
+  """The command that prepares `name` in `data_dir` (after a close name it may be a typo of)."""
   base = name.split('/')[0].split(':')[0]
   if base in OFFLINE:
     return f'run `python -m vit_jax.datasets prepare {base} --data_dir={data_dir}`'
-  if base in tfds.list_builders(with_community_datasets=False):
+  catalogue = tfds.list_builders(with_community_datasets=False)
+  if base in catalogue:
     return (f'run `tfds build {base} --data_dir={data_dir}` where the network '
             '(or its manual download) is available')
-  return (f'for an image folder ROOT/<split>/<label>/*.jpg run `python -m '
-          f'vit_jax.datasets prepare {base} --source=ROOT --data_dir={data_dir}`')
+  image_folder = (f'for an image folder ROOT/<split>/<label>/*.jpg run `python -m '
+                  f'vit_jax.datasets prepare {base} --source=ROOT --data_dir={data_dir}`')
+  # A high cutoff: at difflib's default 0.6, 'birds' would be taken for 'iris'. The image folder
+  # advice stays: the recipes' image folder imagenet21k is close to imagenet2012.
+  close = difflib.get_close_matches(base, catalogue + _prepared_names(data_dir), n=1, cutoff=0.8)
+  return f'did you mean {close[0]!r}? Else, {image_folder}' if close else image_folder
 
 
 def load_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
@@ -57,3 +63,10 @@ def _prepared_versions(unversioned: str, data_dir: str) -> list[str]:
   if not os.path.isdir(folder):
     return []
   return sorted(entry for entry in os.listdir(folder) if tfds.core.Version.is_valid(entry))
+
+
+def _prepared_names(data_dir: str) -> list[str]:
+  """Datasets with a prepared version in data_dir (image folders have no catalogue entry)."""
+  if not os.path.isdir(data_dir):
+    return []
+  return [entry for entry in os.listdir(data_dir) if _prepared_versions(entry, data_dir)]
