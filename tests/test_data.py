@@ -372,6 +372,15 @@ def test_to_global_and_prefetch_shard_the_batch():
      'pp.train.shuffle_buffer=0'),
     (lambda d: next(train_stream(d, pp={'train': {'random_crop_pad': -1}})),
      'pp.train.random_crop_pad=-1'),
+    # Reflect-padding 8 px images by 8 failed at the first batch inside tf.data (MirrorPad).
+    (lambda d: next(train_stream(d, pp={'train': {'crop': 'random_crop', 'random_crop_pad': 8}})),
+     'pp.train.random_crop_pad=8 reflects at most image_size - 1 = 7 pixels'),
+    # Strings and booleans were taken as numbers or truth values ('false' flipped).
+    (lambda d: next(train_stream(d, pp={'train': {'flip': 'false'}})),
+     "pp.train.flip='false': use True or False"),
+    (lambda d: next(train_stream(d, pp={'train': {'mixup': True}})), 'pp.train.mixup=True'),
+    (lambda d: next(train_stream(d, pp={'train': {'randaug': (True, 10)}})),
+     'pp.train.randaug=(True, 10)'),
     (lambda d: pp_options.from_config({'pp': 'resize'}, 'eval'), "pp='resize': pp holds"),
     (lambda d: pp_options.from_config({'pp': {'eval': {'crop': 'x'}}}, 'eval'), 'pp.eval.crop'),
 ])
