@@ -1,7 +1,9 @@
 """The paper's analyses: math on constructed cases, then the model and the files end to end."""
 import itertools
 import json
+import logging
 import math
+import tracemalloc
 
 import flax
 import jax
@@ -194,6 +196,63 @@ def test_collect_attention_is_the_same_unrolled_and_scanned_whole_and_chunked(ti
   np.testing.assert_allclose(
       attention.collect_attention(scanned, {'params': params}, images, batch_size=1), attn,
       atol=1e-6)
+
+
+def test_collect_attention_compiles_once_per_model_and_shape(tiny, images, caplog):
+  model, variables = tiny
+  attention.collect_attention(model, variables, images)
+  same = models.create('ViT-Mu_4', num_classes=5)  # Another instance of the same architecture.
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    attention.collect_attention(same, variables, images)
+  assert not [r for r in caplog.records if 'Compiling' in r.getMessage()]
+
+
+def test_rollout_and_distance_are_reduced_batch_by_batch_from_one_pass(tiny, tmp_path,
+                                                                       monkeypatch):
+  """Of 19 images, the first 17 go through the model once, in batches of 8, 8 and 1: the rollout
+  of the first 10 and the distance over all 17 are those of all their attention at once."""
+  model, variables = tiny
+  many = np.random.default_rng(1).uniform(-1, 1, (19, *IMAGE_SHAPE[1:])).astype(np.float32)
+  passes = []
+  batches = attention.attention_batches
+
+  def counted(model, variables, images, **kwargs):
+    passes.append(len(images))
+    return batches(model, variables, images, **kwargs)
+
+  monkeypatch.setattr(run, 'attention_batches', counted)
+  results = run.analyze(model, variables, many, out_dir=tmp_path, which=('rollout', 'distance'),
+                        num_shown=10, num_averaged=17)
+  assert passes == [17]
+  attn = attention.collect_attention(model, variables, many)
+  np.testing.assert_allclose(results['rollout']['rollout'].reshape(10, -1),
+                             attention.attention_rollout(attn[:, :10], classifier='token'),
+                             rtol=1e-6)
+  np.testing.assert_allclose(results['distance']['mean_attention_distance'],
+                             distance.mean_attention_distance(attn[:, :17], (4, 3), (4, 4), 1),
+                             rtol=1e-6)
+  assert results['distance']['num_images'] == 17
+  with pytest.raises(ConfigError, match='num_shown=0 and num_averaged=None must be positive'):
+    run.analyze(model, variables, many, out_dir=tmp_path, which=('rollout',), num_shown=0)
+
+
+def test_analyses_hold_one_batch_of_attention_not_all_of_it(tmp_path):
+  """64 images of 64 px through ViT-Mu_4: 129 MiB of attention in all (4 layers, 2 heads, 257
+  tokens), 16 MiB a batch. Holding all of it (and float64 copies) peaked at 648 MiB for the
+  distance alone."""
+  model = models.create('ViT-Mu_4', num_classes=5)
+  many = np.random.default_rng(0).uniform(-1, 1, (64, 64, 64, 3)).astype(np.float32)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), many[:1])
+  run.analyze(model, variables, many[:8], out_dir=tmp_path, which=('distance',))  # Compiles.
+  all_attention = 4 * 64 * 2 * 257 * 257 * 4
+  for which, kwargs in ((('distance',), {}), (('rollout', 'distance'), {'num_shown': 8})):
+    tracemalloc.start()
+    try:
+      run.analyze(model, variables, many, out_dir=tmp_path, which=which, **kwargs)
+      peak = tracemalloc.get_traced_memory()[1]
+    finally:
+      tracemalloc.stop()
+    assert peak < all_attention / 2, (which, peak / 2**20)
 
 
 def _check_png(path):

@@ -1,9 +1,11 @@
-"""`vit_jax.analyze`: the four figures and their numbers for a workdir and for an exported .npz."""
+"""`vit_jax.analyze`: the four figures and their numbers for a workdir and for an exported .npz
+(a hybrid's at the image size given), from one pass of the model."""
 import json
 import os
 import subprocess
 import sys
 
+import flax
 import jax
 from matplotlib import image as mpimg
 import ml_collections
@@ -12,11 +14,15 @@ from PIL import Image
 import pytest
 import skimage.data
 
+from vit_jax import models
+from vit_jax.analysis import attention
 from vit_jax.analysis import from_checkpoint
+from vit_jax.analysis import run
 from vit_jax.analysis.filters import embedding_filter_pcs
 from vit_jax.analysis.posemb_similarity import posemb_cosine_similarity
 from vit_jax.checkpoints import npz
 from vit_jax.checkpoints import restore
+from vit_jax.data import input_pipeline
 from vit_jax.errors import ConfigError
 from vit_jax.evaluation import classify
 from vit_jax.training import experiment
@@ -110,3 +116,51 @@ def test_npz_with_photos_and_a_chosen_subset(workdir, prepared_data_dir, tmp_pat
   assert sorted(os.listdir(some)) == ['rollout.json', 'rollout.png']
   with pytest.raises(ConfigError, match='names no dataset'):
     from_checkpoint.analyze_checkpoint(path, some, model='ViT-Mu_4')
+
+
+def test_a_wrong_split_is_named_as_given(workdir, tmp_path):
+  with pytest.raises(ConfigError, match=r"fashion_mnist has no split 'validation': use one of"):
+    from_checkpoint.analyze_checkpoint(workdir, str(tmp_path / 'out'), split='validation')
+
+
+def test_a_hybrid_npz_is_analysed_at_the_image_size_given_in_one_pass(prepared_data_dir, tmp_path,
+                                                                       monkeypatch):
+  """R8+ViT-Mu_8's position embeddings fit 25-32 px: at 28 the analyses are those of the 28 px
+  eval images, from one pass of the model over the 4 images both analyses need."""
+  model = models.create('R8+ViT-Mu_8', num_classes=10)
+  params = flax.linen.meta.unbox(model.init(jax.random.PRNGKey(0),
+                                            np.zeros((1, 28, 28, 1), np.float32)))['params']
+  path = str(tmp_path / 'hybrid.npz')
+  npz.save_npz(params, path)
+  passes = []
+  batches = attention.attention_batches
+
+  def counted(model, variables, images, **kwargs):
+    passes.append(len(images))
+    return batches(model, variables, images, **kwargs)
+
+  monkeypatch.setattr(run, 'attention_batches', counted)
+  which = ['rollout', 'distance']
+  results = from_checkpoint.analyze_checkpoint(
+      path, str(tmp_path / 'at_28'), model='R8+ViT-Mu_8', image_size=28, dataset='fashion_mnist',
+      data_dir=prepared_data_dir, num_images=2, num_distance_images=4, which=which)
+  assert passes == [4]
+  batch, = input_pipeline.make_eval_iterator(
+      dataset='fashion_mnist', split='test[:4]', data_dir=prepared_data_dir, global_batch=4,
+      image_size=28, channels=1, pp=ml_collections.ConfigDict(), process_index=0,
+      process_count=1)
+  direct = run.analyze(model, {'params': params}, batch['image'], out_dir=tmp_path / 'direct',
+                       which=which, num_shown=2)
+  np.testing.assert_allclose(results['rollout']['rollout'], direct['rollout']['rollout'],
+                             rtol=1e-6)
+  np.testing.assert_allclose(results['distance']['mean_attention_distance'],
+                             direct['distance']['mean_attention_distance'], rtol=1e-6)
+  # The flag reaches the loader: a size that does not fit the grid stops with one line.
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', XLA_FLAGS='')
+  proc = subprocess.run([sys.executable, '-m', 'vit_jax.analyze', f'--checkpoint={path}',
+                         '--model=R8+ViT-Mu_8', '--image_size=24', f'--out_dir={tmp_path}/cli'],
+                        capture_output=True, text=True, env=env, cwd=REPO, check=False)
+  assert proc.returncode == 2
+  assert proc.stderr.splitlines()[-1] == (
+      f'error: image size 24 does not give the token grid of the position embeddings of {path}: '
+      'pass an --image_size from 25 to 32')

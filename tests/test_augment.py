@@ -209,12 +209,13 @@ def test_randaug_changes_the_batch_with_layers_even_at_magnitude_0(prepared_data
 ])
 def test_central_crop_keeps_the_centre(shape, window):
   # size 21 / crop_fraction 0.875 = 24 = the shorter side: no resampling, so the output is the
-  # input's central 21 x 21 exactly (floor of the margin / 2 on top and left). Catches an
-  # off-centre (corner) crop, swapped height and width, or scaling the longer side to 24.
-  image = np.random.default_rng(0).integers(0, 256, shape + (3,)).astype(np.float32)
+  # input's central 21 x 21 exactly (floor of the margin / 2 on top and left), still uint8 as
+  # big_vision's resize_small returns it. Catches an off-centre (corner) crop, swapped height and
+  # width, scaling the longer side to 24, or float pixels (big_vision truncates to uint8).
+  image = np.random.default_rng(0).integers(0, 256, shape + (3,)).astype(np.uint8)
   out = preprocess.resize_small_and_central_crop(tf.constant(image), 21).numpy()
-  assert out.shape == (21, 21, 3)
-  np.testing.assert_allclose(out, image[window], atol=1e-3)
+  assert out.shape == (21, 21, 3) and out.dtype == np.uint8
+  np.testing.assert_array_equal(out, image[window])
 
 
 def test_resize_is_the_released_codes_plain_bilinear():
@@ -228,16 +229,29 @@ def test_resize_is_the_released_codes_plain_bilinear():
   np.testing.assert_array_equal(preprocess.resize(tf.constant(image), 16).numpy(), image)
 
 
-def test_central_crop_resizes_the_shorter_side_first():
-  # 40 x 30, size 8: the shorter side goes to ceil(8 / 0.875) = 10, the longer to
-  # ceil(40 * 9.14 / 30) = 13 (aspect kept), then rows 2:10 and columns 1:9. Catches a crop of
-  # the unresized image, a resize straight to 8 x 8, or a stretched aspect.
-  image = np.zeros((40, 30, 1), np.float32)
-  image[:, 15:] = 200  # Right half bright: a vertical edge a centre crop keeps in the middle.
-  image[:5] = 100  # A top band the crop leaves out.
-  out = preprocess.resize_small_and_central_crop(tf.constant(image), 8).numpy()
-  expected = tf.image.resize(image, [13, 10]).numpy()[2:10, 1:9]
-  assert out.shape == (8, 8, 1)
-  np.testing.assert_allclose(out, expected, atol=1e-3)
-  np.testing.assert_allclose(out[:, :3], 0, atol=1e-3)  # Left of the edge, below the band.
-  np.testing.assert_allclose(out[:, 5:], 200, atol=1e-3)
+def test_central_crop_averages_areas_as_big_vision_resize_small():
+  # 96 x 72, size 21: the shorter side goes to 21 / 0.875 = 24, a third, so 'area' makes each
+  # output pixel the mean of a 3 x 3 block (bilinear would take the block's centre pixel), then
+  # rows 5:26 and columns 1:22 of the 32 x 24. Catches bilinear, a crop of the unresized image or
+  # a stretched aspect.
+  image = np.random.default_rng(0).uniform(0, 255, (96, 72, 1)).astype(np.float32)
+  out = preprocess.resize_small_and_central_crop(tf.constant(image), 21).numpy()
+  block_means = image.reshape(32, 3, 24, 3, 1).mean(axis=(1, 3))
+  assert out.shape == (21, 21, 1)
+  np.testing.assert_allclose(out, block_means[5:26, 1:22], atol=1e-3)
+
+
+def test_central_crop_rounds_the_longer_side_as_big_vision_resize_small():
+  # ImageNet's 375 x 500 at 224: resize_small(256) gives 256 x round(341.33) = 341 (ceil: 342),
+  # then central_crop(224) starts at row 16 and column (341 - 224) // 2 = 58. On a ramp (pixel =
+  # its row, or column) an output pixel is the mean coordinate of the input box it covers:
+  # (i + offset + 1/2) * input / scaled - 1/2; TF's area resize comes within 0.09 of it, and 342
+  # columns would be 1.2 off at the left edge.
+  rows, cols = np.meshgrid(np.arange(375), np.arange(500), indexing='ij')
+  ramp = np.stack([rows, cols], axis=-1).astype(np.float32)
+  out = preprocess.resize_small_and_central_crop(tf.constant(ramp), 224).numpy()
+  i = np.arange(224)
+  np.testing.assert_allclose(out[..., 0], np.broadcast_to(
+      ((i + 16 + 0.5) * 375 / 256 - 0.5)[:, None], (224, 224)), atol=0.1)
+  np.testing.assert_allclose(out[..., 1], np.broadcast_to(
+      (i + 58 + 0.5) * 500 / 341 - 0.5, (224, 224)), atol=0.1)

@@ -1,12 +1,16 @@
 """`vit_jax.infer` and `vit_jax.evaluation.classify`: real photos and odd image modes, a model
-trained here on Fashion-MNIST, the eval pipeline's preprocessing, the output formats, one compile."""
+trained here on Fashion-MNIST, the eval pipeline's decoding and preprocessing, a hybrid `.npz`'s
+image size, the output formats, one compile."""
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
 
+import flax
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -15,8 +19,11 @@ import skimage.data
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vit_jax import models
 from vit_jax.checkpoints import npz
 from vit_jax.data import input_pipeline
+from vit_jax.data import prepare
+from vit_jax.data import preprocess
 from vit_jax.errors import ConfigError
 from vit_jax.evaluation import classify
 from vit_jax.training import experiment
@@ -25,6 +32,8 @@ from vit_jax.training import loop
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker',
            'Bag', 'Ankle boot']
+HYBRID = 'R8+ViT-Mu_8'  # The embedded default: its /8 stem pads 25-32 px alike to a 4x4 grid.
+CLI_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', XLA_FLAGS='')
 
 
 @pytest.fixture(scope='module')
@@ -40,6 +49,20 @@ def workdir(prepared_data_dir, tmp_path_factory) -> str:
   # One device: 8 simulated ones only slow a model this small down.
   loop.train_and_evaluate(config, path, exp=experiment.build(config, devices=jax.devices()[:1]))
   return path
+
+
+@pytest.fixture(scope='module')
+def hybrid_npz(tmp_path_factory):
+  """(model, params, .npz path) of an untrained R8+ViT-Mu_8 for grey 28 px images with a random
+  head (a fresh head is zero: every image would score the same), in the released layout."""
+  model = models.create(HYBRID, num_classes=10)
+  params = flax.linen.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1))))
+  params = params['params']
+  head = np.random.default_rng(0).normal(size=params['head']['kernel'].shape).astype(np.float32)
+  params = {**params, 'head': {**params['head'], 'kernel': head}}
+  path = str(tmp_path_factory.mktemp('hybrid') / 'hybrid.npz')
+  npz.save_npz(params, path)
+  return model, params, path
 
 
 @pytest.fixture(scope='module')
@@ -79,8 +102,11 @@ def _fashion_test_images(data_dir: str, count: int):
   return [ex['image'] for ex in examples], np.array([ex['label'] for ex in examples])
 
 
-@pytest.mark.parametrize('mode', ['1', 'L', 'LA', 'I;16', 'RGB', 'RGBA', 'P'])
-def test_loaded_pixels_are_what_tf_decodes(tmp_path, mode):
+@pytest.mark.parametrize('mode,ext', [('1', 'png'), ('L', 'png'), ('LA', 'png'), ('I;16', 'png'),
+                                      ('RGB', 'png'), ('RGBA', 'png'), ('P', 'png'),
+                                      ('L', 'jpg'), ('RGB', 'jpg')])
+def test_loaded_pixels_are_what_tf_decodes(tmp_path, mode, ext):
+  # JPEG: TF's default DCT is not PIL's, so a PIL decode is off by a few grey levels.
   rng = np.random.default_rng(0)
   rgba = rng.integers(0, 256, (9, 13, 4), dtype=np.uint8)
   image = {
@@ -92,7 +118,7 @@ def test_loaded_pixels_are_what_tf_decodes(tmp_path, mode):
       'RGBA': lambda: Image.fromarray(rgba),
       'P': lambda: Image.fromarray(rgba[..., :3]).quantize(16),
   }[mode]()
-  path = str(tmp_path / 'image.png')
+  path = str(tmp_path / f'image.{ext}')
   image.save(path)
   assert Image.open(path).mode == mode
   pixels = classify.load_image(path)
@@ -117,7 +143,7 @@ def test_a_test_image_as_png_is_preprocessed_and_classified_as_by_the_eval_pipel
   for i, image in enumerate(raw):
     paths.append(str(tmp_path / f'{i}.png'))
     Image.fromarray(image[..., 0]).save(paths[-1])
-    np.testing.assert_array_equal(classifier.preprocess(classify.load_image(paths[-1])),
+    np.testing.assert_array_equal(classifier.checkpoint.preprocess(classify.load_image(paths[-1])),
                                   batch['image'][i])
   predictions = list(classifier.classify_files(paths))
   reference = classifier.logits(batch['image'])
@@ -160,10 +186,9 @@ def test_json_has_every_probability_and_logit(workdir, photos):
 
 def test_cli_top_k_reaches_the_json_and_is_clamped_to_the_class_count(workdir, photos):
   paths = [photos['astronaut.jpg'], photos['camera.png'], photos['moon16.png']]
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', XLA_FLAGS='')
   proc = subprocess.run([sys.executable, '-m', 'vit_jax.infer', f'--checkpoint={workdir}',
                          '--json', '--top_k=2', *paths],
-                        capture_output=True, text=True, env=env, cwd=REPO, check=False)
+                        capture_output=True, text=True, env=CLI_ENV, cwd=REPO, check=False)
   assert proc.returncode == 0, proc.stderr
   doc = json.loads(proc.stdout)
   assert [p['image'] for p in doc['predictions']] == paths and doc['errors'] == []
@@ -226,10 +251,9 @@ def test_cli_reports_each_unreadable_file_in_one_line_and_classifies_the_rest(
     truncated.write_bytes(f.read()[:2000])
   good = [photos['astronaut.jpg'], photos['coffee_rgba.png']]
   args = [good[0], str(notes), str(truncated), good[1]]
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', XLA_FLAGS='')
   proc = subprocess.run([sys.executable, '-m', 'vit_jax.infer', f'--checkpoint={workdir}',
                          '--top_k=11', *args],
-                        capture_output=True, text=True, env=env, cwd=REPO, check=False)
+                        capture_output=True, text=True, env=CLI_ENV, cwd=REPO, check=False)
   assert proc.returncode == 1, proc.stderr
   errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
   assert len(errors) == 2, proc.stderr
@@ -251,3 +275,86 @@ def test_top_k_below_one_is_a_config_error(workdir, photos):
   with pytest.raises(ConfigError, match=r'top_k=-1: print at least one class'):
     _report(workdir, list(photos.values())[:1], top_k=-1)
 
+
+
+@pytest.mark.parametrize('name,image', [
+    ('palette.bmp', lambda: Image.fromarray(skimage.data.chelsea()).quantize(16)),  # TF: indices.
+    ('grey.gif', lambda: Image.fromarray(skimage.data.camera())),  # TF: GIFs in colour only.
+    ('grey.tif', lambda: Image.fromarray(skimage.data.camera())),  # TF: no TIFF decoder.
+])
+def test_what_tf_misreads_or_cannot_read_is_decoded_by_pil(tmp_path, name, image):
+  path = str(tmp_path / name)
+  image().save(path)
+  expected = np.asarray(Image.open(path).convert('RGB' if name.endswith('bmp') else 'L'))
+  np.testing.assert_array_equal(classify.load_image(path), expected.reshape(
+      *expected.shape[:2], -1))
+
+
+def test_jpeg_files_are_preprocessed_as_the_eval_pipeline_preprocesses_them(tmp_path):
+  """The same JPEG bytes, stored in a prepared image folder and given to infer as a file, give
+  the same model input at 224 px with the ImageNet central crop and at 32 px resized. A PIL decode
+  moved 92% of the 224 px values, by up to 0.11."""
+  root = tmp_path / 'folder'
+  for name in ('astronaut', 'camera', 'coffee'):  # RGB, grey, RGB.
+    (root / 'test' / name).mkdir(parents=True)
+    Image.fromarray(getattr(skimage.data, name)()).save(root / 'test' / name / f'{name}.jpg')
+  data_dir = str(tmp_path / 'tfds')
+  prepare.prepare('jpeg_photos', data_dir, source=str(root))
+  stored = tfds.builder('jpeg_photos', data_dir=data_dir).as_dataset(
+      split='test', shuffle_files=False, decoders={'image': tfds.decode.SkipDecoding()})
+  files = []
+  for i, example in enumerate(stored.as_numpy_iterator()):
+    assert example['image'][:2] == b'\xff\xd8'  # Stored as the JPEG it was.
+    files.append(str(tmp_path / f'stored_{i}.jpg'))
+    with open(files[-1], 'wb') as f:
+      f.write(example['image'])
+  for size, channels, crop in ((224, 3, 'resize_crop'), (32, 3, 'resize')):
+    batch, = input_pipeline.make_eval_iterator(
+        dataset='jpeg_photos', split='test', data_dir=data_dir, global_batch=3, image_size=size,
+        channels=channels, pp=ml_collections.ConfigDict({'eval': {'crop': crop}}),
+        process_index=0, process_count=1)
+    for path, expected in zip(files, batch['image']):
+      pixels = tf.constant(classify.load_image(path))
+      np.testing.assert_array_equal(
+          preprocess.eval_image(pixels, size, channels, crop).numpy(), expected)
+
+
+def test_a_hybrid_npz_runs_at_the_image_size_given_else_at_the_largest_its_grid_fits(
+    hybrid_npz, prepared_data_dir, tmp_path, caplog):
+  model, params, path = hybrid_npz
+  # ceil(size / 8) = 4 tokens a side for 25 to 32 px: the grid alone cannot tell them apart.
+  assert [models.token_grid(model, s, s) for s in (24, 25, 32, 33)] == [(3, 3), (4, 4), (4, 4),
+                                                                       (5, 5)]
+  raw, _ = _fashion_test_images(prepared_data_dir, 8)
+  paths = []
+  for i, image in enumerate(raw):
+    paths.append(str(tmp_path / f'{i}.png'))
+    Image.fromarray(image[..., 0]).save(paths[-1])
+  batch, = input_pipeline.make_eval_iterator(
+      dataset='fashion_mnist', split='test[:8]', data_dir=prepared_data_dir, global_batch=8,
+      image_size=28, channels=1, pp=ml_collections.ConfigDict(), process_index=0,
+      process_count=1)
+  forward = jax.jit(lambda params, images: model.apply({'params': params}, images, train=False))
+  at_28 = np.asarray(forward(params, batch['image']))
+  given = classify.Classifier.from_checkpoint(path, HYBRID, image_size=28, batch_size=8)
+  # The same pixels through the same compiled pass (one batch of 8): the same logits, exactly.
+  np.testing.assert_array_equal([p.logits for p in given.classify_files(paths)], at_28)
+  with caplog.at_level(logging.WARNING):
+    guessed = classify.Classifier.from_checkpoint(path, HYBRID, batch_size=8)
+  assert guessed.checkpoint.image_size == 32
+  assert 'hybrid.npz: 25-32 px' in caplog.text and 'guessing 32' in caplog.text
+  assert '--image_size' in caplog.text
+  guessed_logits = np.stack([p.logits for p in guessed.classify_files(paths)])
+  assert np.abs(guessed_logits - at_28).max() > 0.1  # What the wrong size costs.
+  with pytest.raises(ConfigError,
+                     match=r'image size 24 does not give .*: pass an --image_size from 25 to 32'):
+    classify.load_checkpoint(path, HYBRID, image_size=24)
+  # The flag reaches the model; without it, one line on stderr says what was guessed.
+  for flag, expected in (('--image_size=28', at_28), ('--top_k=5', guessed_logits)):
+    proc = subprocess.run([sys.executable, '-m', 'vit_jax.infer', f'--checkpoint={path}',
+                           f'--model={HYBRID}', '--json', flag, *paths[:2]],
+                          capture_output=True, text=True, env=CLI_ENV, cwd=REPO, check=False)
+    assert proc.returncode == 0, proc.stderr
+    logits = [p['logits'] for p in json.loads(proc.stdout)['predictions']]
+    np.testing.assert_allclose(logits, expected[:2], atol=1e-4)  # Batches of 32: other floats.
+    assert ('guessing 32, the largest: pass --image_size' in proc.stderr) == (flag == '--top_k=5')

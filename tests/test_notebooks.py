@@ -1,7 +1,9 @@
-"""The notebooks: committed without outputs, Colab set-up skipped elsewhere, and (slow) each runs
-top to bottom on CPU with the offline datasets."""
+"""The notebooks: committed without outputs, a Colab set-up that stops with a clear error (and is
+skipped elsewhere), and (slow) each runs top to bottom on CPU with the offline datasets."""
 import os
-import re
+import subprocess
+import sys
+import types
 
 import nbformat
 import pytest
@@ -15,18 +17,42 @@ def _read(name: str) -> nbformat.NotebookNode:
 
 
 @pytest.mark.parametrize('name', NOTEBOOKS)
-def test_committed_clean_and_colab_setup_is_guarded(name):
+def test_committed_clean_with_plain_python_only(name):
   notebook = _read(name)
   nbformat.validate(notebook)
   code = [cell for cell in notebook.cells if cell.cell_type == 'code']
   assert all(not cell.outputs and cell.execution_count is None for cell in code)
-  first = code[0].source.splitlines()
-  guard = first.index("if 'google.colab' in sys.modules:")
-  installs = [i for i, line in enumerate(first) if re.match(r'\s*[%!]pip', line)]
-  assert installs and all(i > guard and first[i].startswith('  ') for i in installs)
-  magics = [line for cell in code[1:] for line in cell.source.splitlines()
+  magics = [line for cell in code for line in cell.source.splitlines()
             if line.lstrip().startswith(('%', '!'))]
-  assert not magics  # Only the guarded set-up may need IPython or a network.
+  assert not magics  # A failed %pip would not stop the cell; the set-up raises instead.
+
+
+def _run_setup_cell(name: str, repo_url: str = '') -> None:
+  """Runs the first code cell, with REPO_URL set to `repo_url`."""
+  source = next(cell for cell in _read(name).cells if cell.cell_type == 'code').source
+  assert source.count("REPO_URL = ''") == 1
+  # pylint: disable-next=exec-used
+  exec(source.replace("REPO_URL = ''", f'REPO_URL = {repo_url!r}'), {})
+
+
+@pytest.mark.parametrize('name', NOTEBOOKS)
+def test_colab_setup_stops_without_a_repo_url_or_when_pip_fails(name, monkeypatch):
+  calls = []
+
+  def failing_pip(args, **kwargs):
+    calls.append(args)
+    return subprocess.CompletedProcess(args, 1, '', 'ERROR: could not clone')
+
+  monkeypatch.setattr(subprocess, 'run', failing_pip)
+  _run_setup_cell(name)  # Outside Colab the cell does nothing.
+  monkeypatch.setitem(sys.modules, 'google.colab', types.ModuleType('google.colab'))
+  with pytest.raises(ValueError, match='set REPO_URL at the top of this cell'):
+    _run_setup_cell(name)
+  url = 'https://example.invalid/vit_jax.git'
+  with pytest.raises(RuntimeError, match=f'pip could not install vit_jax from {url}: check '
+                     'REPO_URL. pip said:\nERROR: could not clone'):
+    _run_setup_cell(name, url)
+  assert calls == [[sys.executable, '-m', 'pip', 'install', '-q', f'vit_jax @ git+{url}']]
 
 
 @pytest.mark.slow  # About a minute each on 2 free cores (training included).

@@ -1,10 +1,11 @@
 """Few-shot linear evaluation of a checkpoint's frozen pre-logit features (the paper's probe).
 
-  python -m vit_jax.fewshot --checkpoint=PATH [--model=ViT-B_16] --dataset=digits \
+  python -m vit_jax.fewshot --checkpoint=PATH [--model=ViT-B_16 [--image_size=N]] --dataset=digits \
       [--shots=1,5,10,25] [--seeds=3] [--json]
 
 PATH is a training workdir (its newest checkpoint, architecture from its saved config) or a
-released-layout `.npz` (then --model names the architecture). Images are prepared as the
+released-layout `.npz` (then --model names the architecture, and --image_size the resolution where
+a hybrid's position embeddings leave it open: see `vit_jax.infer`). Images are prepared as the
 checkpoint's evaluation saw them (its resolution and pp.eval.crop), so the figures match the
 probe run during training. Prints mean and spread of the test accuracy over seeds per shot count.
 """
@@ -23,6 +24,8 @@ from vit_jax.evaluation import fewshot
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A training workdir or a .npz of params.')
 _MODEL = flags.DEFINE_string('model', None, 'The architecture of a .npz (e.g. ViT-B_16).')
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', None, 'The resolution it was trained at '
+                                   '(default: from its config or position embeddings).')
 _DATASET = flags.DEFINE_string('dataset', None, 'A prepared TFDS dataset, e.g. digits.')
 _TRAIN_SPLIT = flags.DEFINE_string('train_split', 'train', 'Where the k shots are drawn from.')
 _TEST_SPLIT = flags.DEFINE_string('test_split', 'test', 'Where accuracy is measured.')
@@ -50,7 +53,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.getLogger().setLevel(logging.INFO)
-  pretrained = restore.load_for_reading(_CHECKPOINT.value, _MODEL.value)
+  pretrained = restore.load_for_reading(_CHECKPOINT.value, _MODEL.value, _IMAGE_SIZE.value)
   model = pretrained.create_model(num_classes=0)
   params = restore.checked_params(pretrained, model)
   mesh = sharding.make_mesh('data:-1')
@@ -58,7 +61,7 @@ def main(argv: list[str]) -> None:
   evaluator = fewshot.FewShotEvaluator(
       model=model, mesh=mesh, params_shardings=shardings,
       datasets={_DATASET.value: (_TRAIN_SPLIT.value, _TEST_SPLIT.value)},
-      image_size=pretrained.image_size(), channels=pretrained.channels,
+      image_size=pretrained.image_size, channels=pretrained.channels,
       shots=[int(k) for k in _SHOTS.value], seeds=_SEEDS.value, l2_reg=_L2_REG.value,
       batch=_BATCH.value, crop=pretrained.eval_crop(),
       data_dir=_DATA_DIR.value)

@@ -3,8 +3,11 @@ r"""Classifies image files with a trained ViT: the top-5 classes of each, or all
   python -m vit_jax.infer --checkpoint=WORKDIR photo.jpg scan.png
   python -m vit_jax.infer --checkpoint=ViT-B_16.npz --model=ViT-B_16 --labels=names.txt IMG...
   python -m vit_jax.infer --checkpoint=WORKDIR --json IMG... > predictions.json
+  python -m vit_jax.infer --checkpoint=default.npz --model=R8+ViT-Mu_8 --image_size=28 IMG...
 
-Images of any size and mode are resized and converted as the model's eval split was. Labels come
+Images of any size and mode are decoded, resized and converted as the model's eval split was, at
+the resolution of a workdir's config or, for a .npz, the one its position embeddings fit (for a
+hybrid the largest of several, which is logged: give --image_size when it was another). Labels come
 from --labels when given, else from the dataset named in a workdir's config (when prepared in its
 data_dir or $TFDS_DATA_DIR), else they are class indices. A file that is not an image gets one
 line on stderr and the others are still classified; the exit status is then 1. The formats are
@@ -19,6 +22,8 @@ from vit_jax.evaluation import classify
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A pre-training workdir or a .npz file.')
 _MODEL = flags.DEFINE_string('model', None, 'Model name, e.g. ViT-B_16 (needed for a .npz).')
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', None, 'The resolution it was trained at '
+                                   '(default: from its config or position embeddings).')
 _LABELS = flags.DEFINE_string('labels', None, 'Text file with one class name per line.')
 _JSON = flags.DEFINE_bool('json', False, 'Print every probability and logit as JSON.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Images per forward pass.')
@@ -33,7 +38,8 @@ def main(argv: list[str]) -> int:
     raise ConfigError('no images given: pass image files after the flags')
   class_names = classify.read_labels(_LABELS.value) if _LABELS.value else None
   classifier = classify.Classifier.from_checkpoint(
-      _CHECKPOINT.value, _MODEL.value, class_names=class_names, batch_size=_BATCH_SIZE.value)
+      _CHECKPOINT.value, _MODEL.value, image_size=_IMAGE_SIZE.value, class_names=class_names,
+      batch_size=_BATCH_SIZE.value)
   failed = classify.report(classifier, argv[1:], as_json=_JSON.value, top_k=_TOP_K.value,
                            source=_CHECKPOINT.value)
   return 1 if failed else 0

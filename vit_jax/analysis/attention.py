@@ -3,7 +3,8 @@
 Rollout (Abnar & Zuidema, 2020) estimates how much each input token contributes to each output
 token by chaining the per-layer attention, with the residual connection counted as an identity.
 """
-from typing import Any, Mapping
+import functools
+from typing import Any, Iterator, Mapping
 
 import flax.linen as nn
 import jax
@@ -18,25 +19,35 @@ def _sown(block: Mapping[str, Any]) -> jnp.ndarray:
   return block['MultiHeadDotProductAttention_1']['attention'][0]
 
 
-def collect_attention(model: nn.Module, variables: Mapping[str, Any], images: np.ndarray, *,
-                      batch_size: int = 32) -> np.ndarray:
-  """Attention weights of every encoder layer, [layers, B, heads, T, T] (float32).
+@functools.partial(jax.jit, static_argnums=0)  # Compiled once per model and batch shape.
+def _layer_attention(model: nn.Module, variables: Mapping[str, Any],
+                     images: jnp.ndarray) -> jnp.ndarray:
+  blocks = model.apply(variables, images, train=False, mutable='intermediates')[1]
+  blocks = blocks['intermediates']['Transformer']
+  if 'encoderblock' in blocks:  # Scanned: one entry, layers stacked on axis 0.
+    return _sown(blocks['encoderblock'])
+  return jnp.stack([_sown(blocks[f'encoderblock_{i}']) for i in range(len(blocks))])
+
+
+def attention_batches(model: nn.Module, variables: Mapping[str, Any], images: np.ndarray, *,
+                      batch_size: int = 8) -> Iterator[np.ndarray]:
+  """Attention weights of every encoder layer, [layers, b, heads, T, T] (float32), for
+  `batch_size` images at a time: an analysis that reduces each batch holds one batch's worth
+  however many images it averages over.
 
   Runs the model's own forward pass with 'intermediates' mutable, so the weights are exactly the
-  ones the model uses; works for the unrolled and the scanned layout. Images go through in chunks
-  of `batch_size` to bound device memory (the result lives on the host).
+  ones the model uses; works for the unrolled and the scanned layout.
   """
-  apply = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable='intermediates')[1])
-  chunks = []
   for start in range(0, len(images), batch_size):
-    blocks = apply(variables, jnp.asarray(images[start:start + batch_size]))
-    blocks = blocks['intermediates']['Transformer']
-    if 'encoderblock' in blocks:  # Scanned: one entry, layers stacked on axis 0.
-      attn = _sown(blocks['encoderblock'])
-    else:
-      attn = jnp.stack([_sown(blocks[f'encoderblock_{i}']) for i in range(len(blocks))])
-    chunks.append(np.asarray(attn, np.float32))
-  return np.concatenate(chunks, axis=1)
+    attn = _layer_attention(model, variables, jnp.asarray(images[start:start + batch_size]))
+    yield np.asarray(attn, np.float32)
+
+
+def collect_attention(model: nn.Module, variables: Mapping[str, Any], images: np.ndarray, *,
+                      batch_size: int = 32) -> np.ndarray:
+  """All of `attention_batches` at once, [layers, B, heads, T, T]: for a look at a few images."""
+  return np.concatenate(list(attention_batches(model, variables, images, batch_size=batch_size)),
+                        axis=1)
 
 
 def num_prefix_tokens(classifier: str) -> int:
@@ -51,8 +62,8 @@ def rollout_matrix(attn: np.ndarray) -> np.ndarray:
   0.5 * attention + 0.5 * identity); layers are chained as A_L @ ... @ A_1. Every row is a
   distribution over input tokens (non-negative, sums to one).
   """
-  attn = np.asarray(attn, np.float64).mean(axis=2)  # [L, B, T, T]
-  aug = attn + np.eye(attn.shape[-1])
+  aug = np.mean(attn, axis=2, dtype=np.float64)  # [L, B, T, T], without a float64 copy first.
+  aug += np.eye(aug.shape[-1])
   aug /= aug.sum(axis=-1, keepdims=True)
   joint = aug[0]
   for layer in aug[1:]:

@@ -31,16 +31,18 @@ def mean_attention_distance(attn: np.ndarray, grid: tuple[int, int], patch_size:
   extent on the image in pixels (for hybrids, the stem's stride times the model's patch). The
   distance is averaged over patch queries and images (see the module docstring for the weights).
   """
-  attn = np.asarray(attn, np.float64)
+  attn = np.asarray(attn)
+  attn = attn.astype(np.promote_types(attn.dtype, np.float32), copy=False)  # float32 stays.
   num_patches = grid[0] * grid[1]
   if attn.shape[-1] != num_prefix_tokens + num_patches:
     raise ConfigError(f'attention over {attn.shape[-1]} tokens does not match '
                       f'{num_prefix_tokens} prefix token(s) + a {grid[0]}x{grid[1]} grid: '
                       'check the grid and classifier')
-  weights = attn[..., num_prefix_tokens:, num_prefix_tokens:]
-  if renormalize:
+  weights = attn[..., num_prefix_tokens:, num_prefix_tokens:]  # A view: no copy of the weights.
+  distances = patch_distances(grid, patch_size).astype(weights.dtype)
+  per_query = np.einsum('lbhqk,qk->lbhq', weights, distances)
+  if renormalize:  # Dividing the weighted sum by the weights' sum is weighting by w / sum(w).
     # A query with all its weight on prefix tokens (float32 underflow) gets distance 0, not NaN.
-    total = weights.sum(axis=-1, keepdims=True)
-    weights = weights / np.maximum(total, np.finfo(np.float64).tiny)
-  per_query = np.einsum('lbhqk,qk->lbhq', weights, patch_distances(grid, patch_size))
-  return per_query.mean(axis=(1, 3))
+    total = weights.sum(axis=-1)
+    per_query = per_query / np.maximum(total, np.finfo(total.dtype).tiny)
+  return per_query.mean(axis=(1, 3), dtype=np.float64)

@@ -1,6 +1,7 @@
 """Principal components of the patch-embedding filters (the paper's Figure 7 left): the linear
 embedding's filters resemble plausible basis functions for each patch's fine structure."""
 import numpy as np
+from sklearn import decomposition
 
 from vit_jax.errors import ConfigError
 
@@ -8,10 +9,10 @@ from vit_jax.errors import ConfigError
 def embedding_filter_pcs(kernel: np.ndarray, num_components: int) -> tuple[np.ndarray, np.ndarray]:
   """The top principal components of the D filters of a [ph, pw, C, D] embedding kernel.
 
-  Each filter is one sample of ph*pw*C features; the samples are centred and decomposed with an
-  SVD. Returns (components [k, ph, pw, C], each unit-norm, and the fraction of the filters'
-  variance each explains, [k]). A component's sign is arbitrary; it is fixed so that its
-  largest-magnitude entry is positive, which keeps plots stable across runs.
+  Each filter is one sample of ph*pw*C features. Returns (components [k, ph, pw, C], each
+  unit-norm, and the fraction of the filters' variance each explains, [k]). A component's sign
+  is arbitrary; scikit-learn makes its largest-magnitude entry positive, which keeps plots
+  stable across runs.
   """
   ph, pw, channels, num_filters = kernel.shape
   samples = np.asarray(kernel, np.float64).reshape(ph * pw * channels, num_filters).T
@@ -19,10 +20,6 @@ def embedding_filter_pcs(kernel: np.ndarray, num_components: int) -> tuple[np.nd
   if not 1 <= num_components <= rank:
     raise ConfigError(f'num_components must be in [1, {rank}] for a {ph}x{pw}x{channels} kernel '
                       f'with {num_filters} filters, got {num_components}')
-  _, singular, vt = np.linalg.svd(samples - samples.mean(axis=0), full_matrices=False)
-  components = vt[:num_components]
-  peak = np.take_along_axis(components, np.abs(components).argmax(axis=1)[:, None], axis=1)
-  components = components * np.sign(peak)
-  variance = singular**2
-  ratio = variance[:num_components] / variance.sum()
-  return components.reshape(num_components, ph, pw, channels), ratio
+  pca = decomposition.PCA(num_components, svd_solver='full').fit(samples)
+  return (pca.components_.reshape(num_components, ph, pw, channels),
+          pca.explained_variance_ratio_)

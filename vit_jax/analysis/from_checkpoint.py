@@ -21,9 +21,11 @@ def supported(ckpt: classify.Checkpoint) -> list[str]:
 def dataset_images(ckpt: classify.Checkpoint, dataset: str, split: str,
                    data_dir: Optional[str], count: int) -> np.ndarray:
   """The first `count` images of a split, through the model's eval preprocessing."""
+  input_pipeline.get_info(dataset, split, data_dir)  # A wrong split named as given, unsliced.
   pp = ml_collections.ConfigDict({'eval': {'crop': ckpt.crop}})
-  whole = '[' not in split  # Then sliced to one batch here, read to its end: TF warns when a
-  # cached dataset is left half-read.
+  # A plain split is sliced to one batch and read to its end (TF warns when a cached dataset is
+  # left half-read); slices and sums, where 'train+test[:n]' would slice only test, are not.
+  whole = not any(c in split for c in '[+')
   batches = input_pipeline.make_eval_iterator(
       dataset=dataset, split=f'{split}[:{count}]' if whole else split, data_dir=data_dir,
       global_batch=count, image_size=ckpt.image_size, channels=ckpt.channels, pp=pp,
@@ -38,34 +40,30 @@ def file_images(ckpt: classify.Checkpoint, paths: Sequence[str]) -> np.ndarray:
 
 
 def analyze_checkpoint(checkpoint: str, out_dir: str, *, model: Optional[str] = None,
-                       images: Sequence[str] = (), dataset: Optional[str] = None,
-                       split: str = 'test', data_dir: Optional[str] = None,
-                       num_images: int = 8, num_distance_images: int = 32,
+                       image_size: Optional[int] = None, images: Sequence[str] = (),
+                       dataset: Optional[str] = None, split: str = 'test',
+                       data_dir: Optional[str] = None, num_images: int = 8,
+                       num_distance_images: int = 32,
                        which: Optional[Sequence[str]] = None) -> dict[str, dict]:
   """Runs the analyses and writes `<name>.png` / `<name>.json` files; returns the numbers.
 
   With image files, all of them serve both the rollout and the distance; with a dataset, the
-  rollout shows the first `num_images` and the distance averages over `num_distance_images`.
+  rollout shows the first `num_images` and the distance averages over `num_distance_images`
+  (one forward pass: the first ones serve both). `image_size` overrides the checkpoint's own.
   """
   if min(num_images, num_distance_images) <= 0:
     raise ConfigError('num_images and num_distance_images must be positive')
-  ckpt = classify.load_checkpoint(checkpoint, model)
+  ckpt = classify.load_checkpoint(checkpoint, model, image_size)
   which = list(which) if which else supported(ckpt)
   config = ckpt.pretrained.config or {}
+  variables = {'params': ckpt.params}
   if images:
-    shown = distance_images = file_images(ckpt, images)
-  else:
-    dataset = dataset or config.get('dataset')
-    if not dataset:
-      raise ConfigError(f'{checkpoint} names no dataset: pass --images=FILE,... or --dataset')
-    data_dir = data_dir or (config.get('data_dir') if dataset == config.get('dataset') else None)
-    distance_images = dataset_images(ckpt, dataset, split, data_dir,
-                                     max(num_images, num_distance_images))
-    shown = distance_images[:num_images]
-    distance_images = distance_images[:num_distance_images]
-  analyze = lambda x, names: run.analyze(ckpt.model, {'params': ckpt.params}, x, out_dir=out_dir,
-                                         which=names)
-  if shown is distance_images or 'distance' not in which:
-    return analyze(shown, which)
-  results = analyze(shown, [name for name in which if name != 'distance'])
-  return results | analyze(distance_images, ['distance'])
+    return run.analyze(ckpt.model, variables, file_images(ckpt, images), out_dir=out_dir,
+                       which=which)
+  dataset = dataset or config.get('dataset')
+  if not dataset:
+    raise ConfigError(f'{checkpoint} names no dataset: pass --images=FILE,... or --dataset')
+  data_dir = data_dir or (config.get('data_dir') if dataset == config.get('dataset') else None)
+  pixels = dataset_images(ckpt, dataset, split, data_dir, max(num_images, num_distance_images))
+  return run.analyze(ckpt.model, variables, pixels, out_dir=out_dir, which=which,
+                     num_shown=num_images, num_averaged=num_distance_images)

@@ -8,6 +8,7 @@ import math
 import os
 from typing import Any, Mapping, Optional, Sequence
 
+import einops
 import matplotlib
 from matplotlib.figure import Figure
 import numpy as np
@@ -101,10 +102,8 @@ def plot_posemb_similarity(path: PathLike, similarity: np.ndarray) -> None:
   patch (i, j)'s position embedding to every position's."""
   similarity = np.asarray(similarity)
   gh, gw = similarity.shape[:2]
-  mosaic = np.full((gh * (gh + 1) - 1, gw * (gw + 1) - 1), np.nan)  # NaN gaps between tiles.
-  for i in range(gh):
-    for j in range(gw):
-      mosaic[i * (gh + 1):i * (gh + 1) + gh, j * (gw + 1):j * (gw + 1) + gw] = similarity[i, j]
+  tiles = np.pad(similarity, ((0, 0), (0, 0), (0, 1), (0, 1)), constant_values=np.nan)
+  mosaic = einops.rearrange(tiles, 'i j k l -> (i k) (j l)')[:-1, :-1]  # NaN gaps between tiles.
   fig = Figure(figsize=(6, 6 * mosaic.shape[0] / mosaic.shape[1] + 0.5))
   ax = fig.subplots()
   cmap = matplotlib.colormaps['viridis'].with_extremes(bad='white')

@@ -7,6 +7,7 @@ Only the params are read from Orbax: the optimizer state is neither needed nor r
 another recipe's optimizer.
 """
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ class Pretrained:
   model_overrides: dict[str, Any]
   source: str  # For messages: 'workdir W (step N)' or the .npz path.
   config: Optional[dict[str, Any]] = None  # The pre-training config (workdirs only).
+  requested_image_size: Optional[int] = None  # A reader's --image_size, over the config's.
 
   @property
   def num_classes(self) -> int:
@@ -52,16 +54,40 @@ class Pretrained:
     """pp.eval.crop of its training config ('resize', the default, for a .npz)."""
     return pp_options.from_config(self.config or {}, 'eval')['crop']
 
+  @functools.cached_property
   def image_size(self) -> int:
-    """The resolution it was trained at: from its config, else from its position embeddings."""
+    """The resolution to run it at: `requested_image_size` if it fits the position embeddings,
+    else its config's, else the largest that gives their grid (logged when ambiguous)."""
+    sizes = self._posemb_image_sizes()
+    if self.requested_image_size:
+      if sizes and self.requested_image_size not in sizes:
+        fits = f'from {sizes[0]} to {sizes[-1]}' if len(sizes) > 1 else f'of {sizes[0]}'
+        raise ConfigError(f'image size {self.requested_image_size} does not give the token grid '
+                          f'of the position embeddings of {self.source}: pass an --image_size '
+                          f'{fits}')
+      return self.requested_image_size
     if self.config and self.config.get('image_size'):
       return int(self.config['image_size'])
+    if not sizes:
+      raise ConfigError(f'{self.source} has no learned position embeddings to infer its image '
+                        'size from: pass --image_size, or use its training workdir')
+    if len(sizes) > 1:
+      logging.warning('%s: %d-%d px images give its position embeddings\' token grid (a hybrid\'s '
+                      'stem rounds up); guessing %d, the largest: pass --image_size if it was '
+                      'trained at another', self.source, sizes[0], sizes[-1], sizes[-1])
+    return sizes[-1]
+
+  def _posemb_image_sizes(self) -> range:
+    """The image sizes whose token grid fits the learned position embeddings (none without them):
+    one for a plain ViT, a stem's stride of them for a hybrid."""
     posemb = self.params.get('Transformer', {}).get('posembed_input', {}).get('pos_embedding')
     if posemb is None:
-      raise ConfigError(f'{self.source} has no learned position embeddings to infer its image '
-                        'size from: use its training workdir, whose config has it')
+      return range(0)
+    model = self.create_model(1)
     side = int(np.sqrt(posemb.shape[1] - int('cls' in self.params)))
-    return side * models.patch_on_image(self.create_model(1))[0]
+    largest = side * models.patch_on_image(model)[0]
+    stem_stride = models.patch_on_image(model)[0] // model.patch_size[0]
+    return range(largest - stem_stride + 1, largest + 1)
 
   def create_model(self, num_classes: int, **overrides) -> Any:
     """The flax module of this architecture (overrides such as dtype or scan on top)."""
@@ -81,14 +107,18 @@ def _check_exists(path: str) -> None:
                       'file')
 
 
-def load_for_reading(path: str, model: Optional[str] = None) -> Pretrained:
+def load_for_reading(path: str, model: Optional[str] = None,
+                     image_size: Optional[int] = None) -> Pretrained:
   """`load` for the commands that only read params (infer, analyze, few-shot): their --model
-  names a `.npz`'s architecture; naming another one for a workdir is a mistake, not ignored."""
+  names a `.npz`'s architecture; naming another one for a workdir is a mistake, not ignored.
+  Their --image_size overrides the resolution a config gives or position embeddings suggest."""
   pretrained = load(path, model)
   if model and model != pretrained.model:
     raise ConfigError(f'{pretrained.source} holds a {pretrained.model}, not {model}: drop '
                       '--model (a workdir names its own architecture)')
-  return pretrained
+  if image_size is not None and image_size <= 0:
+    raise ConfigError(f'--image_size={image_size} must be positive (or left out)')
+  return dataclasses.replace(pretrained, requested_image_size=image_size)
 
 
 def load(path: str, model: Optional[str] = None,
@@ -186,7 +216,7 @@ def checked_params(pretrained: Pretrained, model: Any) -> Params:
   params = pretrained.params
   if not model.num_classes:
     params = {k: v for k, v in params.items() if k != 'head'}
-  size = pretrained.image_size()
+  size = pretrained.image_size
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                           jnp.zeros((1, size, size, pretrained.channels), jnp.float32))
   return npz.match_params(params, shapes, what=pretrained.source)

@@ -6,6 +6,7 @@ Images stay in 0..255 (uint8 or float32) until `value_range` maps them to [-1, 1
 """
 import tensorflow as tf
 
+from vit_jax.data.pp_options import EVAL_CROPS
 from vit_jax.errors import ConfigError
 
 
@@ -57,11 +58,13 @@ def resize(image: tf.Tensor, size: int) -> tf.Tensor:
 
 def resize_small_and_central_crop(image: tf.Tensor, size: int,
                                   crop_fraction: float = 0.875) -> tf.Tensor:
-  """Shorter side to size/crop_fraction, then the central size x size (eval)."""
+  """Shorter side to size/crop_fraction, then the central size x size (eval): big_vision's
+  `resize_small(256)|central_crop(224)` at 224 px, op for op (rounded sides, 'area' resize
+  without antialiasing, back to the input dtype), so its ImageNet evals score the same pixels."""
   shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  small = size / crop_fraction
-  scaled = tf.cast(tf.math.ceil(shape * small / tf.reduce_min(shape)), tf.int32)
-  image = tf.image.resize(image, scaled)  # Not antialiased, as resize().
+  scaled = tf.cast(tf.round(shape * (size / crop_fraction / tf.reduce_min(shape))), tf.int32)
+  resized = tf.image.resize(image, scaled, method='area')
+  image = tf.cast(tf.clip_by_value(resized, image.dtype.min, image.dtype.max), image.dtype)
   top = (scaled[0] - size) // 2
   left = (scaled[1] - size) // 2
   image = image[top:top + size, left:left + size]
@@ -101,3 +104,15 @@ def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 def value_range(image: tf.Tensor) -> tf.Tensor:
   """0..255 -> float32 [-1, 1] as in the ViT paper."""
   return tf.clip_by_value(tf.cast(image, tf.float32) / 127.5 - 1.0, -1.0, 1.0)
+
+
+def eval_image(image: tf.Tensor, size: int, channels: int, crop: str) -> tf.Tensor:
+  """Decoded pixels -> the model's eval input, float32 [size, size, channels] in [-1, 1]: the
+  eval split and `vit_jax.infer`'s image files share it, so both give the model the same input."""
+  if crop == 'resize':
+    image = resize(image, size)
+  elif crop == 'resize_crop':
+    image = resize_small_and_central_crop(image, size)
+  else:
+    raise ConfigError(f'pp.eval.crop={crop!r}: use one of {EVAL_CROPS}')
+  return value_range(to_channels(image, channels))

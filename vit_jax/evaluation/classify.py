@@ -1,11 +1,13 @@
 """Classifies image files with a trained ViT, preprocessed exactly as its eval split was.
 
-Files are decoded with PIL (any size, mode or format PIL reads) into the uint8 pixels that
-`tf.io.decode_image` yields for the same file, then go through the eval pipeline's own ops
-(`vit_jax.data.preprocess`: resize, grey/RGB conversion, values to [-1, 1]). Batches have one
-fixed size (the last one is padded), so the forward pass compiles once however many files come.
+Files are decoded as the eval pipeline decodes its examples (`preprocess.decode`, i.e.
+`tf.io.decode_image`, whose JPEG decoder differs from PIL's) and then go through its own
+`preprocess.eval_image`; PIL reads only the formats and modes TF does not (TIFF, palette BMP,
+grey GIF, ...) and tells grey files from colour ones. Batches have one fixed size (the last one
+is padded), so the forward pass compiles once however many files come.
 """
 import dataclasses
+import io
 import json
 import logging
 import sys
@@ -20,13 +22,14 @@ import tensorflow as tf
 
 from vit_jax.checkpoints import restore
 from vit_jax.data import input_pipeline
-from vit_jax.data import pp_options
 from vit_jax.data import preprocess
 from vit_jax.errors import ConfigError
 
 # PIL modes decoded as one grey channel (as TF decodes grey PNGs); every other mode becomes RGB.
 _GREY_8BIT = ('1', 'L', 'LA', 'La', 'F')
 _GREY_16BIT = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
+# What TF's decoders read as PIL does. Not BMP: TF takes a palette BMP's indices for grey levels.
+_TF_FORMATS = ('JPEG', 'PNG', 'GIF', 'WEBP')
 
 
 class ImageError(ConfigError):
@@ -37,17 +40,10 @@ class ImageError(ConfigError):
     self.path = path
 
 
-def load_image(path: str) -> np.ndarray:
-  """uint8 [H, W, 1 or 3]: the pixels `tf.io.decode_image` gives (alpha dropped, first frame).
-
-  16-bit grey keeps its high byte, as TF's PNG decoder does; palettes are expanded to RGB.
-  """
-  try:
-    with Image.open(path) as image:
-      image.load()
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ImageError(path, reason) from e
+def _pil_pixels(image: Image.Image) -> np.ndarray:
+  """As TF decodes a PNG of these pixels: 16-bit grey keeps its high byte, palettes are expanded
+  to RGB, alpha is dropped."""
+  image.load()
   if image.mode in _GREY_16BIT:
     pixels = (np.clip(np.asarray(image, np.int64), 0, 65535) >> 8).astype(np.uint8)
   else:
@@ -55,17 +51,23 @@ def load_image(path: str) -> np.ndarray:
   return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
-def preprocess_image(pixels: np.ndarray, image_size: int, channels: int,
-                     crop: str = 'resize') -> np.ndarray:
-  """float32 [image_size, image_size, channels] in [-1, 1]: the eval pipeline's ops, in order."""
-  if crop not in pp_options.EVAL_CROPS:
-    raise ConfigError(f'crop={crop!r}: use one of {pp_options.EVAL_CROPS}')
-  image = tf.convert_to_tensor(pixels)
-  if crop == 'resize':
-    image = preprocess.resize(image, image_size)
-  else:
-    image = preprocess.resize_small_and_central_crop(image, image_size)
-  return preprocess.value_range(preprocess.to_channels(image, channels)).numpy()
+def load_image(path: str) -> np.ndarray:
+  """uint8 [H, W, 1 or 3], the pixels the eval pipeline would decode from this file (first
+  frame, alpha dropped); grey files keep one channel."""
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+    with Image.open(io.BytesIO(data)) as image:
+      if image.format in _TF_FORMATS:
+        channels = 1 if image.mode in _GREY_8BIT + _GREY_16BIT else 3
+        try:
+          return preprocess.decode(tf.constant(data), channels).numpy()
+        except tf.errors.InvalidArgumentError:
+          pass  # TF decodes GIFs in colour only; a broken file fails in PIL too.
+      return _pil_pixels(image)
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ImageError(path, reason) from e
 
 
 def dataset_class_names(pretrained: restore.Pretrained) -> Optional[list[str]]:
@@ -107,21 +109,26 @@ class Checkpoint:
   pretrained: restore.Pretrained
 
   def preprocess(self, pixels: np.ndarray) -> np.ndarray:
-    return preprocess_image(pixels, self.image_size, self.channels, self.crop)
+    """Decoded pixels [H, W, C] -> float32 [image_size, image_size, channels], the eval split's
+    input."""
+    return preprocess.eval_image(tf.convert_to_tensor(pixels), self.image_size, self.channels,
+                                 self.crop).numpy()
 
 
-def load_checkpoint(path: str, model: Optional[str] = None) -> Checkpoint:
-  """A workdir's newest params and architecture, or a `.npz` of the named `model` (float32)."""
-  pretrained = restore.load_for_reading(path, model)
-  image_size = pretrained.image_size()
+def load_checkpoint(path: str, model: Optional[str] = None,
+                    image_size: Optional[int] = None) -> Checkpoint:
+  """A workdir's newest params and architecture, or a `.npz` of the named `model` (float32);
+  `image_size` overrides the resolution its config gives or its position embeddings suggest."""
+  pretrained = restore.load_for_reading(path, model, image_size)
   flax_model = pretrained.create_model(pretrained.num_classes, dtype='float32')
   params = restore.checked_params(pretrained, flax_model)
-  return Checkpoint(flax_model, params, image_size, pretrained.channels, pretrained.eval_crop(),
-                    pretrained)
+  return Checkpoint(flax_model, params, pretrained.image_size, pretrained.channels,
+                    pretrained.eval_crop(), pretrained)
 
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
+  """One file's scores; probabilities and the top k follow from the logits."""
   path: str
   logits: np.ndarray  # float32 [num_classes]
 
@@ -138,41 +145,46 @@ class Prediction:
 
 
 class Classifier:
-  """A model, its params and its eval preprocessing; `num_compiles` counts forward traces."""
+  """A checkpoint's model on the device, fed fixed-size batches; `num_compiles` counts forward
+  traces."""
 
-  def __init__(self, model: nn.Module, params: Any, *, image_size: int, channels: int,
-               class_names: Optional[Sequence[str]] = None, batch_size: int = 32,
-               crop: str = 'resize'):
+  def __init__(self, checkpoint: Checkpoint, *, class_names: Optional[Sequence[str]] = None,
+               batch_size: int = 32):
+    num_classes = checkpoint.model.num_classes
+    if not num_classes:
+      raise ConfigError(f'{checkpoint.pretrained.source} has no classification head: it cannot '
+                        'classify; pass a checkpoint trained with one')
     if batch_size <= 0:
       raise ConfigError(f'batch_size={batch_size} must be positive')
-    if class_names is not None and len(class_names) != model.num_classes:
-      raise ConfigError(f'{len(class_names)} class names for a model with {model.num_classes} '
+    if class_names is not None and len(class_names) != num_classes:
+      raise ConfigError(f'{len(class_names)} class names for a model with {num_classes} '
                         'classes: give one name per class')
-    self.model, self.image_size, self.channels = model, image_size, channels
+    self.checkpoint, self.batch_size = checkpoint, batch_size
     self.class_names = list(class_names) if class_names is not None else None
-    self.batch_size, self.crop = batch_size, crop
-    self.params = jax.device_put(params)
+    self._params = jax.device_put(checkpoint.params)
     self.num_compiles = 0
 
     def forward(params, images):
       self.num_compiles += 1  # Runs only while tracing, i.e. once per compilation.
-      return model.apply({'params': params}, images, train=False)
+      return checkpoint.model.apply({'params': params}, images, train=False)
 
     self._forward = jax.jit(forward)
 
   @classmethod
   def from_checkpoint(cls, path: str, model: Optional[str] = None, *,
+                      image_size: Optional[int] = None,
                       class_names: Optional[Sequence[str]] = None,
-                      **kwargs) -> 'Classifier':
+                      batch_size: int = 32) -> 'Classifier':
     """From a workdir (architecture, image size and labels from its config) or a `.npz`."""
-    ckpt = load_checkpoint(path, model)
-    if not ckpt.model.num_classes:
-      raise ConfigError(f'{ckpt.pretrained.source} has no classification head: it cannot '
-                        'classify; pass a checkpoint trained with one')
+    checkpoint = load_checkpoint(path, model, image_size)
+    classifier = cls(checkpoint, class_names=class_names, batch_size=batch_size)
     if class_names is None:
-      class_names = dataset_class_names(ckpt.pretrained)
-    return cls(ckpt.model, ckpt.params, image_size=ckpt.image_size, channels=ckpt.channels,
-               class_names=class_names, crop=ckpt.crop, **kwargs)
+      classifier.class_names = dataset_class_names(checkpoint.pretrained)
+    return classifier
+
+  @property
+  def num_classes(self) -> int:
+    return self.checkpoint.model.num_classes
 
   def label(self, index: int) -> str:
     return self.class_names[index] if self.class_names else str(index)
@@ -185,11 +197,8 @@ class Classifier:
       chunk = images[start:start + self.batch_size]
       padded = np.zeros((self.batch_size, *chunk.shape[1:]), np.float32)
       padded[:len(chunk)] = chunk
-      out.append(np.asarray(self._forward(self.params, jnp.asarray(padded)))[:len(chunk)])
-    return np.concatenate(out) if out else np.zeros((0, self.model.num_classes), np.float32)
-
-  def preprocess(self, pixels: np.ndarray) -> np.ndarray:
-    return preprocess_image(pixels, self.image_size, self.channels, self.crop)
+      out.append(np.asarray(self._forward(self._params, jnp.asarray(padded)))[:len(chunk)])
+    return np.concatenate(out) if out else np.zeros((0, self.num_classes), np.float32)
 
   def classify_files(self, paths: Iterable[str]) -> Iterator[Prediction | ImageError]:
     """One Prediction per path, in order; an ImageError in place of each unreadable file.
@@ -207,7 +216,7 @@ class Classifier:
 
     for path in paths:
       try:
-        pending.append((path, self.preprocess(load_image(path)), None))
+        pending.append((path, self.checkpoint.preprocess(load_image(path)), None))
       except ImageError as e:
         pending.append((path, None, e))
       if sum(image is not None for _, image, _ in pending) == self.batch_size:
@@ -237,7 +246,7 @@ def report(classifier: Classifier, paths: Sequence[str], *, as_json: bool = Fals
   """
   if top_k < 1:
     raise ConfigError(f'top_k={top_k}: print at least one class per image (--top_k=1 or more)')
-  top_k = min(top_k, classifier.model.num_classes)
+  top_k = min(top_k, classifier.num_classes)
   predictions, errors = [], []
   for result in classifier.classify_files(paths):
     if isinstance(result, ImageError):
@@ -249,7 +258,7 @@ def report(classifier: Classifier, paths: Sequence[str], *, as_json: bool = Fals
       lines = [f'  {p:.4f}  {classifier.label(i)}' for i, p in result.top_k(top_k)]
       print('\n'.join([result.path, *lines]), file=out, flush=True)
   if as_json:
-    labels = [classifier.label(i) for i in range(classifier.model.num_classes)]
+    labels = [classifier.label(i) for i in range(classifier.num_classes)]
     json.dump({'checkpoint': source, 'labels': labels, 'predictions': predictions,
                'errors': errors}, out, indent=1)
     out.write('\n')
