@@ -192,7 +192,7 @@ def test_batchwise_path_matches_the_examplewise_one_up_to_flips(prepared_data_di
 
 
 def test_no_pipeline_runs_tf_datas_autotuner(prepared_data_dir, monkeypatch):
-  """Its thread could hold an iterator's delete for up to a minute (`ip._numpy_iterator`): every
+  """Its thread could hold an iterator's delete for up to a minute (`ip.numpy_iterator`): every
   iterator handed out, batch- and example-wise, train and eval, runs without it."""
   autotuned = []
   as_numpy_iterator = tf.data.Dataset.as_numpy_iterator
@@ -202,7 +202,8 @@ def test_no_pipeline_runs_tf_datas_autotuner(prepared_data_dir, monkeypatch):
     return as_numpy_iterator(ds)
 
   monkeypatch.setattr(tf.data.Dataset, 'as_numpy_iterator', recording)
-  next(train_stream(prepared_data_dir, pp={'train': {'crop': 'resize'}}))  # Loads, decodes, batches.
+  # Loads, decodes, batches.
+  next(train_stream(prepared_data_dir, pp={'train': {'crop': 'resize'}}))
   next(train_stream(prepared_data_dir))
   next(iter(_eval(prepared_data_dir)))
   assert autotuned == [False] * 6, autotuned  # Load, decode, batches; load, batches; eval.
@@ -257,7 +258,8 @@ def test_eval_fashion_test_is_exact_and_reiterable(prepared_data_dir):
 def test_image_folder_becomes_a_tfds_dataset(tmp_path):
   data_dir = str(tmp_path / 'tfds')
   prepare.prepare('pets', data_dir, source=_image_folder(tmp_path / 'src', {'train': 3, 'val': 2}))
-  assert ip.get_info('pets', 'val', data_dir) == ip.DatasetInfo(2, 4, ['cat', 'dog'], (None, None, 3))
+  assert ip.get_info('pets', 'val', data_dir) == ip.DatasetInfo(2, 4, ['cat', 'dog'],
+                                                                (None, None, 3))
   assert len(tfds.load('pets', split='train', data_dir=data_dir)) == 6
   batch = next(ip.make_train_iterator(  # Inception crop of JPEG and PNG bytes.
       dataset='pets', split='train', data_dir=data_dir, global_batch=4,

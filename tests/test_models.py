@@ -236,9 +236,11 @@ def test_cudnn_attention_pads_odd_token_counts_without_changing_the_result(monke
             for impl in ('cudnn', 'xla')}
   params = layers['xla'].init(jax.random.PRNGKey(1), x, deterministic=True)['params']
   calls.clear()
-  (padded, padded_grads), (plain, plain_grads) = [jax.value_and_grad(  # pylint: disable=g-complex-comprehension
-      lambda p, x, layer=layer: jnp.sum(jnp.sin(layer.apply({'params': p}, x, deterministic=True))),
-      argnums=(0, 1))(params, x) for layer in layers.values()]
+  objectives = [lambda p, x, layer=layer: jnp.sum(jnp.sin(layer.apply({'params': p}, x,
+                                                                     deterministic=True)))
+                for layer in layers.values()]
+  (padded, padded_grads), (plain, plain_grads) = [
+      jax.value_and_grad(objective, argnums=(0, 1))(params, x) for objective in objectives]
   assert [(shape, impl) for shape, impl, _ in calls] == [((2, 6, 4, 8), 'cudnn'),
                                                          ((2, 5, 4, 8), 'xla')]
   np.testing.assert_array_equal(calls[0][2], [5, 5])
@@ -277,7 +279,8 @@ def test_head_projection_is_laid_out_and_initialised_as_dense_general():
   """query/key/value keep nn.DenseGeneral's layout and init, so released checkpoints still load."""
   x = jnp.ones((2, 5, 48))
   ours = attention.HeadProjection(num_heads=3, head_dim=16).init(jax.random.PRNGKey(0), 48)
-  dense = flax.linen.DenseGeneral(features=(3, 16), kernel_init=flax.linen.initializers.xavier_uniform())
+  dense = flax.linen.DenseGeneral(features=(3, 16),
+                                  kernel_init=flax.linen.initializers.xavier_uniform())
   jax.tree.map(np.testing.assert_array_equal, ours, dense.init(jax.random.PRNGKey(0), x))
 
 

@@ -76,15 +76,15 @@ def test_metrics_jsonl_has_the_documented_keys(baseline):
   for row in evals:
     assert 0 <= row['test/accuracy'] <= 1 and row['test/loss'] > 0
   # The learning rate is the window's mean of the schedule at each step's state.step:
-  # linear warmup over 5 steps to 3e-3, then cosine to 0. The first step (compiling) is
-  # left out of the first window.
+  # linear warmup over 5 steps to 3e-3, then cosine to 0. The first window has every step of
+  # it, the compiling one too (only its time is left out of the rates).
   schedule = experiment.build(config).schedule
-  previous = 1
+  previous = 0
   for row in train:
     expected = np.mean([float(schedule(s - 1)) for s in range(previous + 1, row['step'] + 1)])
     assert row['train/learning_rate'] == pytest.approx(expected, rel=1e-5)
     previous = row['step']
-  assert train[0]['train/learning_rate'] == pytest.approx(3e-3 * (1 + 2 + 3 + 4) / 4 / 5)
+  assert train[0]['train/learning_rate'] == pytest.approx(3e-3 * (0 + 1 + 2 + 3 + 4) / 5 / 5)
   lrs = [r['train/learning_rate'] for r in train]
   assert lrs[1] > lrs[2] > lrs[3] > lrs[4] > lrs[5]  # Decaying after the warmup.
   saved = json.load(open(os.path.join(workdir, 'config.json'), encoding='utf-8'))

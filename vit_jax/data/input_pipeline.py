@@ -21,7 +21,7 @@ and yields global_batch // process_count examples per step.
 
 The `pp` options (augmentation, crops) and their defaults: `vit_jax.data.pp_options`.
 
-Every pipeline runs without tf.data's autotune thread (`_numpy_iterator`), one map call per
+Every pipeline runs without tf.data's autotune thread (`numpy_iterator`), one map call per
 core (the most that autotuner's CPU budget would allow). Measured rates, and why splits are held
 in memory or batched: docs/performance.md ("Input pipeline").
 """
@@ -113,7 +113,7 @@ def _bytes_per_example(builder: tfds.core.DatasetBuilder) -> float:
   return builder.info.dataset_size / max(examples, 1)
 
 
-def _numpy_iterator(ds: tf.data.Dataset) -> Iterator:
+def numpy_iterator(ds: tf.data.Dataset) -> Iterator:
   """`ds` as numpy, without tf.data's autotune thread.
 
   Deleting an autotuned iterator (TF 2.21) can wait out that thread's sleep, up to a minute:
@@ -128,7 +128,7 @@ def _numpy_iterator(ds: tf.data.Dataset) -> Iterator:
 
 def _load_encoded(ds: tf.data.Dataset) -> dict[str, np.ndarray]:
   """Every (still encoded) example of `ds` as numpy arrays, in order: one batch of them all."""
-  return next(_numpy_iterator(ds.batch(len(ds))))
+  return next(numpy_iterator(ds.batch(len(ds))))
 
 
 def _decode_all(encoded: np.ndarray, channels: int) -> np.ndarray:
@@ -136,7 +136,7 @@ def _decode_all(encoded: np.ndarray, channels: int) -> np.ndarray:
   ds = tf.data.Dataset.from_tensor_slices(encoded).map(
       lambda data: preprocess.decode(data, channels),
       num_parallel_calls=host_devices.schedulable_cores())
-  return np.concatenate(list(_numpy_iterator(ds.batch(4096))))
+  return np.concatenate(list(numpy_iterator(ds.batch(4096))))
 
 
 def _padding(spec, count: int) -> tf.data.Dataset:
@@ -232,7 +232,7 @@ def make_train_iterator(*, dataset: str, split: str, data_dir: str | None,
     raise ConfigError(f'seed ({seed}) and start_step ({start_step}) must be >= 0')
   index, count, local_batch, sliced = _process_slice(
       split, global_batch, process_index, process_count)
-  size = builder.info.splits[sliced].num_examples
+  size = _slice_size(builder, split, index, count)
   if not size:
     raise ConfigError(f'{dataset}[{split}] has no examples for process {index} '
                       f'of {count}: use a larger split')
@@ -296,14 +296,14 @@ def make_train_iterator(*, dataset: str, split: str, data_dir: str | None,
       ds = in_memory_indices(epoch, start).batch(local_batch).enumerate(start_step)
       ds = ds.map(batch_fn, num_parallel_calls=host_devices.schedulable_cores(),
                   deterministic=True)
-      yield from _numpy_iterator(ds.prefetch(tf.data.AUTOTUNE))
+      yield from numpy_iterator(ds.prefetch(tf.data.AUTOTUNE))
       return
     carry = None  # Examples from the end of the previous epoch(s).
     while True:
       ds = epoch_examples(epoch, start)
       if carry is not None:
         ds = _padding(ds.element_spec, len(carry['label'])).concatenate(ds)
-      for batch in _numpy_iterator(ds.batch(local_batch).prefetch(tf.data.AUTOTUNE)):
+      for batch in numpy_iterator(ds.batch(local_batch).prefetch(tf.data.AUTOTUNE)):
         if carry is not None:
           n = len(carry['label'])
           batch = {k: np.concatenate([carry[k], v[n:]]) for k, v in batch.items()}
@@ -341,7 +341,7 @@ class EvalBatches:
   num_batches: int
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    return _numpy_iterator(self.dataset)
+    return numpy_iterator(self.dataset)
 
   def __len__(self) -> int:
     return self.num_batches
@@ -374,12 +374,7 @@ def make_eval_iterator(*, dataset: str, split: str, data_dir: str | None,
 
   def example_fn(example):
     image = preprocess.decode(example['image'], info.image_shape[-1])
-    if opts['crop'] == 'resize':
-      image = preprocess.resize(image, image_size)
-    else:
-      image = preprocess.resize_small_and_central_crop(image, image_size)
-    image = preprocess.to_channels(image, channels)
-    return {'image': preprocess.value_range(image),
+    return {'image': preprocess.eval_image(image, image_size, channels, opts['crop']),
             'label': tf.cast(example['label'], tf.int32),
             'mask': tf.constant(True)}
 

@@ -198,8 +198,8 @@ def _check_images_decode(paths: list[str]) -> None:
   decoded = tf.data.Dataset.from_tensor_slices(paths).map(
       lambda path: (path, tf.shape(preprocess.decode(tf.io.read_file(path), 3))),
       num_parallel_calls=host_devices.schedulable_cores(), deterministic=False).ignore_errors()
-  # pylint: disable-next=protected-access  # Without the autotuner, whose thread can stall a delete.
-  readable = {path.decode() for path, _ in input_pipeline._numpy_iterator(decoded)}
+  # Without the autotuner, whose thread can stall a delete.
+  readable = {path.decode() for path, _ in input_pipeline.numpy_iterator(decoded)}
   for path in (path for path in paths if path not in readable):
     try:
       preprocess.decode(tf.io.read_file(path), 3)

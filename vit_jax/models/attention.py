@@ -67,8 +67,8 @@ class HeadProjection(nn.Module):
   @nn.compact
   def __call__(self, features: int) -> tuple[jnp.ndarray, jnp.ndarray]:
     width = self.num_heads * self.head_dim
-    init = lambda rng, shape, dtype: nn.initializers.xavier_uniform()(  # pylint: disable=g-long-lambda
-        rng, (features, width), dtype).reshape(shape)  # DenseGeneral's fan-in / fan-out.
+    def init(rng, shape, dtype):  # DenseGeneral's fan-in / fan-out.
+      return nn.initializers.xavier_uniform()(rng, (features, width), dtype).reshape(shape)
     kernel = self.param('kernel', init, (features, self.num_heads, self.head_dim), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (self.num_heads, self.head_dim),
                       jnp.float32)
@@ -76,7 +76,8 @@ class HeadProjection(nn.Module):
 
 
 class MultiHeadDotProductAttention(nn.Module):
-  """Self-attention with the released layout: query/key/value (D, heads, D/heads), out (heads, D/heads, D).
+  """Self-attention with the released layout: query/key/value (D, heads, D/heads), out
+  (heads, D/heads, D).
 
   q, k and v come from one matmul against the three kernels side by side (the 1/sqrt(d) logit
   scale folded into the query's). `implementation` (see `ATTENTION_IMPLEMENTATIONS`): 'auto'
