@@ -27,3 +27,20 @@ def prepared_data_dir(tmp_path_factory) -> str:
   return str(shared)
 
 # ---- Training (reserved for the training loop's shared fixtures) -------------
+
+# ---- Analysis ---------------------------------------------------------------
+
+
+@pytest.fixture
+def attention_passes(monkeypatch) -> list[int]:
+  """How many images each pass of `vit_jax.analysis.run` sends through the model, in order."""
+  from vit_jax.analysis import attention, run  # pylint: disable=import-outside-toplevel
+  passes = []
+  batches = attention.attention_batches
+
+  def counted(model, variables, images, **kwargs):
+    passes.append(len(images))
+    return batches(model, variables, images, **kwargs)
+
+  monkeypatch.setattr(run, 'attention_batches', counted)
+  return passes

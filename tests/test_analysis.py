@@ -208,22 +208,14 @@ def test_collect_attention_compiles_once_per_model_and_shape(tiny, images, caplo
 
 
 def test_rollout_and_distance_are_reduced_batch_by_batch_from_one_pass(tiny, tmp_path,
-                                                                       monkeypatch):
+                                                                       attention_passes):
   """Of 19 images, the first 17 go through the model once, in batches of 8, 8 and 1: the rollout
   of the first 10 and the distance over all 17 are those of all their attention at once."""
   model, variables = tiny
   many = np.random.default_rng(1).uniform(-1, 1, (19, *IMAGE_SHAPE[1:])).astype(np.float32)
-  passes = []
-  batches = attention.attention_batches
-
-  def counted(model, variables, images, **kwargs):
-    passes.append(len(images))
-    return batches(model, variables, images, **kwargs)
-
-  monkeypatch.setattr(run, 'attention_batches', counted)
   results = run.analyze(model, variables, many, out_dir=tmp_path, which=('rollout', 'distance'),
                         num_shown=10, num_averaged=17)
-  assert passes == [17]
+  assert attention_passes == [17]
   attn = attention.collect_attention(model, variables, many)
   np.testing.assert_allclose(results['rollout']['rollout'].reshape(10, -1),
                              attention.attention_rollout(attn[:, :10], classifier='token'),

@@ -15,7 +15,6 @@ import pytest
 import skimage.data
 
 from vit_jax import models
-from vit_jax.analysis import attention
 from vit_jax.analysis import from_checkpoint
 from vit_jax.analysis import run
 from vit_jax.analysis.filters import embedding_filter_pcs
@@ -124,7 +123,7 @@ def test_a_wrong_split_is_named_as_given(workdir, tmp_path):
 
 
 def test_a_hybrid_npz_is_analysed_at_the_image_size_given_in_one_pass(prepared_data_dir, tmp_path,
-                                                                       monkeypatch):
+                                                                       attention_passes):
   """R8+ViT-Mu_8's position embeddings fit 25-32 px: at 28 the analyses are those of the 28 px
   eval images, from one pass of the model over the 4 images both analyses need."""
   model = models.create('R8+ViT-Mu_8', num_classes=10)
@@ -132,19 +131,11 @@ def test_a_hybrid_npz_is_analysed_at_the_image_size_given_in_one_pass(prepared_d
                                             np.zeros((1, 28, 28, 1), np.float32)))['params']
   path = str(tmp_path / 'hybrid.npz')
   npz.save_npz(params, path)
-  passes = []
-  batches = attention.attention_batches
-
-  def counted(model, variables, images, **kwargs):
-    passes.append(len(images))
-    return batches(model, variables, images, **kwargs)
-
-  monkeypatch.setattr(run, 'attention_batches', counted)
   which = ['rollout', 'distance']
   results = from_checkpoint.analyze_checkpoint(
       path, str(tmp_path / 'at_28'), model='R8+ViT-Mu_8', image_size=28, dataset='fashion_mnist',
       data_dir=prepared_data_dir, num_images=2, num_distance_images=4, which=which)
-  assert passes == [4]
+  assert attention_passes == [4]
   batch, = input_pipeline.make_eval_iterator(
       dataset='fashion_mnist', split='test[:4]', data_dir=prepared_data_dir, global_batch=4,
       image_size=28, channels=1, pp=ml_collections.ConfigDict(), process_index=0,

@@ -17,8 +17,8 @@ The keys (every one optional; an unknown key is a ConfigError):
       (2, 20) (`vit_jax.data.randaug`: big_vision's 16 ops).
   pp.train.shuffle_buffer: 50_000 encoded examples (capped at the slice size); splits that
       fit it or `input_pipeline.IN_MEMORY_BYTES` are permuted exactly in memory instead.
-  pp.eval.crop: 'resize' (default) | 'resize_crop' (shorter side to
-      image_size / 0.875, then central crop).
+  pp.eval.crop: 'resize' (default, the released fine-tuning code's) | 'resize_crop' (shorter
+      side to image_size / 0.875, then central crop: big_vision's ImageNet eval).
 """
 import numbers
 from typing import Any
