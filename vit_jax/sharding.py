@@ -54,10 +54,15 @@ def parse_mesh(spec: Any) -> dict[str, int]:
   """`data:-1,fsdp:2` or a mapping -> {axis: size}; missing axes are 1, one -1 fills."""
   if isinstance(spec, str):
     try:
-      pairs = [item.split(':') for item in spec.split(',') if item]
-      spec = {name.strip(): int(size) for name, size in pairs}
+      pairs = [(name.strip(), int(size)) for name, size in
+               (item.split(':') for item in spec.split(',') if item)]
     except ValueError:
       raise ConfigError(f'mesh {spec!r} is not of the form data:-1,fsdp:2,tensor:1') from None
+    names = [name for name, _ in pairs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+      raise ConfigError(f'mesh {spec!r} names {", ".join(repeated)} twice: give each axis once')
+    spec = dict(pairs)
   sizes = dict(spec or {})
   unknown = set(sizes) - set(MESH_AXES)
   if unknown:

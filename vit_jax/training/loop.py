@@ -183,10 +183,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           scalars = metrics_lib.mean_of(window, 'train')
           _check_finite(scalars['train/loss'], step, last_saved)
           steps_done, t0 = step - window_start[0], window_start[1]
-          scalars |= perf.throughput_metrics(steps_done * config.batch,
-                                             time.perf_counter() - t0, exp.flops_per_image)
+          if steps_done:  # A window of the compiling step alone has no rate.
+            scalars |= perf.throughput_metrics(steps_done * config.batch,
+                                               time.perf_counter() - t0, exp.flops_per_image)
           writer.write_scalars(step, scalars)
-          progress.update(step, scalars['train/loss'], scalars['perf/img_per_sec'])
+          progress.update(step, scalars['train/loss'], scalars.get('perf/img_per_sec'))
           window, window_start = [], (step, time.perf_counter())
         if eval_data is not None and (step % eval_every == 0 or step == total_steps):
           final = evaluate(exp, eval_step, state.params, eval_data)
