@@ -250,6 +250,9 @@ def test_cli_runs_a_paper_config_up_to_the_missing_dataset(tmp_path):
      "error: unknown config key 'num_steps': here it is --config.total_steps"),
     (['--config=configs/default.py', '--config.batch=many'],
      "error: flag --config.batch=many: invalid literal for int()"),
+    # A stray word (here a subcommand another trainer has) was absl's whole help text.
+    (['--config=configs/default.py', 'train'],
+     "error: unexpected arguments ['train']: flags take the form --name=value"),
 ])
 def test_cli_flag_mistakes_are_one_line(tmp_path, flags_given, expected):
   proc = subprocess.run(

@@ -24,6 +24,7 @@ from vit_jax.checkpoints import npz
 from vit_jax.checkpoints import posemb as posemb_lib
 from vit_jax.checkpoints import restore
 from vit_jax.checkpoints.manager import Checkpointer
+from vit_jax.errors import ConfigError
 from vit_jax.training import experiment
 from vit_jax.training import finetune
 from vit_jax.training import loop
@@ -234,6 +235,62 @@ def test_export_mistakes_are_one_line(args, expected, tmp_path):
                         capture_output=True, text=True, timeout=120, env=_env())
   assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == expected, proc.stderr
   assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize('output,expected', [
+    ('out.npz', 'error: --output=out.npz is a directory: name a .npz file (e.g. '
+                'out.npz/params.npz)'),
+    ('file/x.npz', 'error: --output=file/x.npz is inside {tmp_path}/file, which is a file: pass '
+                   'another path')])
+def test_export_checks_its_output_before_reading_the_checkpoint(output, expected, tmp_path):
+  """An --output that is a folder or lies inside a file: one line (was a traceback from the
+  write, after the whole checkpoint had been read)."""
+  (tmp_path / 'out.npz').mkdir()
+  (tmp_path / 'file').write_text('')
+  (tmp_path / 'run').mkdir()  # No checkpoint in it: the output is checked first.
+  proc = subprocess.run([sys.executable, '-m', 'vit_jax.export', '--workdir=run',
+                         f'--output={output}'], cwd=tmp_path, capture_output=True, text=True,
+                        timeout=120, env=_env())
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1] == expected.format(tmp_path=tmp_path), proc.stderr
+  assert 'Traceback' not in proc.stderr
+
+
+def test_a_workdirs_checkpoints_folder_or_step_is_named_as_such(pretrained):
+  """Was "no checkpoint in WORKDIR/checkpoints", of a folder full of them."""
+  with Checkpointer(pretrained, read_only=True) as checkpointer:
+    newest = checkpointer.all_steps()[-1]
+  for path, what in ((f'{pretrained}/checkpoints', 'the checkpoints folder'),
+                     (f'{pretrained}/checkpoints/{newest}/', f'the checkpoint of step {newest}')):
+    with pytest.raises(ConfigError) as error:
+      restore.load(path)
+    assert str(error.value) == (f'{path.rstrip("/")} is {what} of the workdir {pretrained}: '
+                                'pass the workdir itself (its newest checkpoint is read)')
+
+
+def test_a_finetune_workdir_resumes_only_its_own_init(pretrained, exported, prepared_data_dir,
+                                                     tmp_path):
+  """Resuming with another --config.init trained on silently from the old one (and wrote the
+  new one into config.json); a pre-training workdir was taken for a fine-tune to resume."""
+  fine_tune = str(tmp_path / 'ft')
+  with Checkpointer(fine_tune) as checkpointer:  # What a fine-tune of `pretrained` saves.
+    checkpointer.save(40, {'w': jnp.zeros(3)}, {'step': 40, 'config': dict(
+        _finetune_config(prepared_data_dir, pretrained).to_dict(), model='ViT-Mu_4')})
+  with pytest.raises(ConfigError) as error:
+    finetune.finetune(_finetune_config(prepared_data_dir, str(exported)), fine_tune)
+  assert str(error.value) == (
+      f'--workdir {fine_tune} holds a fine-tune of {pretrained}, not of {exported}: pass '
+      f'--config.init={pretrained} to resume it, or a new --workdir to fine-tune {exported}')
+  # The same init, spelled another way, resumes.
+  finetune._check_resumes_the_same_init(  # pylint: disable=protected-access
+      {'init': pretrained}, f'{pretrained}/', fine_tune)
+  pre_training = str(tmp_path / 'pre')
+  shutil.copytree(pretrained, pre_training)
+  with pytest.raises(ConfigError, match=rf'^--workdir {pre_training} holds the checkpoints of a '
+                     r'pre-training run, not of a fine-tune: fine-tune into a new workdir'):
+    finetune.finetune(_finetune_config(prepared_data_dir, str(exported)), pre_training)
+  assert sorted(os.listdir(os.path.join(pre_training, 'checkpoints'))) == sorted(
+      os.listdir(os.path.join(pretrained, 'checkpoints')))
 
 
 @pytest.mark.parametrize('name,dataset,steps,lr', [

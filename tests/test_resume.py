@@ -8,17 +8,20 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import time
 import warnings
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from training_setup import (  # baseline and compile_cache are fixtures: imported, pytest uses them
-    TOTAL_STEPS, MainProcess, baseline, compile_cache, tiny_config, write_config_file)
+    REPO, TOTAL_STEPS, MainProcess, baseline, cli_env, compile_cache, tiny_config,
+    write_config_file)
 from vit_jax.checkpoints.manager import Checkpointer
 from vit_jax.data import input_pipeline
 from vit_jax.errors import ConfigError
@@ -252,6 +255,32 @@ def test_resuming_with_a_changed_model_names_the_cause_and_keeps_every_checkpoin
   assert open(os.path.join(workdir, 'config.json'), encoding='utf-8').read() == saved_config
 
 
+def test_resuming_with_changed_settings_names_each_change(baseline, tmp_path, caplog):
+  """A new batch or seed resumes (as a larger total_steps does), but not silently."""
+  config, base_workdir, _ = baseline
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(base_workdir, workdir)
+  assert loop.config_changes(_saved_meta(workdir)['config'], config) == []
+  changed = config.copy_and_resolve_references()
+  changed.batch, changed.seed = 2 * config.batch, config.seed + 1
+  with caplog.at_level(logging.WARNING):
+    assert loop.train_and_evaluate(changed, workdir) == {'step': TOTAL_STEPS}  # Nothing to train.
+  [warning] = [r.getMessage() for r in caplog.records if 'settings changed' in r.getMessage()]
+  assert warning.endswith(f': batch: {config.batch} -> {2 * config.batch}; '
+                          f'seed: {config.seed} -> {config.seed + 1}')
+  # A tuple is saved as a JSON list: the same setting.
+  saved = {'pp': {'randaug': [2, 10]}, 'mesh': 'data:-1'}
+  assert loop.config_changes(saved, ml_collections.ConfigDict(
+      {'pp': {'randaug': (2, 10)}, 'mesh': 'data:-1'})) == []
+  assert loop.config_changes(saved, ml_collections.ConfigDict({'pp': {'randaug': (2, 15)}})) == [
+      'mesh: data:-1 -> unset', 'pp.randaug: [2, 10] -> [2, 15]']
+
+
+def _saved_meta(workdir):
+  with Checkpointer(workdir, read_only=True, async_save=False) as checkpointer:
+    return checkpointer.restore_meta()
+
+
 def test_nan_loss_stops_with_training_diverged_keeping_only_finite_states(
     prepared_data_dir, tmp_path):
   config = tiny_config(prepared_data_dir, base_lr=1e6, grad_norm_clip=0.0, weight_decay=0.0,
@@ -280,3 +309,108 @@ def test_a_nan_gradient_with_a_finite_loss_is_divergence_too():
   with pytest.raises(loop.TrainingDiverged, match=r'gradient norm is nan at step 5; the last '
                      r'good checkpoint \(step 3\) is kept'):
     loop._check_finite(1.0, 5, 3, float('nan'))  # pylint: disable=protected-access
+
+
+# ---- Unwritable workdirs and failed saves -------------------------------------------------
+
+
+def _read_only_prefix(path) -> list[str]:
+  """A command prefix that runs its command with `path` read-only: a read-only bind mount in a
+  mount namespace of its own when root (whom permissions do not stop), else chmod."""
+  if os.geteuid() != 0:
+    os.chmod(path, 0o555)
+    return []
+  mount = (f'mount --bind "{path}" "{path}" && mount -o remount,bind,ro "{path}"')
+  if subprocess.run(['unshare', '-m', 'sh', '-c', mount], capture_output=True).returncode:
+    pytest.skip('root without unshare/mount: no way to make a read-only folder here')
+  return ['unshare', '-m', 'sh', '-c', f'{mount} && exec "$0" "$@"']
+
+
+_READ_ONLY = '''
+import os, sys
+from vit_jax.checkpoints.manager import Checkpointer
+from vit_jax.errors import ConfigError, cli_main
+try:
+  Checkpointer(sys.argv[1])
+except ConfigError as e:
+  print(f'error: {e}')
+cli_main(lambda: os.makedirs(os.path.join(sys.argv[1], 'new')))()  # Exits with one line.
+'''
+
+
+def test_a_read_only_folder_is_one_line_for_the_checkpointer_and_the_commands(tmp_path):
+  read_only = tmp_path / 'read_only'
+  read_only.mkdir()
+  proc = subprocess.run(_read_only_prefix(read_only) + [sys.executable, '-c', _READ_ONLY,
+                                                        str(read_only)],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert proc.stdout.splitlines() == [
+      f'error: {read_only} (to hold {read_only}/checkpoints) is not writable, so no checkpoint '
+      'can be saved: pass a --workdir you can write to (or make it writable)']
+  assert proc.stderr.splitlines()[-1].startswith('error: permission denied (')
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert not os.listdir(read_only)
+
+
+@pytest.mark.slow
+def test_a_read_only_workdir_is_one_line_before_training(prepared_data_dir, tmp_path):
+  """An existing read-only workdir (orbax would fail at the first save) and a new one under a
+  read-only folder: one line each, no traceback, before any step."""
+  config_file = write_config_file(tiny_config(prepared_data_dir), tmp_path / 'config.py')
+  read_only = tmp_path / 'read_only'
+  read_only.mkdir()
+  prefix = _read_only_prefix(read_only)
+  cases = {str(read_only): f'error: {read_only} (to hold {read_only}/checkpoints) is not '
+                           'writable, so no checkpoint can be saved: pass a --workdir you can',
+           str(read_only / 'new'): 'error: permission denied ('}
+  for workdir, expected in cases.items():
+    proc = subprocess.run(
+        prefix + [sys.executable, '-m', 'vit_jax.main', f'--config={config_file}',
+                  f'--workdir={workdir}'], cwd=REPO, env=cli_env(), capture_output=True,
+        text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith(expected), errors
+    assert 'step 1/' not in proc.stdout
+  assert not os.listdir(read_only)
+
+
+_FAILING_SAVE = '''
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # A write past the limit fails with EFBIG.
+import jax
+from vit_jax.checkpoints.manager import Checkpointer
+from vit_jax.errors import ConfigError
+state = {f'w{i}': jax.random.normal(jax.random.PRNGKey(i), (64, 1024)) for i in range(8)}
+try:
+  with Checkpointer(sys.argv[1]) as checkpointer:
+    checkpointer.save(1, {'w': jax.numpy.zeros(3)}, {'step': 1})
+    checkpointer.wait()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))  # "Disk full"
+    checkpointer.save(2, state, {'step': 2})  # Fails in the background...
+    checkpointer.save(3, state, {'step': 3})  # ... and is raised here, by waiting for it.
+except ConfigError as e:
+  print(f'error: {e}')
+'''
+
+
+def test_a_failed_asynchronous_save_is_one_line_and_keeps_the_older_checkpoints(tmp_path):
+  """A full disk (here a file size limit) during an async save printed ~1,600 lines: orbax's
+  logged tracebacks and one per abandoned shard write, while training went on, then a raw
+  traceback. Now: one line naming the step, the cause, the fix and the step to resume from."""
+  workdir = str(tmp_path / 'run')
+  proc = subprocess.run([sys.executable, '-c', _FAILING_SAVE, workdir], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  error, = proc.stdout.splitlines()
+  assert error.startswith(f'error: could not write the checkpoint of step 2 in {workdir}/'
+                          'checkpoints (ValueError: '), error
+  assert error.endswith('free disk space there or make it writable, then rerun to resume from '
+                        'step 1'), error
+  assert 'Traceback' not in proc.stderr and 'Exception ignored' not in proc.stderr, (
+      proc.stderr[-3000:])
+  with Checkpointer(workdir, read_only=True) as checkpointer:
+    assert checkpointer.all_steps() == [1]
+    assert checkpointer.restore_meta() == {'step': 1}

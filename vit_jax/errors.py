@@ -1,4 +1,5 @@
 """User-facing errors: one line that names the fix, printed without a traceback."""
+import errno
 import functools
 import os
 import re
@@ -34,13 +35,28 @@ def check_not_a_file(path: str, what: str) -> None:
     raise ConfigError(f'{what} {path} is a file: pass a directory (made if missing)')
 
 
+def check_no_arguments(argv: list[str]) -> None:
+  """A command that takes only flags: a stray word (`bench eval`) is one line, not absl's help."""
+  if len(argv) > 1:
+    raise ConfigError(f'unexpected arguments {argv[1:]}: flags take the form --name=value')
+
+
 def _exit_with(message: str) -> NoReturn:
   print(f'error: {message}', file=sys.stderr)
   sys.exit(2)
 
 
+def _is_permission_error(error: BaseException) -> bool:
+  """Python's or TensorFlow's (tf.io.gfile, by name: TensorFlow is not imported here) error for
+  a path this user may not write (or read): a read-only mount, another user's folder."""
+  if isinstance(error, OSError):
+    return error.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+  return type(error).__name__ == 'PermissionDeniedError'
+
+
 def cli_main(main: Callable) -> Callable:
-  """Wraps an absl `main` so a ConfigError exits with one line instead of a traceback."""
+  """Wraps an absl `main` so a ConfigError, or a path without permission, exits with one line
+  instead of a traceback."""
 
   @functools.wraps(main)
   def wrapped(*args, **kwargs):
@@ -48,6 +64,11 @@ def cli_main(main: Callable) -> Callable:
       return main(*args, **kwargs)
     except ConfigError as e:
       _exit_with(str(e))
+    except Exception as e:  # pylint: disable=broad-except
+      if not _is_permission_error(e):
+        raise
+      _exit_with(f'permission denied ({type(e).__name__}: {e}): pass a path you can write to, '
+                 'or change its permissions')
 
   return wrapped
 

@@ -8,21 +8,34 @@ with the model named), bit-exact, whichever layout (scanned or unrolled) the run
 import logging
 import os
 
-from absl import app
 from absl import flags
 
 from vit_jax.checkpoints import npz
 from vit_jax.checkpoints import restore
-from vit_jax.errors import ConfigError, run_cli
+from vit_jax.errors import ConfigError, check_no_arguments, run_cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (its newest checkpoint).')
 _OUTPUT = flags.DEFINE_string('output', None, 'The .npz file to write.')
 flags.mark_flags_as_required(['workdir', 'output'])
 
 
+def _check_output(path: str) -> None:
+  """A local --output that cannot be written is one line before anything is read."""
+  if '://' in path:
+    return
+  if os.path.isdir(path):
+    raise ConfigError(f'--output={path} is a directory: name a .npz file (e.g. {path}/params.npz)')
+  existing = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ConfigError(f'--output={path} is inside {existing}, which is a file: pass another path')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ConfigError(f'--output={path}: {existing} is not writable: pass a path you can write to')
+
+
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  check_no_arguments(argv)
   logging.getLogger().setLevel(logging.INFO)
   if not restore.is_npz(_OUTPUT.value):
     raise ConfigError(f'--output={_OUTPUT.value} must end in .npz')
@@ -30,8 +43,13 @@ def main(argv: list[str]) -> None:
     raise ConfigError(f'--workdir={_WORKDIR.value} is already a .npz: pass a training workdir')
   if '://' not in _WORKDIR.value and not os.path.isdir(_WORKDIR.value):
     raise ConfigError(f'--workdir={_WORKDIR.value} is not a directory: pass the training workdir')
+  _check_output(_OUTPUT.value)  # Before the checkpoint is read.
   pretrained = restore.load(_WORKDIR.value)
-  npz.save_npz(pretrained.params, _OUTPUT.value)
+  try:
+    npz.save_npz(pretrained.params, _OUTPUT.value)
+  except OSError as e:
+    raise ConfigError(f'could not write --output={_OUTPUT.value} ({type(e).__name__}: {e}): '
+                      'pass a path you can write to') from e
   overrides = f' with model_overrides {pretrained.model_overrides}' if (
       pretrained.model_overrides) else ''
   print(f'wrote {_OUTPUT.value}: {pretrained.model}{overrides} from {pretrained.source}')

@@ -12,14 +12,13 @@ probe run during training. Prints mean and spread of the test accuracy over seed
 import json
 import logging
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
 
 from vit_jax import sharding
 from vit_jax.checkpoints import restore
-from vit_jax.errors import run_cli
+from vit_jax.errors import check_no_arguments, run_cli
 from vit_jax.evaluation import fewshot
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A training workdir or a .npz of params.')
@@ -50,8 +49,7 @@ def _table(results: dict[int, list[float]]) -> str:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  check_no_arguments(argv)
   logging.getLogger().setLevel(logging.INFO)
   pretrained = restore.load_for_reading(_CHECKPOINT.value, _MODEL.value, _IMAGE_SIZE.value)
   model = pretrained.create_model(num_classes=0)

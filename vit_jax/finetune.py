@@ -10,11 +10,10 @@ resolution. Rerunning with the same workdir resumes the fine-tuning run.
 """
 import logging
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from vit_jax.errors import run_cli
+from vit_jax.errors import check_no_arguments, run_cli
 from vit_jax.training import distributed
 from vit_jax.training import finetune
 
@@ -25,8 +24,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  check_no_arguments(argv)
   logging.getLogger().setLevel(logging.INFO)
   distributed.initialize_from_flags()
   result = finetune.finetune(_CONFIG.value, _WORKDIR.value)

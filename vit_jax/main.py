@@ -5,11 +5,10 @@ Override any config key with `--config.key=value`; a config file may take an arg
 """
 import logging
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from vit_jax.errors import run_cli
+from vit_jax.errors import check_no_arguments, run_cli
 from vit_jax.training import distributed
 from vit_jax.training import loop
 
@@ -20,8 +19,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  check_no_arguments(argv)
   logging.getLogger().setLevel(logging.INFO)
   distributed.initialize_from_flags()
   result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

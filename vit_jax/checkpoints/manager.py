@@ -44,10 +44,15 @@ def error_summary(error: BaseException) -> str:
   return f'{type(error).__name__}: {text.splitlines()[0] if text else ""}'
 
 
+# Orbax's per-shard coroutines: when one read or write fails, it leaves the others behind.
+_SHARD_COROUTINES = ('_read_array_index_and_device_put', 'write_fragment')
+
+
 def _from_abandoned_read(unraisable: Any) -> bool:
-  """Orbax's shard read left behind, or its completion reaching orbax's closed event loop."""
+  """Orbax's shard read (or write) left behind, or its completion reaching orbax's closed event
+  loop."""
   code = getattr(unraisable.object, 'cr_code', None)
-  if code is not None and code.co_name == '_read_array_index_and_device_put':
+  if code is not None and code.co_name in _SHARD_COROUTINES:
     return True
   return (isinstance(unraisable.exc_value, RuntimeError)
           and str(unraisable.exc_value) == 'Event loop is closed')
@@ -88,10 +93,63 @@ def abandoned_reads_dropped() -> Iterator[None]:
         sys.unraisablehook = previous
 
 
+class _AbandonedWritesDropped:
+  """A failed asynchronous save (a full disk, a read-only folder) prints a traceback for every
+  shard write orbax leaves behind (81 plus as many "Event loop is closed" for the 28 px default
+  on a full disk), in the background, while training goes on; the error itself is raised by the
+  next save or wait, as one line. Installed while a writing Checkpointer is open; kept for the
+  rest of the process once it dropped any, as writes still in flight complete later."""
+
+  def __init__(self):
+    self.previous, self.dropped = sys.unraisablehook, 0
+    sys.unraisablehook = self
+
+  def __call__(self, unraisable: Any) -> None:
+    if _from_abandoned_read(unraisable):
+      self.dropped += 1
+    else:
+      self.previous(unraisable)
+
+  def remove(self) -> None:
+    if self.dropped:
+      logging.info('dropped %d tracebacks of abandoned checkpoint writes (and any later ones)',
+                   self.dropped)
+    elif sys.unraisablehook is self:
+      sys.unraisablehook = self.previous
+
+
+class _OrbaxTracebacksDropped(logging.Filter):
+  """Orbax logs a failed save's traceback from each of its threads (logging.exception: 3 of
+  them, ~300 lines) before raising the error to us, where it becomes one line: their messages
+  stay, the tracebacks go."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and record.pathname.startswith(os.path.dirname(ocp.__file__)):
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+logging.getLogger('absl').addFilter(_OrbaxTracebacksDropped())
+
+
 def checkpoint_dir(workdir: str) -> str:
   """WORKDIR/checkpoints, absolute: Orbax refuses relative paths; object stores stay as given."""
   return os.path.join(os.path.abspath(workdir) if '://' not in workdir else workdir,
                       'checkpoints')
+
+
+def _check_writable(directory: str) -> None:
+  """A local folder that cannot be written (a read-only mount, another user's) is one line now,
+  not a traceback at the first file written, or a failed save after the first steps."""
+  if '://' in directory:
+    return
+  existing = directory
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.access(existing, os.W_OK | os.X_OK):
+    where = existing if existing == directory else f'{existing} (to hold {directory})'
+    raise ConfigError(f'{where} is not writable, so no checkpoint can be saved: pass a --workdir '
+                      'you can write to (or make it writable)')
 
 
 class Checkpointer:
@@ -100,6 +158,8 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
                read_only: bool = False):
+    if not read_only:
+      _check_writable(checkpoint_dir(workdir))
     options = ocp.CheckpointManagerOptions(  # A reader neither keeps nor saves (or orbax warns).
         max_to_keep=None if read_only else keep or None,
         save_interval_steps=0 if read_only else 1, create=not read_only,
@@ -107,11 +167,34 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                          item_names=('state', 'meta'))
     self.read_only = read_only
+    self._saving = None  # The step of the save in flight, if any.
+    self._writes_filter = None if read_only else _AbandonedWritesDropped()
 
   def save(self, step: int, state: Any, meta: dict) -> None:
-    """Starts an asynchronous save (the loop decides when); training goes on meanwhile."""
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)), force=True)
+    """Starts an asynchronous save (the loop decides when); training goes on meanwhile.
+
+    The previous save is finished first: a failed one (a full disk, a read-only folder) is a
+    ConfigError naming that step, and so is a save that cannot start.
+    """
+    self.wait()
+    self._saving = step
+    try:
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(e) from e
+
+  def _save_error(self, error: BaseException) -> ConfigError:
+    """One line for a save that failed: which step, orbax's cause, the fix, where to resume."""
+    step, self._saving = self._saving, None
+    try:
+      committed = self.all_steps()
+    except Exception:  # pylint: disable=broad-except
+      committed = []
+    resume = f'step {committed[-1]}' if committed else 'the start (no checkpoint was written)'
+    return ConfigError(f'could not write the checkpoint of step {step} in '
+                       f'{self.manager.directory} ({error_summary(error)}): free disk space '
+                       f'there or make it writable, then rerun to resume from {resume}')
 
   def reached_preemption(self, step: int) -> bool:
     """True on every process once any of them got the preemption notice (multi-host TPU)."""
@@ -222,16 +305,31 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Until the save in flight is written; a ConfigError if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(e) from e
+    self._saving = None
 
   def close(self) -> None:
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()  # Orbax raises a failed save only once: this closes.
+      if self._writes_filter is not None:
+        self._writes_filter.remove()
 
   def __enter__(self) -> 'Checkpointer':
     return self
 
-  def __exit__(self, *exc_info) -> None:
-    """Also on an error (divergence, Ctrl-C): an async save in flight still lands."""
-    self.wait()
-    self.close()
+  def __exit__(self, exc_type, exc_value, traceback) -> None:
+    """Also on an error (divergence, Ctrl-C): an async save in flight still lands. A failed save
+    found here is raised, unless another error is on its way (then it is logged)."""
+    try:
+      self.close()
+    except ConfigError as e:
+      if exc_type is None:
+        raise
+      logging.error('%s', e)
 

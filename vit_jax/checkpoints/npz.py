@@ -91,7 +91,11 @@ def load_npz(path: str) -> Params:
                       'checkpoint path in the config/flags') from e
   except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError,
           tf.errors.OpError) as e:
-    raise ConfigError(f'checkpoint {path} is not a readable .npz file ({_first_line(e)}): it is '
+    # numpy takes what is neither a zip (.npz) nor a .npy for a pickle, and suggests
+    # allow_pickle=True: not a fix for a broken file, and unsafe.
+    cause = ('ValueError: neither a zip archive (.npz) nor a .npy array' if 'allow_pickle' in str(e)
+             else _first_line(e))
+    raise ConfigError(f'checkpoint {path} is not a readable .npz file ({cause}): it is '
                       'corrupt or truncated; re-download or re-save it') from e
   if flat is None:
     raise ConfigError(f'checkpoint {path} is a single .npy array, not an .npz of params: '

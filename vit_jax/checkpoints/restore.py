@@ -139,9 +139,26 @@ def _open(workdir: str) -> tuple[Checkpointer, list[int]]:
   steps = checkpointer.all_steps()
   if not steps:
     checkpointer.close()
+    _check_not_inside_a_workdir(workdir)
     raise ConfigError(f'no checkpoint in {workdir}: train one with python -m vit_jax.main, or '
                       'pass a .npz file')
   return checkpointer, steps
+
+
+def _check_not_inside_a_workdir(path: str) -> None:
+  """WORKDIR/checkpoints or one of its step folders named instead of WORKDIR: say so, rather
+  than "no checkpoint in" a folder full of them."""
+  path = path.rstrip('/')
+  parent, name = os.path.split(path)
+  if name == 'checkpoints':
+    workdir, what = parent, 'the checkpoints folder'
+  elif os.path.basename(parent) == 'checkpoints' and name.isdigit():
+    workdir, what = os.path.dirname(parent), f'the checkpoint of step {name}'
+  else:
+    return
+  if workdir and '://' not in path and os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise ConfigError(f'{path} is {what} of the workdir {workdir}: pass the workdir itself '
+                      '(its newest checkpoint is read)')
 
 
 def _saved_config(workdir: str, checkpointer: Checkpointer) -> dict[str, Any]:

@@ -147,6 +147,20 @@ def _has_checkpoints(workdir: str) -> bool:
     return bool(checkpointer.all_steps())
 
 
+def _check_resumes_the_same_init(saved: dict[str, Any], init: str, workdir: str) -> None:
+  """A workdir with checkpoints resumes its own fine-tune: another `init` would be ignored (and
+  its config.json would name it), and a pre-training run's workdir is not a fine-tune's."""
+  saved_init = saved.get('init')
+  if not saved_init:
+    raise ConfigError(f'--workdir {workdir} holds the checkpoints of a pre-training run, not of a '
+                      'fine-tune: fine-tune into a new workdir (pass that run as '
+                      f'--config.init={workdir})')
+  if saved_init != init and not _same_path(saved_init, init):
+    raise ConfigError(f'--workdir {workdir} holds a fine-tune of {saved_init}, not of {init}: '
+                      f'pass --config.init={saved_init} to resume it, or a new --workdir to '
+                      f'fine-tune {init}')
+
+
 def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Fine-tunes `config.init` per `config`; resumes instead when `workdir` has checkpoints.
 
@@ -161,6 +175,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pretrained = None
   if _has_checkpoints(workdir):
     saved = restore.saved_config(workdir)
+    _check_resumes_the_same_init(saved, config.init, workdir)
     architecture = (saved['model'], saved.get('model_overrides') or {}, saved.get('channels', 3))
   else:  # For a .npz, the model is config.model; for a workdir, the one it was trained as.
     pretrained = restore.load(config.init, config.model, _given_overrides(config))

@@ -4,12 +4,14 @@ No host sync inside the loop except every `progress_every` steps (metrics fetche
 window) and at checkpoints (the loss is checked finite before a state is saved).
 """
 import contextlib
+import json
 import logging
 import os
 import signal
 import time
 from typing import Any, Callable, Iterable, Optional
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -93,6 +95,19 @@ def make_eval_data(exp: Experiment) -> Iterable[dict[str, np.ndarray]]:
       pp=config.get('pp', ml_collections.ConfigDict()))
 
 
+def config_changes(saved: Optional[dict], config: ml_collections.ConfigDict) -> list[str]:
+  """`key: old -> new` for each setting that differs from the checkpoint's config: a resumed run
+  takes the new ones (a larger total_steps trains on; a new batch moves the schedule and the
+  data position), so they are named rather than taken silently."""
+  if not saved:
+    return []
+  as_saved = json.loads(json.dumps(config.to_dict(), default=str))  # Tuples as JSON keeps them.
+  old = flax.traverse_util.flatten_dict(saved, sep='.')
+  new = flax.traverse_util.flatten_dict(as_saved, sep='.')
+  return [f'{key}: {old.get(key, "unset")} -> {new.get(key, "unset")}'
+          for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+
+
 def _check_finite(loss: float, step: int, last_saved: Optional[int],
                   grad_norm: float = 0.0) -> None:
   """Before a save the gradient is checked too: the loss is that of the params before the
@@ -145,12 +160,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   check_not_a_file(workdir, 'workdir')
   tf.io.gfile.makedirs(workdir)
   with Checkpointer(workdir, keep=config.get('keep_checkpoints', 3)) as checkpointer:
-    state, _ = checkpointer.restore_latest(exp.abstract_state)
+    state, meta = checkpointer.restore_latest(exp.abstract_state)
     save_config(config, workdir)  # After the restore: a config that cannot resume keeps the old.
     if state is None:
       state = initial_state if initial_state is not None else exp.init_state()
     else:
       logging.info('resumed from the checkpoint at step %d', int(state.step))
+      changes = config_changes(meta.get('config'), config)
+      if changes:
+        logging.warning('resuming with settings changed since that checkpoint: %s',
+                        '; '.join(changes))
     start_step, total_steps = int(state.step), config.total_steps
     progress = metrics_lib.Progress(total_steps, start_step)
     if start_step >= total_steps:  # Before any step is compiled or pipeline built.
