@@ -10,13 +10,16 @@ Usage:
       --config=configs/default.py --workdir=DIR [more flags of the module]
 
 Each process gets `--coordinator_address=localhost:PORT --num_processes=N --process_id=I`
-and K simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=K). Output
-lines are prefixed with `[I] `. If one process fails, the others are stopped (SIGTERM, then
-SIGKILL after a grace period) and the launcher exits with the first nonzero code. SIGTERM or
+and K simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=K; a
+JAX_NUM_CPU_DEVICES of the caller's is dropped, since it would win). A --port another program
+listens on is refused before any process starts. Output lines are prefixed with `[I] `. If one
+process fails, the others are stopped (SIGTERM, then SIGKILL after a grace period), one line on
+stderr names it, and the launcher exits with the first nonzero code. SIGTERM or
 Ctrl-C to the launcher sends SIGTERM to every process (a preemption notice: the run saves a
 checkpoint and stops); a second Ctrl-C kills them. Children stay in the launcher's process
 group, so killing the group kills the whole run.
 """
+import errno
 import os
 import re
 import signal
@@ -61,7 +64,26 @@ def parse(argv: Sequence[str]) -> tuple[int, dict, list[str]]:
     options[name] = int(options[name])
   if options['devices_per_process'] < 1:
     fail('--devices_per_process must be at least 1')
+  if options['port'] > 65535:
+    fail(f'--port={options["port"]} is not a TCP port: pick one below 65536, or 0 for a free one')
   return int(argv[0]), options, rest
+
+
+def check_port(port: int) -> None:
+  """Fails in one line if another program listens on `port`, which process 0's coordinator
+  binds on every interface (else each process dies in jax.distributed with a traceback)."""
+  for family, host in ((socket.AF_INET, '0.0.0.0'), (socket.AF_INET6, '::')):
+    try:
+      with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # As the coordinator's server.
+        if family == socket.AF_INET6:
+          s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((host, port))
+    except OSError as e:
+      if e.errno in (errno.EADDRINUSE, errno.EACCES):
+        fail(f'--port={port} is {"in use" if e.errno == errno.EADDRINUSE else "not allowed"}: '
+             'pick another, or --port=0 for a free one')
+      # No IPv6 on this host, or the like: nothing to check there.
 
 
 def free_port() -> int:
@@ -76,6 +98,7 @@ def child_env(devices: int) -> dict[str, str]:
   env = dict(os.environ)
   xla = _DEVICE_FLAG.sub('', env.get('XLA_FLAGS', '')).strip()
   env['XLA_FLAGS'] = f'{xla} --xla_force_host_platform_device_count={devices}'.strip()
+  env.pop('JAX_NUM_CPU_DEVICES', None)  # It would win over the flag.
   env['JAX_PLATFORMS'] = 'cpu'
   env['PYTHONUNBUFFERED'] = '1'
   return env
@@ -86,6 +109,7 @@ class Run:
 
   def __init__(self, n: int, options: dict, flags: list[str]):
     port = options['port'] or free_port()
+    self.failed: Optional[tuple[int, int]] = None  # (process, return code) of the first failure.
     env = child_env(options['devices_per_process'])
     self.lock = threading.Lock()
     self.procs, self.pumps = [], []
@@ -125,10 +149,11 @@ class Run:
     """The first nonzero exit code (a signal -s as 128 + s), or 0 once all exited cleanly."""
     while True:
       codes = [p.poll() for p in self.procs]
-      failed = next((c for c in codes if c not in (None, 0)), None)
+      failed = next(((i, c) for i, c in enumerate(codes) if c not in (None, 0)), None)
       if failed is not None:
+        self.failed = failed
         self.stop()
-        return exit_code(failed)
+        return exit_code(failed[1])
       if all(c == 0 for c in codes):
         return 0
       time.sleep(0.1)
@@ -146,6 +171,8 @@ def exit_code(returncode: int) -> int:
 
 def main(argv: Sequence[str]) -> int:
   n, options, flags = parse(argv)
+  if options['port']:
+    check_port(options['port'])
   # Inherited as ignored, so a terminal's Ctrl-C reaches the processes only as SIGTERM below.
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   run = Run(n, options, flags)
@@ -165,6 +192,12 @@ def main(argv: Sequence[str]) -> int:
   if first_signal is not None:
     run.stop()
   run.close()
+  if run.failed is not None and first_signal is None:
+    i, returncode = run.failed
+    how = (f'was killed by signal {-returncode}' if returncode < 0 else
+           f'exited with status {returncode}')
+    print(f'error: process {i} {how} (its output above, prefixed [{i}]): the other processes '
+          'were stopped', file=sys.stderr)
   return code or (128 + first_signal if first_signal else 0)
 
 

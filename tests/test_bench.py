@@ -135,3 +135,40 @@ def test_bench_data_reads_the_configs_dataset(prepared_data_dir):
           result['batches_timed']) == ('data', 'digits', 16, 32, 7)
   assert result['img_per_sec'] > 0
   assert result['img_per_sec_per_core'] == pytest.approx(result['img_per_sec'] / perf.cores())
+
+
+def test_bench_measures_the_matmul_peak_in_the_models_dtype():
+  """MFU's denominator is a matmul in the dtype the model's products use (a float16 model was
+  measured against a float32 peak)."""
+  result = _bench('--what=eval', '--config.dtype=float16')
+  assert result['dtype'] == result['matmul_peak_dtype'] == 'float16'
+
+
+def test_bench_unwritable_profile_dir_is_one_line_before_compiling(tmp_path):
+  """Not the profiler's traceback once every step has been timed."""
+  (tmp_path / 'file').write_text('')
+  file = tmp_path / 'file'
+  for where, line in (
+      (file, f'--profile_dir {file} is a file: pass a directory (made if missing)'),
+      (file / 'sub', f'--profile_dir={file}/sub is not a writable folder (Not a directory): '
+                     'pass a folder you can write to (made if missing)')):
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, '-m', 'vit_jax.bench', *TINY, f'--profile_dir={where}'],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 2 and out.stdout == ''
+    assert out.stderr.strip().splitlines()[-1] == f'error: {line}'
+    assert 'Traceback' not in out.stderr and time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize('args,line', [
+    (['eval'], "unexpected arguments ['eval']: flags take the form --name=value"),
+    # A trace of no steps had an empty top-ops table.
+    (['--profile_steps=0'], 'flag --profile_steps=0: 0 is not a positive integer'),
+])
+def test_bench_stray_arguments_and_an_empty_trace_are_one_line(args, line, tmp_path):
+  out = subprocess.run([sys.executable, '-m', 'vit_jax.bench', *TINY, *args,
+                        f'--profile_dir={tmp_path / "trace"}'], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, check=False)
+  assert out.returncode == 2 and out.stdout == ''
+  assert out.stderr.strip().splitlines() == [f'error: {line}']
+  assert not (tmp_path / 'trace').exists()

@@ -15,6 +15,7 @@ a stand-in module.
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -212,6 +213,57 @@ def test_one_failing_process_stops_the_rest_with_its_exit_code(tmp_path):
   assert result.returncode == 3
   assert time.monotonic() - start < 30  # Process 0 was stopped, not waited for.
   assert sorted(result.stdout.splitlines()) == ['[0] hello', '[1] hello']
+
+
+def test_local_port_in_use_is_one_line_before_any_process_starts(tmp_path):
+  """Else process 0's coordinator fails to bind and each process dies with jax's traceback."""
+  env = _fake_module(tmp_path, "open(f'started{pid}', 'w').close()\n")
+  with socket.socket() as taken:
+    taken.bind(('localhost', 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    result = subprocess.run([LOCAL, '2', f'--port={port}', '--module=fake_main'], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2
+  assert result.stderr.startswith(f'error: --port={port} is in use: pick another, or --port=0')
+  assert 'Traceback' not in result.stderr and not list(tmp_path.glob('started*'))
+  result = subprocess.run([LOCAL, '2', '--port=70000', '--module=fake_main'], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2 and 'error: --port=70000 is not a TCP port' in result.stderr
+
+
+def test_local_crashing_process_is_named_in_one_line_and_the_rest_stopped(tmp_path):
+  env = _fake_module(tmp_path, "print('up', flush=True)\n"
+                               "if pid == 1:\n  raise RuntimeError('boom')\n"
+                               'time.sleep(600)\n')
+  start = time.monotonic()
+  proc = subprocess.Popen([LOCAL, '2', '--module=fake_main'], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+  try:
+    out, err = proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+  assert proc.returncode == 1 and time.monotonic() - start < 30
+  assert '[1] RuntimeError: boom' in out
+  assert err.strip().splitlines()[-1] == (
+      'error: process 1 exited with status 1 (its output above, prefixed [1]): the other '
+      'processes were stopped')
+  # No process of the run is left: every member of the launcher's group is gone.
+  left = subprocess.run(['pgrep', '-g', str(proc.pid)], capture_output=True, text=True)
+  assert left.stdout.split() == []
+
+
+def test_local_devices_per_process_wins_over_jax_num_cpu_devices(tmp_path):
+  """JAX_NUM_CPU_DEVICES in the caller's environment would override the launcher's device flag
+  (each process saw 1 device with --devices_per_process=3)."""
+  env = _fake_module(tmp_path, "import jax\nprint('devices', jax.local_device_count())\n")
+  env['JAX_NUM_CPU_DEVICES'] = '1'
+  result = subprocess.run([LOCAL, '2', '--devices_per_process=3', '--module=fake_main'],
+                          env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = sorted(line for line in result.stdout.splitlines() if '] devices ' in line)
+  assert lines == ['[0] devices 3', '[1] devices 3']
 
 
 # Two processes save checkpoints 1 and 2 of an array sharded over both, then restore: with

@@ -194,3 +194,30 @@ def test_vit_b16_on_64_devices_with_fsdp_matches_the_count():
   assert p.per_device_batch == 4096 // 64
   check_memory(p, vit_params('B', 16, 224, 3, 21843, representation=768), 8, 224, 3)
   assert p.xla_flops_per_step == pytest.approx(p.model_flops_per_step, rel=0.15)
+
+
+@pytest.mark.parametrize('flag', ['device_memory_gib', 'peak_tflops'])
+@pytest.mark.parametrize('value', [float('nan'), float('inf')])
+def test_non_finite_memory_or_peak_is_a_config_error(flag, value):
+  """nan / inf memory crashed in int() after compiling; a nan peak printed nan days."""
+  with pytest.raises(ConfigError, match=rf'--{flag}={value} must be a positive number'):
+    planner.plan(default_config(model='ViT-Pico_4'), search=False, **{flag: value})
+
+
+def test_cli_devices_win_over_jax_num_cpu_devices(monkeypatch):
+  """JAX_NUM_CPU_DEVICES in the environment overrode --devices (and the error said to run
+  python -m vit_jax.plan, which was what had been run)."""
+  monkeypatch.setenv('JAX_NUM_CPU_DEVICES', '2')
+  result = run_plan('--config=configs/default.py', '--devices=4', '--num_classes=10',
+                    '--nomax_batch', '--json')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert json.loads(result.stdout)['devices'] == 4
+
+
+def test_cli_stray_arguments_and_non_finite_numbers_are_one_line():
+  for args, line in (
+      (['8'], "error: unexpected arguments ['8']: flags take the form --name=value"),
+      (['--device_memory_gib=nan'], 'error: --device_memory_gib=nan must be a positive number')):
+    result = run_plan('--config=configs/default.py', '--devices=2', '--num_classes=10', *args)
+    assert result.returncode == 2 and result.stdout == ''
+    assert result.stderr.strip().splitlines()[-1] == line and 'Traceback' not in result.stderr

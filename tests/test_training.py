@@ -260,6 +260,8 @@ CONFIG_ERRORS = {
     'zero_mesh_axis': (dict(mesh='data:-1,fsdp:0'), r'axis sizes must be positive'),
     'two_fill_axes': (dict(mesh='data:-1,fsdp:-1'), r'only one axis may be -1'),
     'unknown_mesh_axis': (dict(mesh='dp:8'), r"unknown mesh axes \['dp'\]: use data, fsdp"),
+    'negative_profile_steps': (dict(profile_steps=-3),
+                               r'config.profile_steps=-3 must be positive \(or 0: no profile\)'),
     'repeated_mesh_axis': (dict(mesh='data:2,fsdp:2,data:4'),
                            r"mesh 'data:2,fsdp:2,data:4' names data twice: give each axis once"),
     'warmup_not_below_total': (dict(warmup_steps=TOTAL_STEPS),

@@ -8,11 +8,10 @@ The config's dataset decides the class count unless `config.num_classes` or --nu
 """
 import json
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from vit_jax.errors import ConfigError, run_cli
+from vit_jax.errors import ConfigError, check_no_arguments, run_cli
 from vit_jax.training import benchmark
 from vit_jax.training import profiling
 from vit_jax.training.experiment import build
@@ -27,7 +26,7 @@ _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compiling (trai
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
 _PROFILE_DIR = flags.DEFINE_string(
     'profile_dir', None, 'Trace --profile_steps steps after the timed ones into this folder.')
-_PROFILE_STEPS = flags.DEFINE_integer('profile_steps', 3, 'Steps in the trace.')
+_PROFILE_STEPS = flags.DEFINE_integer('profile_steps', 3, 'Steps in the trace.', lower_bound=1)
 _NUM_CLASSES = flags.DEFINE_integer(
     'num_classes', None, 'Head size; default: config.num_classes, else the dataset\'s.',
     lower_bound=1)
@@ -46,12 +45,13 @@ def _print_table(result: dict) -> None:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  check_no_arguments(argv)
   config = _CONFIG.value
+  if _WHAT.value == 'data' and _PROFILE_DIR.value:
+    raise ConfigError('--profile_dir traces a step: use it with --what=train or --what=eval')
+  if _PROFILE_DIR.value:  # Before compiling, not after every step has run.
+    profiling.check_logdir(_PROFILE_DIR.value)
   if _WHAT.value == 'data':
-    if _PROFILE_DIR.value:
-      raise ConfigError('--profile_dir traces a step: use it with --what=train or --what=eval')
     result = benchmark.bench_data(config, batches=_STEPS.value or 50)
   else:
     result = benchmark.bench_step(build(config, num_classes=_NUM_CLASSES.value), _WHAT.value,

@@ -26,6 +26,7 @@ def _simulate_devices(argv: list[str]) -> None:
     os.environ['XLA_FLAGS'] = host_devices.with_device_count(os.environ.get('XLA_FLAGS', ''),
                                                              int(value))
     os.environ['JAX_PLATFORMS'] = 'cpu'
+    os.environ.pop('JAX_NUM_CPU_DEVICES', None)  # It would win over the flag.
 
 
 if __name__ == '__main__':
@@ -36,12 +37,10 @@ import dataclasses
 import json
 
 import jax
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from vit_jax.errors import ConfigError
-from vit_jax.errors import run_cli
+from vit_jax.errors import ConfigError, check_no_arguments, run_cli
 from vit_jax.training import planner
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
@@ -62,8 +61,7 @@ flags.mark_flags_as_required(['config'])
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  check_no_arguments(argv)
   if _DEVICES.value is not None and jax.device_count() != _DEVICES.value:
     raise ConfigError(f'--devices={_DEVICES.value} but jax sees {jax.device_count()} '
                       f'{jax.default_backend()} devices: run as python -m vit_jax.plan')

@@ -140,7 +140,8 @@ def bench_step(exp: Experiment, what: str, steps: int = 20, warmup: int = 3,
   # The MFU denominator: the best matmul size is picked first, then that matmul is timed after
   # every step, so that it samples the same machine as the steps (on a shared CPU the load
   # drifts), and its best run is the peak: a ceiling, which load can lower MFU under, not raise.
-  dtype = jnp.bfloat16 if config.get('dtype', 'float32') == 'bfloat16' else jnp.float32
+  # In the model's compute dtype (config.dtype, or model_overrides.dtype where set; float16 too).
+  dtype = jnp.dtype(getattr(exp.model, 'dtype', None) or jnp.float32)
   first_peak, probe, probe_flops, peak_size = max(
       (_peak_of(dtype, n, repeats=3) for n in _peak_sizes()), key=lambda peak: peak[0])
   timed, probe_timed = _time_steps(run, warmup, steps, probe)
@@ -152,7 +153,7 @@ def bench_step(exp: Experiment, what: str, steps: int = 20, warmup: int = 3,
   memory, memory_kind = peak_memory_bytes()
   result = {
       'what': what, 'model': config.model, 'batch': batch_size,
-      'image_size': config.image_size, 'dtype': config.get('dtype', 'float32'),
+      'image_size': config.image_size, 'dtype': dtype.name,
       'device': jax.devices()[0].device_kind, 'devices': jax.device_count(),
       'cores': perf.cores(), 'compile_s': compile_s, 'step_s_median': median,
       'step_s_p90': float(np.percentile(times, 90)), 'step_s_min': min(times),
@@ -161,6 +162,7 @@ def bench_step(exp: Experiment, what: str, steps: int = 20, warmup: int = 3,
       perf.cores(), 'model_tflops_per_step': tflops_per_step,
       'tflops_per_sec_per_device': achieved,
       'matmul_peak_tflops_per_device': matmul_peak, 'matmul_peak_size': peak_size,
+      'matmul_peak_dtype': dtype.name,
       'mfu_vs_measured_matmul': achieved / matmul_peak, 'peak_memory_gib': memory / 2**30,
       'peak_memory_kind': memory_kind}
   if jax.default_backend() == 'cpu':

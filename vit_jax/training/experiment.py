@@ -108,8 +108,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.get('keep_checkpoints', 3) < 0:
     raise ConfigError(f'config.keep_checkpoints={config.keep_checkpoints} must be positive '
                       '(or 0: keep them all)')
-  if (config.get('eval_every') or 0) < 0:
-    raise ConfigError(f'config.eval_every={config.eval_every} must be positive (or 0: no eval)')
+  for key, zero_means in (('eval_every', 'no eval'), ('profile_steps', 'no profile'),
+                          ('profile_skip_steps', 'the step after compiling')):
+    if (config.get(key) or 0) < 0:
+      raise ConfigError(f'config.{key}={config[key]} must be positive (or 0: {zero_means})')
   fewshot = config.get('fewshot')
   if fewshot and fewshot.get('every', 0) <= 0:
     raise ConfigError(f'config.fewshot.every={fewshot.get("every")} must be positive: the probe '

@@ -13,6 +13,7 @@ either dtype), so with a bfloat16 model a TPU needs less. The largest batch is t
 bound. Run the planner on the real host (without --devices) for that backend's own figures.
 """
 import dataclasses
+import math
 import time
 from typing import Any, Optional
 
@@ -200,8 +201,8 @@ def plan(config: ml_collections.ConfigDict, *, num_classes: Optional[int] = None
   if not 0 < mfu <= 1:
     raise ConfigError(f'--mfu={mfu} must be in (0, 1]')
   for name, value in (('device_memory_gib', device_memory_gib), ('peak_tflops', peak_tflops)):
-    if value is not None and value <= 0:
-      raise ConfigError(f'--{name}={value} must be positive')
+    if value is not None and not (math.isfinite(value) and value > 0):
+      raise ConfigError(f'--{name}={value} must be a positive number')
   experiment.check_config(config)
   compiler = Compiler(config, num_classes)
   experiment.check_batch(config, sharding.make_mesh(config.get('mesh', 'data:-1')),

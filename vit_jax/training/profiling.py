@@ -11,10 +11,13 @@ import glob
 import logging
 import os
 import re
+import tempfile
 from typing import Any, Callable, Optional
 
 import jax
 from jax.profiler import ProfileData
+
+from vit_jax.errors import ConfigError, check_not_a_file
 
 _INSTRUCTION = re.compile(
     r'^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([\w\-]+)\(.*?op_name="([^"]*)"', re.MULTILINE)
@@ -58,6 +61,21 @@ def op_scopes(hlo_text: str) -> dict[str, tuple[str, str]]:
       scope = f'{opcode} of {len(parts)}: {scope}, ...'
     scopes[name] = direction, scope
   return scopes
+
+
+def check_logdir(logdir: str, what: str = '--profile_dir') -> None:
+  """A local trace folder is made now and must take a file: one line before anything is
+  compiled, not the profiler's error once the steps have run."""
+  if '://' in logdir:  # Remote storage: the profiler's own writer reports its errors.
+    return
+  check_not_a_file(logdir, what)
+  try:
+    os.makedirs(logdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=logdir):
+      pass
+  except OSError as e:
+    raise ConfigError(f'{what}={logdir} is not a writable folder ({e.strerror or e}): pass a '
+                      'folder you can write to (made if missing)') from e
 
 
 def trace(run: Callable[[], Any], steps: int, logdir: str) -> str:
