@@ -107,6 +107,24 @@ def test_an_object_store_workdir_gets_the_config_and_metrics(baseline, tmp_path)
     assert [json.loads(line) for line in f] == [{'step': 1, 'a': 1.0}, {'step': 2, 'a': 0.5}]
 
 
+def test_a_resumed_run_drops_the_metrics_rows_of_the_steps_it_trains_again(tmp_path):
+  """A run killed at step 23 with its checkpoint at 20 had logged steps 21-23 (train and eval
+  rows); resumed at 20 it logs them again: each step keeps one row, the resumed run's."""
+  path = f'{tmp_path}/metrics.jsonl'
+  first = metrics_lib.JsonlWriter(path)
+  for step in (10, 20, 21, 22, 23):
+    first.write_scalars(step, {'train/loss': 1.0})
+  first.write_scalars(20, {'test/accuracy': 0.5})
+  first.write_scalars(22, {'test/accuracy': 0.6})
+  first.close()
+  resumed = metrics_lib.JsonlWriter(path, start_step=20)
+  resumed.write_scalars(21, {'train/loss': 0.9})
+  resumed.close()
+  assert metrics_lib.read_jsonl(path) == [{'step': 10, 'train/loss': 1.0}, {'step': 20, 'train/loss': 1.0},
+                  {'step': 20, 'test/accuracy': 0.5}, {'step': 21, 'train/loss': 0.9}]
+  assert os.listdir(tmp_path) == ['metrics.jsonl']
+
+
 class _Terminal(io.StringIO):
   def isatty(self) -> bool:
     return True

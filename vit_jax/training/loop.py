@@ -182,7 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     batches = global_batch.prefetch_to_mesh(local_batches, exp.mesh)
     eval_data = make_eval_data(exp) if config.get('eval_every') else None
     fewshot = _fewshot_evaluator(exp)
-    writer = metrics_lib.create_writer(workdir)
+    writer = metrics_lib.create_writer(workdir, start_step)
     progress_every = config.get('progress_every', 100)
     eval_every = config.get('eval_every', 0)
     checkpoint_every = config.get('checkpoint_every', 1000)

@@ -15,15 +15,24 @@ class JsonlWriter(metric_writers.MetricWriter):
   """One JSON object per step with every scalar: easy to read back from scripts and tests.
 
   Local files are appended line by line; object stores (gs://) cannot append, so there the
-  file is rewritten whole on each flush.
+  file is rewritten whole on each flush. A run resumed at `start_step` drops the rows of later
+  steps first: those steps were lost with the process and are trained again, so each step keeps
+  one row (the one of the run that reached the final state).
   """
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, start_step: int = 0):
     self._path, self._remote = path, '://' in path
     self._rows = []
-    if self._remote and tf.io.gfile.exists(path):
+    if tf.io.gfile.exists(path):
       with tf.io.gfile.GFile(path) as f:
-        self._rows = f.read().splitlines()
+        rows = f.read().splitlines()
+      kept = [row for row in rows if row.strip() and json.loads(row)['step'] <= start_step]
+      if self._remote:
+        self._rows = kept
+      elif len(kept) < len(rows):
+        with open(path + '.tmp', 'w', encoding='utf-8') as f:
+          f.write(''.join(row + '\n' for row in kept))
+        os.replace(path + '.tmp', path)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     row = json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}})
@@ -63,13 +72,13 @@ class JsonlWriter(metric_writers.MetricWriter):
     self.flush()
 
 
-def create_writer(workdir: str) -> metric_writers.MetricWriter:
+def create_writer(workdir: str, start_step: int = 0) -> metric_writers.MetricWriter:
   """TensorBoard + logging (+ JSON lines) on process 0; other processes only log."""
   if jax.process_index() > 0:
     return metric_writers.create_default_writer(just_logging=True)
   return metric_writers.MultiWriter([
       metric_writers.create_default_writer(workdir, asynchronous=False),
-      JsonlWriter(os.path.join(workdir, 'metrics.jsonl'))])
+      JsonlWriter(os.path.join(workdir, 'metrics.jsonl'), start_step)])
 
 
 def read_jsonl(path: str) -> list[dict]:
