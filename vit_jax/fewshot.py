@@ -1,4 +1,4 @@
-"""Few-shot linear evaluation of a checkpoint's frozen pre-logit features (the paper's probe).
+r"""Few-shot linear evaluation of a checkpoint's frozen pre-logit features (the paper's probe).
 
   python -m vit_jax.fewshot --checkpoint=PATH [--model=ViT-B_16 [--image_size=N]] --dataset=digits \
       [--shots=1,5,10,25] [--seeds=3] [--json]

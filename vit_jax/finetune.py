@@ -1,4 +1,4 @@
-"""Fine-tune a pre-trained ViT on a downstream dataset, with the paper's transfer recipe.
+r"""Fine-tune a pre-trained ViT on a downstream dataset, with the paper's transfer recipe.
 
   python -m vit_jax.finetune --config=configs/finetune/cifar10.py --workdir=DIR \
       --config.init=PATH [--config.model=ViT-B_16] [--config.key=value ...]
