@@ -107,10 +107,14 @@ def test_an_object_store_workdir_gets_the_config_and_metrics(baseline, tmp_path)
     assert [json.loads(line) for line in f] == [{'step': 1, 'a': 1.0}, {'step': 2, 'a': 0.5}]
 
 
-def test_a_resumed_run_drops_the_metrics_rows_of_the_steps_it_trains_again(tmp_path):
+@pytest.mark.parametrize('where', ['local', 'ram'])
+def test_a_resumed_run_sets_aside_the_metrics_rows_of_the_steps_it_trains_again(tmp_path,
+                                                                                 where):
   """A run killed at step 23 with its checkpoint at 20 had logged steps 21-23 (train and eval
-  rows); resumed at 20 it logs them again: each step keeps one row, the resumed run's."""
-  path = f'{tmp_path}/metrics.jsonl'
+  rows); resumed at 20 it logs them again: metrics.jsonl keeps the resumed run's, the others
+  move to metrics.superseded.jsonl (ram:// stands in for gs://, where files are rewritten)."""
+  workdir = str(tmp_path) if where == 'local' else f'ram://{tmp_path.name}'
+  path = f'{workdir}/metrics.jsonl'
   first = metrics_lib.JsonlWriter(path)
   for step in (10, 20, 21, 22, 23):
     first.write_scalars(step, {'train/loss': 1.0})
@@ -119,10 +123,16 @@ def test_a_resumed_run_drops_the_metrics_rows_of_the_steps_it_trains_again(tmp_p
   first.close()
   resumed = metrics_lib.JsonlWriter(path, start_step=20)
   resumed.write_scalars(21, {'train/loss': 0.9})
-  resumed.close()
-  assert metrics_lib.read_jsonl(path) == [{'step': 10, 'train/loss': 1.0}, {'step': 20, 'train/loss': 1.0},
-                  {'step': 20, 'test/accuracy': 0.5}, {'step': 21, 'train/loss': 0.9}]
-  assert os.listdir(tmp_path) == ['metrics.jsonl']
+  if where == 'local':  # ram:// files cannot be rewritten in place, so only read back once.
+    resumed.close()
+    assert metrics_lib.read_jsonl(path) == [
+        {'step': 10, 'train/loss': 1.0}, {'step': 20, 'train/loss': 1.0},
+        {'step': 20, 'test/accuracy': 0.5}, {'step': 21, 'train/loss': 0.9}]
+    assert sorted(os.listdir(tmp_path)) == ['metrics.jsonl', 'metrics.superseded.jsonl']
+  with tf.io.gfile.GFile(f'{workdir}/metrics.superseded.jsonl') as f:
+    assert [json.loads(line) for line in f] == [
+        {'step': 21, 'train/loss': 1.0}, {'step': 22, 'train/loss': 1.0},
+        {'step': 23, 'train/loss': 1.0}, {'step': 22, 'test/accuracy': 0.6}]
 
 
 class _Terminal(io.StringIO):

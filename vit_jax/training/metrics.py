@@ -15,9 +15,9 @@ class JsonlWriter(metric_writers.MetricWriter):
   """One JSON object per step with every scalar: easy to read back from scripts and tests.
 
   Local files are appended line by line; object stores (gs://) cannot append, so there the
-  file is rewritten whole on each flush. A run resumed at `start_step` drops the rows of later
-  steps first: those steps were lost with the process and are trained again, so each step keeps
-  one row (the one of the run that reached the final state).
+  file is rewritten whole on each flush. A run resumed at `start_step` moves the rows of later
+  steps (trained by a process that died before its next checkpoint, and now trained again) to
+  `superseded_path`, so metrics.jsonl holds one trajectory and no row is lost.
   """
 
   def __init__(self, path: str, start_step: int = 0):
@@ -25,14 +25,16 @@ class JsonlWriter(metric_writers.MetricWriter):
     self._rows = []
     if tf.io.gfile.exists(path):
       with tf.io.gfile.GFile(path) as f:
-        rows = f.read().splitlines()
-      kept = [row for row in rows if row.strip() and json.loads(row)['step'] <= start_step]
-      if self._remote:
-        self._rows = kept
-      elif len(kept) < len(rows):
-        with open(path + '.tmp', 'w', encoding='utf-8') as f:
-          f.write(''.join(row + '\n' for row in kept))
-        os.replace(path + '.tmp', path)
+        rows = [row for row in f.read().splitlines() if row.strip()]
+      is_later = [json.loads(row)['step'] > start_step for row in rows]
+      later = [row for row, flag in zip(rows, is_later) if flag]
+      self._rows = [row for row, flag in zip(rows, is_later) if not flag]
+      if later:
+        _append_rows(superseded_path(path), later)
+        if not self._remote:
+          with open(path + '.tmp', 'w', encoding='utf-8') as f:
+            f.write(''.join(row + '\n' for row in self._rows))
+          os.replace(path + '.tmp', path)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     row = json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}})
@@ -70,6 +72,21 @@ class JsonlWriter(metric_writers.MetricWriter):
 
   def close(self) -> None:
     self.flush()
+
+
+def superseded_path(path: str) -> str:
+  """Where a resumed run keeps the rows of the steps it trains again."""
+  return path.removesuffix('.jsonl') + '.superseded.jsonl'
+
+
+def _append_rows(path: str, rows: list[str]) -> None:
+  """Through tf.io.gfile, rewritten whole: object stores cannot append."""
+  old = ''
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      old = f.read()
+  with tf.io.gfile.GFile(path, 'w') as f:
+    f.write(old + ''.join(row + '\n' for row in rows))
 
 
 def create_writer(workdir: str, start_step: int = 0) -> metric_writers.MetricWriter:
