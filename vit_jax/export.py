@@ -5,7 +5,6 @@
 The file loads in the released vision_transformer code and back here (`--config.init=FILE.npz`
 with the model named), bit-exact, whichever layout (scanned or unrolled) the run trained in.
 """
-import logging
 import os
 
 from absl import flags
@@ -36,7 +35,6 @@ def _check_output(path: str) -> None:
 
 def main(argv: list[str]) -> None:
   check_no_arguments(argv)
-  logging.getLogger().setLevel(logging.INFO)
   if not restore.is_npz(_OUTPUT.value):
     raise ConfigError(f'--output={_OUTPUT.value} must end in .npz')
   if restore.is_npz(_WORKDIR.value):

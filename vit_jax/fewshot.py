@@ -10,7 +10,6 @@ checkpoint's evaluation saw them (its resolution and pp.eval.crop), so the figur
 probe run during training. Prints mean and spread of the test accuracy over seeds per shot count.
 """
 import json
-import logging
 
 from absl import flags
 import jax
@@ -50,7 +49,6 @@ def _table(results: dict[int, list[float]]) -> str:
 
 def main(argv: list[str]) -> None:
   check_no_arguments(argv)
-  logging.getLogger().setLevel(logging.INFO)
   pretrained = restore.load_for_reading(_CHECKPOINT.value, _MODEL.value, _IMAGE_SIZE.value)
   model = pretrained.create_model(num_classes=0)
   params = restore.checked_params(pretrained, model)

@@ -25,7 +25,6 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv: list[str]) -> None:
   check_no_arguments(argv)
-  logging.getLogger().setLevel(logging.INFO)
   distributed.initialize_from_flags()
   result = finetune.finetune(_CONFIG.value, _WORKDIR.value)
   logging.info('final: %s', result)

@@ -20,7 +20,6 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv: list[str]) -> None:
   check_no_arguments(argv)
-  logging.getLogger().setLevel(logging.INFO)
   distributed.initialize_from_flags()
   result = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   logging.info('final: %s', result)
