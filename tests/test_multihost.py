@@ -9,13 +9,12 @@ global batch the 2-process run assembles with `make_array_from_process_local_dat
 order of float reductions (gloo vs. in-process all-reduce, row order) may differ.
 
 The real 2-process runs are slow-marked (~1.5-4 min each on the shared 2-core box: process
-start, compiles and Orbax saves dominate); the launcher's own behaviour is tested quickly with
-a stand-in module.
+start, compiles and Orbax saves dominate); the launcher's own behaviour is in
+test_local_launch.py.
 """
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import numpy as np
 import pytest
 
 import config_files
+from test_local_launch import LOCAL, fake_module
 from vit_jax import sharding
 from vit_jax.data import input_pipeline
 from vit_jax.errors import ConfigError
@@ -36,7 +36,6 @@ from vit_jax.training.loop import evaluate, make_eval_data
 from vit_jax.training.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-LOCAL = str(ROOT / 'launch' / 'local.sh')
 RTOL = 1e-5  # Measured: <= 1e-7 apart; the 1-process data order is up to 1e-2 apart.
 TINY = dict(total_steps=8, batch=16, warmup_steps=2, progress_every=1, checkpoint_every=1000,
             eval_every=0)
@@ -196,76 +195,6 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(prepared_data_dir, tm
   assert sorted(stops) == [('0', saved), ('1', saved)]
 
 
-def _fake_module(tmp_path: Path, body: str) -> dict[str, str]:
-  (tmp_path / 'fake_main.py').write_text(
-      'import sys, time\n'
-      "pid = int(next(a for a in sys.argv if a.startswith('--process_id=')).split('=')[1])\n"
-      + body)
-  return dict(os.environ, PYTHONPATH=str(tmp_path))
-
-
-def test_one_failing_process_stops_the_rest_with_its_exit_code(tmp_path):
-  env = _fake_module(tmp_path, "print('hello', flush=True)\n"
-                               'if pid == 1:\n  sys.exit(3)\ntime.sleep(600)\n')
-  start = time.monotonic()
-  result = subprocess.run([LOCAL, '2', '--module=fake_main', '--x=1'], env=env,
-                          capture_output=True, text=True, timeout=60)
-  assert result.returncode == 3
-  assert time.monotonic() - start < 30  # Process 0 was stopped, not waited for.
-  assert sorted(result.stdout.splitlines()) == ['[0] hello', '[1] hello']
-
-
-def test_local_port_in_use_is_one_line_before_any_process_starts(tmp_path):
-  """Else process 0's coordinator fails to bind and each process dies with jax's traceback."""
-  env = _fake_module(tmp_path, "open(f'started{pid}', 'w').close()\n")
-  with socket.socket() as taken:
-    taken.bind(('localhost', 0))
-    taken.listen()
-    port = taken.getsockname()[1]
-    result = subprocess.run([LOCAL, '2', f'--port={port}', '--module=fake_main'], env=env,
-                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
-  assert result.returncode == 2
-  assert result.stderr.startswith(f'error: --port={port} is in use: pick another, or --port=0')
-  assert 'Traceback' not in result.stderr and not list(tmp_path.glob('started*'))
-  result = subprocess.run([LOCAL, '2', '--port=70000', '--module=fake_main'], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
-  assert result.returncode == 2 and 'error: --port=70000 is not a TCP port' in result.stderr
-
-
-def test_local_crashing_process_is_named_in_one_line_and_the_rest_stopped(tmp_path):
-  env = _fake_module(tmp_path, "print('up', flush=True)\n"
-                               "if pid == 1:\n  raise RuntimeError('boom')\n"
-                               'time.sleep(600)\n')
-  start = time.monotonic()
-  proc = subprocess.Popen([LOCAL, '2', '--module=fake_main'], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True)
-  try:
-    out, err = proc.communicate(timeout=60)
-  finally:
-    if proc.poll() is None:
-      os.killpg(proc.pid, signal.SIGKILL)
-  assert proc.returncode == 1 and time.monotonic() - start < 30
-  assert '[1] RuntimeError: boom' in out
-  assert err.strip().splitlines()[-1] == (
-      'error: process 1 exited with status 1 (its output above, prefixed [1]): the other '
-      'processes were stopped')
-  # No process of the run is left: every member of the launcher's group is gone.
-  left = subprocess.run(['pgrep', '-g', str(proc.pid)], capture_output=True, text=True)
-  assert left.stdout.split() == []
-
-
-def test_local_devices_per_process_wins_over_jax_num_cpu_devices(tmp_path):
-  """JAX_NUM_CPU_DEVICES in the caller's environment would override the launcher's device flag
-  (each process saw 1 device with --devices_per_process=3)."""
-  env = _fake_module(tmp_path, "import jax\nprint('devices', jax.local_device_count())\n")
-  env['JAX_NUM_CPU_DEVICES'] = '1'
-  result = subprocess.run([LOCAL, '2', '--devices_per_process=3', '--module=fake_main'],
-                          env=env, capture_output=True, text=True, timeout=120)
-  assert result.returncode == 0, result.stderr[-2000:]
-  lines = sorted(line for line in result.stdout.splitlines() if '] devices ' in line)
-  assert lines == ['[0] devices 3', '[1] devices 3']
-
-
 # Two processes save checkpoints 1 and 2 of an array sharded over both, then restore: with
 # --case=failed_read, process 1's read of step 2 fails (raised before orbax's read, as a failed
 # read is); with --case=unshared, process 1 looks in another directory.
@@ -306,7 +235,7 @@ with Checkpointer(args['workdir'] + ('/elsewhere' if unshared else '')) as check
 
 
 def _restore_on_two_processes(tmp_path: Path, case: str) -> str:
-  env = _fake_module(tmp_path, _RESTORE_ON_TWO_PROCESSES)
+  env = fake_module(tmp_path, _RESTORE_ON_TWO_PROCESSES)
   result = subprocess.run([LOCAL, '2', '--devices_per_process=4', '--module=fake_main',
                            f'--workdir={tmp_path / "run"}', f'--case={case}'],
                           env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -332,56 +261,6 @@ def test_processes_that_list_different_checkpoints_all_stop(tmp_path):
     assert line.startswith(f'[{i}] error: the processes list different checkpoints in ')
     assert line.endswith('(count, newest step per process: [[2, 2], [0, -1]]): the workdir '
                          'must be on storage that every process shares')
-
-
-def test_processes_get_their_ids_devices_and_coordinator(tmp_path):
-  env = _fake_module(tmp_path, 'import os\n'
-                               "print(' '.join(sys.argv[1:]), os.environ['XLA_FLAGS'])\n")
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8 --xla_dump_to=/tmp/x'
-  result = subprocess.run([LOCAL, '3', '--devices_per_process', '2', '--module=fake_main',
-                           '--config=a b', '--workdir=w'],
-                          env=env, capture_output=True, text=True, timeout=60)
-  assert result.returncode == 0, result.stderr
-  lines = sorted(result.stdout.splitlines())
-  assert len(lines) == 3
-  port = lines[0].split('--coordinator_address=localhost:')[1].split()[0]
-  for i, line in enumerate(lines):
-    assert line == (f'[{i}] --coordinator_address=localhost:{port} --num_processes=3 '
-                    f'--process_id={i} --config=a b --workdir=w '
-                    '--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=2')
-
-
-def test_ctrl_c_reaches_every_process_as_a_preemption_notice(tmp_path):
-  """Like a terminal: SIGINT to the whole group. The processes ignore it; the launcher turns it
-  into SIGTERM (on which vit_jax.main saves a checkpoint and stops) and exits 130."""
-  env = _fake_module(tmp_path, (
-      'import signal\n'
-      'signal.signal(signal.SIGTERM, lambda *a: (print("term", flush=True), sys.exit(0)))\n'
-      'print("ready", signal.getsignal(signal.SIGINT) == signal.SIG_IGN, flush=True)\n'
-      # Short sleeps: a SIGTERM that lands between Python's last signal check and the sleep's
-      # syscall runs its handler only when that sleep ends (one CI run hung on a single 600 s one).
-      'while True:\n  time.sleep(0.1)\n'))
-  proc = subprocess.Popen([LOCAL, '2', '--module=fake_main'], env=env, stdout=subprocess.PIPE,
-                          text=True, start_new_session=True)
-  try:
-    lines = [proc.stdout.readline().strip() for _ in range(2)]
-    assert sorted(lines) == ['[0] ready True', '[1] ready True']
-    os.killpg(proc.pid, signal.SIGINT)
-    out, _ = proc.communicate(timeout=30)
-  finally:
-    if proc.poll() is None:
-      os.killpg(proc.pid, signal.SIGKILL)
-  assert proc.returncode == 130
-  assert sorted(out.split()) == ['[0]', '[1]', 'term', 'term']
-
-
-@pytest.mark.parametrize('args', [[], ['zero'], ['0'], ['2', '--devices_per_process=0'],
-                                  ['2', '--port=x']])
-def test_bad_launcher_arguments_are_one_line_errors(args):
-  result = subprocess.run([LOCAL, *args], capture_output=True, text=True, timeout=60)
-  assert result.returncode == 2
-  assert result.stderr.startswith('error: ') and 'usage: launch/local.sh N' in result.stderr
-  assert 'Traceback' not in result.stderr
 
 
 def _no_cluster_env(monkeypatch) -> list:

@@ -41,6 +41,15 @@ def check_no_arguments(argv: list[str]) -> None:
     raise ConfigError(f'unexpected arguments {argv[1:]}: flags take the form --name=value')
 
 
+def nearest_existing(path: str) -> str:
+  """`path` or its nearest existing parent: the folder whose permissions decide whether `path`
+  can be made."""
+  path = os.path.abspath(path)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  return path
+
+
 def _exit_with(message: str) -> NoReturn:
   print(f'error: {message}', file=sys.stderr)
   sys.exit(2)

@@ -11,7 +11,7 @@ from absl import flags
 
 from vit_jax.checkpoints import npz
 from vit_jax.checkpoints import restore
-from vit_jax.errors import ConfigError, check_no_arguments, run_cli
+from vit_jax.errors import ConfigError, check_no_arguments, nearest_existing, run_cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (its newest checkpoint).')
 _OUTPUT = flags.DEFINE_string('output', None, 'The .npz file to write.')
@@ -24,9 +24,7 @@ def _check_output(path: str) -> None:
     return
   if os.path.isdir(path):
     raise ConfigError(f'--output={path} is a directory: name a .npz file (e.g. {path}/params.npz)')
-  existing = os.path.dirname(os.path.abspath(path))
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
+  existing = nearest_existing(os.path.dirname(os.path.abspath(path)))
   if not os.path.isdir(existing):
     raise ConfigError(f'--output={path} is inside {existing}, which is a file: pass another path')
   if not os.access(existing, os.W_OK | os.X_OK):

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vit_jax.errors import ConfigError
+from vit_jax.errors import ConfigError, nearest_existing
 
 
 class _OrbaxConsole(logging.Filter):
@@ -60,14 +60,38 @@ def error_summary(error: BaseException) -> str:
 _SHARD_COROUTINES = ('_read_array_index_and_device_put', 'write_fragment')
 
 
-def _from_abandoned_read(unraisable: Any) -> bool:
-  """Orbax's shard read (or write) left behind, or its completion reaching orbax's closed event
+def _from_abandoned_shard(unraisable: Any) -> bool:
+  """Orbax's shard read or write left behind, or its completion reaching orbax's closed event
   loop."""
   code = getattr(unraisable.object, 'cr_code', None)
   if code is not None and code.co_name in _SHARD_COROUTINES:
     return True
   return (isinstance(unraisable.exc_value, RuntimeError)
           and str(unraisable.exc_value) == 'Event loop is closed')
+
+
+class _AbandonedShardsDropped:
+  """A `sys.unraisablehook` that drops the tracebacks of orbax's abandoned shard reads or writes
+  (and only those) until `remove`; it stays for the rest of the process once it dropped any, as
+  shards still in flight complete later."""
+
+  def __init__(self, what: str):
+    self.what, self.previous, self.dropped = what, sys.unraisablehook, 0
+    sys.unraisablehook = self
+
+  def __call__(self, unraisable: Any) -> None:
+    if _from_abandoned_shard(unraisable):
+      self.dropped += 1
+    else:
+      self.previous(unraisable)
+
+  def remove(self) -> None:
+    gc.collect()  # Abandoned coroutines collected now report here, not after removal.
+    if self.dropped:
+      logging.info('dropped %d tracebacks of abandoned checkpoint %s (and any later ones)',
+                   self.dropped, self.what)
+    elif sys.unraisablehook is self:
+      sys.unraisablehook = self.previous
 
 
 @contextlib.contextmanager
@@ -77,57 +101,16 @@ def abandoned_reads_dropped() -> Iterator[None]:
   When one array of a checkpoint cannot be read, orbax raises and leaves its other shard reads
   behind: each then prints a traceback as it completes on orbax's closed event loop or is
   collected (470-590 of them, 18k lines, for one truncated checkpoint of the embedded default),
-  or a warning if it never started. This drops those, and only those; after a failure the
-  traceback filter stays for the rest of the process, as reads still in flight complete later.
+  or a warning if it never started.
   """
-  previous = sys.unraisablehook
-  dropped = 0
-
-  def hook(unraisable: Any) -> None:
-    nonlocal dropped
-    if _from_abandoned_read(unraisable):
-      dropped += 1
-    else:
-      previous(unraisable)
-
-  sys.unraisablehook = hook
+  hook = _AbandonedShardsDropped('reads')
   with warnings.catch_warnings():  # The reads that never started warn instead.
     warnings.filterwarnings('ignore', "coroutine '_read_array_index_and_device_put' was never",
                             RuntimeWarning)
     try:
       yield
     finally:
-      gc.collect()
-      if dropped:
-        logging.info('dropped %d tracebacks of abandoned checkpoint reads (and any later ones)',
-                     dropped)
-      elif sys.unraisablehook is hook:
-        sys.unraisablehook = previous
-
-
-class _AbandonedWritesDropped:
-  """A failed asynchronous save (a full disk, a read-only folder) prints a traceback for every
-  shard write orbax leaves behind (81 plus as many "Event loop is closed" for the 28 px default
-  on a full disk), in the background, while training goes on; the error itself is raised by the
-  next save or wait, as one line. Installed while a writing Checkpointer is open; kept for the
-  rest of the process once it dropped any, as writes still in flight complete later."""
-
-  def __init__(self):
-    self.previous, self.dropped = sys.unraisablehook, 0
-    sys.unraisablehook = self
-
-  def __call__(self, unraisable: Any) -> None:
-    if _from_abandoned_read(unraisable):
-      self.dropped += 1
-    else:
-      self.previous(unraisable)
-
-  def remove(self) -> None:
-    if self.dropped:
-      logging.info('dropped %d tracebacks of abandoned checkpoint writes (and any later ones)',
-                   self.dropped)
-    elif sys.unraisablehook is self:
-      sys.unraisablehook = self.previous
+      hook.remove()
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -141,9 +124,7 @@ def _check_writable(directory: str) -> None:
   not a traceback at the first file written, or a failed save after the first steps."""
   if '://' in directory:
     return
-  existing = directory
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
+  existing = nearest_existing(directory)
   if not os.access(existing, os.W_OK | os.X_OK):
     where = existing if existing == directory else f'{existing} (to hold {directory})'
     raise ConfigError(f'{where} is not writable, so no checkpoint can be saved: pass a --workdir '
@@ -166,7 +147,10 @@ class Checkpointer:
                                          item_names=('state', 'meta'))
     self.read_only = read_only
     self._saving = None  # The step of the save in flight, if any.
-    self._writes_filter = None if read_only else _AbandonedWritesDropped()
+    # A failed asynchronous save (a full disk) leaves its other shard writes behind (81
+    # tracebacks, as many "Event loop is closed", for the 28 px default) while training goes
+    # on; the error itself is raised by the next save or wait, as one line.
+    self._writes_filter = None if read_only else _AbandonedShardsDropped('writes')
 
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Starts an asynchronous save (the loop decides when); training goes on meanwhile.
