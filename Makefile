@@ -1,20 +1,30 @@
 # Two commands do everything on a fresh machine: `make train` and `make test`.
 PYTHON ?= python3.11
 VENV := .venv
+INTEROP_VENV := .venv-interop
 PY := $(VENV)/bin/python
 export TFDS_DATA_DIR ?= $(CURDIR)/data/tfds
 WORKDIR ?= workdirs/default
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: train test test-all data clean
+.PHONY: train test test-all test-interop data clean
+
+# $(call venv,DIR,EXTRA_REQUIREMENTS): the project and its pinned requirements in a new venv.
+define venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q -r requirements.txt $(2)
+	$(1)/bin/python -m pip install -q --no-deps -e .
+	touch $(1)/.installed
+endef
 
 $(VENV)/.installed: requirements.txt setup.py
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps -e .
-	touch $@
+	$(call venv,$(VENV))
+
+# The project plus torch and timm (~5.5 GB), apart from the main venv, for `make test-interop`.
+$(INTEROP_VENV)/.installed: requirements.txt requirements-interop.txt setup.py
+	$(call venv,$(INTEROP_VENV),-r requirements-interop.txt)
 
 $(FASHION_MNIST):
 	$(SUDO) apt-get install -y dataset-fashion-mnist || \
@@ -34,5 +44,9 @@ test: $(VENV)/.installed $(FASHION_MNIST)
 test-all: $(VENV)/.installed $(FASHION_MNIST)
 	$(PY) -m pytest -q -n 2 --dist=loadfile -m ""
 
+# timm's reader of the released checkpoints loads our .npz files and gives our logits.
+test-interop: $(INTEROP_VENV)/.installed
+	$(INTEROP_VENV)/bin/python -m pytest -q -m interop tests/test_interop_timm.py
+
 clean:
-	rm -rf $(VENV) data workdirs
+	rm -rf $(VENV) $(INTEROP_VENV) data workdirs

@@ -1,0 +1,97 @@
+"""Our released-layout .npz files read by an independent reader: timm's loader of the released ViTs.
+
+The layout tests (test_models.py) check names and shapes; this checks meaning: every tensor lands
+where timm's PyTorch ViT, which runs the released checkpoints, expects it, so both give the same
+logits. Needs torch and timm (`make test-interop` installs them beside the project; ~5.5 GB).
+"""
+import functools
+
+import pytest
+
+# Before TensorFlow (which vit_jax's .npz module loads): torch's triton segfaults loaded after it.
+torch = pytest.importorskip('torch', reason='make test-interop installs torch and timm')
+timm = pytest.importorskip('timm', reason='make test-interop installs torch and timm')
+from timm.models import vision_transformer as timm_vit  # pylint: disable=wrong-import-position
+
+import jax  # pylint: disable=wrong-import-order
+import jax.numpy as jnp
+import numpy as np
+import skimage.data
+
+from vit_jax import models
+from vit_jax.checkpoints import npz
+
+pytestmark = pytest.mark.interop
+
+NUM_CLASSES = 7
+# Flax's nn.gelu (the released code's) is the tanh approximation; timm's default is the exact erf.
+_GELU = functools.partial(torch.nn.GELU, approximate='tanh')
+
+
+def _timm_vit(patch: int, width: int, heads: int, **kwargs):
+  kwargs.setdefault('num_classes', NUM_CLASSES)
+  return timm_vit.VisionTransformer(img_size=224, patch_size=patch, embed_dim=width, depth=12,
+                                    num_heads=heads, act_layer=_GELU, **kwargs)
+
+
+# name, overrides, timm's model of the same architecture, tolerance on the logits.
+CASES = {
+    'ViT-Ti_16': ({}, lambda: _timm_vit(16, 192, 3), 1e-5),
+    'ViT-S_32': ({}, lambda: _timm_vit(32, 384, 6), 1e-5),
+    # i21k's released checkpoints have a tanh pre-logits layer, which timm no longer builds: its
+    # features go through the layer by hand below.
+    'ViT-B_16 pre-logits': ({'representation_size': 768},
+                            lambda: _timm_vit(16, 768, 12, num_classes=0), 1e-5),
+    # big_vision's gap: the encoder's last LayerNorm, then the mean (timm's fc_norm=False).
+    'ViT-S_16 gap': ({'classifier': 'gap'},
+                     lambda: _timm_vit(16, 384, 6, global_pool='avg', class_token=False,
+                                       fc_norm=False), 1e-5),
+    'ViT-S_16 map': ({'classifier': 'map'},
+                     lambda: _timm_vit(16, 384, 6, global_pool='map', class_token=False), 1e-5),
+    # timm standardises the stem's kernels as (w - mean) / sqrt(var + 1e-8); the released StdConv
+    # (ours) as (w - mean) / (std + 1e-5): hence the looser bound.
+    'R50+ViT-B_16': ({}, lambda: timm.create_model('vit_base_r50_s16_224', act_layer=_GELU,
+                                                   num_classes=NUM_CLASSES), 5e-5),
+    'R26+ViT-S_32': ({}, lambda: timm.create_model('vit_small_r26_s32_224', act_layer=_GELU,
+                                                   num_classes=NUM_CLASSES), 5e-5),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _photos() -> np.ndarray:
+  """Four of scikit-image's sample photos at 224 px, scaled to [-1, 1] as the eval pipeline does."""
+  photos = (skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(),
+            skimage.data.rocket())
+  resized = [jax.image.resize(p.astype(np.float32), (224, 224, 3), 'bilinear') for p in photos]
+  return np.stack(resized) / 127.5 - 1
+
+
+def _perturbed_params(model):
+  """Init params plus noise: the zero head, zero biases and unit norms would hide swapped tensors."""
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))['params']
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  return jax.tree.unflatten(
+      treedef, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_timm_loads_our_npz_and_gives_our_logits(case, tmp_path):
+  overrides, timm_model, tolerance = CASES[case]
+  model = models.create(case.split()[0], num_classes=NUM_CLASSES, **overrides)
+  params = _perturbed_params(model)
+  ours = np.asarray(model.apply({'params': params}, jnp.asarray(_photos())))
+  path = str(tmp_path / 'params.npz')
+  npz.save_npz(params, path)
+
+  theirs_model = timm_model().eval()
+  with torch.no_grad():
+    timm_vit._load_weights(theirs_model, path)  # pylint: disable=protected-access
+    theirs = theirs_model(torch.from_numpy(_photos()).permute(0, 3, 1, 2).float())
+    if overrides.get('representation_size'):
+      saved = {k: torch.from_numpy(v) for k, v in np.load(path).items()}
+      theirs = torch.tanh(theirs @ saved['pre_logits/kernel'] + saved['pre_logits/bias'])
+      theirs = theirs @ saved['head/kernel'] + saved['head/bias']
+
+  assert np.abs(ours).max() > 0.5  # Logits of a size that a misplaced tensor would change.
+  np.testing.assert_allclose(theirs.numpy(), ours, rtol=0, atol=tolerance * np.abs(ours).max())
