@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.ndimage
+import skimage.data
 import tensorflow as tf
 
 import param_trees
@@ -16,8 +17,10 @@ import param_trees
 from vit_jax import models
 from vit_jax.checkpoints import npz
 from vit_jax.checkpoints import posemb as posemb_lib
+from vit_jax.checkpoints import restore
 from vit_jax.checkpoints import transfer
 from vit_jax.errors import ConfigError
+from vit_jax.evaluation import classify
 
 POSEMB = 'Transformer/posembed_input/pos_embedding'
 
@@ -285,3 +288,28 @@ def test_transfer_regrids_at_the_same_token_count():
       posemb_lib.resize_posemb(pretrained['Transformer']['posembed_input']['pos_embedding'],
                                (8, 8), old_grid=(4, 16)))
   assert any(line.startswith(f'transfer: resized {POSEMB}') for line in lines)
+
+
+# --- Options a .npz shows in its keys. ---
+
+
+@pytest.mark.parametrize('overrides', [
+    {'representation_size': 24},  # ImageNet-21k's released checkpoints have a pre-logits layer.
+    {'classifier': 'gap'},
+    {'classifier': 'map', 'posemb': 'sincos2d'}])
+def test_a_npz_needs_only_its_model_name_for_the_options_its_keys_show(overrides, tmp_path):
+  model, params = _variables(**overrides)
+  path = str(tmp_path / 'ckpt.npz')
+  npz.save_npz(params, path)
+  pretrained = restore.load_for_reading(path, 'ViT-Mu_4', image_size=32)
+  assert pretrained.model_overrides == overrides
+  photos = np.stack([jax.image.resize(p.astype(np.float32), (32, 32, 3), 'bilinear') / 127.5 - 1
+                     for p in (skimage.data.astronaut(), skimage.data.coffee())])
+  classifier = classify.Classifier(classify.load_checkpoint(path, 'ViT-Mu_4', image_size=32),
+                                   batch_size=2)
+  expected = np.asarray(model.apply({'params': params}, jnp.asarray(photos)))
+  np.testing.assert_allclose(classifier.logits(photos), expected,
+                             atol=1e-5 * np.abs(expected).max())  # Other batch, other floats.
+  # What the user gives still wins (fine-tuning's model_overrides).
+  assert restore.load(path, 'ViT-Mu_4', {'classifier': 'token'}).model_overrides == {
+      **overrides, 'classifier': 'token'}

@@ -20,6 +20,7 @@ from ml_collections import config_flags
 import param_trees
 
 import config_files
+from vit_jax import models
 from vit_jax.checkpoints import npz
 from vit_jax.checkpoints import posemb as posemb_lib
 from vit_jax.checkpoints import restore
@@ -138,6 +139,28 @@ def test_new_layers_take_the_new_models_own_init(prepared_data_dir, pretrained):
   assert params[POSEMB].shape == full[POSEMB].shape  # The rest: the checkpoint's, as above.
   assert params['embedding/kernel'].tobytes() == param_trees.flat(pre.params)[
       'embedding/kernel'].tobytes()
+
+
+def test_a_gap_npz_fine_tunes_as_gap_without_saying_so(prepared_data_dir, tmp_path):
+  """The fine-tune configs cannot set `classifier` (not a key of theirs): the .npz's keys tell."""
+  model = nn.meta.unbox(jax.eval_shape(
+      lambda: models.create('ViT-Mu_4', classifier='gap').init(jax.random.PRNGKey(0),
+                                                               jnp.zeros((1, 16, 16, 1)))))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), model['params'])
+  path = str(tmp_path / 'gap.npz')
+  npz.save_npz(params, path)
+  config = _finetune_config(prepared_data_dir, path)
+  pre = restore.load(path, config.model)  # As `finetune` does: the config's overrides are None.
+  exp = experiment.build(finetune.with_architecture(config, pre.model, pre.model_overrides,
+                                                    pre.channels))
+  assert exp.model.classifier == 'gap'
+  state = jax.device_get(finetune.initial_state(exp, pre).params)
+  assert 'cls' not in state
+  np.testing.assert_array_equal(  # 16 px -> 24 px: 4x4 -> 6x6 patches, no class token's row.
+      state['Transformer']['posembed_input']['pos_embedding'],
+      posemb_lib.resize_posemb(params['Transformer']['posembed_input']['pos_embedding'], (6, 6),
+                               num_prefix_tokens=0))
 
 
 def test_finetune_cli_improves_over_the_transferred_start(transferred, prepared_data_dir,

@@ -112,6 +112,23 @@ def load_npz(path: str) -> Params:
   return flax.traverse_util.unflatten_dict(flat, sep='/')
 
 
+def visible_architecture(params: Params) -> dict[str, Any]:
+  """The model options a released-layout param tree shows, where they differ from the defaults.
+
+  A .npz holds no config, but its keys tell the pre-logits layer and its width (ImageNet-21k's
+  released checkpoints have one), the pooling (no `cls`: gap, or map with a `MAPHead_0`) and
+  learned versus fixed (sincos2d) position embeddings, so naming the model is enough.
+  """
+  options = {}
+  if 'pre_logits' in params:
+    options['representation_size'] = int(params['pre_logits']['kernel'].shape[-1])
+  if 'cls' not in params:
+    options['classifier'] = 'map' if 'MAPHead_0' in params else 'gap'
+  if 'posembed_input' not in params.get('Transformer', {}):
+    options['posemb'] = 'sincos2d'
+  return options
+
+
 def _hint(shape_keys: list[str], what: str) -> str:
   if shape_keys and all(k.startswith(('head/', 'pre_logits/')) or k == POSEMB_KEY
                         for k in shape_keys):

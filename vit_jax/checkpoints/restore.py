@@ -2,7 +2,8 @@
 
 Fine-tuning, export and few-shot evaluation all start from "a checkpoint": either a training
 workdir (its newest Orbax checkpoint; the architecture is read from the config saved with it) or
-a `.npz` in the released layout (which holds no architecture, so the caller names the model).
+a `.npz` in the released layout (which holds no config: the caller names the model, and the
+options its keys show are read from them).
 Only the params are read from Orbax: the optimizer state is neither needed nor restorable into
 another recipe's optimizer.
 """
@@ -129,7 +130,9 @@ def load(path: str, model: Optional[str] = None,
     if not model:
       raise ConfigError(f'{path} holds no architecture: name the model it was trained as '
                         '(e.g. ViT-B_16)')
-    return Pretrained(npz.load_npz(path), model, dict(model_overrides or {}), path)
+    params = npz.load_npz(path)
+    overrides = npz.visible_architecture(params) | dict(model_overrides or {})
+    return Pretrained(params, model, overrides, path)
   return _load_workdir(path)
 
 
