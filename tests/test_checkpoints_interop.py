@@ -290,7 +290,13 @@ def test_transfer_regrids_at_the_same_token_count():
   assert any(line.startswith(f'transfer: resized {POSEMB}') for line in lines)
 
 
-# --- Options a .npz shows in its keys. ---
+# --- Options a .npz shows in its keys; big_vision's layout. ---
+
+
+def _photos() -> np.ndarray:
+  """Two of scikit-image's photos at 32 px in [-1, 1], as the eval pipeline scales them."""
+  return np.stack([jax.image.resize(p.astype(np.float32), (32, 32, 3), 'bilinear') / 127.5 - 1
+                   for p in (skimage.data.astronaut(), skimage.data.coffee())])
 
 
 @pytest.mark.parametrize('overrides', [
@@ -303,8 +309,7 @@ def test_a_npz_needs_only_its_model_name_for_the_options_its_keys_show(overrides
   npz.save_npz(params, path)
   pretrained = restore.load_for_reading(path, 'ViT-Mu_4', image_size=32)
   assert pretrained.model_overrides == overrides
-  photos = np.stack([jax.image.resize(p.astype(np.float32), (32, 32, 3), 'bilinear') / 127.5 - 1
-                     for p in (skimage.data.astronaut(), skimage.data.coffee())])
+  photos = _photos()
   classifier = classify.Classifier(classify.load_checkpoint(path, 'ViT-Mu_4', image_size=32),
                                    batch_size=2)
   expected = np.asarray(model.apply({'params': params}, jnp.asarray(photos)))
@@ -313,3 +318,22 @@ def test_a_npz_needs_only_its_model_name_for_the_options_its_keys_show(overrides
   # What the user gives still wins (fine-tuning's model_overrides).
   assert restore.load(path, 'ViT-Mu_4', {'classifier': 'token'}).model_overrides == {
       **overrides, 'classifier': 'token'}
+
+
+@pytest.mark.parametrize('overrides,scanned', [
+    ({}, False), ({}, True), ({'classifier': 'gap'}, False),
+    ({'classifier': 'map', 'posemb': 'sincos2d'}, True)])
+def test_big_vision_npz_files_load_as_the_same_model(overrides, scanned, tmp_path):
+  model, params = _variables(**overrides)
+  path = str(tmp_path / 'big_vision.npz')
+  param_trees.big_vision_npz(params, path, scanned=scanned)
+  assert 'params/Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel' in np.load(path) or scanned
+  pretrained = restore.load(path, 'ViT-Mu_4')
+  assert pretrained.model_overrides == overrides
+  loaded = npz.match_params(pretrained.params, params, what=path)
+  images = jnp.asarray(_photos())
+  expected = np.asarray(model.apply({'params': params}, images))
+  np.testing.assert_allclose(model.apply({'params': loaded}, images), expected,
+                             atol=1e-5 * np.abs(expected).max())
+  if 'cls' in params:  # The class token's posemb row moved into it, so the row is zero here.
+    assert not np.any(loaded['Transformer']['posembed_input']['pos_embedding'][:, 0])

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import skimage.data
 
+import param_trees
 from vit_jax import models
 from vit_jax.checkpoints import npz
 
@@ -75,15 +76,7 @@ def _perturbed_params(model):
       treedef, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
-@pytest.mark.parametrize('case', list(CASES))
-def test_timm_loads_our_npz_and_gives_our_logits(case, tmp_path):
-  overrides, timm_model, tolerance = CASES[case]
-  model = models.create(case.split()[0], num_classes=NUM_CLASSES, **overrides)
-  params = _perturbed_params(model)
-  ours = np.asarray(model.apply({'params': params}, jnp.asarray(_photos())))
-  path = str(tmp_path / 'params.npz')
-  npz.save_npz(params, path)
-
+def _timm_logits(timm_model, path: str, overrides) -> np.ndarray:
   theirs_model = timm_model().eval()
   with torch.no_grad():
     timm_vit._load_weights(theirs_model, path)  # pylint: disable=protected-access
@@ -92,6 +85,42 @@ def test_timm_loads_our_npz_and_gives_our_logits(case, tmp_path):
       saved = {k: torch.from_numpy(v) for k, v in np.load(path).items()}
       theirs = torch.tanh(theirs @ saved['pre_logits/kernel'] + saved['pre_logits/bias'])
       theirs = theirs @ saved['head/kernel'] + saved['head/bias']
+  return theirs.numpy()
 
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_timm_loads_our_npz_and_gives_our_logits(case, tmp_path):
+  overrides, timm_model, tolerance = CASES[case]
+  model = models.create(case.split()[0], num_classes=NUM_CLASSES, **overrides)
+  params = _perturbed_params(model)
+  ours = np.asarray(model.apply({'params': params}, jnp.asarray(_photos())))
+  path = str(tmp_path / 'params.npz')
+  npz.save_npz(params, path)
   assert np.abs(ours).max() > 0.5  # Logits of a size that a misplaced tensor would change.
-  np.testing.assert_allclose(theirs.numpy(), ours, rtol=0, atol=tolerance * np.abs(ours).max())
+  np.testing.assert_allclose(_timm_logits(timm_model, path, overrides), ours, rtol=0,
+                             atol=tolerance * np.abs(ours).max())
+
+
+# big_vision's layout (tests/param_trees.big_vision_npz writes it), read by timm's big_vision
+# branch; its token model adds the position embeddings before prepending the class token.
+BIG_VISION_CASES = {
+    'ViT-S_16': ({}, lambda: _timm_vit(16, 384, 6, no_embed_class=True)),
+    'ViT-S_16 gap scanned': ({'classifier': 'gap'}, CASES['ViT-S_16 gap'][1]),
+}
+
+
+@pytest.mark.parametrize('case', list(BIG_VISION_CASES))
+def test_the_big_vision_files_of_the_tests_are_big_visions_layout(case, tmp_path):
+  """What test_checkpoints_interop loads as big_vision's files, timm reads as big_vision's too,
+  to the logits of the model they were written from; and they load back here."""
+  overrides, timm_model = BIG_VISION_CASES[case]
+  model = models.create(case.split()[0], num_classes=NUM_CLASSES, **overrides)
+  params = _perturbed_params(model)
+  ours = np.asarray(model.apply({'params': params}, jnp.asarray(_photos())))
+  path = str(tmp_path / 'big_vision.npz')
+  param_trees.big_vision_npz(jax.device_get(params), path, scanned='scanned' in case)
+  np.testing.assert_allclose(_timm_logits(timm_model, path, overrides), ours, rtol=0,
+                             atol=1e-5 * np.abs(ours).max())
+  loaded = npz.match_params(npz.load_npz(path), params, what=path)
+  np.testing.assert_allclose(model.apply({'params': loaded}, jnp.asarray(_photos())), ours,
+                             rtol=0, atol=1e-5 * np.abs(ours).max())

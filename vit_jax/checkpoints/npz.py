@@ -1,6 +1,7 @@
 """Params as `.npz` files in the released layout ('/'-joined keys, unrolled blocks, float32).
 
-This is the format of the released ViT checkpoints, so those load here and ours load in their code.
+This is the format of the released ViT checkpoints, so those load here and ours load in their code;
+big_vision's ViT checkpoints load too.
 Every failure a user can cause (wrong path, broken file, other architecture) is a one-line
 ConfigError that names the fix.
 """
@@ -29,6 +30,13 @@ _PREFIXES = ('opt/target/', 'params/')
 # kept its scale and bias as (1, 1, 1, C); linen's are (C,), which the released loader squeezes.
 _LEGACY_GROUPNORM = re.compile(r'(^|/)gn(\d+|_root|_proj)/(scale|bias)$')
 POSEMB_KEY = 'Transformer/posembed_input/pos_embedding'
+# big_vision's ViT (vit.py) has the same layers as the released one, some under other names.
+_BIG_VISION_POSEMB = 'pos_embedding'
+_BIG_VISION_NAMES = {'MultiHeadDotProductAttention_0': 'MultiHeadDotProductAttention_1',
+                     'LayerNorm_1': 'LayerNorm_2', 'MlpBlock_0': 'MlpBlock_3'}
+_BIG_VISION_MLP = re.compile(r'^Transformer/encoderblock(?:_\d+)?/MlpBlock_0/')  # Ours: _3.
+_BIG_VISION_BLOCK = re.compile(
+    rf'^(Transformer/encoderblock(?:_\d+)?/)({"|".join(_BIG_VISION_NAMES)})/')
 # Where the user names a .npz's architecture: the readers' flag, or the fine-tune config's key.
 MODEL_FLAGS = 'the model (--model; --config.model and model_overrides when fine-tuning)'
 _SHOWN = 5  # Keys listed per kind of mismatch: enough to recognise the problem, still one line.
@@ -109,7 +117,24 @@ def load_npz(path: str) -> Params:
                       'params .npz file')
   flat = {k: v.reshape(v.shape[-1:]) if _LEGACY_GROUPNORM.search(k) else v
           for k, v in flat.items()}
+  if any(_BIG_VISION_MLP.search(k) for k in flat) or _BIG_VISION_POSEMB in flat:
+    flat = _from_big_vision(flat)
   return flax.traverse_util.unflatten_dict(flat, sep='/')
+
+
+def _from_big_vision(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """big_vision's ViT layout in ours: the same model, its sub-layers numbered from 0, and its
+  position embeddings at the top, added before the class token is prepended. A zero row for the
+  class token gives that here exactly (the class token plus zero)."""
+  flat = {_BIG_VISION_BLOCK.sub(lambda m: m[1] + _BIG_VISION_NAMES[m[2]] + '/', k): v
+          for k, v in flat.items()}
+  posemb = flat.pop(_BIG_VISION_POSEMB, None)
+  if posemb is not None:
+    tokens = posemb.shape[1]
+    if 'cls' in flat and int(np.sqrt(tokens)) ** 2 == tokens:  # Patches only (not an old file).
+      posemb = np.concatenate([np.zeros_like(posemb[:, :1]), posemb], axis=1)
+    flat[POSEMB_KEY] = posemb
+  return flat
 
 
 def visible_architecture(params: Params) -> dict[str, Any]:
