@@ -2,7 +2,9 @@
 
 The layout tests (test_models.py) check names and shapes; this checks meaning: every tensor lands
 where timm's PyTorch ViT, which runs the released checkpoints, expects it, so both give the same
-logits. Needs torch and timm (`make test-interop` installs them beside the project; ~5.5 GB).
+logits. The big_vision-layout files other tests load are checked the same way against timm's
+big_vision branch. Needs torch and timm (`make test-interop` installs them in a venv of their own,
+~8 GB).
 """
 import functools
 
