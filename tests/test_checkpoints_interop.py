@@ -224,6 +224,15 @@ def test_missing_and_corrupt_files_are_one_line_errors(tmp_path):
   single = str(tmp_path / 'single.npy')
   np.save(single, np.zeros(3))
   _one_line_error(lambda: npz.load_npz(single), single, 'is a single .npy array')
+  with zipfile.ZipFile(tmp_path / 'not_npy.npz', 'w') as z:  # numpy returns such members as bytes.
+    z.writestr('head/kernel', b'garbage')
+  _one_line_error(lambda: npz.load_npz(str(tmp_path / 'not_npy.npz')), 'head/kernel is not an array')
+  np.savez(tmp_path / 'objects.npz', cls=np.array([{'a': 1}], dtype=object))
+  _one_line_error(lambda: npz.load_npz(str(tmp_path / 'objects.npz')),
+                  'an entry holds pickled Python objects')
+  np.savez(tmp_path / 'other.npz', a=np.zeros(3), b=np.ones(2))
+  _one_line_error(lambda: npz.load_npz(str(tmp_path / 'other.npz')),
+                  'holds no ViT params', 'it has a, b', 'the .npz of a ViT')
 
 
 # --- Transfer. ---
@@ -267,7 +276,10 @@ def test_transfer_errors():
   _, pretrained = _variables(seed=1)
   _, init = _variables(num_classes=5)
   _one_line_error(lambda: transfer.transfer_params(pretrained, init, keep_pre_logits=True),
-                  'keep_pre_logits', 'representation_size')
+                  'the checkpoint has no pre-logits layer to keep: drop keep_pre_logits')
+  _, with_pre_logits = _variables(seed=1, representation_size=24)
+  _one_line_error(lambda: transfer.transfer_params(with_pre_logits, init, keep_pre_logits=True),
+                  'in the new model too', "representation_size to the checkpoint's (24)")
   _, gap = _variables(num_classes=5, classifier='gap')
   _one_line_error(lambda: transfer.transfer_params(pretrained, gap), 'class token', 'classifier')
   _, wide = _variables(num_classes=5, size=(48, 32))
@@ -288,6 +300,15 @@ def test_transfer_regrids_at_the_same_token_count():
       posemb_lib.resize_posemb(pretrained['Transformer']['posembed_input']['pos_embedding'],
                                (8, 8), old_grid=(4, 16)))
   assert any(line.startswith(f'transfer: resized {POSEMB}') for line in lines)
+
+
+def test_a_npz_file_with_another_extension_or_none_loads_as_a_npz(tmp_path):
+  """Only a folder can be a workdir: a file is read as a .npz, whatever its name."""
+  _, params = _variables()
+  for name in ('CKPT.NPZ', 'ckpt'):
+    npz.save_npz(params, str(tmp_path / name))
+    param_trees.assert_bit_identical(restore.load(str(tmp_path / name), 'ViT-Mu_4').params,
+                                     params)
 
 
 # --- Options a .npz shows in its keys; big_vision's layout. ---
@@ -324,6 +345,8 @@ def test_a_npz_needs_only_its_model_name_for_the_options_its_keys_show(overrides
     ({}, False), ({}, True), ({'classifier': 'gap'}, False),
     ({'classifier': 'map', 'posemb': 'sincos2d'}, True)])
 def test_big_vision_npz_files_load_as_the_same_model(overrides, scanned, tmp_path):
+  """Also the position embeddings' place before 2022 (`Transformer/pos_embedding`, cls row first),
+  which big_vision's loader still reads."""
   model, params = _variables(**overrides)
   path = str(tmp_path / 'big_vision.npz')
   param_trees.big_vision_npz(params, path, scanned=scanned)
@@ -337,3 +360,11 @@ def test_big_vision_npz_files_load_as_the_same_model(overrides, scanned, tmp_pat
                              atol=1e-5 * np.abs(expected).max())
   if 'cls' in params:  # The class token's posemb row moved into it, so the row is zero here.
     assert not np.any(loaded['Transformer']['posembed_input']['pos_embedding'][:, 0])
+  if overrides.get('posemb') != 'sincos2d':  # Before 2022: the released posemb, in the encoder.
+    old = {k: v for k, v in np.load(path).items() if k not in ('params/pos_embedding', 'params/cls')}
+    old['params/Transformer/pos_embedding'] = params['Transformer']['posembed_input'][
+        'pos_embedding']
+    old.update({'params/cls': params['cls']} if 'cls' in params else {})
+    np.savez(tmp_path / 'old.npz', **old)
+    param_trees.assert_bit_identical(
+        npz.match_params(npz.load_npz(str(tmp_path / 'old.npz')), params, what='old'), params)

@@ -78,7 +78,7 @@ def exported(pretrained, tmp_path_factory) -> Path:
   """The pre-trained params exported through the CLI."""
   path = tmp_path_factory.mktemp('export') / 'params.npz'
   out = _cli('vit_jax.export', f'--workdir={pretrained}', f'--output={path}').stdout
-  assert 'ViT-Mu_4' in out
+  assert 'ViT-Mu_4' in out and '--image_size' not in out  # Its posemb tells its 16 px.
   return path
 
 
@@ -206,6 +206,20 @@ def test_scanned_checkpoints_export_and_load_in_both_layouts(prepared_data_dir, 
     loaded = restore.checked_params(from_npz, model)
     expected = params if scan else npz.to_layout_of(params, loaded, 'reference')
     param_trees.assert_bit_identical(loaded, expected)
+
+
+def test_export_names_the_image_size_a_hybrids_npz_cannot_tell(prepared_data_dir, exported,
+                                                                 tmp_path):
+  """The embedded default (R8+ViT-Mu_8 at 28 px): its posemb fits 25-32 px and readers guess 32."""
+  config = _default_config(data_dir=prepared_data_dir)
+  config.model_overrides.scan = True
+  with Checkpointer(str(tmp_path), async_save=False) as checkpointer:
+    checkpointer.save(1, experiment.build(config).init_state(),
+                      {'step': 1, 'config': config.to_dict()})
+  out = _cli('vit_jax.export', f'--workdir={tmp_path}', f'--output={tmp_path / "h.npz"}').stdout
+  assert f'{config.model} from workdir' in out and 'scan' not in out  # The file is unrolled.
+  assert 'trained at 28 px' in out and '--image_size=28 to infer, analyze and fewshot' in out
+  assert restore.load(str(tmp_path / 'h.npz'), config.model).image_size == 32  # Its guess.
 
 
 def test_cli_errors_are_one_line_without_traceback(

@@ -367,6 +367,8 @@ def test_flops_of_vit_b16_match_the_usual_figure():
 @pytest.mark.parametrize('call,message', [
     (lambda: models.create('ViT-Q_16'), 'unknown model'),
     (lambda: models.create('ViT-B16'), "did you mean 'ViT-B_16'"),
+    (lambda: models.create('S/16'), "did you mean 'ViT-S_16'"),  # big_vision's variant.
+    (lambda: models.create('vit_base_patch32_384'), "did you mean 'ViT-B_32'"),  # timm's.
     (lambda: models.create('ViT-Mu_4', num_heads=3), 'not divisible by num_heads'),
     (lambda: models.create('ViT-Mu_4', classifier='cls'), 'classifier'),
     (lambda: models.create('ViT-Mu_4', depth=3), 'unknown model option'),

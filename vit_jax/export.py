@@ -9,6 +9,7 @@ import os
 
 from absl import flags
 
+from vit_jax import models
 from vit_jax.checkpoints import npz
 from vit_jax.checkpoints import restore
 from vit_jax.errors import ConfigError, check_no_arguments, nearest_existing, run_cli
@@ -46,9 +47,14 @@ def main(argv: list[str]) -> None:
   except OSError as e:
     raise ConfigError(f'could not write --output={_OUTPUT.value} ({type(e).__name__}: {e}): '
                       'pass a path you can write to') from e
-  overrides = f' with model_overrides {pretrained.model_overrides}' if (
-      pretrained.model_overrides) else ''
+  # How it computes (scan, remat, ...) is not in the file, which is unrolled.
+  options = {k: v for k, v in pretrained.model_overrides.items() if k not in models.COMPUTE_OPTIONS}
+  overrides = f' with model_overrides {options}' if options else ''
   print(f'wrote {_OUTPUT.value}: {pretrained.model}{overrides} from {pretrained.source}')
+  image_size, sizes = pretrained.image_size, pretrained.posemb_image_sizes()
+  if not sizes or sizes[-1] != image_size:  # Readers take the largest size the posemb fits.
+    print(f'it was trained at {image_size} px, which a .npz does not tell: pass '
+          f'--image_size={image_size} to infer, analyze and fewshot')
 
 
 if __name__ == '__main__':

@@ -31,7 +31,8 @@ _PREFIXES = ('opt/target/', 'params/')
 _LEGACY_GROUPNORM = re.compile(r'(^|/)gn(\d+|_root|_proj)/(scale|bias)$')
 POSEMB_KEY = 'Transformer/posembed_input/pos_embedding'
 # big_vision's ViT (vit.py) has the same layers as the released one, some under other names.
-_BIG_VISION_POSEMB = 'pos_embedding'
+# Where its versions kept the position embeddings: now, and before 2022 (its loader reads both).
+_BIG_VISION_POSEMBS = ('pos_embedding', 'Transformer/pos_embedding')
 _BIG_VISION_NAMES = {'MultiHeadDotProductAttention_0': 'MultiHeadDotProductAttention_1',
                      'LayerNorm_1': 'LayerNorm_2', 'MlpBlock_0': 'MlpBlock_3'}
 _BIG_VISION_MLP = re.compile(r'^Transformer/encoderblock(?:_\d+)?/MlpBlock_0/')  # Ours: _3.
@@ -85,12 +86,14 @@ def load_npz(path: str) -> Params:
   Keys under `opt/target/` or `params/` (older files) are unprefixed; other entries, such as the
   optimizer state saved next to them, are ignored.
   """
+  flat, is_zip = None, False
   try:
     with contextlib.ExitStack() as stack:
       # Object stores (gs://, where the released checkpoints live) through tf.io.gfile.
       source = stack.enter_context(tf.io.gfile.GFile(path, 'rb')) if '://' in path else path
-      data, flat = np.load(source, allow_pickle=False), None
+      data = np.load(source, allow_pickle=False)
       if isinstance(data, np.lib.npyio.NpzFile):
+        is_zip = True
         with data:
           flat = {k: data[k] for k in data.files}
   except (FileNotFoundError, IsADirectoryError, NotADirectoryError,
@@ -101,8 +104,10 @@ def load_npz(path: str) -> Params:
           tf.errors.OpError) as e:
     # numpy takes what is neither a zip (.npz) nor a .npy for a pickle, and suggests
     # allow_pickle=True: not a fix for a broken file, and unsafe.
-    cause = ('ValueError: neither a zip archive (.npz) nor a .npy array' if 'allow_pickle' in str(e)
-             else _first_line(e))
+    cause = _first_line(e)
+    if 'allow_pickle' in str(e):
+      cause = ('ValueError: an entry holds pickled Python objects, not an array' if is_zip else
+               'ValueError: neither a zip archive (.npz) nor a .npy array')
     raise ConfigError(f'checkpoint {path} is not a readable .npz file ({cause}): it is '
                       'corrupt or truncated; re-download or re-save it') from e
   if flat is None:
@@ -115,10 +120,18 @@ def load_npz(path: str) -> Params:
   if not flat:
     raise ConfigError(f'checkpoint {path} contains no arrays: point the checkpoint path at a '
                       'params .npz file')
+  not_arrays = [k for k, v in flat.items() if not isinstance(v, np.ndarray)]
+  if not_arrays:  # numpy hands a member that is not a .npy file back as raw bytes.
+    raise ConfigError(f'checkpoint {path} is not a readable .npz file ({not_arrays[0]} is not an '
+                      'array): it is corrupt or truncated; re-download or re-save it')
   flat = {k: v.reshape(v.shape[-1:]) if _LEGACY_GROUPNORM.search(k) else v
           for k, v in flat.items()}
-  if any(_BIG_VISION_MLP.search(k) for k in flat) or _BIG_VISION_POSEMB in flat:
+  if any(_BIG_VISION_MLP.search(k) for k in flat) or set(_BIG_VISION_POSEMBS) & set(flat):
     flat = _from_big_vision(flat)
+  if not {'embedding', 'Transformer'} <= {k.split('/')[0] for k in flat}:
+    raise ConfigError(f'checkpoint {path} holds no ViT params (no embedding/ and Transformer/ '
+                      f'keys; it has {_listed(list(flat))}): point the checkpoint path at the '
+                      '.npz of a ViT')
   return flax.traverse_util.unflatten_dict(flat, sep='/')
 
 
@@ -128,7 +141,7 @@ def _from_big_vision(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   class token gives that here exactly (the class token plus zero)."""
   flat = {_BIG_VISION_BLOCK.sub(lambda m: m[1] + _BIG_VISION_NAMES[m[2]] + '/', k): v
           for k, v in flat.items()}
-  posemb = flat.pop(_BIG_VISION_POSEMB, None)
+  posemb = next((flat.pop(k) for k in _BIG_VISION_POSEMBS if k in flat), None)
   if posemb is not None:
     tokens = posemb.shape[1]
     if 'cls' in flat and int(np.sqrt(tokens)) ** 2 == tokens:  # Patches only (not an old file).

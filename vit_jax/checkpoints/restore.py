@@ -59,7 +59,7 @@ class Pretrained:
   def image_size(self) -> int:
     """The resolution to run it at: `requested_image_size` if it fits the position embeddings,
     else its config's, else the largest that gives their grid (logged when ambiguous)."""
-    sizes = self._posemb_image_sizes()
+    sizes = self.posemb_image_sizes()
     if self.requested_image_size:
       if sizes and self.requested_image_size not in sizes:
         fits = f'from {sizes[0]} to {sizes[-1]}' if len(sizes) > 1 else f'of {sizes[0]}'
@@ -78,7 +78,7 @@ class Pretrained:
                       'trained at another', self.source, sizes[0], sizes[-1], sizes[-1])
     return sizes[-1]
 
-  def _posemb_image_sizes(self) -> range:
+  def posemb_image_sizes(self) -> range:
     """The image sizes whose token grid fits the learned position embeddings (none without them):
     one for a plain ViT, a stem's stride of them for a hybrid."""
     posemb = self.params.get('Transformer', {}).get('posembed_input', {}).get('pos_embedding')
@@ -97,7 +97,7 @@ class Pretrained:
 
 
 def is_npz(path: str) -> bool:
-  return path.endswith('.npz')
+  return path.lower().endswith('.npz')
 
 
 def _check_exists(path: str) -> None:
@@ -126,7 +126,7 @@ def load(path: str, model: Optional[str] = None,
          model_overrides: Optional[dict[str, Any]] = None) -> Pretrained:
   """Reads a workdir's newest checkpoint or a `.npz` (for which `model` is required)."""
   _check_exists(path)
-  if is_npz(path):
+  if is_npz(path) or os.path.isfile(path):  # A workdir is a folder; a file can only be a .npz.
     if not model:
       raise ConfigError(f'{path} holds no architecture: name the model it was trained as '
                         '(e.g. ViT-B_16)')

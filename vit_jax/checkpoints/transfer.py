@@ -81,12 +81,14 @@ def transfer_params(pretrained: Params, init: Params, *,
 
   src_pre = [k for k in src if k.startswith(_PRE_LOGITS)]
   dst_pre = [k for k in dst if k.startswith(_PRE_LOGITS)]
-  if keep_pre_logits and not (src_pre and dst_pre):
+  if keep_pre_logits and not src_pre:
+    raise ConfigError('keep_pre_logits: the checkpoint has no pre-logits layer to keep: drop '
+                      'keep_pre_logits')
+  if keep_pre_logits and not dst_pre:
     raise ConfigError(
-        'keep_pre_logits needs a pre-logits layer in both the checkpoint '
-        f'({"present" if src_pre else "absent"}) and the new model '
-        f'({"present" if dst_pre else "absent"}): set the model\'s representation_size to the '
-        'checkpoint\'s, or do not keep the pre-logits')
+        'keep_pre_logits needs a pre-logits layer in the new model too: set its '
+        f'representation_size to the checkpoint\'s ({src[_PRE_LOGITS + "kernel"].shape[-1]}), or '
+        'do not keep the pre-logits')
   if not keep_pre_logits:
     for key in src_pre:
       del out[key]

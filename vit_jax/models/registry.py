@@ -41,6 +41,7 @@ STEMS = {'R50': {16: ((3, 4, 9), 1.0), 32: ((3, 4, 6, 3), 1.0)},
          'R26': {32: ((2, 2, 2, 2), 1.0)},
          'R14': {8: ((2, 2), 1.0)},
          'R8': {8: ((1, 1), 0.5)}}
+_TIMM_SIZES = {'tiny': 'Ti', 'small': 'S', 'base': 'B', 'large': 'L', 'huge': 'H'}
 _NAME = re.compile(r'^(?:(?P<stem>R\d+)\+)?ViT-(?P<size>[A-Za-z]+)_(?P<patch>\d+)$')
 _CHOICES = {'classifier': ('token', 'gap', 'map'), 'posemb': ('learn', 'sincos2d'),
             'remat': tuple(REMAT_POLICIES), 'attention_impl': ATTENTION_IMPLEMENTATIONS}
@@ -52,10 +53,22 @@ def names() -> list[str]:
   return list(RELEASED + CPU_SIZED)
 
 
+def _released_name(name: str) -> Optional[str]:
+  """The released name of a big_vision variant ('S/16') or a timm model ('vit_small_patch16_224')."""
+  big_vision = re.match(r'^(?:ViT-)?([A-Za-z]+)/(\d+)$', name)
+  timm = re.match(rf'^vit_({"|".join(_TIMM_SIZES)})_patch(\d+)', name)
+  if big_vision:
+    return f'ViT-{big_vision[1]}_{big_vision[2]}'
+  return f'ViT-{_TIMM_SIZES[timm[1]]}_{timm[2]}' if timm else None
+
+
 def _parse(name: str) -> dict[str, Any]:
   match = _NAME.match(name)
   if not match or match['size'] not in SIZES or (match['stem'] and match['stem'] not in STEMS):
-    close = difflib.get_close_matches(name, names(), n=1)
+    released = _released_name(name)
+    parsed = _NAME.match(released or '')
+    close = ([released] if parsed and parsed['size'] in SIZES
+             else difflib.get_close_matches(name, names(), n=1))
     hint = f'did you mean {close[0]!r}? ' if close else ''
     raise ConfigError(f'unknown model {name!r}: {hint}known: {", ".join(names())} '
                       f'(any ViT-<{"|".join(SIZES)}>_<patch> also works)')
