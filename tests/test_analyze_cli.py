@@ -2,6 +2,7 @@
 (a hybrid's at the image size given), from one pass of the model."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -79,9 +80,10 @@ def test_cli_on_a_workdir_uses_its_dataset(workdir, tmp_path):
   out_dir = str(tmp_path / 'figures')
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', XLA_FLAGS='')
   proc = subprocess.run([sys.executable, '-m', 'vit_jax.analyze', f'--checkpoint={workdir}',
-                         f'--out_dir={out_dir}', '--num_images=4', '--verbosity=-1'],
+                         f'--out_dir={out_dir}', '--num_images=4'],
                         capture_output=True, text=True, env=env, cwd=REPO, check=False)
   assert proc.returncode == 0, proc.stderr
+  assert not re.search(r'^I\d{4} .*\.py:\d+\]', proc.stderr, re.M), proc.stderr  # No INFO lines.
   assert sorted(proc.stdout.split()) == sorted(
       os.path.join(out_dir, f'{name}.{ext}') for name in NAMES for ext in ('png', 'json'))
   params = restore.load(workdir).params

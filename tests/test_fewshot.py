@@ -5,6 +5,7 @@ Thresholds are conservative versions of measured values (digits: 10 classes, cha
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,7 @@ def _cli(data_dir: str, *args: str) -> dict:
       cwd=ROOT, capture_output=True, text=True, timeout=300,
       env=dict(os.environ, JAX_PLATFORMS='cpu', TFDS_DATA_DIR=data_dir))
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not re.search(r'^I\d{4} .*\.py:\d+\]', proc.stderr, re.M), proc.stderr  # No INFO lines.
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result['l2_reg'] == PROBE_L2_REG
   return {f'fewshot/digits_{k}shot': result['accuracy'][str(k)] for k in SHOTS}

@@ -258,6 +258,7 @@ def test_cli_reports_each_unreadable_file_in_one_line_and_classifies_the_rest(
   errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
   assert len(errors) == 2, proc.stderr
   assert errors[0].startswith(f'error: {notes}: not a readable image')
+  assert '0x' not in errors[0]  # PIL's message named its in-memory buffer by address.
   assert errors[1].startswith(f'error: {truncated}: not a readable image')
   assert [line for line in proc.stdout.splitlines() if not line.startswith(' ')] == good
   # --top_k=11, above the 10 classes, lists each class once per image (5 lines if ignored).

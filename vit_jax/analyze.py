@@ -19,7 +19,7 @@ from absl import flags
 
 from vit_jax.analysis import from_checkpoint
 from vit_jax.analysis import run
-from vit_jax.errors import run_cli
+from vit_jax.errors import quiet_unless_verbose, run_cli
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A pre-training workdir or a .npz file.')
 _MODEL = flags.DEFINE_string('model', None, 'Model name, e.g. ViT-B_16 (needed for a .npz).')
@@ -40,6 +40,7 @@ flags.mark_flags_as_required(['checkpoint', 'out_dir'])
 
 
 def main(argv: list[str]) -> None:
+  quiet_unless_verbose()
   results = from_checkpoint.analyze_checkpoint(
       _CHECKPOINT.value, _OUT_DIR.value, model=_MODEL.value, image_size=_IMAGE_SIZE.value,
       images=_IMAGES.value + argv[1:],

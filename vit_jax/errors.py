@@ -8,6 +8,7 @@ from typing import Callable, NoReturn
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections.config_flags import config_flags
 
 
@@ -39,6 +40,13 @@ def check_no_arguments(argv: list[str]) -> None:
   """A command that takes only flags: a stray word (`bench eval`) is one line, not absl's help."""
   if len(argv) > 1:
     raise ConfigError(f'unexpected arguments {argv[1:]}: flags take the form --name=value')
+
+
+def quiet_unless_verbose() -> None:
+  """For the commands whose stdout is their result: only warnings on stderr (not TFDS's or jax's
+  INFO lines), unless --verbosity is given."""
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
 
 
 def nearest_existing(path: str) -> str:

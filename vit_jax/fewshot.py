@@ -17,7 +17,7 @@ import numpy as np
 
 from vit_jax import sharding
 from vit_jax.checkpoints import restore
-from vit_jax.errors import check_no_arguments, run_cli
+from vit_jax.errors import check_no_arguments, quiet_unless_verbose, run_cli
 from vit_jax.evaluation import fewshot
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A training workdir or a .npz of params.')
@@ -49,6 +49,7 @@ def _table(results: dict[int, list[float]]) -> str:
 
 def main(argv: list[str]) -> None:
   check_no_arguments(argv)
+  quiet_unless_verbose()
   pretrained = restore.load_for_reading(_CHECKPOINT.value, _MODEL.value, _IMAGE_SIZE.value)
   model = pretrained.create_model(num_classes=0)
   params = restore.checked_params(pretrained, model)

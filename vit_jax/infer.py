@@ -13,11 +13,9 @@ data_dir or $TFDS_DATA_DIR), else they are class indices. A file that is not an 
 line on stderr and the others are still classified; the exit status is then 1. The formats are
 `vit_jax.evaluation.classify.report`'s.
 """
-from absl import app
 from absl import flags
-from absl import logging
 
-from vit_jax.errors import ConfigError, run_cli
+from vit_jax.errors import ConfigError, quiet_unless_verbose, run_cli
 from vit_jax.evaluation import classify
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A pre-training workdir or a .npz file.')
@@ -32,8 +30,7 @@ flags.mark_flag_as_required('checkpoint')
 
 
 def main(argv: list[str]) -> int:
-  if not flags.FLAGS['verbosity'].present:  # stderr is for unreadable files and warnings.
-    logging.set_verbosity(logging.WARNING)
+  quiet_unless_verbose()  # stderr is for unreadable files and warnings.
   if len(argv) < 2:
     raise ConfigError('no images given: pass image files after the flags')
   class_names = classify.read_labels(_LABELS.value) if _LABELS.value else None

@@ -40,8 +40,10 @@ def _check(model: VisionTransformer, images: np.ndarray, which: Sequence[str]) -
     raise ConfigError(f'rollout needs a "token" or "gap" model, this one is {model.classifier!r}: '
                       'leave "rollout" out')
   if 'filters' in which and not filters_apply(model, images.shape[-1]):
-    raise ConfigError('"filters" shows a grey or RGB pixel embedding, which hybrid models (and '
-                      f'{images.shape[-1]}-channel images) do not have: leave "filters" out')
+    lacking = ('a hybrid model, whose first layer is its ResNet stem, does' if model.resnet
+               else f'{images.shape[-1]}-channel images do')
+    raise ConfigError(f'"filters" shows a grey or RGB pixel embedding, which {lacking} not have: '
+                      'leave "filters" out')
 
 
 def _posemb(model: VisionTransformer, params: Mapping[str, Any],

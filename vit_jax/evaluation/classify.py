@@ -10,6 +10,7 @@ import dataclasses
 import io
 import json
 import logging
+import re
 import sys
 from typing import Any, Iterable, Iterator, Optional, Sequence, TextIO
 
@@ -67,6 +68,7 @@ def load_image(path: str) -> np.ndarray:
       return _pil_pixels(image)
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    reason = re.sub(r' ?<_io\.BytesIO object at 0x[0-9a-f]+>', '', reason)  # PIL names the buffer.
     raise ImageError(path, reason) from e
 
 
