@@ -209,6 +209,31 @@ def test_cli_top_k_reaches_the_json_and_is_clamped_to_the_class_count(workdir, p
     np.testing.assert_allclose(probs, np.sort(p['probabilities'])[::-1])
 
 
+def test_crop_overrides_the_eval_crop_of_a_workdir_or_a_npz(workdir, photos, tmp_path):
+  """big_vision evaluates ImageNet with resize_crop; a .npz cannot say so, so --crop does."""
+  path = photos['coffee_rgba.png']  # 400 x 600: the crop drops a third of its width.
+  pixels = classify.load_image(path)
+  npz_path = str(tmp_path / 'mu4.npz')
+  npz.save_npz(classify.load_checkpoint(workdir).params, npz_path)
+  for checkpoint, model in ((workdir, None), (npz_path, 'ViT-Mu_4')):
+    default = classify.Classifier.from_checkpoint(checkpoint, model)
+    cropped = classify.Classifier.from_checkpoint(checkpoint, model, crop='resize_crop')
+    assert (default.checkpoint.crop, cropped.checkpoint.crop) == ('resize', 'resize_crop')
+    np.testing.assert_array_equal(
+        cropped.checkpoint.preprocess(pixels),
+        preprocess.eval_image(tf.convert_to_tensor(pixels), 28, 1, 'resize_crop').numpy())
+  expected = cropped.logits(cropped.checkpoint.preprocess(pixels)[None])
+  assert np.abs(expected - default.logits(default.checkpoint.preprocess(pixels)[None])).max() > 0.01
+  proc = subprocess.run([sys.executable, '-m', 'vit_jax.infer', f'--checkpoint={npz_path}',
+                         '--model=ViT-Mu_4', '--crop=resize_crop', '--json', path],
+                        capture_output=True, text=True, env=CLI_ENV, cwd=REPO, check=False)
+  assert proc.returncode == 0, proc.stderr
+  np.testing.assert_allclose([json.loads(proc.stdout)['predictions'][0]['logits']], expected,
+                             atol=1e-4)  # Batches of 32 here, of 1 there: other floats.
+  with pytest.raises(ConfigError, match='--crop=centre is not one of resize, resize_crop'):
+    classify.load_checkpoint(workdir, crop='centre')
+
+
 def test_the_forward_pass_compiles_once_for_any_number_of_batches(workdir, photos):
   classifier = classify.Classifier.from_checkpoint(workdir, batch_size=2)
   paths = list(photos.values())  # 5 files: batches of 2, 2 and 1 padded to 2.

@@ -8,8 +8,8 @@ Writes DIR/<name>.png and DIR/<name>.json for each of rollout (attention rollout
 --num_images images), distance (mean attention distance per head, averaged over the first
 --num_distance_images), posemb (position-embedding similarity) and filters (principal components
 of the patch embedding). Images are --images files, or the --dataset split (by default a
-workdir's own dataset), preprocessed as the model's eval split was (at --image_size when given:
-see `vit_jax.infer`). --which defaults to every
+workdir's own dataset), preprocessed as the model's eval split was (at --image_size and with
+--crop when given: see `vit_jax.infer`). --which defaults to every
 analysis the architecture supports (no rollout for a MAP head, no filters for hybrids). Each
 written file's path is printed.
 """
@@ -17,14 +17,11 @@ import os
 
 from absl import flags
 
+from vit_jax import reader_flags
 from vit_jax.analysis import from_checkpoint
 from vit_jax.analysis import run
 from vit_jax.errors import quiet_unless_verbose, run_cli
 
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A pre-training workdir or a .npz file.')
-_MODEL = flags.DEFINE_string('model', None, 'Model name, e.g. ViT-B_16 (needed for a .npz).')
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', None, 'The resolution it was trained at '
-                                   '(default: from its config or position embeddings).')
 _OUT_DIR = flags.DEFINE_string('out_dir', None, 'Where the PNG and JSON files go.')
 _IMAGES = flags.DEFINE_list('images', [], 'Image files (instead of --dataset).')
 _DATASET = flags.DEFINE_string('dataset', None, 'A prepared TFDS dataset to take images from '
@@ -36,13 +33,14 @@ _NUM_DISTANCE_IMAGES = flags.DEFINE_integer(
     'num_distance_images', 32, 'Dataset images the mean attention distance is averaged over.')
 _WHICH = flags.DEFINE_list('which', None, f'Analyses, from {",".join(run.ANALYSES)} '
                            '(default: all the model supports).')
-flags.mark_flags_as_required(['checkpoint', 'out_dir'])
+flags.mark_flag_as_required('out_dir')
 
 
 def main(argv: list[str]) -> None:
   quiet_unless_verbose()
   results = from_checkpoint.analyze_checkpoint(
-      _CHECKPOINT.value, _OUT_DIR.value, model=_MODEL.value, image_size=_IMAGE_SIZE.value,
+      reader_flags.CHECKPOINT.value, _OUT_DIR.value, model=reader_flags.MODEL.value,
+      image_size=reader_flags.IMAGE_SIZE.value, crop=reader_flags.CROP.value,
       images=_IMAGES.value + argv[1:],
       dataset=_DATASET.value, split=_SPLIT.value, data_dir=_DATA_DIR.value,
       num_images=_NUM_IMAGES.value, num_distance_images=_NUM_DISTANCE_IMAGES.value,

@@ -6,8 +6,8 @@ r"""Few-shot linear evaluation of a checkpoint's frozen pre-logit features (the 
 PATH is a training workdir (its newest checkpoint, architecture from its saved config) or a
 released-layout `.npz` (then --model names the architecture, and --image_size the resolution where
 a hybrid's position embeddings leave it open: see `vit_jax.infer`). Images are prepared as the
-checkpoint's evaluation saw them (its resolution and pp.eval.crop), so the figures match the
-probe run during training. Prints mean and spread of the test accuracy over seeds per shot count.
+checkpoint's evaluation saw them (its resolution and pp.eval.crop; --crop for a .npz), so the
+figures match the probe run during training. Prints mean and spread of the test accuracy over seeds per shot count.
 """
 import json
 
@@ -15,15 +15,12 @@ from absl import flags
 import jax
 import numpy as np
 
+from vit_jax import reader_flags
 from vit_jax import sharding
 from vit_jax.checkpoints import restore
 from vit_jax.errors import check_no_arguments, quiet_unless_verbose, run_cli
 from vit_jax.evaluation import fewshot
 
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A training workdir or a .npz of params.')
-_MODEL = flags.DEFINE_string('model', None, 'The architecture of a .npz (e.g. ViT-B_16).')
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', None, 'The resolution it was trained at '
-                                   '(default: from its config or position embeddings).')
 _DATASET = flags.DEFINE_string('dataset', None, 'A prepared TFDS dataset, e.g. digits.')
 _TRAIN_SPLIT = flags.DEFINE_string('train_split', 'train', 'Where the k shots are drawn from.')
 _TEST_SPLIT = flags.DEFINE_string('test_split', 'test', 'Where accuracy is measured.')
@@ -36,7 +33,7 @@ _L2_REG = flags.DEFINE_float('l2_reg', fewshot.DEFAULT_L2_REG, 'Ridge penalty.')
 _BATCH = flags.DEFINE_integer('batch', 256, 'Feature-extraction batch size.', lower_bound=1)
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data_dir (default: $TFDS_DATA_DIR).')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
-flags.mark_flags_as_required(['checkpoint', 'dataset'])
+flags.mark_flag_as_required('dataset')
 
 
 def _table(results: dict[int, list[float]]) -> str:
@@ -50,7 +47,8 @@ def _table(results: dict[int, list[float]]) -> str:
 def main(argv: list[str]) -> None:
   check_no_arguments(argv)
   quiet_unless_verbose()
-  pretrained = restore.load_for_reading(_CHECKPOINT.value, _MODEL.value, _IMAGE_SIZE.value)
+  pretrained = restore.load_for_reading(reader_flags.CHECKPOINT.value, reader_flags.MODEL.value,
+                                        reader_flags.IMAGE_SIZE.value, reader_flags.CROP.value)
   model = pretrained.create_model(num_classes=0)
   params = restore.checked_params(pretrained, model)
   mesh = sharding.make_mesh('data:-1')

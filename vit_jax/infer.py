@@ -7,7 +7,8 @@ r"""Classifies image files with a trained ViT: the top-5 classes of each, or all
 
 Images of any size and mode are decoded, resized and converted as the model's eval split was, at
 the resolution of a workdir's config or, for a .npz, the one its position embeddings fit (for a
-hybrid the largest of several, which is logged: give --image_size when it was another). Labels come
+hybrid the largest of several, which is logged: give --image_size when it was another), with its
+config's eval crop (--crop=resize_crop for a .npz evaluated as big_vision evaluates). Labels come
 from --labels when given, else from the dataset named in a workdir's config (when prepared in its
 data_dir or $TFDS_DATA_DIR), else they are class indices. A file that is not an image gets one
 line on stderr and the others are still classified; the exit status is then 1. The formats are
@@ -15,18 +16,14 @@ line on stderr and the others are still classified; the exit status is then 1. T
 """
 from absl import flags
 
+from vit_jax import reader_flags
 from vit_jax.errors import ConfigError, quiet_unless_verbose, run_cli
 from vit_jax.evaluation import classify
 
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A pre-training workdir or a .npz file.')
-_MODEL = flags.DEFINE_string('model', None, 'Model name, e.g. ViT-B_16 (needed for a .npz).')
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', None, 'The resolution it was trained at '
-                                   '(default: from its config or position embeddings).')
 _LABELS = flags.DEFINE_string('labels', None, 'Text file with one class name per line.')
 _JSON = flags.DEFINE_bool('json', False, 'Print every probability and logit as JSON.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Images per forward pass.')
 _TOP_K = flags.DEFINE_integer('top_k', 5, 'Classes printed per image.')
-flags.mark_flag_as_required('checkpoint')
 
 
 def main(argv: list[str]) -> int:
@@ -34,11 +31,12 @@ def main(argv: list[str]) -> int:
   if len(argv) < 2:
     raise ConfigError('no images given: pass image files after the flags')
   class_names = classify.read_labels(_LABELS.value) if _LABELS.value else None
+  checkpoint = reader_flags.CHECKPOINT.value
   classifier = classify.Classifier.from_checkpoint(
-      _CHECKPOINT.value, _MODEL.value, image_size=_IMAGE_SIZE.value, class_names=class_names,
-      batch_size=_BATCH_SIZE.value)
+      checkpoint, reader_flags.MODEL.value, image_size=reader_flags.IMAGE_SIZE.value,
+      crop=reader_flags.CROP.value, class_names=class_names, batch_size=_BATCH_SIZE.value)
   failed = classify.report(classifier, argv[1:], as_json=_JSON.value, top_k=_TOP_K.value,
-                           source=_CHECKPOINT.value)
+                           source=checkpoint)
   return 1 if failed else 0
 
 

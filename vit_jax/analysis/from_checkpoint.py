@@ -40,7 +40,8 @@ def file_images(ckpt: classify.Checkpoint, paths: Sequence[str]) -> np.ndarray:
 
 
 def analyze_checkpoint(checkpoint: str, out_dir: str, *, model: Optional[str] = None,
-                       image_size: Optional[int] = None, images: Sequence[str] = (),
+                       image_size: Optional[int] = None, crop: Optional[str] = None,
+                       images: Sequence[str] = (),
                        dataset: Optional[str] = None, split: str = 'test',
                        data_dir: Optional[str] = None, num_images: int = 8,
                        num_distance_images: int = 32,
@@ -49,11 +50,12 @@ def analyze_checkpoint(checkpoint: str, out_dir: str, *, model: Optional[str] = 
 
   With image files, all of them serve both the rollout and the distance; with a dataset, the
   rollout shows the first `num_images` and the distance averages over `num_distance_images`
-  (one forward pass: the first ones serve both). `image_size` overrides the checkpoint's own.
+  (one forward pass: the first ones serve both). `image_size` and `crop` override the
+  checkpoint's own.
   """
   if min(num_images, num_distance_images) <= 0:
     raise ConfigError('num_images and num_distance_images must be positive')
-  ckpt = classify.load_checkpoint(checkpoint, model, image_size)
+  ckpt = classify.load_checkpoint(checkpoint, model, image_size, crop)
   which = list(which) if which else supported(ckpt)
   config = ckpt.pretrained.config or {}
   variables = {'params': ckpt.params}

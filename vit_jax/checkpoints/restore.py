@@ -38,6 +38,7 @@ class Pretrained:
   source: str  # For messages: 'workdir W (step N)' or the .npz path.
   config: Optional[dict[str, Any]] = None  # The pre-training config (workdirs only).
   requested_image_size: Optional[int] = None  # A reader's --image_size, over the config's.
+  requested_crop: Optional[str] = None  # A reader's --crop, over the config's.
 
   @property
   def num_classes(self) -> int:
@@ -52,8 +53,8 @@ class Pretrained:
     return int(first['kernel'].shape[2]) if first else 3
 
   def eval_crop(self) -> str:
-    """pp.eval.crop of its training config ('resize', the default, for a .npz)."""
-    return pp_options.from_config(self.config or {}, 'eval')['crop']
+    """The reader's --crop, else pp.eval.crop of its training config ('resize' for a .npz)."""
+    return self.requested_crop or pp_options.from_config(self.config or {}, 'eval')['crop']
 
   @functools.cached_property
   def image_size(self) -> int:
@@ -108,18 +109,21 @@ def _check_exists(path: str) -> None:
                       'file')
 
 
-def load_for_reading(path: str, model: Optional[str] = None,
-                     image_size: Optional[int] = None) -> Pretrained:
+def load_for_reading(path: str, model: Optional[str] = None, image_size: Optional[int] = None,
+                     crop: Optional[str] = None) -> Pretrained:
   """`load` for the commands that only read params (infer, analyze, few-shot): their --model
   names a `.npz`'s architecture; naming another one for a workdir is a mistake, not ignored.
-  Their --image_size overrides the resolution a config gives or position embeddings suggest."""
+  Their --image_size and --crop override the resolution a config gives or position embeddings
+  suggest, and the config's eval crop."""
   pretrained = load(path, model)
   if model and model != pretrained.model:
     raise ConfigError(f'{pretrained.source} holds a {pretrained.model}, not {model}: drop '
                       '--model (a workdir names its own architecture)')
   if image_size is not None and image_size <= 0:
     raise ConfigError(f'--image_size={image_size} must be positive (or left out)')
-  return dataclasses.replace(pretrained, requested_image_size=image_size)
+  if crop is not None and crop not in pp_options.EVAL_CROPS:
+    raise ConfigError(f'--crop={crop} is not one of {", ".join(pp_options.EVAL_CROPS)}')
+  return dataclasses.replace(pretrained, requested_image_size=image_size, requested_crop=crop)
 
 
 def load(path: str, model: Optional[str] = None,

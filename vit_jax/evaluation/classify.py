@@ -117,11 +117,12 @@ class Checkpoint:
                                  self.crop).numpy()
 
 
-def load_checkpoint(path: str, model: Optional[str] = None,
-                    image_size: Optional[int] = None) -> Checkpoint:
+def load_checkpoint(path: str, model: Optional[str] = None, image_size: Optional[int] = None,
+                    crop: Optional[str] = None) -> Checkpoint:
   """A workdir's newest params and architecture, or a `.npz` of the named `model` (float32);
-  `image_size` overrides the resolution its config gives or its position embeddings suggest."""
-  pretrained = restore.load_for_reading(path, model, image_size)
+  `image_size` and `crop` override the resolution its config gives or its position embeddings
+  suggest, and its eval crop."""
+  pretrained = restore.load_for_reading(path, model, image_size, crop)
   flax_model = pretrained.create_model(pretrained.num_classes, dtype='float32')
   params = restore.checked_params(pretrained, flax_model)
   return Checkpoint(flax_model, params, pretrained.image_size, pretrained.channels,
@@ -174,11 +175,11 @@ class Classifier:
 
   @classmethod
   def from_checkpoint(cls, path: str, model: Optional[str] = None, *,
-                      image_size: Optional[int] = None,
+                      image_size: Optional[int] = None, crop: Optional[str] = None,
                       class_names: Optional[Sequence[str]] = None,
                       batch_size: int = 32) -> 'Classifier':
-    """From a workdir (architecture, image size and labels from its config) or a `.npz`."""
-    checkpoint = load_checkpoint(path, model, image_size)
+    """From a workdir (architecture, image size, crop and labels from its config) or a `.npz`."""
+    checkpoint = load_checkpoint(path, model, image_size, crop)
     classifier = cls(checkpoint, class_names=class_names, batch_size=batch_size)
     if class_names is None:
       classifier.class_names = dataset_class_names(checkpoint.pretrained)
