@@ -242,7 +242,8 @@ def test_cli_errors_are_one_line_without_traceback(
       'not a readable .npz': [f'--config.init={corrupt}'],
       f'step {newest} in {truncated} is unreadable (ValueError: OUT_OF_RANGE':
           [f'--config.init={truncated}'],
-      'does not fit the model': [f'--config.init={exported}', '--config.model=ViT-Ti_4'],
+      f'the pre-trained checkpoint {exported} does not fit the model':
+          [f'--config.init={exported}', '--config.model=ViT-Ti_4'],
       # The later --workdir wins: fine-tuning into the pre-training workdir.
       'is the pre-training workdir config.init': [f'--config.init={pretrained}',
                                                   f'--workdir={pretrained}/'],

@@ -17,7 +17,6 @@ from vit_jax.errors import ConfigError
 
 Params = dict[str, Any]
 
-_WHAT = 'the pre-trained checkpoint'
 # The layers whose values come from the new model's init (the head's bias; the pre-logits
 # unless kept); every other param comes from the checkpoint.
 NEW_LAYERS = ('head', 'pre_logits')
@@ -44,7 +43,8 @@ def transfer_params(pretrained: Params, init: Params, *,
                     new_grid: Optional[tuple[int, int]] = None,
                     old_grid: Optional[tuple[int, int]] = None,
                     keep_pre_logits: bool = False,
-                    log: Callable[[str], Any] = logging.info) -> Params:
+                    log: Callable[[str], Any] = logging.info,
+                    what: str = 'the pre-trained checkpoint') -> Params:
   """Params for the new model: `pretrained` everywhere except the head, pre-logits and posemb.
 
   Args:
@@ -56,12 +56,13 @@ def transfer_params(pretrained: Params, init: Params, *,
     old_grid: the pre-training patch grid; None means square.
     keep_pre_logits: keep the pre-trained pre-logits layer (the new model must have one).
     log: called with one line for every key that is not copied unchanged.
+    what: names the checkpoint in errors (e.g. its path).
 
   Returns:
     The new model's params in `init`'s layout; copied values are the pre-trained arrays as-is.
   """
   init = flax.core.unfreeze(nn.meta.unbox(init))
-  pretrained = npz.to_layout_of(flax.core.unfreeze(nn.meta.unbox(pretrained)), init, _WHAT)
+  pretrained = npz.to_layout_of(flax.core.unfreeze(nn.meta.unbox(pretrained)), init, what)
   src = flax.traverse_util.flatten_dict(pretrained, sep='/')
   dst = flax.traverse_util.flatten_dict(init, sep='/')
   out = dict(src)
@@ -112,4 +113,4 @@ def transfer_params(pretrained: Params, init: Params, *,
       out[key] = _resize_posemb(np.asarray(src[key]), new, num_prefix, new_grid, old_grid)
       log(f'transfer: resized {key} {old} -> {new}')
 
-  return npz.match_params(flax.traverse_util.unflatten_dict(out, sep='/'), init, what=_WHAT)
+  return npz.match_params(flax.traverse_util.unflatten_dict(out, sep='/'), init, what=what)
