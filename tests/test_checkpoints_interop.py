@@ -226,7 +226,8 @@ def test_missing_and_corrupt_files_are_one_line_errors(tmp_path):
   _one_line_error(lambda: npz.load_npz(single), single, 'is a single .npy array')
   with zipfile.ZipFile(tmp_path / 'not_npy.npz', 'w') as z:  # numpy returns such members as bytes.
     z.writestr('head/kernel', b'garbage')
-  _one_line_error(lambda: npz.load_npz(str(tmp_path / 'not_npy.npz')), 'head/kernel is not an array')
+  _one_line_error(lambda: npz.load_npz(str(tmp_path / 'not_npy.npz')),
+                  'head/kernel is not an array')
   np.savez(tmp_path / 'objects.npz', cls=np.array([{'a': 1}], dtype=object))
   _one_line_error(lambda: npz.load_npz(str(tmp_path / 'objects.npz')),
                   'an entry holds pickled Python objects')
@@ -361,7 +362,8 @@ def test_big_vision_npz_files_load_as_the_same_model(overrides, scanned, tmp_pat
   if 'cls' in params:  # The class token's posemb row moved into it, so the row is zero here.
     assert not np.any(loaded['Transformer']['posembed_input']['pos_embedding'][:, 0])
   if overrides.get('posemb') != 'sincos2d':  # Before 2022: the released posemb, in the encoder.
-    old = {k: v for k, v in np.load(path).items() if k not in ('params/pos_embedding', 'params/cls')}
+    old = {k: v for k, v in np.load(path).items()
+           if k not in ('params/pos_embedding', 'params/cls')}
     old['params/Transformer/pos_embedding'] = params['Transformer']['posembed_input'][
         'pos_embedding']
     old.update({'params/cls': params['cls']} if 'cls' in params else {})

@@ -70,7 +70,7 @@ def _photos() -> np.ndarray:
 
 
 def _perturbed_params(model):
-  """Init params plus noise: the zero head, zero biases and unit norms would hide swapped tensors."""
+  """Init params plus noise: a zero head, zero biases and unit norms would hide swapped tensors."""
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))['params']
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))

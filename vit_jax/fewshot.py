@@ -7,7 +7,8 @@ PATH is a training workdir (its newest checkpoint, architecture from its saved c
 released-layout `.npz` (then --model names the architecture, and --image_size the resolution where
 a hybrid's position embeddings leave it open: see `vit_jax.infer`). Images are prepared as the
 checkpoint's evaluation saw them (its resolution and pp.eval.crop; --crop for a .npz), so the
-figures match the probe run during training. Prints mean and spread of the test accuracy over seeds per shot count.
+figures match the probe run during training. Prints mean and spread of the test accuracy over
+seeds per shot count.
 """
 import json
 

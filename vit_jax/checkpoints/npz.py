@@ -33,9 +33,9 @@ POSEMB_KEY = 'Transformer/posembed_input/pos_embedding'
 # big_vision's ViT (vit.py) has the same layers as the released one, some under other names.
 # Where its versions kept the position embeddings: now, and before 2022 (its loader reads both).
 _BIG_VISION_POSEMBS = ('pos_embedding', 'Transformer/pos_embedding')
+# None of its names below is one of ours, so a block that has one is big_vision's.
 _BIG_VISION_NAMES = {'MultiHeadDotProductAttention_0': 'MultiHeadDotProductAttention_1',
                      'LayerNorm_1': 'LayerNorm_2', 'MlpBlock_0': 'MlpBlock_3'}
-_BIG_VISION_MLP = re.compile(r'^Transformer/encoderblock(?:_\d+)?/MlpBlock_0/')  # Ours: _3.
 _BIG_VISION_BLOCK = re.compile(
     rf'^(Transformer/encoderblock(?:_\d+)?/)({"|".join(_BIG_VISION_NAMES)})/')
 # Where the user names a .npz's architecture: the readers' flag, or the fine-tune config's key.
@@ -126,7 +126,7 @@ def load_npz(path: str) -> Params:
                       'array): it is corrupt or truncated; re-download or re-save it')
   flat = {k: v.reshape(v.shape[-1:]) if _LEGACY_GROUPNORM.search(k) else v
           for k, v in flat.items()}
-  if any(_BIG_VISION_MLP.search(k) for k in flat) or set(_BIG_VISION_POSEMBS) & set(flat):
+  if any(_BIG_VISION_BLOCK.search(k) for k in flat) or set(_BIG_VISION_POSEMBS) & set(flat):
     flat = _from_big_vision(flat)
   if not {'embedding', 'Transformer'} <= {k.split('/')[0] for k in flat}:
     raise ConfigError(f'checkpoint {path} holds no ViT params (no embedding/ and Transformer/ '

@@ -54,7 +54,7 @@ def names() -> list[str]:
 
 
 def _released_name(name: str) -> Optional[str]:
-  """The released name of a big_vision variant ('S/16') or a timm model ('vit_small_patch16_224')."""
+  """The released name of a big_vision variant ('S/16') or a timm model (vit_small_patch16_224)."""
   big_vision = re.match(r'^(?:ViT-)?([A-Za-z]+)/(\d+)$', name)
   timm = re.match(rf'^vit_({"|".join(_TIMM_SIZES)})_patch(\d+)', name)
   if big_vision:
