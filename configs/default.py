@@ -69,6 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.lr_end_fraction = 0.0  # The decay ends at base_lr times this.
   config.grad_norm_clip = 1.0
   config.label_smoothing = 0.0
+  config.polyak_decay = 0.0  # > 0: evaluate (and save for readers) the params' Polyak average.
   config.accum_steps = 1
   config.dtype = 'float32'
   config.mesh = 'data:-1'

@@ -219,6 +219,23 @@ def test_bad_argument_is_a_config_error(arg):
     _load('vit_b16', arg)
 
 
+@pytest.mark.parametrize('model,image_size', [('ViT-L_16', 512), ('ViT-H_14', 518)])
+def test_imagenet_finetune_argument_gives_table_2_s_high_resolution_polyak_recipe(model,
+                                                                                  image_size):
+  config = config_files.get_config('finetune/imagenet2012', model)
+  assert (config.model, config.image_size, config.polyak_decay) == (model, image_size, 0.9999)
+  exp = experiment.build(finetune.with_architecture(config, model, {}, 3), num_classes=1000)
+  # A 32x32 (L/16) or 37x37 (H/14) patch grid, and the class token.
+  assert (image_size // exp.model.patch_size[0]) ** 2 + 1 == exp.abstract_state.params[
+      'Transformer']['posembed_input']['pos_embedding'].shape[1]
+  assert jax.tree.structure(exp.abstract_state.averaged_params) == jax.tree.structure(
+      exp.abstract_state.params)
+  # Without the argument: Table 4's recipe, no averaging; another argument is a ConfigError.
+  assert config_files.get_config('finetune/imagenet2012').polyak_decay == 0.0
+  with pytest.raises(ConfigError, match=r"imagenet2012.py:ViT-B_16 is not one of \['ViT-L_16'"):
+    config_files.get_config('finetune/imagenet2012', 'ViT-B_16')
+
+
 def test_steps_for_rounds_up():
   assert recipes.steps_for(300, 1_281_167) == 93_836
   assert recipes.steps_for(1, 4096) == 1 and recipes.steps_for(1, 4097) == 2
@@ -248,6 +265,8 @@ def test_cli_runs_a_paper_config_up_to_the_missing_dataset(tmp_path):
     # Names from other trainers (ml_collections alone would suggest accum_steps here).
     (['--config=configs/default.py', '--config.num_steps=8'],
      "error: unknown config key 'num_steps': here it is --config.total_steps"),
+    (['--config=configs/finetune/imagenet2012.py', '--config.ema_decay=0.9999'],
+     "error: unknown config key 'ema_decay': here it is --config.polyak_decay"),
     (['--config=configs/default.py', '--config.batch=many'],
      "error: flag --config.batch=many: invalid literal for int()"),
     # A stray word (here a subcommand another trainer has) was absl's whole help text.

@@ -119,6 +119,18 @@ def test_transfer_zeroes_the_head_and_resizes_the_position_embeddings(transferre
     assert x.sharding == s
 
 
+def test_a_polyak_fine_tune_starts_its_average_at_the_transferred_params(prepared_data_dir,
+                                                                         pretrained):
+  pre = restore.load(pretrained)
+  config = _finetune_config(prepared_data_dir, pretrained)
+  config.polyak_decay = 0.9999
+  exp = experiment.build(
+      finetune.with_architecture(config, pre.model, pre.model_overrides, pre.channels))
+  state = jax.device_get(finetune.initial_state(exp, pre))
+  param_trees.assert_bit_identical(state.averaged_params, state.params)
+  assert np.any(param_trees.flat(state.params)['embedding/kernel'])  # The checkpoint's values.
+
+
 def test_new_layers_take_the_new_models_own_init(prepared_data_dir, pretrained):
   """The head's bias and a pre-logits layer that pre-training lacked are the values the new
   model's full init gives them, though only they are initialised."""
@@ -183,7 +195,7 @@ def test_finetune_cli_improves_over_the_transferred_start(transferred, prepared_
 
 def test_export_round_trip_is_bit_exact(pretrained, exported):
   with Checkpointer(pretrained, read_only=True) as checkpointer:
-    orbax_params = restore.restore_params(checkpointer, checkpointer.all_steps()[-1])
+    orbax_params, _ = restore.restore_params(checkpointer, checkpointer.all_steps()[-1])
   loaded = npz.load_npz(str(exported))
   param_trees.assert_bit_identical(loaded, orbax_params)
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(loaded))

@@ -72,6 +72,21 @@ def test_tiny_vit_memory_matches_the_count(mesh, fsdp):
   assert p.xla_flops_per_step == pytest.approx(p.model_flops_per_step, rel=0.15)
 
 
+def test_a_polyak_average_is_one_more_copy_of_the_params():
+  plain = planner.plan(default_config(model='ViT-Pico_4', mesh='data:2,fsdp:4'), search=False)
+  averaged = planner.plan(default_config(model='ViT-Pico_4', mesh='data:2,fsdp:4',
+                                         polyak_decay=0.9999), search=False)
+  assert plain.averaged_params_bytes == 0 and 'Polyak' not in planner.format_plan(plain)
+  assert averaged.averaged_params_bytes == averaged.params_bytes == plain.params_bytes
+  assert f'Polyak average   {planner._gib(averaged.params_bytes)}' in planner.format_plan(averaged)
+  # The compiled step takes it as one more argument, updated in place (donated); its output
+  # buffers grow by as much, give or take their alignment.
+  extra = averaged.params_bytes
+  assert averaged.memory.argument == plain.memory.argument + extra
+  assert averaged.memory.alias == plain.memory.alias + extra
+  assert averaged.memory.output - plain.memory.output == pytest.approx(extra, rel=0.01)
+
+
 def test_a_mesh_that_cannot_split_the_heads_says_so():
   """ViT-Pico has 4 heads: tensor:8 splits its MLP (512 wide) but leaves q/k/v/out whole on
   every device, which the plan names with their bytes (6 layers x 7 arrays: q, k, v kernels

@@ -22,6 +22,7 @@ KEYS_ELSEWHERE = {
     'warmup': 'warmup_steps', 'num_warmup_steps': 'warmup_steps', 'warmup_epochs': 'warmup_steps',
     'grad_clip': 'grad_norm_clip', 'clip_grad': 'grad_norm_clip', 'opt': 'optimizer',
     'input_size': 'image_size', 'img_size': 'image_size', 'res': 'image_size',
+    'ema': 'polyak_decay', 'ema_decay': 'polyak_decay', 'model_ema_decay': 'polyak_decay',
 }
 
 

@@ -4,8 +4,8 @@ Fine-tuning, export and few-shot evaluation all start from "a checkpoint": eithe
 workdir (its newest Orbax checkpoint; the architecture is read from the config saved with it) or
 a `.npz` in the released layout (which holds no config: the caller names the model, and the
 options its keys show are read from them).
-Only the params are read from Orbax: the optimizer state is neither needed nor restorable into
-another recipe's optimizer.
+Only the params are read from Orbax (their Polyak average, if the run kept one): the optimizer
+state is neither needed nor restorable into another recipe's optimizer.
 """
 import dataclasses
 import functools
@@ -204,16 +204,20 @@ def _is_array_metadata(x: Any) -> bool:
   return hasattr(x, 'shape') and hasattr(x, 'dtype')
 
 
-def restore_params(checkpointer: Checkpointer, step: int) -> Params:
-  """Only `state.params` of checkpoint `step`, as host numpy arrays (bit-exact)."""
+def restore_params(checkpointer: Checkpointer, step: int) -> tuple[Params, bool]:
+  """The params of checkpoint `step` as host numpy arrays (bit-exact), and whether they are its
+  Polyak average (`state.averaged_params`, which a run with averaging evaluated) rather than
+  `state.params`."""
   path = ocp.step.find_step_path(checkpointer.manager.directory, ocp.step.standard_name_format(),
                                  step=step) / 'state'
   with abandoned_reads_dropped(), ocp.PyTreeCheckpointer() as reader:
-    tree = reader.metadata(path).item_metadata.tree['params']
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,
+    saved = reader.metadata(path).item_metadata.tree
+    name = 'averaged_params' if 'averaged_params' in saved else 'params'
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved[name],
                                 is_leaf=_is_array_metadata)
-    return reader.restore(path, args=ocp.args.PyTreeRestore(
-        {'params': tree}, restore_args={'params': restore_args}, partial_restore=True))['params']
+    params = reader.restore(path, args=ocp.args.PyTreeRestore(
+        {name: saved[name]}, restore_args={name: restore_args}, partial_restore=True))[name]
+  return params, name == 'averaged_params'
 
 
 def _load_workdir(workdir: str) -> Pretrained:
@@ -222,14 +226,15 @@ def _load_workdir(workdir: str) -> Pretrained:
   with checkpointer:
     config = _saved_config(workdir, checkpointer)
     try:
-      params = restore_params(checkpointer, steps[-1])
+      params, averaged = restore_params(checkpointer, steps[-1])
     except (ValueError, KeyError, OSError, TypeError) as e:
       raise ConfigError(f'the checkpoint at step {steps[-1]} in {workdir} is unreadable '
                         f'({error_summary(e)}): remove that step directory to use '
                         'an older one') from e
-  logging.info('loaded the params of %s (step %d, %s)', workdir, steps[-1], config['model'])
-  return Pretrained(params, config['model'], dict(config.get('model_overrides') or {}),
-                    f'workdir {workdir} (step {steps[-1]})', config)
+  source = f'workdir {workdir} (step {steps[-1]}{", Polyak-averaged params" if averaged else ""})'
+  logging.info('loaded the params of %s, a %s', source, config['model'])
+  return Pretrained(params, config['model'], dict(config.get('model_overrides') or {}), source,
+                    config)
 
 
 def checked_params(pretrained: Pretrained, model: Any) -> Params:

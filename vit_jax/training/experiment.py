@@ -44,6 +44,11 @@ class Experiment:
     return (self.config.image_size, self.config.image_size, self.config.get('channels', 3))
 
   @property
+  def keeps_average(self) -> bool:
+    """Whether the state holds the Polyak average of the params (config.polyak_decay > 0)."""
+    return bool(self.config.get('polyak_decay'))
+
+  @property
   def flops_per_image(self) -> int:
     """Training FLOPs per image: forward x 3 (the backward pass costs twice the forward)."""
     return 3 * forward_flops(self.model, *self.image_shape)
@@ -57,7 +62,8 @@ class Experiment:
   def init_state(self, rng: Optional[jax.Array] = None) -> state_lib.TrainState:
     """Params and optimizer state created already sharded (jit with out_shardings)."""
     rng = jax.random.PRNGKey(self.config.get('seed', 0)) if rng is None else rng
-    init = lambda r: state_lib.init_state(self.model, self.tx, r, self.image_shape)
+    init = lambda r: state_lib.init_state(self.model, self.tx, r, self.image_shape,
+                                          averaged=self.keeps_average)
     with self.rules_context():
       return jax.jit(init, out_shardings=self.state_shardings)(rng)
 
@@ -68,7 +74,8 @@ class Experiment:
         self.model, self.tx, self.schedule, num_classes=self.num_classes,
         loss=config.get('loss', 'softmax_xent'),
         label_smoothing=config.get('label_smoothing', 0.0),
-        accum_steps=config.get('accum_steps', 1), seed=config.get('seed', 0))
+        accum_steps=config.get('accum_steps', 1), seed=config.get('seed', 0),
+        polyak_decay=config.get('polyak_decay', 0.0))
     jitted = jax.jit(step, in_shardings=(self.state_shardings, sharding.batch_sharding(self.mesh)),
                      out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
                      donate_argnums=0)
@@ -116,6 +123,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if fewshot and fewshot.get('every', 0) <= 0:
     raise ConfigError(f'config.fewshot.every={fewshot.get("every")} must be positive: the probe '
                       'runs every that many steps')
+  if not 0 <= config.get('polyak_decay', 0.0) < 1:
+    raise ConfigError(f'config.polyak_decay={config.polyak_decay} must be in [0, 1): the weight '
+                      'of the old average at each step (the paper: 0.9999; 0: no averaging)')
   loss = config.get('loss', 'softmax_xent')
   if loss not in step_lib.LOSSES:
     raise ConfigError(f'config.loss={loss!r} is not one of {step_lib.LOSSES}')
@@ -165,8 +175,9 @@ def build(config: ml_collections.ConfigDict, *, num_classes: Optional[int] = Non
   schedule = optimizers.learning_rate_schedule(config)
   tx = optimizers.make_optimizer(config, schedule)
   image_shape = (config.image_size, config.image_size, config.get('channels', 3))
-  shapes = jax.eval_shape(functools.partial(state_lib.init_state, model, tx,
-                                            image_shape=image_shape), jax.random.PRNGKey(0))
+  shapes = jax.eval_shape(functools.partial(
+      state_lib.init_state, model, tx, image_shape=image_shape,
+      averaged=bool(config.get('polyak_decay'))), jax.random.PRNGKey(0))
   shardings = sharding.tree_shardings(shapes, mesh)
   unsplit = sharding.unsplit_note(shapes.params, mesh)
   if unsplit:

@@ -25,6 +25,7 @@ from vit_jax.errors import ConfigError, check_not_a_file
 from vit_jax.training import metrics as metrics_lib
 from vit_jax.training import perf
 from vit_jax.training import profiling
+from vit_jax.training import state as state_lib
 from vit_jax.training.experiment import Experiment, build
 
 
@@ -108,6 +109,22 @@ def config_changes(saved: Optional[dict], config: ml_collections.ConfigDict) -> 
           for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
 
 
+def _restore(checkpointer: Checkpointer, abstract_state: Any,
+             config: ml_collections.ConfigDict) -> tuple[Any, Optional[dict]]:
+  """The newest checkpoint; when none fits this config's state, the error names the settings
+  changed since the newest was written (orbax names only the arrays that differ)."""
+  try:
+    return checkpointer.restore_latest(abstract_state)
+  except ConfigError as e:
+    try:
+      changes = config_changes(checkpointer.restore_meta().get('config'), config)
+    except Exception:  # pylint: disable=broad-except
+      changes = []  # An unreadable meta: the error above stands as it is.
+    if not changes:
+      raise
+    raise ConfigError(f'{e}; changed since the newest: {"; ".join(changes)}') from e
+
+
 def _check_finite(loss: float, step: int, last_saved: Optional[int],
                   grad_norm: float = 0.0) -> None:
   """Before a save the gradient is checked too: the loss is that of the params before the
@@ -160,7 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   check_not_a_file(workdir, 'workdir')
   tf.io.gfile.makedirs(workdir)
   with Checkpointer(workdir, keep=config.get('keep_checkpoints', 3)) as checkpointer:
-    state, meta = checkpointer.restore_latest(exp.abstract_state)
+    state, meta = _restore(checkpointer, exp.abstract_state, config)
     save_config(config, workdir)  # After the restore: a config that cannot resume keeps the old.
     if state is None:
       state = initial_state if initial_state is not None else exp.init_state()
@@ -209,12 +226,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           progress.update(step, scalars['train/loss'], scalars.get('perf/img_per_sec'))
           window, window_start = [], (step, time.perf_counter())
         if eval_data is not None and (step % eval_every == 0 or step == total_steps):
-          final = evaluate(exp, eval_step, state.params, eval_data)
+          final = evaluate(exp, eval_step, state_lib.eval_params(state), eval_data)
           writer.write_scalars(step, final)
           progress.report(step, final)
           window_start = (step, time.perf_counter())  # Exclude eval time from img/s.
         if fewshot is not None and (step % config.fewshot.every == 0 or step == total_steps):
-          scalars = fewshot.scalars(state.params)
+          scalars = fewshot.scalars(state_lib.eval_params(state))
           writer.write_scalars(step, scalars)
           progress.report(step, scalars)
           final, window_start = final | scalars, (step, time.perf_counter())

@@ -63,6 +63,7 @@ class Plan:
   memory: StepMemory
   model_flops_per_step: float  # 3 x analytic forward x batch.
   xla_flops_per_step: float  # cost_analysis() of the per-device program x devices.
+  averaged_params_bytes: int = 0  # Per device: the Polyak average (config.polyak_decay > 0).
   xla_flops_note: str = ''
   memory_note: str = ''
   unsplit_note: str = ''  # Params the mesh was meant to split but cannot.
@@ -218,7 +219,8 @@ def plan(config: ml_collections.ConfigDict, *, num_classes: Optional[int] = None
       batch_bytes=shard_bytes(abstract_batch(exp, config.batch)), memory=memory,
       model_flops_per_step=float(exp.flops_per_image) * config.batch,
       xla_flops_per_step=xla_flops(compiled) * jax.device_count(),
-      total_steps=config.total_steps)
+      total_steps=config.total_steps,
+      averaged_params_bytes=shard_bytes(getattr(state, 'averaged_params', {})))
   result.unsplit_note = sharding.unsplit_note(state.params, exp.mesh) or ''
   if jax.default_backend() == 'cpu' and config.get('dtype', 'float32') != 'float32':
     result.memory_note = (f'XLA:CPU computes {config.dtype} in float32, so temp is a float32 '
@@ -258,6 +260,7 @@ def format_plan(p: Plan) -> str:
       f'per-device memory (XLA {p.platform} compile of the train step):',
       f'  parameters       {_gib(p.params_bytes)}',
       f'  optimizer state  {_gib(p.opt_state_bytes)}',
+      *([f'  Polyak average   {_gib(p.averaged_params_bytes)}'] if p.averaged_params_bytes else []),
       f'  batch            {_gib(p.batch_bytes)}',
       f'  activations/temp {_gib(m.temp)}',
       f'  peak             {_gib(m.peak)}  (arguments {_gib(m.argument).strip()} + outputs '

@@ -126,6 +126,7 @@ def pretrain_config(model: str, arg: Optional[str] = None) -> ml_collections.Con
   config.decay_type = row['decay_type']
   config.grad_norm_clip = row['grad_norm_clip']  # 0 = no clipping.
   config.label_smoothing = 0.0
+  config.polyak_decay = 0.0  # > 0: evaluate (and save for readers) the params' Polyak average.
   config.loss = row['loss']
   config.accum_steps = 1
   config.dtype = 'bfloat16'

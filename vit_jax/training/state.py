@@ -3,7 +3,7 @@
 The data position is `step` (the input stream is a pure function of seed, step and the
 process count: resuming on another mesh or device count is exact, on another number of hosts
 the example order changes) and the dropout key is derived from the seed and step, so params,
-optimizer state and step suffice.
+optimizer state and step suffice; with Polyak averaging, also the average.
 """
 from typing import Any
 
@@ -21,9 +21,29 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: optax.OptState
 
 
+class AveragedTrainState(TrainState):
+  """With the Polyak average of the params (config.polyak_decay > 0), which evaluation and every
+  reader of the checkpoint use. A class of its own, so that a run without averaging keeps the
+  checkpoint layout of one (its old workdirs resume as they are)."""
+  averaged_params: Any
+
+
+def fresh_state(params: Any, tx: optax.GradientTransformation,
+                averaged: bool = False) -> TrainState:
+  """Step 0 from `params`: a new optimizer state and, if `averaged`, an average started at them."""
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  if not averaged:
+    return state
+  return AveragedTrainState(**vars(state), averaged_params=params)
+
+
+def eval_params(state: TrainState) -> Any:
+  """The params to evaluate and save for readers: the average when the run keeps one."""
+  return getattr(state, 'averaged_params', state.params)
+
+
 def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
-               image_shape: tuple[int, ...]) -> TrainState:
+               image_shape: tuple[int, ...], averaged: bool = False) -> TrainState:
   """A fresh state (under `jit` with out_shardings it is born sharded)."""
   params = model.init(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32))['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=tx.init(params))
+  return fresh_state(params, tx, averaged)

@@ -29,10 +29,15 @@ def loss_fn(logits: jax.Array, targets: jax.Array, loss: str) -> jax.Array:
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, num_classes: int, loss: str = 'softmax_xent',
-                    label_smoothing: float = 0.0, accum_steps: int = 1,
-                    seed: int = 0) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    label_smoothing: float = 0.0, accum_steps: int = 1, seed: int = 0,
+                    polyak_decay: float = 0.0
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """One optimizer update. With `accum_steps` > 1 the batch is split into micro-batches whose
-  gradients are averaged (equal to the big batch's gradient), trading memory for time."""
+  gradients are averaged (equal to the big batch's gradient), trading memory for time. With
+  `polyak_decay` > 0 (an `AveragedTrainState`), the average moves towards the updated params by
+  1 - decay, the decay warming up as TensorFlow's ExponentialMovingAverage(num_updates=step) of
+  the codebases the paper cites: min(polyak_decay, (1 + n) / (10 + n)) after n updates, so that
+  a short run's average does not stay near its initial params."""
   base_rng = jax.random.PRNGKey(seed)
 
   def micro_grads(params, images, labels, rng):
@@ -65,6 +70,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       loss_value, grads = jax.tree.map(lambda x: x / accum_steps, (loss_value, grads))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if polyak_decay:
+      updates_done = state.step + 1
+      decay = jnp.minimum(polyak_decay, (1 + updates_done) / (10 + updates_done))
+      state = state.replace(averaged_params=optax.incremental_update(
+          params, state.averaged_params, 1 - decay))
     metrics = {'loss': loss_value, 'grad_norm': optax.tree.norm(grads),
                'learning_rate': schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
