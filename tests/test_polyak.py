@@ -1,6 +1,8 @@
 """Polyak averaging (config.polyak_decay): the average of the params that the paper's Table 2
 fine-tunes evaluated (0.9999, Sec. 4.2), kept beside the params, evaluated, checkpointed, resumed
 and read by every command that reads a checkpoint. The tiny recipe on real digits batches."""
+import contextlib
+import io
 import shutil
 
 import jax
@@ -58,7 +60,9 @@ def averaged_run(prepared_data_dir, tmp_path_factory):
   """30 steps with polyak_decay=0.9 (checkpoints at 10, 20, 30; an evaluation at the end)."""
   config = tiny_config(prepared_data_dir, polyak_decay=0.9)
   workdir = str(tmp_path_factory.mktemp('polyak'))
-  return config, workdir, loop.train_and_evaluate(config, workdir)
+  with contextlib.redirect_stdout(io.StringIO()) as stdout:
+    result = loop.train_and_evaluate(config, workdir)
+  return config, workdir, result | {'stdout': stdout.getvalue()}
 
 
 def _saved_state(config, workdir):
@@ -81,6 +85,9 @@ def test_evaluation_and_readers_take_the_average(averaged_run):
   pretrained = restore.load(workdir)
   param_trees.assert_bit_identical(pretrained.params, jax.device_get(state.averaged_params))
   assert pretrained.source.endswith('(step 30, Polyak-averaged params)')
+  first = result['stdout'].splitlines()[0]
+  assert first.startswith('evaluating the Polyak average of the params (polyak_decay=0.9)')
+  assert first.endswith('holds the decay below 0.9 all run: 0.77500 at step 30')  # 31 / 40.
 
 
 def test_a_resumed_run_carries_the_average_on_bit_exactly(averaged_run, tmp_path):

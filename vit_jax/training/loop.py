@@ -26,6 +26,7 @@ from vit_jax.training import metrics as metrics_lib
 from vit_jax.training import perf
 from vit_jax.training import profiling
 from vit_jax.training import state as state_lib
+from vit_jax.training import step as step_lib
 from vit_jax.training.experiment import Experiment, build
 
 
@@ -125,6 +126,17 @@ def _restore(checkpointer: Checkpointer, abstract_state: Any,
     raise ConfigError(f'{e}; changed since the newest: {"; ".join(changes)}') from e
 
 
+def _polyak_note(decay: float, total_steps: int) -> str:
+  """What is evaluated, and where the decay's warm-up keeps it below the one asked for."""
+  note = (f'evaluating the Polyak average of the params (polyak_decay={decay}), which the '
+          'checkpoints\' readers also take')
+  reached = float(step_lib.polyak_decay_after(decay, total_steps))
+  if reached < decay:
+    note += (f'; its warm-up, (1 + n) / (10 + n) after n steps, holds the decay below {decay} '
+             f'all run: {reached:.5f} at step {total_steps}')
+  return note
+
+
 def _check_finite(loss: float, step: int, last_saved: Optional[int],
                   grad_norm: float = 0.0) -> None:
   """Before a save the gradient is checked too: the loss is that of the params before the
@@ -193,6 +205,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       progress.note(f'{workdir} already holds step {start_step} of total_steps={total_steps}: '
                     'nothing to train (a larger --config.total_steps trains on)')
       return {'step': start_step}
+    if exp.keeps_average:
+      progress.note(_polyak_note(config.polyak_decay, total_steps))
     last_saved = start_step if checkpointer.all_steps() else None
     train_step, eval_step = exp.jit_train_step(), exp.jit_eval_step()
     local_batches = input_pipeline.train_iterator(config, start_step)

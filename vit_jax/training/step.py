@@ -27,6 +27,13 @@ def loss_fn(logits: jax.Array, targets: jax.Array, loss: str) -> jax.Array:
   return optax.softmax_cross_entropy(logits, targets)
 
 
+def polyak_decay_after(polyak_decay: float, updates: Any) -> jax.Array:
+  """The decay of the average at update `updates` (from 1): `polyak_decay`, warmed up as
+  TensorFlow's ExponentialMovingAverage does when given num_updates, so that the average of a
+  run shorter than ~9 / (1 - polyak_decay) steps does not stay near its initial params."""
+  return jnp.minimum(polyak_decay, (1 + updates) / (10 + updates))
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, num_classes: int, loss: str = 'softmax_xent',
                     label_smoothing: float = 0.0, accum_steps: int = 1, seed: int = 0,
@@ -35,9 +42,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   """One optimizer update. With `accum_steps` > 1 the batch is split into micro-batches whose
   gradients are averaged (equal to the big batch's gradient), trading memory for time. With
   `polyak_decay` > 0 (an `AveragedTrainState`), the average moves towards the updated params by
-  1 - decay, the decay warming up as TensorFlow's ExponentialMovingAverage(num_updates=step) of
-  the codebases the paper cites: min(polyak_decay, (1 + n) / (10 + n)) after n updates, so that
-  a short run's average does not stay near its initial params."""
+  1 - `polyak_decay_after`."""
   base_rng = jax.random.PRNGKey(seed)
 
   def micro_grads(params, images, labels, rng):
@@ -71,8 +76,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if polyak_decay:
-      updates_done = state.step + 1
-      decay = jnp.minimum(polyak_decay, (1 + updates_done) / (10 + updates_done))
+      decay = polyak_decay_after(polyak_decay, state.step + 1)
       state = state.replace(averaged_params=optax.incremental_update(
           params, state.averaged_params, 1 - decay))
     metrics = {'loss': loss_value, 'grad_norm': optax.tree.norm(grads),
