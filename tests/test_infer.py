@@ -173,6 +173,7 @@ def test_json_has_every_probability_and_logit(workdir, photos):
   paths = [photos['astronaut.jpg'], photos['moon16.png']]
   doc = json.loads(_report(workdir, paths, as_json=True))
   assert doc['labels'] == FASHION and doc['errors'] == [] and doc['checkpoint'] == workdir
+  assert doc['params'] == f'workdir {workdir} (step 100)'
   assert [p['image'] for p in doc['predictions']] == paths
   for p in doc['predictions']:
     probs, logits = np.array(p['probabilities']), np.array(p['logits'])

@@ -1,8 +1,9 @@
 """Polyak averaging (config.polyak_decay): the average of the params that the paper's Table 2
-fine-tunes evaluated (0.9999, Sec. 4.2), kept beside the params, evaluated, checkpointed, resumed
+fine-tunes evaluated (0.9999, Sec. 4.1), kept beside the params, evaluated, checkpointed, resumed
 and read by every command that reads a checkpoint. The tiny recipe on real digits batches."""
 import contextlib
 import io
+import json
 import shutil
 
 import jax
@@ -16,6 +17,7 @@ from vit_jax.checkpoints.manager import Checkpointer
 from vit_jax.data import global_batch
 from vit_jax.data import input_pipeline
 from vit_jax.errors import ConfigError
+from vit_jax.evaluation import classify
 from vit_jax.training import experiment
 from vit_jax.training import loop
 from vit_jax.training.state import AveragedTrainState, TrainState
@@ -85,8 +87,11 @@ def test_evaluation_and_readers_take_the_average(averaged_run):
   pretrained = restore.load(workdir)
   param_trees.assert_bit_identical(pretrained.params, jax.device_get(state.averaged_params))
   assert pretrained.source.endswith('(step 30, Polyak-averaged params)')
+  out = io.StringIO()
+  classify.report(classify.Classifier.from_checkpoint(workdir), [], as_json=True, out=out)
+  assert json.loads(out.getvalue())['params'] == pretrained.source  # infer --json says so.
   first = result['stdout'].splitlines()[0]
-  assert first.startswith('evaluating the Polyak average of the params (polyak_decay=0.9)')
+  assert first.startswith('keeping the Polyak average of the params (polyak_decay=0.9)')
   assert first.endswith('holds the decay below 0.9 all run: 0.77500 at step 30')  # 31 / 40.
 
 
@@ -103,17 +108,48 @@ def test_a_resumed_run_carries_the_average_on_bit_exactly(averaged_run, tmp_path
   param_trees.assert_bit_identical(jax.device_get(state.params), jax.device_get(expected.params))
 
 
-def test_switching_averaging_on_a_resume_is_one_line_naming_it(averaged_run, tmp_path):
-  config, workdir, _ = averaged_run
+@pytest.fixture(scope='module')
+def plain_run(prepared_data_dir, tmp_path_factory):
+  """10 steps without averaging (a checkpoint at 10)."""
+  config = tiny_config(prepared_data_dir, total_steps=10, eval_every=0)
+  workdir = str(tmp_path_factory.mktemp('plain'))
+  loop.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+@pytest.mark.parametrize('run,decay,message', [
+    ('averaged_run', 0.0, r'keep a Polyak average of the params: resume with '
+                          r'--config.polyak_decay above 0'),
+    ('plain_run', 0.9, r'hold no Polyak average, and one cannot start mid-run: resume with '
+                       r'--config.polyak_decay=0')])
+def test_switching_averaging_on_a_resume_is_one_line_saying_which(run, decay, message, request,
+                                                                  tmp_path):
+  config, workdir = request.getfixturevalue(run)[:2]
   resumed = str(tmp_path / 'resumed')
   shutil.copytree(workdir, resumed)
-  config = tiny_config(config.data_dir, polyak_decay=0.0, total_steps=40)
-  with pytest.raises(ConfigError, match=r'changed since the newest: polyak_decay: 0.9 -> 0.0; '
-                                        r'total_steps: 30 -> 40$') as error:
+  with Checkpointer(resumed, read_only=True) as checkpointer:
+    steps = checkpointer.all_steps()
+  saved_config = open(f'{resumed}/config.json').read()
+  config = tiny_config(config.data_dir, polyak_decay=decay, total_steps=40)
+  with pytest.raises(ConfigError, match=message) as error:
     loop.train_and_evaluate(config, resumed)
   assert '\n' not in str(error.value)
   with Checkpointer(resumed, read_only=True) as checkpointer:
-    assert checkpointer.all_steps() == [10, 20, 30]  # Nothing set aside or lost.
+    assert checkpointer.all_steps() == steps  # Nothing set aside or lost.
+  assert open(f'{resumed}/config.json').read() == saved_config
+
+
+@pytest.mark.parametrize('decay,total_steps,reached', [
+    (0.9, 30, '0.77500 at step 30'), (0.9999, 20_000, '0.99955 at step 20000'),
+    (0.9, 200, None), (0.9999, 1_000_000, None), (1e-9, 2, None)])
+def test_the_first_line_says_when_the_warm_up_holds_the_decay_all_run(decay, total_steps,
+                                                                      reached):
+  note = loop._polyak_note(decay, total_steps)  # pylint: disable=protected-access
+  assert note.startswith(f'keeping the Polyak average of the params (polyak_decay={decay})')
+  if reached:
+    assert note.endswith(f'holds the decay below {decay} all run: {reached}')
+  else:  # Reached (float32 would round 0.9 and 0.9999 down and claim otherwise).
+    assert 'warm-up' not in note
 
 
 @pytest.mark.parametrize('decay', [1.0, -0.1])

@@ -259,7 +259,9 @@ def test_resuming_with_a_changed_model_names_the_cause_and_keeps_every_checkpoin
   changed = tiny_config(config.data_dir, model_overrides={'mlp_dim': 128})
   saved_config = open(os.path.join(workdir, 'config.json'), encoding='utf-8').read()
   with pytest.raises(ConfigError, match=r'none of the checkpoints \[10, 20, 30\] .* \(step 30: '
-                     r'\w+Error: .*\): if the model or optimizer changed') as error:
+                     r'\w+Error: .*\): if the model or optimizer changed.*; changed since '
+                     r'the newest: eval_every: 20 -> 30; model_overrides.mlp_dim: unset -> 128$'
+                     ) as error:
     loop.train_and_evaluate(changed, workdir)
   assert '\n' not in str(error.value)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['10', '20', '30']
@@ -286,6 +288,10 @@ def test_resuming_with_changed_settings_names_each_change(baseline, tmp_path, ca
       {'pp': {'randaug': (2, 10)}, 'mesh': 'data:-1'})) == []
   assert loop.config_changes(saved, ml_collections.ConfigDict({'pp': {'randaug': (2, 15)}})) == [
       'mesh: data:-1 -> unset', 'pp.randaug: [2, 10] -> [2, 15]']
+  # A key the configs gained since (polyak_decay), at its off value, is no change; on, it is.
+  for value, changes in ((0.0, []), (0.9, ['polyak_decay: unset -> 0.9'])):
+    assert loop.config_changes(saved, ml_collections.ConfigDict(
+        dict(saved, polyak_decay=value))) == changes
 
 
 def _saved_meta(workdir):

@@ -9,7 +9,7 @@ code's default. Reports on `validation` (ImageNet's test labels are not public);
 imagenet2012` needs the manually downloaded archives.
 
 The argument `ViT-L_16` or `ViT-H_14` gives Table 2's fine-tunes of those models: at 512 and
-518 px, evaluating the Polyak average of the params (0.9999, Sec. 4.2), e.g.
+518 px, evaluating the Polyak average of the params (0.9999, Sec. 4.1), e.g.
 `--config=configs/finetune/imagenet2012.py:ViT-L_16`.
 """
 from typing import Optional
@@ -19,7 +19,7 @@ import ml_collections
 from vit_jax.errors import ConfigError
 from vit_jax.training import finetune
 
-# Table 2's fine-tuning resolutions (Sec. 4.2): 32x32 patches of 16 px, 37x37 of 14 px.
+# Table 2's fine-tuning resolutions (Sec. 4.1): 32x32 patches of 16 px, 37x37 of 14 px.
 TABLE_2_IMAGE_SIZES = {'ViT-L_16': 512, 'ViT-H_14': 518}
 
 

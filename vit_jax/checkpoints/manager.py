@@ -279,6 +279,16 @@ class Checkpointer:
                       'process', step)
     self.manager.reload()
 
+  def state_path(self, step: int) -> epath.Path:
+    """Where the train state of `step` lies, for readers that take only part of it."""
+    return ocp.step.find_step_path(self.manager.directory, ocp.step.standard_name_format(),
+                                   step=step) / 'state'
+
+  def state_metadata(self, step: int) -> dict:
+    """The tree of the train state of `step`, each array's shape and dtype, none read."""
+    with abandoned_reads_dropped(), ocp.PyTreeCheckpointer() as reader:
+      return reader.metadata(self.state_path(step)).item_metadata.tree
+
   def restore_meta(self, step: Optional[int] = None) -> dict:
     """The JSON beside the state (its step and config), without reading any array."""
     step = self.manager.latest_step() if step is None else step

@@ -208,14 +208,12 @@ def restore_params(checkpointer: Checkpointer, step: int) -> tuple[Params, bool]
   """The params of checkpoint `step` as host numpy arrays (bit-exact), and whether they are its
   Polyak average (`state.averaged_params`, which a run with averaging evaluated) rather than
   `state.params`."""
-  path = ocp.step.find_step_path(checkpointer.manager.directory, ocp.step.standard_name_format(),
-                                 step=step) / 'state'
+  saved = checkpointer.state_metadata(step)
+  name = 'averaged_params' if 'averaged_params' in saved else 'params'
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved[name],
+                              is_leaf=_is_array_metadata)
   with abandoned_reads_dropped(), ocp.PyTreeCheckpointer() as reader:
-    saved = reader.metadata(path).item_metadata.tree
-    name = 'averaged_params' if 'averaged_params' in saved else 'params'
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved[name],
-                                is_leaf=_is_array_metadata)
-    params = reader.restore(path, args=ocp.args.PyTreeRestore(
+    params = reader.restore(checkpointer.state_path(step), args=ocp.args.PyTreeRestore(
         {name: saved[name]}, restore_args={name: restore_args}, partial_restore=True))[name]
   return params, name == 'averaged_params'
 

@@ -243,7 +243,8 @@ def report(classifier: Classifier, paths: Sequence[str], *, as_json: bool = Fals
   """Classifies `paths` and writes what `vit_jax.infer` prints; returns the number that failed.
 
   Text: each path, then its top-k as `  probability  label` lines, as soon as its batch is done.
-  JSON (one document at the end): {"checkpoint": source, "labels", "predictions": [{"image",
+  JSON (one document at the end): {"checkpoint": source, "params" (what was read: its step, and
+  whether it is the Polyak average), "labels", "predictions": [{"image",
   "top<k>": [{"index", "label", "probability"}], "probabilities", "logits"}], "errors":
   [{"image", "error"}]}. Each unreadable file also gets one `error: ...` line on `err`.
   """
@@ -262,7 +263,7 @@ def report(classifier: Classifier, paths: Sequence[str], *, as_json: bool = Fals
       print('\n'.join([result.path, *lines]), file=out, flush=True)
   if as_json:
     labels = [classifier.label(i) for i in range(classifier.num_classes)]
-    json.dump({'checkpoint': source, 'labels': labels, 'predictions': predictions,
-               'errors': errors}, out, indent=1)
+    json.dump({'checkpoint': source, 'params': classifier.checkpoint.pretrained.source,
+               'labels': labels, 'predictions': predictions, 'errors': errors}, out, indent=1)
     out.write('\n')
   return len(errors)

@@ -73,7 +73,7 @@ def paper_config(dataset: str, *, total_steps: int, base_lr: float, model: str =
   config.grad_norm_clip = 1.0
   config.label_smoothing = 0.0
   # > 0: evaluate (and save for readers) the Polyak average of the params, as the paper's
-  # fine-tunes of Table 2 at 512 and 518 px did (0.9999, Sec. 4.2).
+  # fine-tunes of Table 2 at 512 and 518 px did (0.9999, Sec. 4.1).
   config.polyak_decay = 0.0
   config.dtype = 'float32'
   config.mesh = 'data:-1'

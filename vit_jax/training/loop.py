@@ -106,8 +106,10 @@ def config_changes(saved: Optional[dict], config: ml_collections.ConfigDict) -> 
   as_saved = json.loads(json.dumps(config.to_dict(), default=str))  # Tuples as JSON keeps them.
   old = flax.traverse_util.flatten_dict(saved, sep='.')
   new = flax.traverse_util.flatten_dict(as_saved, sep='.')
+  # A key added to the configs since (polyak_decay), set to its off value, changes nothing.
+  added_off = {key for key in new.keys() - old.keys() if not new[key]}
   return [f'{key}: {old.get(key, "unset")} -> {new.get(key, "unset")}'
-          for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+          for key in sorted((old.keys() | new.keys()) - added_off) if old.get(key) != new.get(key)]
 
 
 def _restore(checkpointer: Checkpointer, abstract_state: Any,
@@ -127,14 +129,35 @@ def _restore(checkpointer: Checkpointer, abstract_state: Any,
 
 
 def _polyak_note(decay: float, total_steps: int) -> str:
-  """What is evaluated, and where the decay's warm-up keeps it below the one asked for."""
-  note = (f'evaluating the Polyak average of the params (polyak_decay={decay}), which the '
-          'checkpoints\' readers also take')
-  reached = float(step_lib.polyak_decay_after(decay, total_steps))
+  """What is kept and evaluated, and where the decay's warm-up keeps it below the one asked
+  for all run."""
+  note = (f'keeping the Polyak average of the params (polyak_decay={decay}), which evaluations '
+          'and the checkpoints\' readers take')
+  reached = step_lib.polyak_warmup(total_steps)
   if reached < decay:
     note += (f'; its warm-up, (1 + n) / (10 + n) after n steps, holds the decay below {decay} '
              f'all run: {reached:.5f} at step {total_steps}')
   return note
+
+
+def _check_same_averaging(checkpointer: Checkpointer, keeps_average: bool,
+                          workdir: str) -> None:
+  """A resume that would switch Polyak averaging on or off: one line saying which, before the
+  restore (which would call every checkpoint unreadable)."""
+  steps = checkpointer.all_steps()
+  try:
+    saved = bool(steps) and 'averaged_params' in checkpointer.state_metadata(steps[-1])
+  except Exception:  # pylint: disable=broad-except
+    return  # An unreadable newest step: the restore falls back to an older one and says so.
+  if not steps or saved == keeps_average:
+    return
+  if saved:
+    raise ConfigError(f'the checkpoints in {workdir} keep a Polyak average of the params: resume '
+                      'with --config.polyak_decay above 0 (as they were trained), or train '
+                      'afresh in another workdir')
+  raise ConfigError(f'the checkpoints in {workdir} hold no Polyak average, and one cannot start '
+                    'mid-run: resume with --config.polyak_decay=0, or train afresh in another '
+                    'workdir')
 
 
 def _check_finite(loss: float, step: int, last_saved: Optional[int],
@@ -189,6 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   check_not_a_file(workdir, 'workdir')
   tf.io.gfile.makedirs(workdir)
   with Checkpointer(workdir, keep=config.get('keep_checkpoints', 3)) as checkpointer:
+    _check_same_averaging(checkpointer, exp.keeps_average, workdir)
     state, meta = _restore(checkpointer, exp.abstract_state, config)
     save_config(config, workdir)  # After the restore: a config that cannot resume keeps the old.
     if state is None:

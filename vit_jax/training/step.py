@@ -27,11 +27,16 @@ def loss_fn(logits: jax.Array, targets: jax.Array, loss: str) -> jax.Array:
   return optax.softmax_cross_entropy(logits, targets)
 
 
-def polyak_decay_after(polyak_decay: float, updates: Any) -> jax.Array:
-  """The decay of the average at update `updates` (from 1): `polyak_decay`, warmed up as
-  TensorFlow's ExponentialMovingAverage does when given num_updates, so that the average of a
-  run shorter than ~9 / (1 - polyak_decay) steps does not stay near its initial params."""
-  return jnp.minimum(polyak_decay, (1 + updates) / (10 + updates))
+def polyak_warmup(updates: Any) -> Any:
+  """The cap on the average's decay after `updates` updates (from 1): TensorFlow's
+  ExponentialMovingAverage applies it when given num_updates, so that the average of a run
+  shorter than ~9 / (1 - decay) steps does not stay near its initial params."""
+  return (1 + updates) / (10 + updates)
+
+
+def polyak_decay_after(polyak_decay: float, updates: jax.Array) -> jax.Array:
+  """The decay of the average at update `updates`: `polyak_decay`, warmed up."""
+  return jnp.minimum(polyak_decay, polyak_warmup(updates))
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
