@@ -46,7 +46,7 @@ class Experiment:
   @property
   def keeps_average(self) -> bool:
     """Whether the state holds the Polyak average of the params (config.polyak_decay > 0)."""
-    return bool(self.config.get('polyak_decay'))
+    return isinstance(self.abstract_state, state_lib.AveragedTrainState)
 
   @property
   def flops_per_image(self) -> int:
