@@ -118,10 +118,10 @@ def plain_run(prepared_data_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize('run,decay,message', [
-    ('averaged_run', 0.0, r'keep a Polyak average of the params: resume with '
-                          r'--config.polyak_decay above 0'),
-    ('plain_run', 0.9, r'hold no Polyak average, and one cannot start mid-run: resume with '
-                       r'--config.polyak_decay=0')])
+    ('averaged_run', 0.0, r'\(only in the checkpoints: averaged_params/\.\.\. \(72 arrays\)\).*'
+                          r"; changed since the newest: (.*; )?polyak_decay: 0.9 -> 0.0(;|$)"),
+    ('plain_run', 0.9, r"\(only in this config's state: averaged_params/\.\.\. \(72 arrays\)\).*"
+                       r"; changed since the newest: (.*; )?polyak_decay: unset -> 0.9(;|$)")])
 def test_switching_averaging_on_a_resume_is_one_line_saying_which(run, decay, message, request,
                                                                   tmp_path):
   config, workdir = request.getfixturevalue(run)[:2]

@@ -131,6 +131,35 @@ def _check_writable(directory: str) -> None:
                       'you can write to (or make it writable)')
 
 
+def _array_names(paths: list[tuple[str, ...]]) -> str:
+  """`a/b/c`, or the subtree they share (`averaged_params/... (53 arrays)`), or the first."""
+  shared = os.path.commonprefix(paths)
+  if len(paths) == 1:
+    return '/'.join(paths[0])
+  if shared:
+    return f'{"/".join(shared)}/... ({len(paths)} arrays)'
+  return f'{"/".join(paths[0])} and {len(paths) - 1} more'
+
+
+def _structure_differences(saved: dict, here: dict) -> list[str]:
+  """What differs between two flat trees of array metadata (tuple paths), in words: arrays of
+  another shape, and arrays on one side only (the params named before the optimizer's)."""
+  shape = lambda leaf: tuple(getattr(leaf, 'shape', ()))
+  params_first = lambda paths: sorted(paths, key=lambda path: (path[0] != 'params', path))
+  reshaped = params_first(key for key in saved.keys() & here.keys()
+                          if shape(saved[key]) != shape(here[key]))
+  differences = []
+  if reshaped:
+    first = reshaped[0]
+    differences.append(f'another shape in {len(reshaped)} arrays, as {"/".join(first)}: '
+                       f'{shape(saved[first])} saved, {shape(here[first])} here')
+  for where, paths in (('only in the checkpoints', saved.keys() - here.keys()),
+                       ("only in this config's state", here.keys() - saved.keys())):
+    if paths:
+      differences.append(f'{where}: {_array_names(params_first(paths))}')
+  return differences
+
+
 class Checkpointer:
   """A thin policy layer over `ocp.CheckpointManager` (which does the real work); `keep` newest
   checkpoints stay, 0 keeps them all."""
@@ -196,6 +225,7 @@ class Checkpointer:
     steps = self.all_steps()
     if jax.process_count() > 1:
       self._check_same_steps_everywhere(steps)
+    self._check_same_structure(steps, abstract_state)
     unreadable, restored, restored_step, newest_error = [], None, None, ''
     with abandoned_reads_dropped():
       for step in reversed(steps):
@@ -220,6 +250,26 @@ class Checkpointer:
     if unreadable and not self.read_only:
       self._set_aside(unreadable)
     return restored['state'], restored['meta']
+
+  def _check_same_structure(self, steps: list[int], abstract_state: Any) -> None:
+    """A state of another structure (a changed model, optimizer or averaging) is one line
+    naming the arrays that differ, before any is read: every step would fail alike, each
+    after a read, a retry and an "unreadable" warning. Checked on the newest step whose
+    metadata reads (a corrupt one is left to the fallback)."""
+    for step in reversed(steps):
+      try:
+        saved = ocp.tree.to_flat_dict(self.state_metadata(step))
+      except Exception:  # pylint: disable=broad-except
+        continue
+      here = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(abstract_state,
+                                                           keep_empty_nodes=True))
+      differences = _structure_differences(saved, here)
+      if differences:
+        raise ConfigError(f'the checkpoints in {self.manager.directory} hold another train '
+                          f'state than this config builds ({"; ".join(differences)}): resume '
+                          'with the config they were written with, or train afresh in another '
+                          'workdir')
+      return
 
   def _check_same_steps_everywhere(self, steps: list[int]) -> None:
     """A process that lists other checkpoints (a workdir not on storage they all share) would

@@ -140,26 +140,6 @@ def _polyak_note(decay: float, total_steps: int) -> str:
   return note
 
 
-def _check_same_averaging(checkpointer: Checkpointer, keeps_average: bool,
-                          workdir: str) -> None:
-  """A resume that would switch Polyak averaging on or off: one line saying which, before the
-  restore (which would call every checkpoint unreadable)."""
-  steps = checkpointer.all_steps()
-  try:
-    saved = bool(steps) and 'averaged_params' in checkpointer.state_metadata(steps[-1])
-  except Exception:  # pylint: disable=broad-except
-    return  # An unreadable newest step: the restore falls back to an older one and says so.
-  if not steps or saved == keeps_average:
-    return
-  if saved:
-    raise ConfigError(f'the checkpoints in {workdir} keep a Polyak average of the params: resume '
-                      'with --config.polyak_decay above 0 (as they were trained), or train '
-                      'afresh in another workdir')
-  raise ConfigError(f'the checkpoints in {workdir} hold no Polyak average, and one cannot start '
-                    'mid-run: resume with --config.polyak_decay=0, or train afresh in another '
-                    'workdir')
-
-
 def _check_finite(loss: float, step: int, last_saved: Optional[int],
                   grad_norm: float = 0.0) -> None:
   """Before a save the gradient is checked too: the loss is that of the params before the
@@ -212,7 +192,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   check_not_a_file(workdir, 'workdir')
   tf.io.gfile.makedirs(workdir)
   with Checkpointer(workdir, keep=config.get('keep_checkpoints', 3)) as checkpointer:
-    _check_same_averaging(checkpointer, exp.keeps_average, workdir)
     state, meta = _restore(checkpointer, exp.abstract_state, config)
     save_config(config, workdir)  # After the restore: a config that cannot resume keeps the old.
     if state is None:
