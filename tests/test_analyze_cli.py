@@ -76,6 +76,14 @@ def _check_outputs(out_dir, grid, num_shown: int, num_averaged: int, params) -> 
   np.testing.assert_allclose(components, expected, atol=1e-6)
 
 
+def _check_about(out_dir, names, **about) -> None:
+  """Each JSON names what its numbers come from (the params as infer --json names them)."""
+  for name in names:
+    with open(os.path.join(out_dir, f'{name}.json'), encoding='utf-8') as f:
+      numbers = json.load(f)
+    assert {key: numbers.get(key) for key in about} == about, name
+
+
 def test_cli_on_a_workdir_uses_its_dataset(workdir, tmp_path):
   out_dir = str(tmp_path / 'figures')
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', XLA_FLAGS='')
@@ -88,6 +96,8 @@ def test_cli_on_a_workdir_uses_its_dataset(workdir, tmp_path):
       os.path.join(out_dir, f'{name}.{ext}') for name in NAMES for ext in ('png', 'json'))
   params = restore.load(workdir).params
   _check_outputs(out_dir, (7, 7), num_shown=4, num_averaged=32, params=params)
+  _check_about(out_dir, NAMES, checkpoint=workdir, params=f'workdir {workdir} (step 3)',
+               dataset='fashion_mnist', split='test')
   # Those pins tell the checkpoint from a fresh model: training moved what they compare by far
   # more than their tolerances (the third step moved similarities ~1e-2 and ratios ~3e-5).
   model = classify.load_checkpoint(workdir).model
@@ -111,10 +121,13 @@ def test_npz_with_photos_and_a_chosen_subset(workdir, prepared_data_dir, tmp_pat
   results = from_checkpoint.analyze_checkpoint(path, out_dir, model='ViT-Mu_4', images=photos)
   assert sorted(results) == sorted(NAMES)
   _check_outputs(out_dir, (7, 7), num_shown=2, num_averaged=2, params=params)
+  _check_about(out_dir, NAMES, checkpoint=path, params=path, images=photos)
+  assert results['distance']['images'] == photos
   some = str(tmp_path / 'some')
   from_checkpoint.analyze_checkpoint(path, some, model='ViT-Mu_4', dataset='digits',
                              data_dir=prepared_data_dir, which=['rollout'])
   assert sorted(os.listdir(some)) == ['rollout.json', 'rollout.png']
+  _check_about(some, ['rollout'], checkpoint=path, dataset='digits', split='test')
   with pytest.raises(ConfigError, match='names no dataset'):
     from_checkpoint.analyze_checkpoint(path, some, model='ViT-Mu_4')
 

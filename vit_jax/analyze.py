@@ -11,7 +11,9 @@ of the patch embedding). Images are --images files, or the --dataset split (by d
 workdir's own dataset), preprocessed as the model's eval split was (at --image_size and with
 --crop when given: see `vit_jax.infer`). --which defaults to every
 analysis the architecture supports (no rollout for a MAP head, no filters for hybrids). Each
-written file's path is printed.
+JSON also names what its numbers come from: "checkpoint", "params" (what was read, as
+`infer --json` names it: a workdir's step, its Polyak average where it keeps one) and the
+"images" or the "dataset" and "split". Each written file's path is printed.
 """
 import os
 

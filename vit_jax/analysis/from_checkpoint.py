@@ -59,13 +59,15 @@ def analyze_checkpoint(checkpoint: str, out_dir: str, *, model: Optional[str] = 
   which = list(which) if which else supported(ckpt)
   config = ckpt.pretrained.config or {}
   variables = {'params': ckpt.params}
+  about = {'checkpoint': checkpoint, 'params': ckpt.pretrained.source}  # As infer --json.
   if images:
     return run.analyze(ckpt.model, variables, file_images(ckpt, images), out_dir=out_dir,
-                       which=which)
+                       which=which, about=about | {'images': list(images)})
   dataset = dataset or config.get('dataset')
   if not dataset:
     raise ConfigError(f'{checkpoint} names no dataset: pass --images=FILE,... or --dataset')
   data_dir = data_dir or (config.get('data_dir') if dataset == config.get('dataset') else None)
   pixels = dataset_images(ckpt, dataset, split, data_dir, max(num_images, num_distance_images))
   return run.analyze(ckpt.model, variables, pixels, out_dir=out_dir, which=which,
-                     num_shown=num_images, num_averaged=num_distance_images)
+                     num_shown=num_images, num_averaged=num_distance_images,
+                     about=about | {'dataset': dataset, 'split': split})

@@ -81,8 +81,8 @@ def _attention_numbers(model: VisionTransformer, variables: Mapping[str, Any], i
 
 def analyze(model: VisionTransformer, variables: Mapping[str, Any], images: np.ndarray, *,
             out_dir: str | os.PathLike, which: Sequence[str] = ANALYSES,
-            num_shown: Optional[int] = None,
-            num_averaged: Optional[int] = None) -> dict[str, dict[str, Any]]:
+            num_shown: Optional[int] = None, num_averaged: Optional[int] = None,
+            about: Optional[Mapping[str, Any]] = None) -> dict[str, dict[str, Any]]:
   """Runs the chosen analyses; writes `<name>.png` and `<name>.json` into `out_dir`.
 
   `images` are [B, H, W, C], preprocessed as the model expects (plots rescale them for display).
@@ -95,6 +95,7 @@ def analyze(model: VisionTransformer, variables: Mapping[str, Any], images: np.n
     posemb: cosine similarity of position embeddings [gh, gw, gh, gw];
     filters: the first 28 (at most) principal components of the embedding filters
       [k, ph, pw, C] and their explained variance ratios [k].
+  `about` (what the numbers come from: checkpoint, params, images) joins each of them.
   """
   images = np.asarray(images)
   _check(model, images, which)
@@ -132,5 +133,6 @@ def analyze(model: VisionTransformer, variables: Mapping[str, Any], images: np.n
     plots.plot_filter_pcs(path('filters', 'png'), components, ratio)
     results['filters'] = dict(components=components, explained_variance_ratio=ratio)
   for name, numbers in results.items():
+    numbers.update(about or {})
     plots.save_json(path(name, 'json'), numbers)
   return results
