@@ -251,13 +251,17 @@ def test_a_transient_read_error_is_retried_not_set_aside(baseline, tmp_path, mon
 
 @pytest.mark.parametrize('overrides,difference', [
     ({'model_overrides': {'mlp_dim': 128}},
-     r'another shape in 36 arrays, as params/Transformer/encoderblock_0/MlpBlock_3/Dense_0/bias: '
-     r'\(256,\) saved, \(128,\) here\).*; changed since the newest: eval_every: 20 -> 30; '
-     r'model_overrides.mlp_dim: unset -> 128$'),
+     r'another shape in 36 arrays, e\.g\. params/Transformer/encoderblock_0/MlpBlock_3/'
+     r'Dense_0/bias: \(256,\) saved, \(128,\) here\).*; changed since the newest: '
+     r'eval_every: 20 -> 30; model_overrides.mlp_dim: unset -> 128$'),
     ({'optimizer': 'sgd'},
      r'only in the checkpoints: opt_state/1/\.\.\. \(146 arrays\); only in this config\'s '
      r'state: opt_state/1/1/\.\.\. \(73 arrays\)\).*; changed since the newest: eval_every: '
-     r'20 -> 30; optimizer: adamw -> sgd$')])
+     r'20 -> 30; optimizer: adamw -> sgd$'),
+    ({'model_overrides': {'scan': True}},  # The params named before the optimizer's.
+     r'only in the checkpoints: params/Transformer/\.\.\. \(64 arrays\), opt_state/1/0/\.\.\. '
+     r'\(128 arrays\); only in this config\'s state: params/Transformer/encoderblock/\.\.\. '
+     r'\(16 arrays\), opt_state/1/0/\.\.\. \(32 arrays\)\)')])
 def test_resuming_with_a_changed_model_or_optimizer_is_one_line_naming_what_differs(
     baseline, tmp_path, caplog, overrides, difference):
   """Every checkpoint would fail alike: before any is read, one line names the arrays that
@@ -276,6 +280,21 @@ def test_resuming_with_a_changed_model_or_optimizer_is_one_line_naming_what_diff
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['10', '20', '30']
   # The config the error says to restore is still the one the checkpoints were written with.
   assert open(os.path.join(workdir, 'config.json'), encoding='utf-8').read() == saved_config
+
+
+def test_another_mesh_resumes_and_an_unchanged_config_says_so(baseline, tmp_path):
+  """The check compares shapes, not shardings: the same state on another mesh resumes. A
+  structure that changed with no setting changed (a new optax release) says that no setting
+  did, rather than only 'resume with the config they were written with'."""
+  config, workdir, _ = baseline
+  other_mesh = config.copy_and_resolve_references()
+  other_mesh.mesh = 'fsdp:-1'
+  _assert_states_equal(_restore(other_mesh, workdir), _restore(config, workdir))
+  changed = experiment.build(tiny_config(config.data_dir, model_overrides={'mlp_dim': 128}))
+  with Checkpointer(workdir, read_only=True) as checkpointer, pytest.raises(
+      ConfigError, match=r'another shape .*; no setting changed since the newest: the code or '
+      'the optax or flax release that wrote them built another state$'):
+    loop._restore(checkpointer, changed.abstract_state, config)  # pylint: disable=protected-access
 
 
 def test_the_structure_is_checked_on_the_newest_step_whose_metadata_reads(baseline, tmp_path):

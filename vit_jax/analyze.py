@@ -12,8 +12,9 @@ workdir's own dataset), preprocessed as the model's eval split was (at --image_s
 --crop when given: see `vit_jax.infer`). --which defaults to every
 analysis the architecture supports (no rollout for a MAP head, no filters for hybrids). Each
 JSON also names what its numbers come from: "checkpoint", "params" (what was read, as
-`infer --json` names it: a workdir's step, its Polyak average where it keeps one) and the
-"images" or the "dataset" and "split". Each written file's path is printed.
+`infer --json` names it: a workdir's step, its Polyak average where it keeps one), the
+"image_size" and "crop" of the preprocessing, and the "images" or the "dataset" and the "split"
+read. Each written file's path is printed.
 """
 import os
 

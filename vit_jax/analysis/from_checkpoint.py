@@ -23,15 +23,20 @@ def dataset_images(ckpt: classify.Checkpoint, dataset: str, split: str,
   """The first `count` images of a split, through the model's eval preprocessing."""
   input_pipeline.get_info(dataset, split, data_dir)  # A wrong split named as given, unsliced.
   pp = ml_collections.ConfigDict({'eval': {'crop': ckpt.crop}})
-  # A plain split is sliced to one batch and read to its end (TF warns when a cached dataset is
-  # left half-read); slices and sums, where 'train+test[:n]' would slice only test, are not.
-  whole = not any(c in split for c in '[+')
+  read = split_read(split, count)
   batches = input_pipeline.make_eval_iterator(
-      dataset=dataset, split=f'{split}[:{count}]' if whole else split, data_dir=data_dir,
-      global_batch=count, image_size=ckpt.image_size, channels=ckpt.channels, pp=pp,
-      process_index=0, process_count=1)
-  batch = list(batches)[0] if whole else next(iter(batches))
+      dataset=dataset, split=read, data_dir=data_dir, global_batch=count,
+      image_size=ckpt.image_size, channels=ckpt.channels, pp=pp, process_index=0,
+      process_count=1)
+  batch = list(batches)[0] if read != split else next(iter(batches))
   return batch['image'][batch['mask']]
+
+
+def split_read(split: str, count: int) -> str:
+  """A plain split sliced to the `count` images taken, so that it is read to its end (TF warns
+  when a cached dataset is left half-read); slices and sums, where 'train+test[:n]' would slice
+  only test, stay as given (their first `count` are taken)."""
+  return split if any(c in split for c in '[+') else f'{split}[:{count}]'
 
 
 def file_images(ckpt: classify.Checkpoint, paths: Sequence[str]) -> np.ndarray:
@@ -59,7 +64,8 @@ def analyze_checkpoint(checkpoint: str, out_dir: str, *, model: Optional[str] = 
   which = list(which) if which else supported(ckpt)
   config = ckpt.pretrained.config or {}
   variables = {'params': ckpt.params}
-  about = {'checkpoint': checkpoint, 'params': ckpt.pretrained.source}  # As infer --json.
+  about = {'checkpoint': checkpoint, 'params': ckpt.pretrained.source,  # As infer --json.
+           'image_size': ckpt.image_size, 'crop': ckpt.crop}
   if images:
     return run.analyze(ckpt.model, variables, file_images(ckpt, images), out_dir=out_dir,
                        which=which, about=about | {'images': list(images)})
@@ -67,7 +73,8 @@ def analyze_checkpoint(checkpoint: str, out_dir: str, *, model: Optional[str] = 
   if not dataset:
     raise ConfigError(f'{checkpoint} names no dataset: pass --images=FILE,... or --dataset')
   data_dir = data_dir or (config.get('data_dir') if dataset == config.get('dataset') else None)
-  pixels = dataset_images(ckpt, dataset, split, data_dir, max(num_images, num_distance_images))
+  count = max(num_images, num_distance_images)
+  pixels = dataset_images(ckpt, dataset, split, data_dir, count)
   return run.analyze(ckpt.model, variables, pixels, out_dir=out_dir, which=which,
                      num_shown=num_images, num_averaged=num_distance_images,
-                     about=about | {'dataset': dataset, 'split': split})
+                     about=about | {'dataset': dataset, 'split': split_read(split, count)})

@@ -95,7 +95,7 @@ def analyze(model: VisionTransformer, variables: Mapping[str, Any], images: np.n
     posemb: cosine similarity of position embeddings [gh, gw, gh, gw];
     filters: the first 28 (at most) principal components of the embedding filters
       [k, ph, pw, C] and their explained variance ratios [k].
-  `about` (what the numbers come from: checkpoint, params, images) joins each of them.
+  `about` (what the numbers come from: checkpoint, params, images) is written into each JSON.
   """
   images = np.asarray(images)
   _check(model, images, which)
@@ -133,6 +133,6 @@ def analyze(model: VisionTransformer, variables: Mapping[str, Any], images: np.n
     plots.plot_filter_pcs(path('filters', 'png'), components, ratio)
     results['filters'] = dict(components=components, explained_variance_ratio=ratio)
   for name, numbers in results.items():
-    numbers.update(about or {})
-    plots.save_json(path(name, 'json'), numbers)
+    assert not numbers.keys() & (about or {}).keys(), 'about would hide numbers'
+    plots.save_json(path(name, 'json'), numbers | dict(about or {}))
   return results

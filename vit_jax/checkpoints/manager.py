@@ -4,13 +4,15 @@ A workdir holds `checkpoints/<step>/{state,meta}`; `meta` is JSON (the step and 
 so other commands (fine-tune, export, analyze) can rebuild the architecture from it alone.
 """
 import contextlib
+import functools
 import gc
+import itertools
 import logging
 import os
 import sys
 import time
 import warnings
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import jax
 import numpy as np
@@ -131,8 +133,21 @@ def _check_writable(directory: str) -> None:
                       'you can write to (or make it writable)')
 
 
+def _retrying_once(read: Callable[[], Any], what: str) -> Any:
+  """`read()`, tried a second time after a failure (an object store's transient error)."""
+  try:
+    return read()
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning('reading %s failed (%s); trying it again', what, error_summary(e))
+  return read()
+
+
+class StateStructureChanged(ConfigError):
+  """The checkpoints hold a train state of another structure than the one asked for."""
+
+
 def _array_names(paths: list[tuple[str, ...]]) -> str:
-  """`a/b/c`, or the subtree they share (`averaged_params/... (53 arrays)`), or the first."""
+  """`a/b/c`, or the subtree they share (`averaged_params/... (72 arrays)`), or the first."""
   shared = os.path.commonprefix(paths)
   if len(paths) == 1:
     return '/'.join(paths[0])
@@ -141,22 +156,30 @@ def _array_names(paths: list[tuple[str, ...]]) -> str:
   return f'{"/".join(paths[0])} and {len(paths) - 1} more'
 
 
+def _by_field(paths: Iterable[tuple[str, ...]]) -> str:
+  """Paths named per field of the train state, the params first."""
+  fields = itertools.groupby(sorted(paths, key=lambda path: (path[0] != 'params', path)),
+                             key=lambda path: path[0])
+  return ', '.join(_array_names(list(group)) for _, group in fields)
+
+
 def _structure_differences(saved: dict, here: dict) -> list[str]:
   """What differs between two flat trees of array metadata (tuple paths), in words: arrays of
-  another shape, and arrays on one side only (the params named before the optimizer's)."""
+  another shape, and arrays on one side only."""
   shape = lambda leaf: tuple(getattr(leaf, 'shape', ()))
-  params_first = lambda paths: sorted(paths, key=lambda path: (path[0] != 'params', path))
-  reshaped = params_first(key for key in saved.keys() & here.keys()
-                          if shape(saved[key]) != shape(here[key]))
+  reshaped = sorted((key for key in saved.keys() & here.keys()
+                     if shape(saved[key]) != shape(here[key])),
+                    key=lambda path: (path[0] != 'params', path))
   differences = []
   if reshaped:
-    first = reshaped[0]
-    differences.append(f'another shape in {len(reshaped)} arrays, as {"/".join(first)}: '
-                       f'{shape(saved[first])} saved, {shape(here[first])} here')
+    first, count = reshaped[0], len(reshaped)
+    differences.append(f'another shape in {count} array{"s" * (count > 1)}, e.g. '
+                       f'{"/".join(first)}: {shape(saved[first])} saved, {shape(here[first])} '
+                       'here')
   for where, paths in (('only in the checkpoints', saved.keys() - here.keys()),
                        ("only in this config's state", here.keys() - saved.keys())):
     if paths:
-      differences.append(f'{where}: {_array_names(params_first(paths))}')
+      differences.append(f'{where}: {_by_field(paths)}')
   return differences
 
 
@@ -258,17 +281,18 @@ class Checkpointer:
     metadata reads (a corrupt one is left to the fallback)."""
     for step in reversed(steps):
       try:
-        saved = ocp.tree.to_flat_dict(self.state_metadata(step))
+        saved = _retrying_once(functools.partial(self.state_metadata, step),
+                               f'the tree of the checkpoint at step {step}')
       except Exception:  # pylint: disable=broad-except
         continue
-      here = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(abstract_state,
-                                                           keep_empty_nodes=True))
-      differences = _structure_differences(saved, here)
+      differences = _structure_differences(
+          ocp.tree.to_flat_dict(saved),
+          ocp.tree.to_flat_dict(ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True)))
       if differences:
-        raise ConfigError(f'the checkpoints in {self.manager.directory} hold another train '
-                          f'state than this config builds ({"; ".join(differences)}): resume '
-                          'with the config they were written with, or train afresh in another '
-                          'workdir')
+        raise StateStructureChanged(
+            f'the checkpoints in {self.manager.directory} hold another train state than this '
+            f'config builds ({"; ".join(differences)}): resume with the config they were '
+            'written with, or train afresh in another workdir')
       return
 
   def _check_same_steps_everywhere(self, steps: list[int]) -> None:
@@ -301,12 +325,8 @@ class Checkpointer:
     store's) must not set aside, or with several processes delete, a good checkpoint."""
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                               meta=ocp.args.JsonRestore())
-    try:
-      return self.manager.restore(step, args=args)
-    except Exception as e:  # pylint: disable=broad-except
-      logging.warning('reading the checkpoint at step %d failed (%s); trying it again', step,
-                      error_summary(e))
-    return self.manager.restore(step, args=args)
+    return _retrying_once(functools.partial(self.manager.restore, step, args=args),
+                          f'the checkpoint at step {step}')
 
   def _set_aside(self, steps: list[int]) -> None:
     """Gets unreadable steps newer than the restored one out of the way (saving that step

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from vit_jax.checkpoints.manager import Checkpointer
+from vit_jax.checkpoints.manager import Checkpointer, StateStructureChanged
 from vit_jax.data import global_batch
 from vit_jax.data import input_pipeline
 from vit_jax.errors import ConfigError, check_not_a_file
@@ -115,17 +115,23 @@ def config_changes(saved: Optional[dict], config: ml_collections.ConfigDict) -> 
 def _restore(checkpointer: Checkpointer, abstract_state: Any,
              config: ml_collections.ConfigDict) -> tuple[Any, Optional[dict]]:
   """The newest checkpoint; when none fits this config's state, the error names the settings
-  changed since the newest was written (orbax names only the arrays that differ)."""
+  changed since the newest was written, or that none did."""
   try:
     return checkpointer.restore_latest(abstract_state)
   except ConfigError as e:
     try:
-      changes = config_changes(checkpointer.restore_meta().get('config'), config)
+      saved = checkpointer.restore_meta().get('config')
     except Exception:  # pylint: disable=broad-except
-      changes = []  # An unreadable meta: the error above stands as it is.
-    if not changes:
+      saved = None
+    if saved is None:  # An unreadable meta: the error above stands as it is.
       raise
-    raise ConfigError(f'{e}; changed since the newest: {"; ".join(changes)}') from e
+    changes = config_changes(saved, config)
+    if changes:
+      raise ConfigError(f'{e}; changed since the newest: {"; ".join(changes)}') from e
+    if isinstance(e, StateStructureChanged):
+      raise ConfigError(f'{e}; no setting changed since the newest: the code or the optax or '
+                        'flax release that wrote them built another state') from e
+    raise
 
 
 def _polyak_note(decay: float, total_steps: int) -> str:
