@@ -24,6 +24,7 @@ setuptools.setup(
         'optax>=0.2.5',
         'orbax-checkpoint>=0.12,<0.13',
         'pillow>=10',
+        'safetensors>=0.4',
         'scikit-image>=0.22',
         'scikit-learn>=1.4',
         'scipy>=1.12',

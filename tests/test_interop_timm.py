@@ -3,8 +3,8 @@
 The layout tests (test_models.py) check names and shapes; this checks meaning: every tensor lands
 where timm's PyTorch ViT, which runs the released checkpoints, expects it, so both give the same
 logits. The big_vision-layout files other tests load are checked the same way against timm's
-big_vision branch. Needs torch and timm (`make test-interop` installs them in a venv of their own,
-~8 GB).
+big_vision branch, and timm's own state dicts (.safetensors) read back to the params timm loaded.
+Needs torch and timm (`make test-interop` installs them in a venv of their own, ~8 GB).
 """
 import functools
 
@@ -21,8 +21,11 @@ import numpy as np
 import skimage.data
 
 import param_trees
+from safetensors.torch import save_file
 from vit_jax import models
 from vit_jax.checkpoints import npz
+from vit_jax.checkpoints import restore
+from vit_jax.errors import ConfigError
 
 pytestmark = pytest.mark.interop
 
@@ -126,3 +129,42 @@ def test_the_big_vision_files_of_the_tests_are_big_visions_layout(case, tmp_path
   loaded = npz.match_params(npz.load_npz(path), params, what=path)
   np.testing.assert_allclose(model.apply({'params': loaded}, jnp.asarray(_photos())), ours,
                              rtol=0, atol=1e-5 * np.abs(ours).max())
+
+
+# timm's own files: a timm ViT loads a .npz with timm's loader and saves its state dict as timm
+# and the hub do (model.safetensors); that file reads here to the params the .npz held (timm's
+# token model with no_embed_class: the same model, a zero position embedding for the class token).
+@pytest.mark.parametrize('case', ['ViT-Ti_16', 'ViT-S_32', 'ViT-S_16 gap', 'big_vision ViT-S_16'])
+def test_timm_state_dicts_read_back_to_the_params_timm_loaded(case, tmp_path):
+  big_vision = case.startswith('big_vision ')
+  name = case.removeprefix('big_vision ')
+  overrides, timm_model = (BIG_VISION_CASES[name] if big_vision else CASES[name][:2])
+  model = models.create(name.split()[0], num_classes=NUM_CLASSES, **overrides)
+  params = jax.device_get(_perturbed_params(model))
+  path = str(tmp_path / 'params.npz')
+  if big_vision:
+    param_trees.big_vision_npz(params, path)
+  else:
+    npz.save_npz(params, path)
+  theirs = timm_model().eval()
+  timm_vit._load_weights(theirs, path)  # pylint: disable=protected-access
+  safetensors_path = str(tmp_path / 'model.safetensors')
+  save_file(theirs.state_dict(), safetensors_path)
+  loaded = restore.load(safetensors_path, name.split()[0], overrides)
+  if not big_vision:
+    param_trees.assert_bit_identical(loaded.params, params)
+  ours = model.apply({'params': params}, jnp.asarray(_photos()))
+  np.testing.assert_allclose(model.apply({'params': loaded.params}, jnp.asarray(_photos())), ours,
+                             rtol=0, atol=1e-5 * np.abs(ours).max())
+
+
+@pytest.mark.parametrize('timm_model,option', [
+    (CASES['ViT-S_16 map'][1], 'a MAP head'),
+    (CASES['R26+ViT-S_32'][1], 'a hybrid ResNet stem'),
+    (lambda: _timm_vit(16, 384, 6, global_pool='avg', class_token=False), 'fc_norm'),
+    (lambda: _timm_vit(16, 384, 6, init_values=0.1), 'layer scale')])
+def test_timm_options_the_released_layout_lacks_are_one_line(timm_model, option, tmp_path):
+  path = str(tmp_path / 'model.safetensors')
+  save_file(timm_model().state_dict(), path)
+  with pytest.raises(ConfigError, match=option):
+    restore.load(path, 'ViT-S_16')

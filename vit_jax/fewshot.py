@@ -4,11 +4,11 @@ r"""Few-shot linear evaluation of a checkpoint's frozen pre-logit features (the 
       [--shots=1,5,10,25] [--seeds=3] [--json]
 
 PATH is a training workdir (its newest checkpoint, architecture from its saved config) or a
-released-layout `.npz` (then --model names the architecture, and --image_size the resolution where
-a hybrid's position embeddings leave it open: see `vit_jax.infer`). Images are prepared as the
-checkpoint's evaluation saw them (its resolution and pp.eval.crop; --crop for a .npz), so the
-figures match the probe run during training. Prints mean and spread of the test accuracy over
-seeds per shot count.
+released-layout `.npz` or timm's `.safetensors` (then --model names the architecture, and
+--image_size the resolution where a hybrid's position embeddings leave it open: see
+`vit_jax.infer`). Images are prepared as the checkpoint's evaluation saw them (its resolution and
+pp.eval.crop; --crop for a file), so the figures match the probe run during training. Prints mean
+and spread of the test accuracy over seeds per shot count.
 """
 import json
 

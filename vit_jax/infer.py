@@ -4,6 +4,7 @@ r"""Classifies image files with a trained ViT: the top-5 classes of each, or all
   python -m vit_jax.infer --checkpoint=ViT-B_16.npz --model=ViT-B_16 --labels=names.txt IMG...
   python -m vit_jax.infer --checkpoint=WORKDIR --json IMG... > predictions.json
   python -m vit_jax.infer --checkpoint=default.npz --model=R8+ViT-Mu_8 --image_size=28 IMG...
+  python -m vit_jax.infer --checkpoint=model.safetensors --model=ViT-B_16 IMG...  # timm's weights
 
 Images of any size and mode are decoded, resized and converted as the model's eval split was, at
 the resolution of a workdir's config or, for a .npz, the one its position embeddings fit (for a

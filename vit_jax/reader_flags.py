@@ -1,14 +1,15 @@
 """The flags of the commands that read a checkpoint (infer, analyze, fewshot): what it is, and what
-a `.npz`, which holds no config, cannot tell them."""
+a `.npz` or timm's `.safetensors`, which hold no config, cannot tell them."""
 from absl import flags
 
 from vit_jax.data import pp_options
 
-CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A training workdir or a .npz file.')
-MODEL = flags.DEFINE_string('model', None, 'Model name, e.g. ViT-B_16 (needed for a .npz).')
+CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A training workdir, a .npz or timm\'s '
+                                 '.safetensors.')
+MODEL = flags.DEFINE_string('model', None, 'Model name, e.g. ViT-B_16 (needed for a file).')
 IMAGE_SIZE = flags.DEFINE_integer('image_size', None, 'The resolution it was trained at '
                                   '(default: from its config or position embeddings).')
 CROP = flags.DEFINE_enum('crop', None, pp_options.EVAL_CROPS,
                          'The eval crop (pp.eval.crop): resize, or resize_crop as big_vision '
-                         'evaluates ImageNet (default: its config\'s; resize for a .npz).')
+                         'evaluates ImageNet (default: its config\'s; resize for a file).')
 flags.mark_flag_as_required('checkpoint')

@@ -143,11 +143,18 @@ def _from_big_vision(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
           for k, v in flat.items()}
   posemb = next((flat.pop(k) for k in _BIG_VISION_POSEMBS if k in flat), None)
   if posemb is not None:
-    tokens = posemb.shape[1]
-    if 'cls' in flat and int(np.sqrt(tokens)) ** 2 == tokens:  # Patches only (not an old file).
-      posemb = np.concatenate([np.zeros_like(posemb[:, :1]), posemb], axis=1)
-    flat[POSEMB_KEY] = posemb
+    flat[POSEMB_KEY] = with_class_token_row(posemb) if 'cls' in flat else posemb
   return flat
+
+
+def with_class_token_row(posemb: np.ndarray) -> np.ndarray:
+  """Position embeddings of the patches only (added before the class token is prepended, as
+  big_vision's and timm's no_embed_class models do) get a zero row for the class token, which
+  gives the same model here; those with that row already stay as they are."""
+  tokens = posemb.shape[1]
+  if int(np.sqrt(tokens)) ** 2 != tokens:
+    return posemb
+  return np.concatenate([np.zeros_like(posemb[:, :1]), posemb], axis=1)
 
 
 def visible_architecture(params: Params) -> dict[str, Any]:

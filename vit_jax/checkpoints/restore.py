@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from vit_jax import models
 from vit_jax.checkpoints import npz
+from vit_jax.checkpoints import timm_layout
 from vit_jax.checkpoints.manager import Checkpointer, abandoned_reads_dropped, error_summary
 from vit_jax.data import pp_options
 from vit_jax.errors import ConfigError
@@ -103,10 +104,11 @@ def is_npz(path: str) -> bool:
 
 def _check_exists(path: str) -> None:
   if not path:
-    raise ConfigError('no checkpoint given: pass a pre-training workdir or a .npz file')
+    raise ConfigError('no checkpoint given: pass a pre-training workdir, a .npz or timm\'s '
+                      '.safetensors')
   if '://' not in path and not os.path.exists(path):
-    raise ConfigError(f'checkpoint {path} does not exist: pass a pre-training workdir or a .npz '
-                      'file')
+    raise ConfigError(f'checkpoint {path} does not exist: pass a pre-training workdir, a .npz or '
+                      "timm's .safetensors")
 
 
 def load_for_reading(path: str, model: Optional[str] = None, image_size: Optional[int] = None,
@@ -128,13 +130,19 @@ def load_for_reading(path: str, model: Optional[str] = None, image_size: Optiona
 
 def load(path: str, model: Optional[str] = None,
          model_overrides: Optional[dict[str, Any]] = None) -> Pretrained:
-  """Reads a workdir's newest checkpoint or a `.npz` (for which `model` is required)."""
+  """Reads a workdir's newest checkpoint, a `.npz` or timm's `.safetensors` (for a file, `model` is
+  required)."""
   _check_exists(path)
-  if is_npz(path) or os.path.isfile(path):  # A workdir is a folder; a file can only be a .npz.
+  # A workdir is a folder; a file is a .npz, or timm's .safetensors.
+  if is_npz(path) or timm_layout.is_safetensors(path) or os.path.isfile(path):
     if not model:
       raise ConfigError(f'{path} holds no architecture: name the model it was trained as '
                         '(e.g. ViT-B_16)')
-    params = npz.load_npz(path)
+    if timm_layout.is_safetensors(path):
+      named = models.create(model, num_classes=1, **(model_overrides or {}))
+      params = timm_layout.load_safetensors(path, named.hidden_size, named.num_heads)
+    else:
+      params = npz.load_npz(path)
     overrides = npz.visible_architecture(params) | dict(model_overrides or {})
     return Pretrained(params, model, overrides, path)
   return _load_workdir(path)

@@ -171,7 +171,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict:
   is not read again (and need not exist any more).
   """
   if not config.get('init'):
-    raise ConfigError('config.init is empty: pass --config.init=<pre-training workdir or .npz>')
+    raise ConfigError('config.init is empty: pass --config.init=<pre-training workdir, .npz or '
+                      'timm .safetensors>')
   if _same_path(config.init, workdir):
     raise ConfigError(f'--workdir {workdir} is the pre-training workdir config.init: fine-tune '
                       'into a new workdir, so the pre-training checkpoints stay as they are')

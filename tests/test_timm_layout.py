@@ -1,0 +1,174 @@
+"""timm's `.safetensors` ViT weights read into the released layout (checkpoints/timm_layout.py).
+
+Without torch here, the reference is timm's ViT forward written in numpy in timm's conventions
+(Linear weights (out, in), a conv weight (out, in, h, w), q, k, v as the rows of one qkv weight):
+our model given the converted params must give its logits, so a wrong transpose, split or head
+order shows. `make test-interop` checks the same files against timm itself.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import config_files
+import param_trees
+from vit_jax.checkpoints import npz
+from vit_jax.checkpoints import restore
+from vit_jax.errors import ConfigError
+from vit_jax.evaluation import classify
+from vit_jax.training import experiment
+from vit_jax.training import finetune
+
+WIDTH, MLP, HEADS, LAYERS, PATCH, IMAGE = 64, 256, 2, 4, 4, 8  # ViT-Mu_4 on 8 px grey images.
+
+
+def _timm_state(seed: int = 0, classes: int = 5, cls_token: bool = True,
+                embed_class: bool = True) -> dict[str, np.ndarray]:
+  """Random weights under timm's names and shapes (of a ViT-Mu_4)."""
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: rng.normal(0, 0.2, shape).astype(np.float32)
+  tokens = (IMAGE // PATCH) ** 2 + int(cls_token and embed_class)
+  state = {'patch_embed.proj.weight': normal(WIDTH, 1, PATCH, PATCH),
+           'patch_embed.proj.bias': normal(WIDTH), 'pos_embed': normal(1, tokens, WIDTH),
+           'norm.weight': 1 + normal(WIDTH), 'norm.bias': normal(WIDTH),
+           'head.weight': normal(classes, WIDTH), 'head.bias': normal(classes)}
+  if cls_token:
+    state['cls_token'] = normal(1, 1, WIDTH)
+  for i in range(LAYERS):
+    state |= {f'blocks.{i}.{k}': v for k, v in {
+        'norm1.weight': 1 + normal(WIDTH), 'norm1.bias': normal(WIDTH),
+        'attn.qkv.weight': normal(3 * WIDTH, WIDTH), 'attn.qkv.bias': normal(3 * WIDTH),
+        'attn.proj.weight': normal(WIDTH, WIDTH), 'attn.proj.bias': normal(WIDTH),
+        'norm2.weight': 1 + normal(WIDTH), 'norm2.bias': normal(WIDTH),
+        'mlp.fc1.weight': normal(MLP, WIDTH), 'mlp.fc1.bias': normal(MLP),
+        'mlp.fc2.weight': normal(WIDTH, MLP), 'mlp.fc2.bias': normal(WIDTH)}.items()}
+  return state
+
+
+def _layer_norm(x, weight, bias):
+  mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + 1e-6) * weight + bias
+
+
+def _timm_logits(state: dict[str, np.ndarray], images: np.ndarray) -> np.ndarray:
+  """timm's VisionTransformer.forward in numpy (float64), tanh GELU as the released models."""
+  s = {k: v.astype(np.float64) for k, v in state.items()}
+  linear = lambda x, name: x @ s[f'{name}.weight'].T + s[f'{name}.bias']
+  b, grid = len(images), IMAGE // PATCH
+  patches = images.reshape(b, grid, PATCH, grid, PATCH, 1).transpose(0, 1, 3, 5, 2, 4)
+  x = np.einsum('bhwcij,dcij->bhwd', patches, s['patch_embed.proj.weight'])
+  x = x.reshape(b, grid * grid, WIDTH) + s['patch_embed.proj.bias']
+  cls = np.broadcast_to(s['cls_token'], (b, 1, WIDTH)) if 'cls_token' in s else None
+  if cls is not None and s['pos_embed'].shape[1] == grid * grid:  # no_embed_class
+    x = np.concatenate([cls, x + s['pos_embed']], axis=1)
+  else:
+    x = (x if cls is None else np.concatenate([cls, x], axis=1)) + s['pos_embed']
+  for i in range(LAYERS):
+    p = f'blocks.{i}.'
+    y = linear(_layer_norm(x, s[p + 'norm1.weight'], s[p + 'norm1.bias']), p + 'attn.qkv')
+    q, k, v = y.reshape(b, -1, 3, HEADS, WIDTH // HEADS).transpose(2, 0, 3, 1, 4)
+    logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(WIDTH // HEADS)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    attended = (weights @ v).transpose(0, 2, 1, 3).reshape(b, -1, WIDTH)
+    x = x + linear(attended, p + 'attn.proj')
+    h = linear(_layer_norm(x, s[p + 'norm2.weight'], s[p + 'norm2.bias']), p + 'mlp.fc1')
+    h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+    x = x + linear(h, p + 'mlp.fc2')
+  x = _layer_norm(x, s['norm.weight'], s['norm.bias'])
+  return linear(x[:, 0] if 'cls_token' in s else x.mean(1), 'head')
+
+
+def _images() -> np.ndarray:
+  return np.random.default_rng(7).uniform(-1, 1, (3, IMAGE, IMAGE, 1))
+
+
+@pytest.mark.parametrize('kind', ['class token', 'no_embed_class', 'gap'])
+def test_our_model_on_the_converted_weights_gives_timms_logits(kind, tmp_path):
+  """Through the readers' loader (infer, analyze, fewshot): the architecture from the model's
+  name and the file's keys, the resolution from its position embeddings."""
+  state = _timm_state(cls_token=kind != 'gap', embed_class=kind != 'no_embed_class')
+  path = str(tmp_path / 'model.safetensors')
+  save_file(state, path)
+  checkpoint = classify.load_checkpoint(path, 'ViT-Mu_4')
+  assert checkpoint.model.classifier == ('gap' if kind == 'gap' else 'token')
+  assert (checkpoint.image_size, checkpoint.channels, checkpoint.pretrained.source) == (
+      IMAGE, 1, path)
+  ours = np.asarray(checkpoint.model.apply({'params': checkpoint.params},
+                                           jnp.asarray(_images(), jnp.float32)))
+  theirs = _timm_logits(state, _images())
+  assert np.abs(theirs).max() > 0.5  # Logits of a size that a misplaced tensor would change.
+  np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-5 * np.abs(theirs).max())
+
+
+def test_a_timm_file_fine_tunes_from_its_weights_with_a_new_head(prepared_data_dir, tmp_path):
+  """The fine-tune's start: the file's weights, a zero head for digits' 10 classes, position
+  embeddings resized to 16 px (a 4x4 grid)."""
+  path = str(tmp_path / 'model.safetensors')
+  save_file(_timm_state(), path)
+  config = config_files.get_config('finetune/digits')
+  config.update(data_dir=prepared_data_dir, init=path, model='ViT-Mu_4', image_size=16, channels=1)
+  pre = restore.load(path, config.model)
+  exp = experiment.build(finetune.with_architecture(config, pre.model, pre.model_overrides,
+                                                    pre.channels))
+  params = param_trees.flat(jax.device_get(finetune.initial_state(exp, pre).params))
+  converted = param_trees.flat(pre.params)
+  assert params['head/kernel'].shape == (WIDTH, 10) and not params['head/kernel'].any()
+  assert params[npz.POSEMB_KEY].shape == (1, 1 + 4 * 4, WIDTH)
+  for key in ('embedding/kernel', 'cls', 'Transformer/encoderblock_3/MlpBlock_3/Dense_1/kernel'):
+    np.testing.assert_array_equal(params[key], converted[key])
+
+
+def test_bfloat16_weights_and_a_headless_file_load(tmp_path):
+  """The hub's files are often bfloat16; a file saved with num_classes=0 has no head."""
+  import ml_dtypes  # pylint: disable=import-outside-toplevel
+  state = {k: v for k, v in _timm_state().items() if not k.startswith('head.')}
+  path = str(tmp_path / 'bf16.safetensors')
+  save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in state.items()}, path)
+  pretrained = restore.load(path, 'ViT-Mu_4')
+  assert 'head' not in pretrained.params and pretrained.num_classes == 0
+  kernel = pretrained.params['Transformer']['encoderblock_0']['MlpBlock_3']['Dense_0']['kernel']
+  assert kernel.dtype == np.float32
+  np.testing.assert_array_equal(
+      kernel, state['blocks.0.mlp.fc1.weight'].astype(ml_dtypes.bfloat16).astype(np.float32).T)
+
+
+@pytest.mark.parametrize('change,message', [
+    ({'fc_norm.weight': np.ones(WIDTH, np.float32)}, r'has fc_norm\.weight: a LayerNorm after the '
+                                                     r'pooling \(fc_norm\), which the released'),
+    ({'attn_pool.latent': np.ones((1, 1, WIDTH), np.float32)}, r'a MAP head'),
+    ({'blocks.0.ls1.gamma': np.ones(WIDTH, np.float32)}, r'has blocks\.0\.ls1\.gamma: layer scale'),
+    ({'patch_embed.backbone.stem.conv.weight': np.ones((8, 3, 7, 7), np.float32)},
+     r'a hybrid ResNet stem \(use the released R50\+ViT \.npz\)'),
+    ({'norm.weight': None}, r"lacks 'norm\.weight', which a timm ViT has"),
+    ({'patch_embed.proj.weight': None}, r'holds no timm ViT \(no patch_embed\.proj\.weight'),
+])
+def test_what_the_released_layout_cannot_hold_is_one_line_naming_it(change, message, tmp_path):
+  state = _timm_state()
+  for key, value in change.items():
+    if value is None:
+      del state[key]
+    else:
+      state[key] = value
+  path = str(tmp_path / 'model.safetensors')
+  save_file(state, path)
+  with pytest.raises(ConfigError, match=message) as error:
+    restore.load(path, 'ViT-Mu_4')
+  assert '\n' not in str(error.value) and path in str(error.value)
+
+
+def test_unreadable_files_and_a_missing_model_are_one_line(tmp_path):
+  path = str(tmp_path / 'model.safetensors')
+  save_file(_timm_state(), path)
+  with pytest.raises(ConfigError, match='holds no architecture: name the model'):
+    restore.load(path)
+  with pytest.raises(ConfigError, match=r'is 64 wide, the model named 192: name the model it was '
+                                        'trained as$'):
+    restore.load(path, 'ViT-Ti_16')
+  truncated = str(tmp_path / 'truncated.safetensors')
+  with open(path, 'rb') as f, open(truncated, 'wb') as out:
+    out.write(f.read()[:2000])
+  with pytest.raises(ConfigError, match=r'is not a readable \.safetensors file \(.*\): it is '
+                                        'corrupt or truncated; re-download or re-save it$'):
+    restore.load(truncated, 'ViT-Mu_4')
