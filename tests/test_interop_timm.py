@@ -156,6 +156,14 @@ def test_timm_state_dicts_read_back_to_the_params_timm_loaded(case, tmp_path):
   ours = model.apply({'params': params}, jnp.asarray(_photos()))
   np.testing.assert_allclose(model.apply({'params': loaded.params}, jnp.asarray(_photos())), ours,
                              rtol=0, atol=1e-5 * np.abs(ours).max())
+  # The model a timm file builds here runs timm's default, exact GELU, as timm's ViTs do.
+  for block in theirs.blocks:
+    block.mlp.act = torch.nn.GELU()
+  with torch.no_grad():
+    exact = theirs(torch.from_numpy(_photos()).permute(0, 3, 1, 2).float()).numpy()
+  from_file = loaded.create_model(NUM_CLASSES).apply({'params': loaded.params},
+                                                     jnp.asarray(_photos()))
+  np.testing.assert_allclose(from_file, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
 
 
 @pytest.mark.parametrize('timm_model,option', [

@@ -369,6 +369,9 @@ def test_flops_of_vit_b16_match_the_usual_figure():
     (lambda: models.create('ViT-B16'), "did you mean 'ViT-B_16'"),
     (lambda: models.create('S/16'), "did you mean 'ViT-S_16'"),  # big_vision's variant.
     (lambda: models.create('vit_base_patch32_384'), "did you mean 'ViT-B_32'"),  # timm's.
+    (lambda: models.create('deit_small_patch16_224.fb_in1k'), "did you mean 'ViT-S_16'"),
+    # timm's variant of 16 heads, not ViT-B_16's 12: no hint to the wrong model.
+    (lambda: models.create('vit_base_patch16_gap_224'), r"unknown model '[\w]+': known"),
     (lambda: models.create('ViT-Mu_4', num_heads=3), 'not divisible by num_heads'),
     (lambda: models.create('ViT-Mu_4', classifier='cls'), 'classifier'),
     (lambda: models.create('ViT-Mu_4', depth=3), 'unknown model option'),

@@ -5,10 +5,13 @@ Without torch here, the reference is timm's ViT forward written in numpy in timm
 our model given the converted params must give its logits, so a wrong transpose, split or head
 order shows. `make test-interop` checks the same files against timm itself.
 """
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 from safetensors.numpy import save_file
 
 import config_files
@@ -52,9 +55,10 @@ def _layer_norm(x, weight, bias):
 
 
 def _timm_logits(state: dict[str, np.ndarray], images: np.ndarray) -> np.ndarray:
-  """timm's VisionTransformer.forward in numpy (float64), tanh GELU as the released models."""
+  """timm's VisionTransformer.forward in numpy (float64), with its default, exact GELU (the
+  released models' is the tanh approximation)."""
   s = {k: v.astype(np.float64) for k, v in state.items()}
-  linear = lambda x, name: x @ s[f'{name}.weight'].T + s[f'{name}.bias']
+  linear = lambda x, name: x @ s[f'{name}.weight'].T + s.get(f'{name}.bias', 0)
   b, grid = len(images), IMAGE // PATCH
   patches = images.reshape(b, grid, PATCH, grid, PATCH, 1).transpose(0, 1, 3, 5, 2, 4)
   x = np.einsum('bhwcij,dcij->bhwd', patches, s['patch_embed.proj.weight'])
@@ -74,7 +78,7 @@ def _timm_logits(state: dict[str, np.ndarray], images: np.ndarray) -> np.ndarray
     attended = (weights @ v).transpose(0, 2, 1, 3).reshape(b, -1, WIDTH)
     x = x + linear(attended, p + 'attn.proj')
     h = linear(_layer_norm(x, s[p + 'norm2.weight'], s[p + 'norm2.bias']), p + 'mlp.fc1')
-    h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+    h = 0.5 * h * (1 + scipy.special.erf(h / np.sqrt(2)))
     x = x + linear(h, p + 'mlp.fc2')
   x = _layer_norm(x, s['norm.weight'], s['norm.bias'])
   return linear(x[:, 0] if 'cls_token' in s else x.mean(1), 'head')
@@ -84,15 +88,19 @@ def _images() -> np.ndarray:
   return np.random.default_rng(7).uniform(-1, 1, (3, IMAGE, IMAGE, 1))
 
 
-@pytest.mark.parametrize('kind', ['class token', 'no_embed_class', 'gap'])
+@pytest.mark.parametrize('kind', ['class token', 'no_embed_class', 'gap', 'no biases'])
 def test_our_model_on_the_converted_weights_gives_timms_logits(kind, tmp_path):
   """Through the readers' loader (infer, analyze, fewshot): the architecture from the model's
   name and the file's keys, the resolution from its position embeddings."""
   state = _timm_state(cls_token=kind != 'gap', embed_class=kind != 'no_embed_class')
+  if kind == 'no biases':  # qkv_bias=False, proj_bias=False: zero biases, the same layers.
+    state = {k: v for k, v in state.items()
+             if not re.match(r'blocks\.\d+\.(attn|mlp)\.\w+\.bias$', k)}
   path = str(tmp_path / 'model.safetensors')
   save_file(state, path)
   checkpoint = classify.load_checkpoint(path, 'ViT-Mu_4')
   assert checkpoint.model.classifier == ('gap' if kind == 'gap' else 'token')
+  assert not checkpoint.model.gelu_approximate
   assert (checkpoint.image_size, checkpoint.channels, checkpoint.pretrained.source) == (
       IMAGE, 1, path)
   ours = np.asarray(checkpoint.model.apply({'params': checkpoint.params},
@@ -112,6 +120,7 @@ def test_a_timm_file_fine_tunes_from_its_weights_with_a_new_head(prepared_data_d
   pre = restore.load(path, config.model)
   exp = experiment.build(finetune.with_architecture(config, pre.model, pre.model_overrides,
                                                     pre.channels))
+  assert not exp.model.gelu_approximate  # timm's GELU, kept for fine-tuning too.
   params = param_trees.flat(jax.device_get(finetune.initial_state(exp, pre).params))
   converted = param_trees.flat(pre.params)
   assert params['head/kernel'].shape == (WIDTH, 10) and not params['head/kernel'].any()
@@ -134,13 +143,25 @@ def test_bfloat16_weights_and_a_headless_file_load(tmp_path):
       kernel, state['blocks.0.mlp.fc1.weight'].astype(ml_dtypes.bfloat16).astype(np.float32).T)
 
 
+ONES = np.ones(WIDTH, np.float32)
+
+
 @pytest.mark.parametrize('change,message', [
-    ({'fc_norm.weight': np.ones(WIDTH, np.float32)}, r'has fc_norm\.weight: a LayerNorm after the '
-                                                     r'pooling \(fc_norm\), which the released'),
-    ({'attn_pool.latent': np.ones((1, 1, WIDTH), np.float32)}, r'a MAP head'),
-    ({'blocks.0.ls1.gamma': np.ones(WIDTH, np.float32)}, r'has blocks\.0\.ls1\.gamma: layer scale'),
+    ({'fc_norm.weight': ONES}, r'has what the released ViT layout does not hold: a LayerNorm '
+                               r"after the pooling \(fc_norm, timm's default for "
+                               r"global_pool='avg'\) \(fc_norm\.weight\)\. Only plain timm ViTs"),
+    ({'attn_pool.latent': ONES[None, None]}, r'a MAP head'),
+    ({'blocks.0.ls1.gamma': ONES}, r'hold: layer scale \(blocks\.0\.ls1\.gamma\)\.'),
+    ({'blocks.0.gamma_1': ONES, 'dist_token': ONES[None, None]},  # Each option is named.
+     r"hold: a distillation token \(DeiT's distilled models\) \(dist_token\); layer scale "
+     r'\(blocks\.0\.gamma_1\)\.'),
+    ({'patch_embed.norm.weight': ONES}, r'a LayerNorm on the patch embeddings'),
     ({'patch_embed.backbone.stem.conv.weight': np.ones((8, 3, 7, 7), np.float32)},
      r'a hybrid ResNet stem \(use the released R50\+ViT \.npz\)'),
+    ({'blocks.0.attn.relative_position_bias_table': ONES, 'blocks.1.attn.relative_position_index':
+      ONES},  # Any tensor left over, named.
+     r'has tensors the released ViT layout has no place for: blocks\.0\.attn\.relative_position_'
+     r'bias_table, blocks\.1\.attn\.relative_position_index\. Only plain timm ViTs load'),
     ({'norm.weight': None}, r"lacks 'norm\.weight', which a timm ViT has"),
     ({'patch_embed.proj.weight': None}, r'holds no timm ViT \(no patch_embed\.proj\.weight'),
 ])
@@ -166,6 +187,10 @@ def test_unreadable_files_and_a_missing_model_are_one_line(tmp_path):
   with pytest.raises(ConfigError, match=r'is 64 wide, the model named 192: name the model it was '
                                         'trained as$'):
     restore.load(path, 'ViT-Ti_16')
+  (tmp_path / 'folder.safetensors').mkdir()
+  with pytest.raises(ConfigError, match=r'folder\.safetensors is a directory: point it at the '
+                                        r'model\.safetensors file inside$'):
+    restore.load(str(tmp_path / 'folder.safetensors'), 'ViT-Mu_4')
   truncated = str(tmp_path / 'truncated.safetensors')
   with open(path, 'rb') as f, open(truncated, 'wb') as out:
     out.write(f.read()[:2000])

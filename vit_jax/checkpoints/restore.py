@@ -138,12 +138,14 @@ def load(path: str, model: Optional[str] = None,
     if not model:
       raise ConfigError(f'{path} holds no architecture: name the model it was trained as '
                         '(e.g. ViT-B_16)')
+    overrides = {}
     if timm_layout.is_safetensors(path):
       named = models.create(model, num_classes=1, **(model_overrides or {}))
       params = timm_layout.load_safetensors(path, named.hidden_size, named.num_heads)
+      overrides['gelu_approximate'] = False  # timm's ViTs run the exact GELU.
     else:
       params = npz.load_npz(path)
-    overrides = npz.visible_architecture(params) | dict(model_overrides or {})
+    overrides |= npz.visible_architecture(params) | dict(model_overrides or {})
     return Pretrained(params, model, overrides, path)
   return _load_workdir(path)
 

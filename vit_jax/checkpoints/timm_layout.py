@@ -4,10 +4,16 @@ released layout, so the weights timm users already have fine-tune, evaluate and 
 timm made its ViT weights from the released `.npz` files (its loader, `_load_weights`, maps each
 tensor); this is that mapping inverted, for the ViTs the released layout holds: a class token
 (with or without its own position embedding), or global average pooling after the encoder's
-LayerNorm. The options it cannot hold are one line naming them (`UNSUPPORTED`).
+LayerNorm. Every tensor of the file must find its place: the options the layout cannot hold are
+one line naming them (`UNSUPPORTED`), and so is any other tensor left over.
+
+The file does not tell two things, which are therefore assumed: the head count (the named
+model's) and the pooling (the class token's output when there is one, else the mean: timm's
+global_pool='token' and 'avg').
 """
+import os
 import re
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import numpy as np
@@ -20,19 +26,25 @@ from vit_jax.errors import ConfigError
 
 Params = dict[str, Any]
 
-# Key fragments of timm options with no place in the released layout, and what they are.
+# Keys of timm options with no place in the released layout, and what they are.
 UNSUPPORTED = {
-    'patch_embed.backbone.': 'a hybrid ResNet stem (use the released R50+ViT .npz)',
-    'attn_pool.': "a MAP head (global_pool='map')",
-    'fc_norm.': 'a LayerNorm after the pooling (fc_norm)',
-    'norm_pre.': 'a LayerNorm before the encoder (pre_norm, as CLIP)',
-    'reg_token': 'register tokens',
-    '.ls1.': 'layer scale',
-    '.q_norm.': 'q/k normalisation',
-    '.norm.': 'a LayerNorm inside the blocks (scale_attn_norm / scale_mlp_norm)',
+    r'^patch_embed\.backbone\.': 'a hybrid ResNet stem (use the released R50+ViT .npz)',
+    r'^patch_embed\.norm\.': 'a LayerNorm on the patch embeddings (embed_norm_layer)',
+    r'^attn_pool\.': "a MAP head (global_pool='map')",
+    r'^fc_norm\.': "a LayerNorm after the pooling (fc_norm, timm's default for global_pool='avg')",
+    r'^norm_pre\.': 'a LayerNorm before the encoder (pre_norm, as CLIP)',
+    r'^reg_token$': 'register tokens',
+    r'^dist_token$': "a distillation token (DeiT's distilled models)",
+    r'^blocks\.\d+\.(ls\d|gamma_\d)': 'layer scale',
+    r'^blocks\.\d+\.attn\.[qk]_norm\.': 'q/k normalisation',
+    r'^blocks\.\d+\.(attn|mlp)\.norm\.': 'a LayerNorm inside the blocks (scale_attn_norm / '
+                                         'scale_mlp_norm)',
+    r'^blocks\.\d+\.attn\.[qv]_bias$': "separate q and v biases (EVA's, BEiT's)",
+    r'(^|\.)rope\.': 'rotary position embeddings',
 }
 _BLOCK = re.compile(r'^blocks\.(\d+)\.')
 _SAFETENSORS_ERRORS = (safetensors.SafetensorError, OSError, ValueError, tf.errors.OpError)
+_SHOWN = 3  # Keys named in a message: enough to recognise the model.
 
 
 def is_safetensors(path: str) -> bool:
@@ -41,6 +53,9 @@ def is_safetensors(path: str) -> bool:
 
 def _read(path: str) -> dict[str, np.ndarray]:
   """The file's tensors, as stored; object stores (gs://) through tf.io.gfile."""
+  if os.path.isdir(path):
+    raise ConfigError(f'checkpoint {path} is a directory: point it at the model.safetensors file '
+                      'inside')
   try:
     if '://' in path:
       with tf.io.gfile.GFile(path, 'rb') as f:
@@ -52,44 +67,52 @@ def _read(path: str) -> dict[str, np.ndarray]:
                       'corrupt or truncated; re-download or re-save it') from e
 
 
+def _named(keys: list[str]) -> str:
+  more = f' (+{len(keys) - _SHOWN} more)' if len(keys) > _SHOWN else ''
+  return ', '.join(sorted(keys)[:_SHOWN]) + more
+
+
 def _check_supported(state: dict[str, np.ndarray], path: str) -> None:
   if not {'patch_embed.proj.weight', 'blocks.0.attn.qkv.weight'} <= state.keys():
-    shown = ', '.join(sorted(state)[:5])
     raise ConfigError(f'checkpoint {path} holds no timm ViT (no patch_embed.proj.weight and '
-                      f'blocks.0.attn.qkv.weight; it has {shown}): point the checkpoint path at '
-                      "the model.safetensors of a timm VisionTransformer")
-  for fragment, option in UNSUPPORTED.items():
-    key = next((k for k in sorted(state) if fragment in k), None)
+                      f'blocks.0.attn.qkv.weight; it has {_named(list(state))}): point the '
+                      'checkpoint path at the model.safetensors of a timm VisionTransformer')
+  found = []
+  for pattern, option in UNSUPPORTED.items():
+    key = next((k for k in sorted(state) if re.search(pattern, k)), None)
     if key:
-      raise ConfigError(f'checkpoint {path} has {key}: {option}, which the released ViT layout '
-                        'does not hold; only timm ViTs with a class token, or global average '
-                        'pooling without fc_norm, load')
+      found.append(f'{option} ({key})')
+  if found:
+    raise ConfigError(f'checkpoint {path} has what the released ViT layout does not hold: '
+                      f'{"; ".join(found)}. Only plain timm ViTs load: a class token, or global '
+                      'average pooling without fc_norm')
 
 
-def _block(state: dict[str, np.ndarray], prefix: str, num_heads: int) -> dict[str, np.ndarray]:
+def _block(take: Callable[..., np.ndarray], prefix: str,
+           num_heads: int) -> dict[str, np.ndarray]:
   """One encoder block: torch's Linear weights are (out, in), flax's kernels (in, out), and the
-  attention's q, k, v rows split per head."""
-  linear = lambda name: state[f'{prefix}{name}.weight'].T
-  width = state[f'{prefix}attn.qkv.weight'].shape[1]
+  attention's q, k, v rows split per head. A Linear saved without a bias (qkv_bias=False) gets a
+  zero one, the same layer."""
+  def linear(name: str) -> tuple[np.ndarray, np.ndarray]:
+    kernel = take(f'{prefix}{name}.weight').T
+    return kernel, take(f'{prefix}{name}.bias', np.zeros(kernel.shape[1], np.float32))
+  qkv, qkv_bias = linear('attn.qkv')
+  out, out_bias = linear('attn.proj')
+  width = qkv.shape[0]
   head_dim = width // num_heads
-  qkv_bias = state.get(f'{prefix}attn.qkv.bias', np.zeros(3 * width, np.float32))
-  block = {'LayerNorm_0/scale': state[f'{prefix}norm1.weight'],
-           'LayerNorm_0/bias': state[f'{prefix}norm1.bias'],
-           'LayerNorm_2/scale': state[f'{prefix}norm2.weight'],
-           'LayerNorm_2/bias': state[f'{prefix}norm2.bias'],
-           'MlpBlock_3/Dense_0/kernel': linear('mlp.fc1'),
-           'MlpBlock_3/Dense_0/bias': state[f'{prefix}mlp.fc1.bias'],
-           'MlpBlock_3/Dense_1/kernel': linear('mlp.fc2'),
-           'MlpBlock_3/Dense_1/bias': state[f'{prefix}mlp.fc2.bias'],
-           'MultiHeadDotProductAttention_1/out/kernel':
-               linear('attn.proj').reshape(num_heads, head_dim, width),
-           'MultiHeadDotProductAttention_1/out/bias': state[f'{prefix}attn.proj.bias']}
-  kernels = np.split(linear('attn.qkv'), 3, axis=1)
-  for name, kernel, bias in zip(('query', 'key', 'value'), kernels, np.split(qkv_bias, 3)):
-    block[f'MultiHeadDotProductAttention_1/{name}/kernel'] = kernel.reshape(width, num_heads,
-                                                                            head_dim)
-    block[f'MultiHeadDotProductAttention_1/{name}/bias'] = bias.reshape(num_heads, head_dim)
-  return block
+  attention = {'out/kernel': out.reshape(num_heads, head_dim, width), 'out/bias': out_bias}
+  for name, kernel, bias in zip(('query', 'key', 'value'), np.split(qkv, 3, axis=1),
+                                np.split(qkv_bias, 3)):
+    attention |= {f'{name}/kernel': kernel.reshape(width, num_heads, head_dim),
+                  f'{name}/bias': bias.reshape(num_heads, head_dim)}
+  (fc1, fc1_bias), (fc2, fc2_bias) = linear('mlp.fc1'), linear('mlp.fc2')
+  return {'LayerNorm_0/scale': take(f'{prefix}norm1.weight'),
+          'LayerNorm_0/bias': take(f'{prefix}norm1.bias'),
+          'LayerNorm_2/scale': take(f'{prefix}norm2.weight'),
+          'LayerNorm_2/bias': take(f'{prefix}norm2.bias'),
+          'MlpBlock_3/Dense_0/kernel': fc1, 'MlpBlock_3/Dense_0/bias': fc1_bias,
+          'MlpBlock_3/Dense_1/kernel': fc2, 'MlpBlock_3/Dense_1/bias': fc2_bias,
+          **{f'MultiHeadDotProductAttention_1/{k}': v for k, v in attention.items()}}
 
 
 def load_safetensors(path: str, hidden_size: int, num_heads: int) -> Params:
@@ -102,26 +125,33 @@ def load_safetensors(path: str, hidden_size: int, num_heads: int) -> Params:
     raise ConfigError(f'checkpoint {path} is {width} wide, the model named {hidden_size}: name the '
                       'model it was trained as')
   try:
-    return flax.traverse_util.unflatten_dict(_released_layout(state, num_heads), sep='/')
+    flat = _released_layout(state, num_heads)
   except KeyError as e:
     raise ConfigError(f'checkpoint {path} lacks {e}, which a timm ViT has: it is not one, or one '
                       'with options the released layout does not hold') from e
+  if state:  # What _released_layout did not take.
+    raise ConfigError(f'checkpoint {path} has tensors the released ViT layout has no place for: '
+                      f'{_named(list(state))}. Only plain timm ViTs load: a class token, or '
+                      'global average pooling without fc_norm')
+  return flax.traverse_util.unflatten_dict(flat, sep='/')
 
 
 def _released_layout(state: dict[str, np.ndarray], num_heads: int) -> dict[str, np.ndarray]:
-  """Flat released-layout keys ('/'-joined) from timm's."""
-  flat = {'embedding/kernel': state['patch_embed.proj.weight'].transpose(2, 3, 1, 0),
-          'embedding/bias': state['patch_embed.proj.bias'],
+  """Flat released-layout keys ('/'-joined) from timm's, taking each tensor out of `state`."""
+  take = state.pop
+  has_class_token = 'cls_token' in state
+  posemb = take('pos_embed')
+  flat = {'embedding/kernel': take('patch_embed.proj.weight').transpose(2, 3, 1, 0),
+          'embedding/bias': take('patch_embed.proj.bias'),
           'Transformer/posembed_input/pos_embedding': (
-              npz.with_class_token_row(state['pos_embed']) if 'cls_token' in state
-              else state['pos_embed']),
-          'Transformer/encoder_norm/scale': state['norm.weight'],
-          'Transformer/encoder_norm/bias': state['norm.bias']}
-  if 'cls_token' in state:
-    flat['cls'] = state['cls_token']
+              npz.with_class_token_row(posemb) if has_class_token else posemb),
+          'Transformer/encoder_norm/scale': take('norm.weight'),
+          'Transformer/encoder_norm/bias': take('norm.bias')}
+  if has_class_token:
+    flat['cls'] = take('cls_token')
   if 'head.weight' in state:
-    flat |= {'head/kernel': state['head.weight'].T, 'head/bias': state['head.bias']}
-  for layer in sorted({int(m[1]) for m in map(_BLOCK.match, state) if m}):
+    flat |= {'head/kernel': take('head.weight').T, 'head/bias': take('head.bias')}
+  for layer in sorted({int(m[1]) for m in map(_BLOCK.match, list(state)) if m}):
     flat |= {f'Transformer/encoderblock_{layer}/{k}': v
-             for k, v in _block(state, f'blocks.{layer}.', num_heads).items()}
+             for k, v in _block(take, f'blocks.{layer}.', num_heads).items()}
   return flat

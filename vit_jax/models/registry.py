@@ -54,9 +54,11 @@ def names() -> list[str]:
 
 
 def _released_name(name: str) -> Optional[str]:
-  """The released name of a big_vision variant ('S/16') or a timm model (vit_small_patch16_224)."""
+  """The released name of a big_vision variant ('S/16') or of a timm model of the same
+  architecture (vit_small_patch16_224, deit_small_patch16_224.fb_in1k); not of timm's variants
+  (vit_base_patch16_gap_224, *_rope_*), whose head counts or layers differ."""
   big_vision = re.match(r'^(?:ViT-)?([A-Za-z]+)/(\d+)$', name)
-  timm = re.match(rf'^vit_({"|".join(_TIMM_SIZES)})_patch(\d+)', name)
+  timm = re.match(rf'^(?:vit|deit)_({"|".join(_TIMM_SIZES)})_patch(\d+)_\d+(?:\.\w+)?$', name)
   if big_vision:
     return f'ViT-{big_vision[1]}_{big_vision[2]}'
   return f'ViT-{_TIMM_SIZES[timm[1]]}_{timm[2]}' if timm else None
