@@ -2,8 +2,8 @@
 
 Fine-tuning, export and few-shot evaluation all start from "a checkpoint": either a training
 workdir (its newest Orbax checkpoint; the architecture is read from the config saved with it) or
-a `.npz` in the released layout (which holds no config: the caller names the model, and the
-options its keys show are read from them).
+a `.npz` in the released layout, or timm's `.safetensors` read into it (timm_layout.py); a file
+holds no config: the caller names the model, and the options its keys show are read from them.
 Only the params are read from Orbax (their Polyak average, if the run kept one): the optimizer
 state is neither needed nor restorable into another recipe's optimizer.
 """
