@@ -49,6 +49,20 @@ class _OrbaxConsole(logging.Filter):
 logging.getLogger('absl').addFilter(_OrbaxConsole())
 
 
+class _AbandonedReadTasks(logging.Filter):
+  """asyncio's "Task exception was never retrieved", with a traceback, for each of orbax's shard
+  reads left behind by a failed restore whose TensorStore read failed too: the restore's own
+  error already says what could not be read (a truncated checkpoint, run under load)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not (str(record.msg).startswith('Task exception was never retrieved')
+                and error is not None and 'Error reading ' in str(error))
+
+
+logging.getLogger('asyncio').addFilter(_AbandonedReadTasks())
+
+
 def error_summary(error: BaseException) -> str:
   """Type and first line of the innermost cause: orbax wraps TensorStore's telling error (which
   file, which byte range) in one whose first line ends in an unprintable spec."""
