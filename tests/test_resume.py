@@ -1,6 +1,7 @@
 """Resume and failures of the training loop: after a crash, a SIGKILL or a SIGTERM the run ends
 bitwise equal to an uninterrupted one; a corrupt newest checkpoint is skipped; NaN/Inf stops the
-run keeping only finite checkpoints. Same tiny recipe as test_training.py (training_setup.py).
+run keeping only finite checkpoints (a changed config: test_resume_changes.py). Same tiny recipe
+as test_training.py (training_setup.py).
 """
 import asyncio
 import gc
@@ -15,46 +16,18 @@ import time
 import warnings
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from training_setup import (  # baseline and compile_cache are fixtures: imported, pytest uses them
-    REPO, TOTAL_STEPS, MainProcess, baseline, cli_env, compile_cache, tiny_config,
-    write_config_file)
+    REPO, TOTAL_STEPS, MainProcess, assert_states_equal, baseline, cli_env, compile_cache,
+    restore_state, tiny_config, write_config_file)
 from vit_jax.checkpoints.manager import Checkpointer
 from vit_jax.data import input_pipeline
-from vit_jax.errors import ConfigError
 from vit_jax.training import experiment
 from vit_jax.training import loop
 from vit_jax.training import metrics as metrics_lib
-
-
-def _restore(config, workdir, step=None):
-  """The train state of the newest (or the given) checkpoint of `workdir`, as numpy."""
-  exp = experiment.build(config)
-  with Checkpointer(workdir, read_only=True, async_save=False) as checkpointer:
-    if step is None:
-      state, meta = checkpointer.restore_latest(exp.abstract_state)
-    else:
-      restored = checkpointer.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(exp.abstract_state), meta=ocp.args.JsonRestore()))
-      state, meta = restored['state'], restored['meta']
-  assert meta['step'] == int(state.step)
-  return jax.device_get(state)
-
-
-def _assert_states_equal(a, b, context=''):
-  """Bitwise equality of two train states; names the leaves that differ."""
-  assert int(a.step) == int(b.step), context
-  flat_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
-  flat_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
-  assert tree_a == tree_b
-  differ = [(jax.tree_util.keystr(path), float(np.max(np.abs(np.asarray(x) - np.asarray(y)))))
-            for (path, x), (_, y) in zip(flat_a, flat_b) if not np.array_equal(x, y)]
-  assert not differ, f'{len(differ)} of {len(flat_a)} leaves differ {context}: {differ[:5]}'
-
 
 
 # ---- Resume -----------------------------------------------------------------------------
@@ -89,7 +62,7 @@ def test_resume_after_a_crash_is_bitwise_identical(baseline, monkeypatch, tmp_pa
     time.sleep(0.2)
   result = loop.train_and_evaluate(config, workdir)
   assert result['step'] == TOTAL_STEPS
-  _assert_states_equal(_restore(config, workdir), _restore(config, base_workdir))
+  assert_states_equal(restore_state(config, workdir), restore_state(config, base_workdir))
   rows = metrics_lib.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
   base_rows = metrics_lib.read_jsonl(os.path.join(base_workdir, 'metrics.jsonl'))
   # The rerun's progress windows 11-15 (its first: the compiling step counts too), 16-20,
@@ -125,7 +98,7 @@ def test_resume_after_sigkill_is_bitwise_identical(baseline, compile_cache, tmp_
   assert rerun.finish(600) == 0, rerun.err()[-3000:]
   resumed = int(re.search(r'resumed from the checkpoint at step (\d+)', rerun.err())[1])
   assert 0 < resumed <= max(steps) and 'Traceback' not in rerun.err()
-  _assert_states_equal(_restore(config, workdir), _restore(config, base_workdir),
+  assert_states_equal(restore_state(config, workdir), restore_state(config, base_workdir),
                        f'(killed with {listing}, resumed from {resumed})')
 
 
@@ -156,7 +129,7 @@ def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_exits_cleanly(prepared_data_di
   assert f'resumed from the checkpoint at step {steps_a[0]}' in stderr_b
   assert first_b > steps_a[0]
   assert steps_b[0] == steps_a[0] and steps_b[-1] > steps_a[0]
-  state = _restore(config, workdir)
+  state = restore_state(config, workdir)
   assert int(state.step) == steps_b[-1]
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
 
@@ -176,20 +149,20 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
   monkeypatch.setattr(sys, 'unraisablehook', printed.append)
   with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as warned:
     warnings.simplefilter('always')
-    state = _restore(config, workdir)
+    state = restore_state(config, workdir)
     gc.collect()
   assert int(state.step) == 20
   warning, = [r.getMessage() for r in caplog.records if 'step 30 is unreadable' in r.getMessage()]
   assert 'OUT_OF_RANGE' in warning and 'TensorStore(' not in warning  # the cause, on one line
   assert not printed  # orbax's abandoned shard reads (hundreds) are dropped
   assert not [w for w in warned if 'never awaited' in str(w.message)]
-  _assert_states_equal(state, _restore(config, base_workdir, step=20))
+  assert_states_equal(state, restore_state(config, base_workdir, step=20))
   # Training resumes from 20 and writes step 30 again (the unreadable one is set aside).
   result = loop.train_and_evaluate(config, workdir)
   assert result['step'] == TOTAL_STEPS
   set_aside = os.listdir(os.path.join(workdir, 'checkpoints', 'unreadable'))
   assert len(set_aside) == 1 and set_aside[0].startswith('30.')
-  _assert_states_equal(_restore(config, workdir), _restore(config, base_workdir))
+  assert_states_equal(restore_state(config, workdir), restore_state(config, base_workdir))
 
 
 @pytest.mark.parametrize('keep,kept', [(2, [3, 4]), (0, [1, 2, 3, 4])])  # 0 keeps them all.
@@ -269,96 +242,6 @@ def test_a_transient_read_error_is_retried_not_set_aside(baseline, tmp_path, mon
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['10', '20', '30']
 
 
-@pytest.mark.parametrize('overrides,difference', [
-    ({'model_overrides': {'mlp_dim': 128}},
-     r'another shape in 36 arrays, e\.g\. params/Transformer/encoderblock_0/MlpBlock_3/'
-     r'Dense_0/bias: \(256,\) saved, \(128,\) here\).*; changed since the newest: '
-     r'eval_every: 20 -> 30; model_overrides.mlp_dim: unset -> 128$'),
-    ({'optimizer': 'sgd'},
-     r'only in the checkpoints: opt_state/1/\.\.\. \(146 arrays\); only in this config\'s '
-     r'state: opt_state/1/1/\.\.\. \(73 arrays\)\).*; changed since the newest: eval_every: '
-     r'20 -> 30; optimizer: adamw -> sgd$'),
-    ({'model_overrides': {'scan': True}},  # The params named before the optimizer's.
-     r'only in the checkpoints: params/Transformer/\.\.\. \(64 arrays\), opt_state/1/0/\.\.\. '
-     r'\(128 arrays\); only in this config\'s state: params/Transformer/encoderblock/\.\.\. '
-     r'\(16 arrays\), opt_state/1/0/\.\.\. \(32 arrays\)\)')])
-def test_resuming_with_a_changed_model_or_optimizer_is_one_line_naming_what_differs(
-    baseline, tmp_path, caplog, overrides, difference):
-  """Every checkpoint would fail alike: before any is read, one line names the arrays that
-  differ and the settings changed; none is called unreadable, moved or deleted."""
-  config, base_workdir, _ = baseline
-  workdir = str(tmp_path / 'run')
-  shutil.copytree(base_workdir, workdir)
-  changed = tiny_config(config.data_dir, **overrides)
-  saved_config = open(os.path.join(workdir, 'config.json'), encoding='utf-8').read()
-  with caplog.at_level(logging.WARNING), pytest.raises(ConfigError, match=(
-      r'^the checkpoints in \S+ hold another train state than this config builds \(' +
-      difference)) as error:
-    loop.train_and_evaluate(changed, workdir)
-  assert '\n' not in str(error.value)
-  assert not [r for r in caplog.records if 'unreadable' in r.getMessage()]
-  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['10', '20', '30']
-  # The config the error says to restore is still the one the checkpoints were written with.
-  assert open(os.path.join(workdir, 'config.json'), encoding='utf-8').read() == saved_config
-
-
-def test_another_mesh_resumes_and_an_unchanged_config_says_so(baseline, tmp_path):
-  """The check compares shapes, not shardings: the same state on another mesh resumes. A
-  structure that changed with no setting changed (a new optax release) says that no setting
-  did, rather than only 'resume with the config they were written with'."""
-  config, workdir, _ = baseline
-  other_mesh = config.copy_and_resolve_references()
-  other_mesh.mesh = 'fsdp:-1'
-  _assert_states_equal(_restore(other_mesh, workdir), _restore(config, workdir))
-  changed = experiment.build(tiny_config(config.data_dir, model_overrides={'mlp_dim': 128}))
-  with Checkpointer(workdir, read_only=True) as checkpointer, pytest.raises(
-      ConfigError, match=r'another shape .*; no setting changed since the newest: the code or '
-      'the optax or flax release that wrote them built another state$'):
-    loop._restore(checkpointer, changed.abstract_state, config)  # pylint: disable=protected-access
-
-
-def test_the_structure_is_checked_on_the_newest_step_whose_metadata_reads(baseline, tmp_path):
-  """A corrupt newest step is left to the fallback (the same config resumes from the one
-  before), and does not hide a changed model."""
-  config, base_workdir, _ = baseline
-  workdir = str(tmp_path / 'run')
-  shutil.copytree(base_workdir, workdir)
-  open(os.path.join(workdir, 'checkpoints', '30', 'state', '_METADATA'), 'w').close()
-  with pytest.raises(ConfigError, match='another shape in 36 arrays'):
-    _restore(tiny_config(config.data_dir, model_overrides={'mlp_dim': 128}), workdir)
-  assert int(_restore(config, workdir).step) == 20
-
-
-def test_resuming_with_changed_settings_names_each_change(baseline, tmp_path, caplog):
-  """A new batch or seed resumes (as a larger total_steps does), but not silently."""
-  config, base_workdir, _ = baseline
-  workdir = str(tmp_path / 'run')
-  shutil.copytree(base_workdir, workdir)
-  assert loop.config_changes(_saved_meta(workdir)['config'], config) == []
-  changed = config.copy_and_resolve_references()
-  changed.batch, changed.seed = 2 * config.batch, config.seed + 1
-  with caplog.at_level(logging.WARNING):
-    assert loop.train_and_evaluate(changed, workdir) == {'step': TOTAL_STEPS}  # Nothing to train.
-  [warning] = [r.getMessage() for r in caplog.records if 'settings changed' in r.getMessage()]
-  assert warning.endswith(f': batch: {config.batch} -> {2 * config.batch}; '
-                          f'seed: {config.seed} -> {config.seed + 1}')
-  # A tuple is saved as a JSON list: the same setting.
-  saved = {'pp': {'randaug': [2, 10]}, 'mesh': 'data:-1'}
-  assert loop.config_changes(saved, ml_collections.ConfigDict(
-      {'pp': {'randaug': (2, 10)}, 'mesh': 'data:-1'})) == []
-  assert loop.config_changes(saved, ml_collections.ConfigDict({'pp': {'randaug': (2, 15)}})) == [
-      'mesh: data:-1 -> unset', 'pp.randaug: [2, 10] -> [2, 15]']
-  # A key the configs gained since (polyak_decay), at its off value, is no change; on, it is.
-  for value, changes in ((0.0, []), (0.9, ['polyak_decay: unset -> 0.9'])):
-    assert loop.config_changes(saved, ml_collections.ConfigDict(
-        dict(saved, polyak_decay=value))) == changes
-
-
-def _saved_meta(workdir):
-  with Checkpointer(workdir, read_only=True, async_save=False) as checkpointer:
-    return checkpointer.restore_meta()
-
-
 def test_nan_loss_stops_with_training_diverged_keeping_only_finite_states(
     prepared_data_dir, tmp_path):
   config = tiny_config(prepared_data_dir, base_lr=1e6, grad_norm_clip=0.0, weight_decay=0.0,
@@ -376,7 +259,7 @@ def test_nan_loss_stops_with_training_diverged_keeping_only_finite_states(
   kept = int(re.search(r'last good checkpoint \(step (\d+)\)', str(error.value)).group(1))
   assert steps[-1] == kept, (steps, str(error.value))
   for step in steps:
-    state = _restore(config, workdir, step=step)
+    state = restore_state(config, workdir, step=step)
     for leaf in jax.tree.leaves((state.params, state.opt_state)):
       assert np.isfinite(leaf).all(), f'non-finite state saved at step {step}'
 

@@ -1,4 +1,5 @@
-"""What the training test files share: the tiny recipe, a compilation cache, a baseline run.
+"""What the training test files share: the tiny recipe, a compilation cache, a baseline run, and
+reading back and comparing its train states.
 
 Compiling dominates on CPU, so each module that imports `compile_cache` gets a persistent XLA
 compilation cache (also used by its `python -m vit_jax.main` subprocesses), and most tests use
@@ -13,9 +14,13 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
+from vit_jax.checkpoints.manager import Checkpointer
+from vit_jax.training import experiment
 from vit_jax.training import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,3 +140,28 @@ class MainProcess:
 
   def out(self) -> str:
     return ''.join(self.stdout)
+
+
+def restore_state(config, workdir, step=None):
+  """The train state of the newest (or the given) checkpoint of `workdir`, as numpy."""
+  exp = experiment.build(config)
+  with Checkpointer(workdir, read_only=True, async_save=False) as checkpointer:
+    if step is None:
+      state, meta = checkpointer.restore_latest(exp.abstract_state)
+    else:
+      restored = checkpointer.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(exp.abstract_state), meta=ocp.args.JsonRestore()))
+      state, meta = restored['state'], restored['meta']
+  assert meta['step'] == int(state.step)
+  return jax.device_get(state)
+
+
+def assert_states_equal(a, b, context=''):
+  """Bitwise equality of two train states; names the leaves that differ."""
+  assert int(a.step) == int(b.step), context
+  flat_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
+  flat_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
+  assert tree_a == tree_b
+  differ = [(jax.tree_util.keystr(path), float(np.max(np.abs(np.asarray(x) - np.asarray(y)))))
+            for (path, x), (_, y) in zip(flat_a, flat_b) if not np.array_equal(x, y)]
+  assert not differ, f'{len(differ)} of {len(flat_a)} leaves differ {context}: {differ[:5]}'

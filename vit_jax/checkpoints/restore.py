@@ -23,7 +23,8 @@ import tensorflow as tf
 from vit_jax import models
 from vit_jax.checkpoints import npz
 from vit_jax.checkpoints import timm_layout
-from vit_jax.checkpoints.manager import Checkpointer, abandoned_reads_dropped, error_summary
+from vit_jax.checkpoints.manager import Checkpointer
+from vit_jax.checkpoints.orbax_console import abandoned_reads_dropped, error_summary
 from vit_jax.data import pp_options
 from vit_jax.errors import ConfigError
 
