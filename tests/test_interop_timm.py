@@ -7,12 +7,14 @@ big_vision branch, and timm's own state dicts (.safetensors) read back to the pa
 Needs torch and timm (`make test-interop` installs them in a venv of their own, ~8 GB).
 """
 import functools
+import logging
 
 import pytest
 
 # Before TensorFlow (which vit_jax's .npz module loads): torch's triton segfaults loaded after it.
 torch = pytest.importorskip('torch', reason='make test-interop installs torch and timm')
 timm = pytest.importorskip('timm', reason='make test-interop installs torch and timm')
+from timm.models import _hub as timm_hub  # pylint: disable=wrong-import-position
 from timm.models import vision_transformer as timm_vit  # pylint: disable=wrong-import-position
 
 import jax  # pylint: disable=wrong-import-order
@@ -176,3 +178,37 @@ def test_timm_options_the_released_layout_lacks_are_one_line(timm_model, option,
   save_file(timm_model().state_dict(), path)
   with pytest.raises(ConfigError, match=option):
     restore.load(path, 'ViT-S_16')
+
+
+def _saved_for_the_hub(architecture: str, folder, **kwargs) -> tuple[object, str]:
+  """A timm model, its weights perturbed, saved as timm saves for the hub (save_for_hf:
+  model.safetensors beside its config.json)."""
+  theirs = timm.create_model(architecture, num_classes=NUM_CLASSES, **kwargs).eval()
+  generator = torch.Generator().manual_seed(0)
+  with torch.no_grad():
+    for parameter in theirs.parameters():
+      parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+  timm_hub.save_for_hf(theirs, str(folder), safe_serialization=True)
+  return theirs, str(folder / 'model.safetensors')
+
+
+def test_timms_hub_folders_name_their_model_pooling_and_normalisation(tmp_path, caplog):
+  theirs, path = _saved_for_the_hub('vit_tiny_patch16_224', tmp_path / 'plain')
+  loaded = restore.load(path)  # The model from timm's config.json.
+  assert loaded.model == 'ViT-Ti_16'
+  with torch.no_grad():
+    exact = theirs(torch.from_numpy(_photos()).permute(0, 3, 1, 2).float()).numpy()
+  ours = loaded.create_model(NUM_CLASSES).apply({'params': loaded.params}, jnp.asarray(_photos()))
+  np.testing.assert_allclose(ours, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
+  # The mean of the patch tokens beside a class token, which no tensor shows.
+  _, path = _saved_for_the_hub('vit_tiny_patch16_224', tmp_path / 'avg', global_pool='avg',
+                               fc_norm=False)
+  with pytest.raises(ConfigError, match="pools the mean of the patch tokens beside a class token"):
+    restore.load(path)
+  _, path = _saved_for_the_hub('deit_tiny_patch16_224', tmp_path / 'deit')
+  with caplog.at_level(logging.WARNING):
+    assert restore.load(path).model == 'ViT-Ti_16'
+  assert [r.getMessage() for r in caplog.records] == [
+      f"{tmp_path / 'deit' / 'config.json'}: its weights expect inputs normalised by mean "
+      '(0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225); vit_jax scales them to [-1, 1] '
+      '(mean = std = 0.5), so until fine-tuned its outputs are off']

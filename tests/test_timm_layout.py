@@ -5,6 +5,8 @@ Without torch here, the reference is timm's ViT forward written in numpy in timm
 our model given the converted params must give its logits, so a wrong transpose, split or head
 order shows. `make test-interop` checks the same files against timm itself.
 """
+import json
+import logging
 import re
 
 import jax
@@ -27,25 +29,27 @@ WIDTH, MLP, HEADS, LAYERS, PATCH, IMAGE = 64, 256, 2, 4, 4, 8  # ViT-Mu_4 on 8 p
 
 
 def _timm_state(seed: int = 0, classes: int = 5, cls_token: bool = True,
-                embed_class: bool = True) -> dict[str, np.ndarray]:
-  """Random weights under timm's names and shapes (of a ViT-Mu_4)."""
+                embed_class: bool = True, *, width: int = WIDTH, mlp: int = MLP,
+                layers: int = LAYERS, patch: int = PATCH) -> dict[str, np.ndarray]:
+  """Random weights under timm's names and shapes (of a ViT-Mu_4 unless told), for a one-channel
+  image of IMAGE px (ViT-Ti_16's grid is 1x1)."""
   rng = np.random.default_rng(seed)
   normal = lambda *shape: rng.normal(0, 0.2, shape).astype(np.float32)
-  tokens = (IMAGE // PATCH) ** 2 + int(cls_token and embed_class)
-  state = {'patch_embed.proj.weight': normal(WIDTH, 1, PATCH, PATCH),
-           'patch_embed.proj.bias': normal(WIDTH), 'pos_embed': normal(1, tokens, WIDTH),
-           'norm.weight': 1 + normal(WIDTH), 'norm.bias': normal(WIDTH),
-           'head.weight': normal(classes, WIDTH), 'head.bias': normal(classes)}
+  tokens = max(IMAGE // patch, 1) ** 2 + int(cls_token and embed_class)
+  state = {'patch_embed.proj.weight': normal(width, 1, patch, patch),
+           'patch_embed.proj.bias': normal(width), 'pos_embed': normal(1, tokens, width),
+           'norm.weight': 1 + normal(width), 'norm.bias': normal(width),
+           'head.weight': normal(classes, width), 'head.bias': normal(classes)}
   if cls_token:
-    state['cls_token'] = normal(1, 1, WIDTH)
-  for i in range(LAYERS):
+    state['cls_token'] = normal(1, 1, width)
+  for i in range(layers):
     state |= {f'blocks.{i}.{k}': v for k, v in {
-        'norm1.weight': 1 + normal(WIDTH), 'norm1.bias': normal(WIDTH),
-        'attn.qkv.weight': normal(3 * WIDTH, WIDTH), 'attn.qkv.bias': normal(3 * WIDTH),
-        'attn.proj.weight': normal(WIDTH, WIDTH), 'attn.proj.bias': normal(WIDTH),
-        'norm2.weight': 1 + normal(WIDTH), 'norm2.bias': normal(WIDTH),
-        'mlp.fc1.weight': normal(MLP, WIDTH), 'mlp.fc1.bias': normal(MLP),
-        'mlp.fc2.weight': normal(WIDTH, MLP), 'mlp.fc2.bias': normal(WIDTH)}.items()}
+        'norm1.weight': 1 + normal(width), 'norm1.bias': normal(width),
+        'attn.qkv.weight': normal(3 * width, width), 'attn.qkv.bias': normal(3 * width),
+        'attn.proj.weight': normal(width, width), 'attn.proj.bias': normal(width),
+        'norm2.weight': 1 + normal(width), 'norm2.bias': normal(width),
+        'mlp.fc1.weight': normal(mlp, width), 'mlp.fc1.bias': normal(mlp),
+        'mlp.fc2.weight': normal(width, mlp), 'mlp.fc2.bias': normal(width)}.items()}
   return state
 
 
@@ -197,3 +201,91 @@ def test_unreadable_files_and_a_missing_model_are_one_line(tmp_path):
   with pytest.raises(ConfigError, match=r'is not a readable \.safetensors file \(.*\): it is '
                                         'corrupt or truncated; re-download or re-save it$'):
     restore.load(truncated, 'ViT-Mu_4')
+
+
+def _hub_snapshot(folder, state: dict[str, np.ndarray], architecture: str, pool: str = 'token',
+                  mean: tuple[float, ...] = (0.5,) * 3, std: tuple[float, ...] = (0.5,) * 3) -> str:
+  """The hub's layout, as timm's save_for_hf writes it: the weights and config.json in one
+  folder."""
+  folder.mkdir()
+  save_file(state, str(folder / 'model.safetensors'))
+  (folder / 'config.json').write_text(json.dumps({
+      'architecture': architecture, 'num_classes': 5, 'num_features': WIDTH, 'global_pool': pool,
+      'model_args': {'in_chans': 1, 'num_classes': 5, 'global_pool': pool},
+      'pretrained_cfg': {'tag': 'augreg_in21k', 'mean': mean, 'std': std}}))
+  return str(folder / 'model.safetensors')
+
+
+def test_the_hub_config_beside_the_file_names_its_model(tmp_path):
+  state = _timm_state(width=192, mlp=768, layers=12, patch=16)
+  path = _hub_snapshot(tmp_path / 'ti', state, 'vit_tiny_patch16_224')
+  pretrained = restore.load(path)  # No model named: its config.json's, ViT-Ti_16.
+  assert pretrained.model == 'ViT-Ti_16'
+  assert pretrained.params['Transformer']['encoderblock_11']['MlpBlock_3']['Dense_0'][
+      'kernel'].shape == (192, 768)
+  assert classify.load_checkpoint(path).model.num_heads == 3
+  with pytest.raises(ConfigError, match=(
+      r"holds timm's vit_tiny_patch16_224 \(its config\.json says\), which is ViT-Ti_16 here, "
+      r'not ViT-S_16: name ViT-Ti_16 as the model$')):
+    restore.load(path, 'ViT-S_16')
+  gap = _hub_snapshot(tmp_path / 'gap', _timm_state(), 'vit_base_patch16_gap_224', 'avg')
+  with pytest.raises(ConfigError, match=(
+      r"holds no architecture \(its config\.json names timm's vit_base_patch16_gap_224, which "
+      r'has no name here\): name the model it was trained as \(e\.g\. ViT-B_16\)$')):
+    restore.load(gap)
+
+
+@pytest.mark.parametrize('cls_token,pool,refusal', [
+    (True, 'token', None), (False, 'avg', None),
+    (True, 'avg', r"pools the mean of the patch tokens beside a class token \(global_pool='avg'\), "
+                  r'which the released ViT layout does not hold'),
+    (False, 'max', r"pools global_pool='max', which the released ViT layout does not hold: only "
+                   r"timm's global_pool='token' \(with a class token\) or 'avg' \(without "
+                   r"one\) load$"),
+])
+def test_the_hub_configs_pooling_is_read_or_refused(cls_token, pool, refusal, tmp_path):
+  state = _timm_state(cls_token=cls_token)
+  path = _hub_snapshot(tmp_path / 'hub', state, 'vit_mu_patch4_8', pool)
+  if refusal:
+    with pytest.raises(ConfigError, match=refusal) as error:
+      restore.load(path, 'ViT-Mu_4')
+    assert '\n' not in str(error.value) and 'config.json' in str(error.value)
+    return
+  checkpoint = classify.load_checkpoint(path, 'ViT-Mu_4')
+  assert checkpoint.model.classifier == {'token': 'token', 'avg': 'gap'}[pool]
+  ours = checkpoint.model.apply({'params': checkpoint.params}, jnp.asarray(_images(), jnp.float32))
+  theirs = _timm_logits(state, _images())
+  np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-5 * np.abs(theirs).max())
+
+
+def test_what_the_hub_config_says_is_assumed_or_off_is_logged(tmp_path, caplog):
+  plain = _hub_snapshot(tmp_path / 'plain', _timm_state(width=192, mlp=768, layers=12, patch=16),
+                        'vit_tiny_patch16_224')
+  deit = _hub_snapshot(tmp_path / 'deit', _timm_state(), 'vit_mu_patch4_8',
+                       mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+  with caplog.at_level(logging.WARNING):
+    restore.load(plain)
+    assert not caplog.records
+    restore.load(deit, 'ViT-Mu_4')
+  messages = [r.getMessage() for r in caplog.records]
+  assert messages == [
+      f"{tmp_path / 'deit' / 'config.json'}: timm's vit_mu_patch4_8 is not one of its plain ViTs "
+      "(vit_<size>_patch<N>_<res>), so its head count is taken as ViT-Mu_4's (2); if timm's is "
+      'another, its outputs here are wrong',
+      f"{tmp_path / 'deit' / 'config.json'}: its weights expect inputs normalised by mean "
+      '(0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225); vit_jax scales them to [-1, 1] '
+      '(mean = std = 0.5), so until fine-tuned its outputs are off']
+
+
+def test_a_broken_or_foreign_config_json_beside_the_file(tmp_path):
+  path = str(tmp_path / 'model.safetensors')
+  save_file(_timm_state(), path)
+  (tmp_path / 'config.json').write_text('{"architectures": ["ViTForImageClassification"]}')
+  # transformers' config.json, not timm's: passed over.
+  assert restore.load(path, 'ViT-Mu_4').model == 'ViT-Mu_4'
+  (tmp_path / 'config.json').write_text('{"architecture": "vit_tiny_patch16_224", ')
+  with pytest.raises(ConfigError, match=r'config\.json, beside the weights, is not readable JSON '
+                                        r'\(.*\): re-download it, or remove it to load the '
+                                        'weights without it$') as error:
+    restore.load(path, 'ViT-Mu_4')
+  assert '\n' not in str(error.value)

@@ -132,23 +132,21 @@ def load_for_reading(path: str, model: Optional[str] = None, image_size: Optiona
 def load(path: str, model: Optional[str] = None,
          model_overrides: Optional[dict[str, Any]] = None) -> Pretrained:
   """Reads a workdir's newest checkpoint, a `.npz` or timm's `.safetensors` (for a file, `model` is
-  required)."""
+  required, unless timm's config.json beside it names one of timm's plain ViTs)."""
   _check_exists(path)
   # A workdir is a folder; a file is a .npz, or timm's .safetensors.
-  if is_npz(path) or timm_layout.is_safetensors(path) or os.path.isfile(path):
+  if timm_layout.is_safetensors(path):
+    model, params = timm_layout.load(path, model, model_overrides or {})
+    overrides = {'gelu_approximate': False}  # timm's ViTs run the exact GELU.
+  elif is_npz(path) or os.path.isfile(path):
     if not model:
       raise ConfigError(f'{path} holds no architecture: name the model it was trained as '
                         '(e.g. ViT-B_16)')
-    overrides = {}
-    if timm_layout.is_safetensors(path):
-      named = models.create(model, num_classes=1, **(model_overrides or {}))
-      params = timm_layout.load_safetensors(path, named.hidden_size, named.num_heads)
-      overrides['gelu_approximate'] = False  # timm's ViTs run the exact GELU.
-    else:
-      params = npz.load_npz(path)
-    overrides |= npz.visible_architecture(params) | dict(model_overrides or {})
-    return Pretrained(params, model, overrides, path)
-  return _load_workdir(path)
+    params, overrides = npz.load_npz(path), {}
+  else:
+    return _load_workdir(path)
+  overrides |= npz.visible_architecture(params) | dict(model_overrides or {})
+  return Pretrained(params, model, overrides, path)
 
 
 def _open(workdir: str) -> tuple[Checkpointer, list[int]]:

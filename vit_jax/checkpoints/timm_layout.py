@@ -7,13 +7,19 @@ tensor); this is that mapping inverted, for the ViTs the released layout holds: 
 LayerNorm. Every tensor of the file must find its place: the options the layout cannot hold are
 one line naming them (`UNSUPPORTED`), and so is any other tensor left over.
 
-The file does not tell two things, which are therefore assumed: the head count (the named
-model's) and the pooling (the class token's output when there is one, else the mean: timm's
+The tensors do not tell the architecture's name, its head count, its pooling or the input
+normalisation its weights expect; the `config.json` that timm saves beside them (the Hugging Face
+hub's layout) tells the name, the pooling and the normalisation, and is read when it is there.
+What neither tells is assumed: the head count is the named model's, and without a config.json
+the pooling is the class token's output when there is one, else the mean (timm's
 global_pool='token' and 'avg').
 """
+import dataclasses
+import json
+import logging
 import os
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax
 import numpy as np
@@ -21,6 +27,7 @@ import safetensors
 import safetensors.numpy
 import tensorflow as tf
 
+from vit_jax import models
 from vit_jax.checkpoints import npz
 from vit_jax.errors import ConfigError
 
@@ -45,6 +52,88 @@ UNSUPPORTED = {
 _BLOCK = re.compile(r'^blocks\.(\d+)\.')
 _SAFETENSORS_ERRORS = (safetensors.SafetensorError, OSError, ValueError, tf.errors.OpError)
 _SHOWN = 3  # Keys named in a message: enough to recognise the model.
+_POOLS = {True: 'token', False: 'avg'}  # Has a class token -> the pooling the layout holds.
+
+
+@dataclasses.dataclass(frozen=True)
+class HubConfig:
+  """What timm's config.json beside the weights says that their tensors do not."""
+  path: str
+  architecture: str
+  global_pool: Optional[str]  # None in configs older than timm's recording of it.
+  mean: Optional[tuple[float, ...]]
+  std: Optional[tuple[float, ...]]
+
+
+def read_hub_config(weights: str) -> Optional[HubConfig]:
+  """timm's config.json beside `weights`, if there is one; one without 'architecture' is not
+  timm's (transformers' names 'architectures') and is passed over."""
+  path = os.path.join(os.path.dirname(weights), 'config.json')
+  if not tf.io.gfile.exists(path):
+    return None
+  try:
+    with tf.io.gfile.GFile(path) as f:
+      config = json.load(f)
+  except (ValueError, tf.errors.OpError) as e:
+    raise ConfigError(f'{path}, beside the weights, is not readable JSON ({e}): re-download it, '
+                      'or remove it to load the weights without it') from e
+  if not isinstance(config, dict) or not isinstance(config.get('architecture'), str):
+    return None
+  pretrained = config.get('pretrained_cfg') or {}
+  pool = config.get('global_pool', (config.get('model_args') or {}).get('global_pool'))
+  as_tuple = lambda values: tuple(map(float, values)) if values else None
+  return HubConfig(path, config['architecture'], pool, as_tuple(pretrained.get('mean')),
+                   as_tuple(pretrained.get('std')))
+
+
+def load(path: str, model: Optional[str],
+         model_overrides: dict[str, Any]) -> tuple[str, Params]:
+  """The model a timm file is for (the named one, else the one its config.json names) and its
+  params in the released layout."""
+  hub = read_hub_config(path)
+  model = _model_name(path, model, hub)
+  named = models.create(model, num_classes=1, **model_overrides)
+  params = load_safetensors(path, named.hidden_size, named.num_heads)
+  if hub:
+    _check_pooling(hub, has_class_token='cls' in params)
+    _warn_of_assumptions(hub, model, named.num_heads)
+  return model, params
+
+
+def _model_name(path: str, model: Optional[str], hub: Optional[HubConfig]) -> str:
+  ours = models.released_name(hub.architecture) if hub else None
+  if model and ours and model != ours:
+    raise ConfigError(f"checkpoint {path} holds timm's {hub.architecture} (its config.json says), "
+                      f'which is {ours} here, not {model}: name {ours} as the model')
+  if model or ours:
+    return model or ours
+  said = (f" (its config.json names timm's {hub.architecture}, which has no name here)" if hub
+          else '')
+  raise ConfigError(f'{path} holds no architecture{said}: name the model it was trained as '
+                    '(e.g. ViT-B_16)')
+
+
+def _check_pooling(hub: HubConfig, has_class_token: bool) -> None:
+  """The released layout pools the class token's output, or the mean when it has none."""
+  if hub.global_pool in (None, _POOLS[has_class_token]):
+    return
+  if hub.global_pool == 'avg':
+    what = "the mean of the patch tokens beside a class token (global_pool='avg')"
+  else:
+    what = f'global_pool={hub.global_pool!r}'
+  raise ConfigError(f'{hub.path} pools {what}, which the released ViT layout does not hold: only '
+                    "timm's global_pool='token' (with a class token) or 'avg' (without one) load")
+
+
+def _warn_of_assumptions(hub: HubConfig, model: str, num_heads: int) -> None:
+  if not models.released_name(hub.architecture):
+    logging.warning("%s: timm's %s is not one of its plain ViTs (vit_<size>_patch<N>_<res>), so "
+                    "its head count is taken as %s's (%d); if timm's is another, its outputs "
+                    'here are wrong', hub.path, hub.architecture, model, num_heads)
+  if not all(np.allclose(values, 0.5) for values in (hub.mean or 0.5, hub.std or 0.5)):
+    logging.warning('%s: its weights expect inputs normalised by mean %s and std %s; vit_jax '
+                    'scales them to [-1, 1] (mean = std = 0.5), so until fine-tuned its outputs '
+                    'are off', hub.path, hub.mean, hub.std)
 
 
 def is_safetensors(path: str) -> bool:

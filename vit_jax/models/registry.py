@@ -53,7 +53,7 @@ def names() -> list[str]:
   return list(RELEASED + CPU_SIZED)
 
 
-def _released_name(name: str) -> Optional[str]:
+def released_name(name: str) -> Optional[str]:
   """The released name of a big_vision variant ('S/16') or of a timm model of the same
   architecture (vit_small_patch16_224, deit_small_patch16_224.fb_in1k); not of timm's variants
   (vit_base_patch16_gap_224, *_rope_*), whose head counts or layers differ."""
@@ -67,7 +67,7 @@ def _released_name(name: str) -> Optional[str]:
 def _parse(name: str) -> dict[str, Any]:
   match = _NAME.match(name)
   if not match or match['size'] not in SIZES or (match['stem'] and match['stem'] not in STEMS):
-    released = _released_name(name)
+    released = released_name(name)
     parsed = _NAME.match(released or '')
     close = ([released] if parsed and parsed['size'] in SIZES
              else difflib.get_close_matches(name, names(), n=1))
