@@ -221,6 +221,9 @@ def test_the_hub_config_beside_the_file_names_its_model(tmp_path):
   path = _hub_snapshot(tmp_path / 'ti', state, 'vit_tiny_patch16_224')
   pretrained = restore.load(path)  # No model named: its config.json's, ViT-Ti_16.
   assert pretrained.model == 'ViT-Ti_16'
+  from_folder = restore.load(str(tmp_path / 'ti'))  # The folder, as timm takes it.
+  assert (from_folder.model, from_folder.source) == ('ViT-Ti_16', path)
+  param_trees.assert_bit_identical(from_folder.params, pretrained.params)
   assert pretrained.params['Transformer']['encoderblock_11']['MlpBlock_3']['Dense_0'][
       'kernel'].shape == (192, 768)
   assert classify.load_checkpoint(path).model.num_heads == 3
@@ -284,6 +287,12 @@ def test_a_broken_or_foreign_config_json_beside_the_file(tmp_path):
   # transformers' config.json, not timm's: passed over.
   assert restore.load(path, 'ViT-Mu_4').model == 'ViT-Mu_4'
   (tmp_path / 'config.json').write_text('{"architecture": "vit_tiny_patch16_224", ')
+  (tmp_path / 'torch').mkdir()
+  (tmp_path / 'torch' / 'pytorch_model.bin').write_bytes(b'not read')
+  with pytest.raises(ConfigError, match=r'torch holds pytorch_model\.bin, a pickle, which is not '
+                                        r'read here: save its state dict as model\.safetensors '
+                                        r'beside it \(safetensors\.torch\.save_file\)$'):
+    restore.load(str(tmp_path / 'torch'))
   with pytest.raises(ConfigError, match=r'config\.json, beside the weights, is not readable JSON '
                                         r'\(.*\): re-download it, or remove it to load the '
                                         'weights without it$') as error:

@@ -4,8 +4,8 @@ from absl import flags
 
 from vit_jax.data import pp_options
 
-CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A training workdir, a .npz or timm\'s '
-                                 '.safetensors.')
+CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A training workdir, a .npz, or timm\'s '
+                                 '.safetensors or the hub folder holding it.')
 MODEL = flags.DEFINE_string('model', None, 'Model name, e.g. ViT-B_16 (needed for a file, unless '
                             "timm's config.json beside it names it).")
 IMAGE_SIZE = flags.DEFINE_integer('image_size', None, 'The resolution it was trained at '

@@ -1,5 +1,6 @@
-"""The paper's analyses of a checkpoint (a workdir or a released-layout `.npz`) on image files or
-on a dataset split, preprocessed as the model's eval split was: what `vit_jax.analyze` runs."""
+"""The paper's analyses of a checkpoint (a workdir, a released-layout `.npz` or timm's
+`.safetensors`) on image files or on a dataset split, preprocessed as the model's eval split
+was: what `vit_jax.analyze` runs."""
 from typing import Optional, Sequence
 
 import ml_collections

@@ -2,8 +2,9 @@
 
 Fine-tuning, export and few-shot evaluation all start from "a checkpoint": either a training
 workdir (its newest Orbax checkpoint; the architecture is read from the config saved with it) or
-a `.npz` in the released layout, or timm's `.safetensors` read into it (timm_layout.py); a file
-holds no config: the caller names the model, and the options its keys show are read from them.
+a `.npz` in the released layout, or timm's `.safetensors` (or a hub folder holding one) read
+into it (timm_layout.py); a file holds no config: the caller names the model (timm's config.json
+can), and the options its keys show are read from them.
 Only the params are read from Orbax (their Polyak average, if the run kept one): the optimizer
 state is neither needed nor restorable into another recipe's optimizer.
 """
@@ -37,7 +38,7 @@ class Pretrained:
   params: Params
   model: str
   model_overrides: dict[str, Any]
-  source: str  # For messages: 'workdir W (step N)' or the .npz path.
+  source: str  # For messages: 'workdir W (step N...)' or the file's path.
   config: Optional[dict[str, Any]] = None  # The pre-training config (workdirs only).
   requested_image_size: Optional[int] = None  # A reader's --image_size, over the config's.
   requested_crop: Optional[str] = None  # A reader's --crop, over the config's.
@@ -115,7 +116,7 @@ def _check_exists(path: str) -> None:
 def load_for_reading(path: str, model: Optional[str] = None, image_size: Optional[int] = None,
                      crop: Optional[str] = None) -> Pretrained:
   """`load` for the commands that only read params (infer, analyze, few-shot): their --model
-  names a `.npz`'s architecture; naming another one for a workdir is a mistake, not ignored.
+  names a file's architecture; naming another one for a workdir is a mistake, not ignored.
   Their --image_size and --crop override the resolution a config gives or position embeddings
   suggest, and the config's eval crop."""
   pretrained = load(path, model)
@@ -134,6 +135,7 @@ def load(path: str, model: Optional[str] = None,
   """Reads a workdir's newest checkpoint, a `.npz` or timm's `.safetensors` (for a file, `model` is
   required, unless timm's config.json beside it names one of timm's plain ViTs)."""
   _check_exists(path)
+  path = timm_layout.weights_of_folder(path)
   # A workdir is a folder; a file is a .npz, or timm's .safetensors.
   if timm_layout.is_safetensors(path):
     model, params = timm_layout.load(path, model, model_overrides or {})

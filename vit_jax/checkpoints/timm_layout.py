@@ -140,6 +140,20 @@ def is_safetensors(path: str) -> bool:
   return path.lower().endswith('.safetensors')
 
 
+def weights_of_folder(path: str) -> str:
+  """A hub folder (timm's save_for_hf, a snapshot in the hub's cache) stands for the
+  model.safetensors in it, as for timm; any other path is itself."""
+  if not tf.io.gfile.isdir(path) or tf.io.gfile.exists(os.path.join(path, 'checkpoints')):
+    return path
+  weights = os.path.join(path, 'model.safetensors')
+  if tf.io.gfile.exists(weights):
+    return weights
+  if tf.io.gfile.exists(os.path.join(path, 'pytorch_model.bin')):
+    raise ConfigError(f'{path} holds pytorch_model.bin, a pickle, which is not read here: save its '
+                      'state dict as model.safetensors beside it (safetensors.torch.save_file)')
+  return path
+
+
 def _read(path: str) -> dict[str, np.ndarray]:
   """The file's tensors, as stored; object stores (gs://) through tf.io.gfile."""
   if os.path.isdir(path):

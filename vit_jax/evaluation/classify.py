@@ -119,9 +119,9 @@ class Checkpoint:
 
 def load_checkpoint(path: str, model: Optional[str] = None, image_size: Optional[int] = None,
                     crop: Optional[str] = None) -> Checkpoint:
-  """A workdir's newest params and architecture, or a `.npz` of the named `model` (float32);
-  `image_size` and `crop` override the resolution its config gives or its position embeddings
-  suggest, and its eval crop."""
+  """A workdir's newest params and architecture, or a `.npz` or timm `.safetensors` of the named
+  `model` (float32); `image_size` and `crop` override the resolution its config gives or its
+  position embeddings suggest, and its eval crop."""
   pretrained = restore.load_for_reading(path, model, image_size, crop)
   flax_model = pretrained.create_model(pretrained.num_classes, dtype='float32')
   params = restore.checked_params(pretrained, flax_model)

@@ -38,7 +38,8 @@ def paper_config(dataset: str, *, total_steps: int, base_lr: float, model: str =
   500-step run warms up for 100, as the released AugReg fine-tuning config does).
   """
   config = ml_collections.ConfigDict()
-  config.init = ''  # A pre-training workdir or a released-layout .npz (then `model` names it).
+  # A pre-training workdir, a released-layout .npz or timm's .safetensors (`model` names a file's).
+  config.init = ''
   config.keep_pre_logits = False  # The paper drops the pre-logits layer when transferring.
   config.model = model
   # None: the checkpoint's setting. Listed so that `--config.model_overrides.scan=True` works.

@@ -1,7 +1,9 @@
 """The pre-training loop: data -> jitted step -> metrics, evaluation and checkpoints.
 
-No host sync inside the loop except every `progress_every` steps (metrics fetched as one
-window) and at checkpoints (the loss is checked finite before a state is saved).
+No host sync on a training step's path except every `progress_every` steps (metrics fetched
+as one window) and at checkpoints (the loss is checked finite before a state is saved); the first
+step (its compile time), evaluations, few-shot probes and a profile's first and last steps wait
+for the device too.
 """
 import contextlib
 import json
@@ -166,7 +168,8 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def _fewshot_evaluator(exp: Experiment):
-  """config.fewshot's few-shot probe, or None (imported here: that module imports this one)."""
+  """config.fewshot's few-shot probe, or None (imported here: it loads scikit-learn, which runs
+  without a probe do not need)."""
   if not exp.config.get('fewshot'):
     return None
   from vit_jax.evaluation import fewshot  # pylint: disable=g-import-not-at-top

@@ -12,7 +12,8 @@ MOMENT_DTYPES = ('float32', 'bfloat16')
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warmup to `base_lr`, then cosine / linear decay to 0 at `total_steps` (or constant)."""
+  """Linear warmup to `base_lr`, then cosine / linear decay to `base_lr * lr_end_fraction` (0
+  unless set) at `total_steps`, or constant."""
   decay_type = config.get('decay_type', 'cosine')
   if decay_type not in DECAY_TYPES:
     raise ConfigError(f'decay_type={decay_type!r} is not one of {DECAY_TYPES}')
