@@ -11,6 +11,7 @@ from absl import flags
 from ml_collections import config_flags
 
 import config_files
+from vit_jax import models
 from vit_jax.data import pp_options
 from vit_jax.errors import ConfigError
 from vit_jax.training import experiment
@@ -108,7 +109,6 @@ def test_imagenet21k_recipe_is_table_3(name):
   assert config.model_overrides.representation_size == CONFIGS[name][1]
   assert config.model_overrides.head_bias_init == -10.0
   assert config.loss == 'sigmoid_xent'
-  assert config.epochs == EPOCHS_21K[name]
   assert config.total_steps == math.ceil(EPOCHS_21K[name] * 13_913_180 / 4096)
   assert config.mesh == 'data:-1' and config.dtype == 'bfloat16'
   assert config.pp.train.crop == 'inception' and config.pp.train.flip
@@ -130,7 +130,6 @@ def test_imagenet2012_recipe_is_table_3(name):
   assert config.model_overrides.representation_size == CONFIGS[name][1]
   assert config.model_overrides.head_bias_init == 0.0
   assert config.loss == 'softmax_xent'
-  assert config.epochs == 300
   assert config.total_steps == 93_836  # ceil(300 * 1,281,167 / 4096)
   assert config.mesh == 'data:-1' and config.dtype == 'bfloat16'
 
@@ -210,6 +209,18 @@ def test_finetune_compute_options_default_to_the_checkpoints(flags_given):
   assert overrides.get('dropout_rate') == (0.2 if flags_given else None)
 
 
+def test_a_finetune_config_trained_from_scratch_builds_the_models_defaults():
+  """Its None overrides mean the checkpoint's; without one (vit_jax.main), the model's own: a
+  dropout rate of None failed in the first training step."""
+  config = config_files.get_config('finetune/digits')
+  model = experiment.build(config, num_classes=10).model
+  default = models.create(config.model, num_classes=10)
+  for option in ('dropout_rate', 'scan', 'remat', 'attention_impl'):
+    assert getattr(model, option) == getattr(default, option), option
+  config.model_overrides.dropout_rate = 0.2
+  assert experiment.build(config, num_classes=10).model.dropout_rate == 0.2
+
+
 @pytest.mark.parametrize('arg', ['imagenet', 'jft300m', 'imagenet21k,extra'])
 def test_bad_argument_is_a_config_error(arg):
   with pytest.raises(ConfigError, match=r'use :imagenet21k or :imagenet2012'):
@@ -267,6 +278,9 @@ def test_cli_runs_a_paper_config_up_to_the_missing_dataset(tmp_path):
      "error: unknown config key 'num_steps': here it is --config.total_steps"),
     (['--config=configs/finetune/imagenet2012.py', '--config.ema_decay=0.9999'],
      "error: unknown config key 'ema_decay': here it is --config.polyak_decay"),
+    # The paper recipes' epochs were a key that changed nothing.
+    (['--config=configs/vit_b16.py:imagenet21k', '--config.epochs=30'],
+     "error: unknown config key 'epochs': here it is --config.total_steps (steps, not epochs)"),
     (['--config=configs/default.py', '--config.batch=many'],
      "error: flag --config.batch=many: invalid literal for int()"),
     # A stray word (here a subcommand another trainer has) was absl's whole help text.

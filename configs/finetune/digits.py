@@ -13,11 +13,10 @@ input channels come from the pre-training workdir: its saved architecture (now R
 Measured with the earlier default, ViT-Mu_4, pre-trained for 800 steps with configs/default.py
 (74.7% on Fashion-MNIST); 2-core CPU; digits test split, 297 images, so +-1.7 points is one
 standard error. Against the same recipe from scratch, which trains this config's `model`
-(ViT-Mu_4); the model overrides are None (the checkpoint's) here and must be given:
+(ViT-Mu_4; the model overrides left None, the checkpoint's when fine-tuning, are the model's
+defaults there):
 
-  python -m vit_jax.main --config=configs/finetune/digits.py --workdir=workdirs/digits_scratch \
-      --config.model_overrides.scan=False --config.model_overrides.remat=none \
-      --config.model_overrides.attention_impl=auto
+  python -m vit_jax.main --config=configs/finetune/digits.py --workdir=workdirs/digits_scratch
 
   budget                         lr     fine-tuned  from scratch
   300 steps (this config)        0.03   83.2%       73.1%

@@ -99,18 +99,13 @@ def with_architecture(config: ml_collections.ConfigDict, model: str,
   config = ml_collections.ConfigDict(config.to_dict())
   dropped = PRETRAIN_ONLY + (() if config.get('keep_pre_logits') else ('representation_size',))
   overrides = {k: v for k, v in model_overrides.items() if k not in dropped}
-  overrides.update(_given_overrides(config))
+  overrides.update(experiment.given_model_overrides(config))
   for key, value in (('model', model), ('channels', channels)):
     if config.get(key) != value:
       logging.info('config.%s=%s replaced by %s, the checkpoint\'s', key, config.get(key), value)
     config[key] = value
   config.model_overrides = overrides
   return config
-
-
-def _given_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The fine-tune config's model overrides, less those left None (the checkpoint's)."""
-  return {k: v for k, v in (config.get('model_overrides') or {}).items() if v is not None}
 
 
 def initial_state(exp: experiment.Experiment, pretrained: restore.Pretrained, *,
@@ -183,7 +178,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _check_resumes_the_same_init(saved, config.init, workdir)
     architecture = (saved['model'], saved.get('model_overrides') or {}, saved.get('channels', 3))
   else:  # For a .npz, the model is config.model; for a workdir, the one it was trained as.
-    pretrained = restore.load(config.init, config.model, _given_overrides(config))
+    pretrained = restore.load(config.init, config.model, experiment.given_model_overrides(config))
     architecture = (pretrained.model, pretrained.model_overrides, pretrained.channels)
   config = with_architecture(config, *architecture)
   exp = experiment.build(config)
