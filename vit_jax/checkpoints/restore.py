@@ -94,7 +94,7 @@ class Pretrained:
     stem_stride = models.patch_on_image(model)[0] // model.patch_size[0]
     return range(largest - stem_stride + 1, largest + 1)
 
-  def create_model(self, num_classes: int, **overrides) -> Any:
+  def create_model(self, num_classes: int, **overrides: Any) -> Any:
     """The flax module of this architecture (overrides such as dtype or scan on top)."""
     return models.create(self.model, num_classes=num_classes,
                          **(self.model_overrides | overrides))

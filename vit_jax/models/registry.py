@@ -110,7 +110,7 @@ def _model_kwargs(name: str, num_classes: int, **overrides) -> dict[str, Any]:
   return kwargs
 
 
-def create(name: str, num_classes: int = 1000, **overrides) -> VisionTransformer:
+def create(name: str, num_classes: int = 1000, **overrides: Any) -> VisionTransformer:
   """The flax module for a named variant; `overrides` replace any field (dtype may be a string)."""
   kwargs = _model_kwargs(name, num_classes, **overrides)
   patch = kwargs['patch_size']
@@ -126,7 +126,7 @@ def create(name: str, num_classes: int = 1000, **overrides) -> VisionTransformer
   return VisionTransformer(**kwargs)
 
 
-def _dtype(name: str) -> Optional[Any]:
+def _dtype(name: str) -> Any:
   if name not in _DTYPES:
     raise ConfigError(f'unknown dtype {name!r}: use one of {list(_DTYPES)}')
   return _DTYPES[name]

@@ -35,7 +35,7 @@ def weight_standardize(w: jnp.ndarray, axis: int | tuple[int, ...], eps: float) 
 class StdConv(nn.Conv):
   """Conv whose kernel is weight-standardised on every use (the stored kernel stays raw)."""
 
-  def param(self, name, *args, **kwargs):  # pylint: disable=arguments-differ
+  def param(self, name: str, *args: Any, **kwargs: Any) -> Any:  # pylint: disable=arguments-differ
     value = super().param(name, *args, **kwargs)
     if name == 'kernel':
       value = weight_standardize(value, axis=(0, 1, 2), eps=1e-5)
