@@ -216,7 +216,9 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(prepared_data_dir, tm
 
 # Two processes save checkpoints 1 and 2 of an array sharded over both, then restore: with
 # --case=failed_read, process 1's read of step 2 fails (raised before orbax's read, as a failed
-# read is); with --case=unshared, process 1 looks in another directory.
+# read is); with --case=unshared, process 1 looks in another directory; with --case=changed, the
+# state restored holds another array, and with --case=changed_unread process 1 cannot read the
+# checkpoints' tree.
 _RESTORE_ON_TWO_PROCESSES = """
 import numpy as np
 args = dict(a[2:].split('=', 1) for a in sys.argv[1:])
@@ -235,7 +237,13 @@ with Checkpointer(args['workdir'], async_save=False) as checkpointer:
   for step in (1, 2):
     checkpointer.save(step, state(step), {'step': step})
 unshared = args['case'] == 'unshared' and pid == 1
+if args['case'].startswith('changed'):
+  abstract['b'] = abstract['w']
 with Checkpointer(args['workdir'] + ('/elsewhere' if unshared else '')) as checkpointer:
+  if args['case'] == 'changed_unread' and pid == 1:
+    def unreadable(step):
+      raise OSError('injected read error')
+    checkpointer.state_metadata = unreadable
   if args['case'] == 'failed_read' and pid == 1:
     read = checkpointer._restore_retrying_once
     def failing(step, abstract_state):
@@ -280,6 +288,21 @@ def test_processes_that_list_different_checkpoints_all_stop(tmp_path):
     assert line.startswith(f'[{i}] error: the processes list different checkpoints in ')
     assert line.endswith('(count, newest step per process: [[2, 2], [0, -1]]): the workdir '
                          'must be on storage that every process shares')
+
+
+@pytest.mark.parametrize('case', ['changed', 'changed_unread'])
+def test_a_changed_state_stops_every_process_in_one_line(case, tmp_path):
+  """Also when one process cannot read the checkpoints' tree: it took the old fallback alone
+  ("unreadable, trying an older one", then another error) while the others named the change."""
+  out = _restore_on_two_processes(tmp_path, case)
+  lines = sorted(line for line in out.splitlines() if 'error:' in line)
+  assert len(lines) == 2 and 'unreadable' not in out, out[-3000:]
+  named = "this config builds (only in this config's state: b): resume"
+  told = ('this config builds (as process 0 read their tree, which this process could not: its '
+          'log names the arrays): resume' if case == 'changed_unread' else named)
+  for i, line in enumerate(lines):
+    assert line.startswith(f'[{i}] error: the checkpoints in '), line
+    assert (named if i == 0 else told) in line, line
 
 
 def _no_cluster_env(monkeypatch) -> list:

@@ -184,7 +184,9 @@ class Checkpointer:
     """A state of another structure (a changed model, optimizer or averaging) is one line
     naming the arrays that differ, before any is read: every step would fail alike, each
     after a read, a retry and an "unreadable" warning. Checked on the newest step whose
-    metadata reads (a corrupt one is left to the fallback)."""
+    metadata reads (a corrupt one is left to the fallback); processes agree on the verdict,
+    so that one whose reads failed does not take the fallback alone."""
+    differences = []
     for step in reversed(steps):
       try:
         saved = _retrying_once(functools.partial(self.state_metadata, step),
@@ -194,12 +196,17 @@ class Checkpointer:
       differences = _structure_differences(
           ocp.tree.to_flat_dict(saved),
           ocp.tree.to_flat_dict(ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True)))
-      if differences:
-        raise StateStructureChanged(
-            f'the checkpoints in {self.manager.directory} hold another train state than this '
-            f'config builds ({"; ".join(differences)}): resume with the config they were '
-            'written with, or train afresh in another workdir')
-      return
+      break
+    if jax.process_count() > 1:
+      found = np.asarray(multihost_utils.process_allgather(np.int32(bool(differences))))
+      if found.any() and not differences:
+        differences = [f'as process {int(found.argmax())} read their tree, which this process '
+                       'could not: its log names the arrays']
+    if differences:
+      raise StateStructureChanged(
+          f'the checkpoints in {self.manager.directory} hold another train state than this '
+          f'config builds ({"; ".join(differences)}): resume with the config they were '
+          'written with, or train afresh in another workdir')
 
   def _check_same_steps_everywhere(self, steps: list[int]) -> None:
     """A process that lists other checkpoints (a workdir not on storage they all share) would
