@@ -298,3 +298,7 @@ def test_a_broken_or_foreign_config_json_beside_the_file(tmp_path):
                                         'weights without it$') as error:
     restore.load(path, 'ViT-Mu_4')
   assert '\n' not in str(error.value)
+  (tmp_path / 'config.json').write_text('{"architecture": "x", "pretrained_cfg": {"mean": 0.5}}')
+  with pytest.raises(ConfigError, match=r"config\.json, beside the weights, is not timm's \(.*\): "
+                                        're-download it'):
+    restore.load(path, 'ViT-Mu_4')

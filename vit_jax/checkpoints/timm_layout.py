@@ -79,11 +79,15 @@ def read_hub_config(weights: str) -> Optional[HubConfig]:
                       'or remove it to load the weights without it') from e
   if not isinstance(config, dict) or not isinstance(config.get('architecture'), str):
     return None
-  pretrained = config.get('pretrained_cfg') or {}
-  pool = config.get('global_pool', (config.get('model_args') or {}).get('global_pool'))
   as_tuple = lambda values: tuple(map(float, values)) if values else None
-  return HubConfig(path, config['architecture'], pool, as_tuple(pretrained.get('mean')),
-                   as_tuple(pretrained.get('std')))
+  try:
+    pretrained = config.get('pretrained_cfg') or {}
+    pool = config.get('global_pool', (config.get('model_args') or {}).get('global_pool'))
+    return HubConfig(path, config['architecture'], pool, as_tuple(pretrained.get('mean')),
+                     as_tuple(pretrained.get('std')))
+  except (AttributeError, TypeError, ValueError) as e:  # Not timm's dicts and lists of numbers.
+    raise ConfigError(f"{path}, beside the weights, is not timm's ({e}): re-download it, or "
+                      'remove it to load the weights without it') from e
 
 
 def load(path: str, model: Optional[str],
