@@ -118,12 +118,16 @@ def plain_run(prepared_data_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize('run,decay,message', [
+    # The average would be lost.
     ('averaged_run', 0.0, r'\(only in the checkpoints: averaged_params/\.\.\. \(72 arrays\)\).*'
                           r"; changed since the newest: (.*; )?polyak_decay: 0.9 -> 0.0(;|$)"),
-    ('plain_run', 0.9, r"\(only in this config's state: averaged_params/\.\.\. \(72 arrays\)\).*"
-                       r"; changed since the newest: (.*; )?polyak_decay: unset -> 0.9(;|$)")])
-def test_switching_averaging_on_a_resume_is_one_line_saying_which(run, decay, message, request,
-                                                                  tmp_path):
+    # Averaging turned on with another change: the one line names both.
+    ('plain_run', 0.9, r"\(another shape in 36 arrays, e\.g\. params/Transformer/encoderblock_0/"
+                       r"MlpBlock_3/Dense_0/bias: \(\d+,\) saved, \(24,\) here; only in this "
+                       r"config's state: averaged_params/\.\.\. \(72 arrays\)\).*; changed since "
+                       r'the newest: (.*; )?model_overrides\.mlp_dim: unset -> 24(;|$)')])
+def test_switching_averaging_off_or_with_another_change_is_one_line(run, decay, message, request,
+                                                                    tmp_path):
   config, workdir = request.getfixturevalue(run)[:2]
   resumed = str(tmp_path / 'resumed')
   shutil.copytree(workdir, resumed)
@@ -131,12 +135,36 @@ def test_switching_averaging_on_a_resume_is_one_line_saying_which(run, decay, me
     steps = checkpointer.all_steps()
   saved_config = open(f'{resumed}/config.json').read()
   config = tiny_config(config.data_dir, polyak_decay=decay, total_steps=40)
+  if run == 'plain_run':
+    config.model_overrides.mlp_dim = 24
   with pytest.raises(ConfigError, match=message) as error:
     loop.train_and_evaluate(config, resumed)
   assert '\n' not in str(error.value)
   with Checkpointer(resumed, read_only=True) as checkpointer:
     assert checkpointer.all_steps() == steps  # Nothing set aside or lost.
   assert open(f'{resumed}/config.json').read() == saved_config
+
+
+def test_averaging_turned_on_when_resuming_starts_at_the_checkpoints_params(plain_run, tmp_path,
+                                                                           caplog):
+  config, workdir = plain_run
+  resumed = str(tmp_path / 'resumed')
+  shutil.copytree(workdir, resumed)
+  _, at_10 = _saved_state(config, resumed)
+  config = tiny_config(config.data_dir, polyak_decay=0.9, total_steps=11, eval_every=0)
+  with caplog.at_level('WARNING'):
+    loop.train_and_evaluate(config, resumed)
+  assert ('polyak_decay=0.9 is new since the checkpoint at step 10: the average starts at that '
+          "step's params") in caplog.text
+  _, at_11 = _saved_state(config, resumed)
+  assert int(at_11.step) == 11
+  decay = min(0.9, (1 + 11) / (10 + 11))  # Warmed up by the steps before, as a fresh run's.
+  for key, value in param_trees.flat(at_11.averaged_params).items():
+    np.testing.assert_allclose(value, decay * param_trees.flat(at_10.params)[key]
+                               + (1 - decay) * param_trees.flat(at_11.params)[key],
+                               rtol=1e-5, atol=1e-7, err_msg=key)
+  assert not np.allclose(param_trees.flat(at_11.params)['head/kernel'],
+                         param_trees.flat(at_10.params)['head/kernel'], atol=1e-5)
 
 
 @pytest.mark.parametrize('decay,total_steps,reached', [

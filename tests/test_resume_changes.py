@@ -1,5 +1,6 @@
 """Resuming with another config: each setting changed since the checkpoint is named, and a train
-state of another structure (a changed model, optimizer, scan layout or averaging) is refused in
+state of another structure (a changed model, optimizer, scan layout; averaging switched off, in
+test_polyak.py) is refused in
 one line before any array is read, every checkpoint kept. Same tiny recipe as test_resume.py.
 """
 import logging
@@ -62,7 +63,7 @@ def test_another_mesh_resumes_and_an_unchanged_config_says_so(baseline, tmp_path
   with Checkpointer(workdir, read_only=True) as checkpointer, pytest.raises(
       ConfigError, match=r'another shape .*; no setting changed since the newest: the code or '
       'the optax or flax release that wrote them built another state$'):
-    loop._restore(checkpointer, changed.abstract_state, config)  # pylint: disable=protected-access
+    loop._restore(checkpointer, changed, config)  # pylint: disable=protected-access
 
 
 def test_the_structure_is_checked_on_the_newest_step_whose_metadata_reads(baseline, tmp_path):

@@ -114,26 +114,45 @@ def config_changes(saved: Optional[dict], config: ml_collections.ConfigDict) -> 
           for key in sorted((old.keys() | new.keys()) - added_off) if old.get(key) != new.get(key)]
 
 
-def _restore(checkpointer: Checkpointer, abstract_state: Any,
+def _restore(checkpointer: Checkpointer, exp: Experiment,
              config: ml_collections.ConfigDict) -> tuple[Any, Optional[dict]]:
   """The newest checkpoint; when none fits this config's state, the error names the settings
   changed since the newest was written, or that none did."""
   try:
-    return checkpointer.restore_latest(abstract_state)
+    return checkpointer.restore_latest(exp.abstract_state)
+  except StateStructureChanged as e:
+    resumed = _start_average(checkpointer, exp) if exp.keeps_average else None
+    if resumed:
+      return resumed
+    error = e
   except ConfigError as e:
-    try:
-      saved = checkpointer.restore_meta().get('config')
-    except Exception:  # pylint: disable=broad-except
-      saved = None
-    if saved is None:  # An unreadable meta: the error above stands as it is.
-      raise
-    changes = config_changes(saved, config)
-    if changes:
-      raise ConfigError(f'{e}; changed since the newest: {"; ".join(changes)}') from e
-    if isinstance(e, StateStructureChanged):
-      raise ConfigError(f'{e}; no setting changed since the newest: the code or the optax or '
-                        'flax release that wrote them built another state') from e
-    raise
+    error = e
+  try:
+    saved = checkpointer.restore_meta().get('config')
+  except Exception:  # pylint: disable=broad-except
+    saved = None
+  if saved is None:  # An unreadable meta: the error above stands as it is.
+    raise error
+  changes = config_changes(saved, config)
+  if changes:
+    raise ConfigError(f'{error}; changed since the newest: {"; ".join(changes)}') from error
+  if isinstance(error, StateStructureChanged):
+    raise ConfigError(f'{error}; no setting changed since the newest: the code or the optax or '
+                      'flax release that wrote them built another state') from error
+  raise error
+
+
+def _start_average(checkpointer: Checkpointer,
+                   exp: Experiment) -> Optional[tuple[Any, dict]]:
+  """Averaging turned on since the checkpoint, and nothing else in the state changed: the
+  average starts at its params (as a fresh run's starts at the initial ones)."""
+  try:
+    state, meta = checkpointer.restore_latest(state_lib.without_average(exp.abstract_state))
+  except StateStructureChanged:
+    return None  # Something else changed too: the first error names it all.
+  logging.warning('polyak_decay=%s is new since the checkpoint at step %d: the average starts at '
+                  "that step's params", exp.config.polyak_decay, int(state.step))
+  return jax.jit(state_lib.with_average, out_shardings=exp.state_shardings)(state), meta
 
 
 def _polyak_note(decay: float, total_steps: int) -> str:
@@ -201,7 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   check_not_a_file(workdir, 'workdir')
   tf.io.gfile.makedirs(workdir)
   with Checkpointer(workdir, keep=config.get('keep_checkpoints', 3)) as checkpointer:
-    state, meta = _restore(checkpointer, exp.abstract_state, config)
+    state, meta = _restore(checkpointer, exp, config)
     save_config(config, workdir)  # After the restore: a config that cannot resume keeps the old.
     if state is None:
       state = initial_state if initial_state is not None else exp.init_state()

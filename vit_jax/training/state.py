@@ -32,9 +32,18 @@ def fresh_state(params: Any, tx: optax.GradientTransformation,
                 averaged: bool = False) -> TrainState:
   """Step 0 from `params`: a new optimizer state and, if `averaged`, an average started at them."""
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-  if not averaged:
-    return state
-  return AveragedTrainState(**vars(state), averaged_params=params)
+  return with_average(state) if averaged else state
+
+
+def with_average(state: TrainState) -> AveragedTrainState:
+  """`state` with a Polyak average started at its params (at step 0, or where a resumed run
+  turns averaging on)."""
+  return AveragedTrainState(**vars(state), averaged_params=state.params)
+
+
+def without_average(state: TrainState) -> TrainState:
+  """The plain train state (of a state or of its abstract shapes)."""
+  return TrainState(step=state.step, params=state.params, opt_state=state.opt_state)
 
 
 def eval_params(state: TrainState) -> Any:
