@@ -395,7 +395,8 @@ def test_mistakes_are_config_errors(prepared_data_dir, call, message):
 def test_unprepared_data_dir_says_where_and_how(tmp_path):
   with pytest.raises(ConfigError) as e:
     ip.get_info('cifar10', 'train', str(tmp_path))
-  assert str(tmp_path) in str(e.value) and 'tfds build cifar10' in str(e.value)
+  assert str(tmp_path) in str(e.value)
+  assert f'python -m vit_jax.datasets prepare cifar10 --data_dir={tmp_path}' in str(e.value)
   with pytest.raises(ConfigError) as e:
     ip.get_info('fashion_mnist', 'train', str(tmp_path))
   assert 'python -m vit_jax.datasets prepare fashion_mnist' in str(e.value)
@@ -452,10 +453,22 @@ def test_cli_prepare_describes_the_folders_own_splits(tmp_path):
 
 def test_cli_prints_one_line_errors(tmp_path):
   result = subprocess.run(
-      [sys.executable, '-m', 'vit_jax.datasets', 'prepare', 'cifar10',
+      [sys.executable, '-m', 'vit_jax.datasets', 'prepare', 'my_photos',
        f'--data_dir={tmp_path}'], capture_output=True, text=True, check=False)
   assert result.returncode == 2
-  assert result.stderr.strip().splitlines()[-1].startswith("error: cannot prepare 'cifar10'")
+  assert result.stderr.strip().splitlines()[-1].startswith("error: cannot prepare 'my_photos'")
+  # A catalogue dataset is its TFDS builder's to prepare (`tfds build` needs apache_beam).
+  result = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.datasets', 'prepare', 'imagenet2012',
+       f'--manual_dir={tmp_path / "none"}', f'--data_dir={tmp_path}'], capture_output=True,
+      text=True, check=False)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == (
+      f'error: preparing imagenet2012 failed (AssertionError: Manual directory {tmp_path}/none '
+      'does not exist or is empty. Create it and download/extract dataset artifacts in there '
+      'using instructions): its builder downloads its files, or reads those downloaded by hand '
+      "from --manual_dir (imagenet2012's): run this where they are available, or copy a "
+      f'prepared {tmp_path}/imagenet2012 here')
   result = subprocess.run(
       [sys.executable, '-m', 'vit_jax.datasets', 'info', 'cifar10', f'--data_dir={tmp_path}'],
       capture_output=True, text=True, check=False)
@@ -469,5 +482,5 @@ def test_cli_usage_names_every_flag():
   with pytest.raises(ConfigError) as e:
     datasets.main(['datasets', 'info'])
   names = [flag.name for flag in flags.FLAGS.get_flags_for_module(datasets)]
-  assert sorted(names) == ['data_dir', 'source', 'split']
+  assert sorted(names) == ['data_dir', 'manual_dir', 'source', 'split']
   assert all(f'[--{name}=' in str(e.value) for name in names), str(e.value)

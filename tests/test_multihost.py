@@ -26,7 +26,6 @@ import numpy as np
 import pytest
 
 import config_files
-import param_trees
 from test_local_launch import LOCAL, fake_module
 from vit_jax import sharding
 from vit_jax.checkpoints import restore

@@ -1,4 +1,6 @@
-"""Throughput and MFU of the real step: `python -m vit_jax.bench --config=configs/vit_s16.py`.
+"""Throughput and MFU of the real step:
+`python -m vit_jax.bench --config=configs/vit_s16.py --config.batch=16` (the recipe's 4096 is a
+pod's: `python -m vit_jax.plan` tells what fits a device).
 
   --what=train (default) | eval | data;  --steps=N timed steps (batches for data);  --json;
   --profile_dir=DIR: a trace of a few more steps (TensorBoard's profile plugin / XProf read it)

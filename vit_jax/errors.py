@@ -72,9 +72,15 @@ def _is_permission_error(error: BaseException) -> bool:
   return type(error).__name__ == 'PermissionDeniedError'
 
 
+def _is_out_of_memory(error: BaseException) -> bool:
+  """XLA's error for buffers larger than the device (by name: jax is not imported here)."""
+  return (type(error).__name__ in ('JaxRuntimeError', 'XlaRuntimeError')
+          and str(error).startswith('RESOURCE_EXHAUSTED'))
+
+
 def cli_main(main: Callable) -> Callable:
-  """Wraps an absl `main` so a ConfigError, or a path without permission, exits with one line
-  instead of a traceback."""
+  """Wraps an absl `main` so a ConfigError, a path without permission, or a batch too large for
+  the device exits with one line instead of a traceback."""
 
   @functools.wraps(main)
   def wrapped(*args, **kwargs):
@@ -83,6 +89,10 @@ def cli_main(main: Callable) -> Callable:
     except ConfigError as e:
       _exit_with(str(e))
     except Exception as e:  # pylint: disable=broad-except
+      if _is_out_of_memory(e):
+        _exit_with(f'out of memory ({str(e).splitlines()[0]}): lower the batch (--config.batch; '
+                   "infer's --batch_size, fewshot's --batch); python -m vit_jax.plan tells what "
+                   'fits a device')
       if not _is_permission_error(e):
         raise
       _exit_with(f'permission denied ({type(e).__name__}: {e}): pass a path you can write to, '

@@ -5,7 +5,8 @@
 
 Learning rate: the paper sweeps {0.001, 0.003, 0.01, 0.03} and picks the best on a held-out 2%
 of the train split (train[98%:], set `eval_split` to it while sweeping); 0.03 is the released
-code's default. Needs `tfds build cifar10` in TFDS_DATA_DIR.
+code's default. Needs `python -m vit_jax.datasets prepare cifar10` (it downloads) in
+TFDS_DATA_DIR.
 """
 import ml_collections
 

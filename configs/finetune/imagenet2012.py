@@ -5,8 +5,8 @@
 
 Learning rate: the paper sweeps {0.003, 0.01, 0.03, 0.06} and picks the best on a held-out 1%
 of the train split (train[99%:], set `eval_split` to it while sweeping); 0.03 is the released
-code's default. Reports on `validation` (ImageNet's test labels are not public); `tfds build
-imagenet2012` needs the manually downloaded archives.
+code's default. Reports on `validation` (ImageNet's test labels are not public); `python -m
+vit_jax.datasets prepare imagenet2012 --manual_dir=M` needs the archives downloaded by hand in M.
 
 The argument `ViT-L_16` or `ViT-H_14` gives Table 2's fine-tunes of those models: at 512 and
 518 px, evaluating the Polyak average of the params (0.9999, Sec. 4.1), e.g.

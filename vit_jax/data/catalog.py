@@ -22,19 +22,28 @@ def resolve_data_dir(data_dir: str | None) -> str:
 
 def how_to_prepare(name: str, data_dir: str) -> str:
   """The command that prepares `name` in `data_dir` (after a close name it may be a typo of)."""
-  base = name.split('/')[0].split(':')[0]
+  base = _base(name)
   if base in OFFLINE:
     return f'run `python -m vit_jax.datasets prepare {base} --data_dir={data_dir}`'
   catalogue = tfds.list_builders(with_community_datasets=False)
   if base in catalogue:
-    return (f'run `tfds build {base} --data_dir={data_dir}` where the network '
-            '(or its manual download) is available')
+    return (f'run `python -m vit_jax.datasets prepare {base} --data_dir={data_dir}` where the '
+            'network (or its manual download, --manual_dir) is available')
   image_folder = (f'for an image folder ROOT/<split>/<label>/*.jpg run `python -m '
                   f'vit_jax.datasets prepare {base} --source=ROOT --data_dir={data_dir}`')
   # A high cutoff: at difflib's default 0.6, 'birds' would be taken for 'iris'. The image folder
   # advice stays: the recipes' image folder imagenet21k is close to imagenet2012.
   close = difflib.get_close_matches(base, catalogue + _prepared_names(data_dir), n=1, cutoff=0.8)
   return f'did you mean {close[0]!r}? Else, {image_folder}' if close else image_folder
+
+
+def _base(name: str) -> str:
+  """'cifar10' of 'cifar10:3.0.2' or 'imagenet2012/subset'."""
+  return name.split('/')[0].split(':')[0]
+
+
+def in_tfds_catalogue(name: str) -> bool:
+  return _base(name) in tfds.list_builders(with_community_datasets=False)
 
 
 def load_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:

@@ -1,7 +1,7 @@
-"""Turns data shipped by package registries into TFDS datasets on disk, offline.
+"""Turns data shipped by package registries into TFDS datasets on disk, offline; and prepares
+TFDS's catalogue datasets with their own builders where the network (or a manual download) is.
 
-Supported sources (everything else: prepare with TFDS itself, see
-`catalog.how_to_prepare`):
+Supported sources:
 
 * `fashion_mnist`: TFDS's own builder, fed the idx files of Debian's
   `dataset-fashion-mnist` (or `--source` DIR holding the same four .gz files)
@@ -13,6 +13,9 @@ Supported sources (everything else: prepare with TFDS itself, see
   training decodes (TFDS's own decoder makes a GIF or WebP 4-D). Afterwards NAME is used
   like any other dataset name; preparing it again from ROOT does nothing, from another
   folder is refused.
+* any other TFDS catalogue dataset (cifar10, imagenet2012 with `manual_dir`, ...): its builder
+  downloads and prepares it, as `tfds build` would (whose command line in TFDS 4.9 needs
+  apache_beam, which the project does not install).
 """
 import gzip
 import os
@@ -40,8 +43,8 @@ _IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.gif', '.bmp', '.webp')  # tf.io.de
 _STORED_AS_IS = ('.jpg', '.jpeg', '.png')  # The others are stored as PNG.
 
 
-def prepare(name: str, data_dir: str | None = None,
-            source: str | None = None) -> str:
+def prepare(name: str, data_dir: str | None = None, source: str | None = None,
+            manual_dir: str | None = None) -> str:
   """Prepares dataset `name` under `data_dir`; returns the resolved data_dir."""
   data_dir = catalog.resolve_data_dir(data_dir)
   check_not_a_file(data_dir, 'data_dir')
@@ -49,6 +52,8 @@ def prepare(name: str, data_dir: str | None = None,
     _prepare_offline(tfds.builder(name, data_dir=data_dir), source)
   elif source:
     _prepare_image_folder(name, data_dir, source)
+  elif catalog.in_tfds_catalogue(name):
+    _prepare_from_the_catalogue(name, data_dir, manual_dir)
   else:
     raise ConfigError(
         f'cannot prepare {name!r} offline: use {" or ".join(catalog.OFFLINE)}, or an '
@@ -67,6 +72,21 @@ class _LocalFiles:
     return tf.nest.map_structure(
         lambda url: self._files[os.path.basename(urllib.parse.urlparse(url).path)],
         urls)
+
+
+def _prepare_from_the_catalogue(name: str, data_dir: str, manual_dir: str | None) -> None:
+  builder = tfds.builder(name, data_dir=data_dir)
+  if builder.is_prepared():
+    return
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  except Exception as e:  # pylint: disable=broad-except  # Network, manual files: all one line.
+    cause = (str(e).strip().splitlines() or [''])[0].rstrip(':')
+    raise ConfigError(
+        f'preparing {name} failed ({type(e).__name__}: {cause}): its builder downloads its '
+        'files, or reads those downloaded by hand from --manual_dir (imagenet2012\'s): run this '
+        f'where they are available, or copy a prepared {data_dir}/{builder.name} here') from e
 
 
 def _prepare_offline(builder: tfds.core.DatasetBuilder, source: str | None) -> None:
