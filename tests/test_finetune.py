@@ -131,6 +131,22 @@ def test_a_polyak_fine_tune_starts_its_average_at_the_transferred_params(prepare
   assert np.any(param_trees.flat(state.params)['embedding/kernel'])  # The checkpoint's values.
 
 
+def test_a_workdir_trained_from_a_finetune_config_is_read_back(prepared_data_dir, tmp_path):
+  """Its saved config leaves the model overrides None (the checkpoint's, when fine-tuning): the
+  model's defaults, for every reader and for a fine-tune from it (they failed on remat=None)."""
+  config = config_files.get_config('finetune/digits')
+  config.update(data_dir=prepared_data_dir, total_steps=2, warmup_steps=1, eval_every=0,
+                batch=8)
+  workdir = str(tmp_path / 'scratch')
+  loop.train_and_evaluate(config, workdir)
+  pretrained = restore.load(workdir)
+  assert pretrained.model_overrides == {}
+  pretrained.create_model(10)
+  fine_tune = finetune.with_architecture(config, pretrained.model,
+                                         {'remat': None, 'scan': True}, 1)
+  assert dict(fine_tune.model_overrides) == {'scan': True}
+
+
 def test_new_layers_take_the_new_models_own_init(prepared_data_dir, pretrained):
   """The head's bias and a pre-logits layer that pre-training lacked are the values the new
   model's full init gives them, though only they are initialised."""

@@ -242,8 +242,8 @@ def _load_workdir(workdir: str) -> Pretrained:
                         'an older one') from e
   source = f'workdir {workdir} (step {steps[-1]}{", Polyak-averaged params" if averaged else ""})'
   logging.info('loaded the params of %s, a %s', source, config['model'])
-  return Pretrained(params, config['model'], dict(config.get('model_overrides') or {}), source,
-                    config)
+  return Pretrained(params, config['model'], models.given_overrides(config.get('model_overrides')),
+                    source, config)
 
 
 def checked_params(pretrained: Pretrained, model: Any) -> Params:

@@ -2,7 +2,7 @@
 import dataclasses
 import difflib
 import re
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import jax.numpy as jnp
 
@@ -108,6 +108,13 @@ def _model_kwargs(name: str, num_classes: int, **overrides) -> dict[str, Any]:
     raise ConfigError(f'hidden_size {kwargs["hidden_size"]} is not divisible by num_heads '
                       f'{kwargs["num_heads"]}: change one so that it is')
   return kwargs
+
+
+def given_overrides(overrides: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+  """Model overrides less those left None: unset, as a fine-tune config leaves them for the
+  checkpoint's, so the model's own default where none is given (such a config run by
+  vit_jax.main, and the workdirs it writes)."""
+  return {k: v for k, v in (overrides or {}).items() if v is not None}
 
 
 def create(name: str, num_classes: int = 1000, **overrides: Any) -> VisionTransformer:

@@ -161,12 +161,6 @@ def _dataset_num_classes(config: ml_collections.ConfigDict) -> int:
                                  config.get('data_dir')).num_classes
 
 
-def given_model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """config.model_overrides less those left None: a fine-tune config's "the checkpoint's", so the
-  model's own default where no checkpoint gives one (its config run by vit_jax.main)."""
-  return {k: v for k, v in (config.get('model_overrides') or {}).items() if v is not None}
-
-
 def build(config: ml_collections.ConfigDict, *, num_classes: Optional[int] = None,
           devices: Optional[Sequence[jax.Device]] = None) -> Experiment:
   """Validates the config and builds the run's pieces; nothing is allocated or compiled."""
@@ -175,7 +169,7 @@ def build(config: ml_collections.ConfigDict, *, num_classes: Optional[int] = Non
   check_batch(config, mesh)
   if num_classes is None:
     num_classes = config.get('num_classes') or _dataset_num_classes(config)
-  overrides = given_model_overrides(config)
+  overrides = models.given_overrides(config.get('model_overrides'))
   overrides.setdefault('dtype', config.get('dtype', 'float32'))
   model = models.create(config.model, num_classes=num_classes, **overrides)
   schedule = optimizers.learning_rate_schedule(config)

@@ -98,8 +98,9 @@ def with_architecture(config: ml_collections.ConfigDict, model: str,
   """
   config = ml_collections.ConfigDict(config.to_dict())
   dropped = PRETRAIN_ONLY + (() if config.get('keep_pre_logits') else ('representation_size',))
-  overrides = {k: v for k, v in model_overrides.items() if k not in dropped}
-  overrides.update(experiment.given_model_overrides(config))
+  overrides = {k: v for k, v in models.given_overrides(model_overrides).items()
+               if k not in dropped}
+  overrides.update(models.given_overrides(config.get('model_overrides')))
   for key, value in (('model', model), ('channels', channels)):
     if config.get(key) != value:
       logging.info('config.%s=%s replaced by %s, the checkpoint\'s', key, config.get(key), value)
@@ -178,7 +179,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _check_resumes_the_same_init(saved, config.init, workdir)
     architecture = (saved['model'], saved.get('model_overrides') or {}, saved.get('channels', 3))
   else:  # For a .npz, the model is config.model; for a workdir, the one it was trained as.
-    pretrained = restore.load(config.init, config.model, experiment.given_model_overrides(config))
+    pretrained = restore.load(config.init, config.model,
+                              models.given_overrides(config.get('model_overrides')))
     architecture = (pretrained.model, pretrained.model_overrides, pretrained.channels)
   config = with_architecture(config, *architecture)
   exp = experiment.build(config)
