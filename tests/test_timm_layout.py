@@ -58,7 +58,8 @@ def _layer_norm(x, weight, bias):
   return (x - mean) / np.sqrt(var + 1e-6) * weight + bias
 
 
-def _timm_logits(state: dict[str, np.ndarray], images: np.ndarray) -> np.ndarray:
+def _timm_logits(state: dict[str, np.ndarray], images: np.ndarray,
+                 heads: int = HEADS) -> np.ndarray:
   """timm's VisionTransformer.forward in numpy (float64), with its default, exact GELU (the
   released models' is the tanh approximation)."""
   s = {k: v.astype(np.float64) for k, v in state.items()}
@@ -75,8 +76,8 @@ def _timm_logits(state: dict[str, np.ndarray], images: np.ndarray) -> np.ndarray
   for i in range(LAYERS):
     p = f'blocks.{i}.'
     y = linear(_layer_norm(x, s[p + 'norm1.weight'], s[p + 'norm1.bias']), p + 'attn.qkv')
-    q, k, v = y.reshape(b, -1, 3, HEADS, WIDTH // HEADS).transpose(2, 0, 3, 1, 4)
-    logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(WIDTH // HEADS)
+    q, k, v = y.reshape(b, -1, 3, heads, WIDTH // heads).transpose(2, 0, 3, 1, 4)
+    logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(WIDTH // heads)
     weights = np.exp(logits - logits.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
     attended = (weights @ v).transpose(0, 2, 1, 3).reshape(b, -1, WIDTH)
@@ -204,14 +205,15 @@ def test_unreadable_files_and_a_missing_model_are_one_line(tmp_path):
 
 
 def _hub_snapshot(folder, state: dict[str, np.ndarray], architecture: str, pool: str = 'token',
-                  mean: tuple[float, ...] = (0.5,) * 3, std: tuple[float, ...] = (0.5,) * 3) -> str:
+                  mean: tuple[float, ...] = (0.5,) * 3, std: tuple[float, ...] = (0.5,) * 3,
+                  **model_args) -> str:
   """The hub's layout, as timm's save_for_hf writes it: the weights and config.json in one
   folder."""
   folder.mkdir()
   save_file(state, str(folder / 'model.safetensors'))
   (folder / 'config.json').write_text(json.dumps({
       'architecture': architecture, 'num_classes': 5, 'num_features': WIDTH, 'global_pool': pool,
-      'model_args': {'in_chans': 1, 'num_classes': 5, 'global_pool': pool},
+      'model_args': {'in_chans': 1, 'num_classes': 5, 'global_pool': pool, **model_args},
       'pretrained_cfg': {'tag': 'augreg_in21k', 'mean': mean, 'std': std}}))
   return str(folder / 'model.safetensors')
 
@@ -229,7 +231,7 @@ def test_the_hub_config_beside_the_file_names_its_model(tmp_path):
   assert classify.load_checkpoint(path).model.num_heads == 3
   with pytest.raises(ConfigError, match=(
       r"holds timm's vit_tiny_patch16_224 \(its config\.json says\), which is ViT-Ti_16 here, "
-      r'not ViT-S_16: name ViT-Ti_16 as the model$')):
+      r"not ViT-S_16: name ViT-Ti_16 as the model \(--model; fine-tuning's --config\.model\)$")):
     restore.load(path, 'ViT-S_16')
   gap = _hub_snapshot(tmp_path / 'gap', _timm_state(), 'vit_base_patch16_gap_224', 'avg')
   with pytest.raises(ConfigError, match=(
@@ -258,6 +260,20 @@ def test_the_hub_configs_pooling_is_read_or_refused(cls_token, pool, refusal, tm
   assert checkpoint.model.classifier == {'token': 'token', 'avg': 'gap'}[pool]
   ours = checkpoint.model.apply({'params': checkpoint.params}, jnp.asarray(_images(), jnp.float32))
   theirs = _timm_logits(state, _images())
+  np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-5 * np.abs(theirs).max())
+
+
+def test_a_head_count_the_hub_config_gives_is_the_models(tmp_path, caplog):
+  """timm records num_heads in model_args when create_model was given it: read, the logits are
+  timm's, and nothing is assumed (no warning)."""
+  state = _timm_state()
+  path = _hub_snapshot(tmp_path / 'hub', state, 'vit_mu_patch4_8', num_heads=4)
+  with caplog.at_level(logging.WARNING):
+    checkpoint = classify.load_checkpoint(path, 'ViT-Mu_4')
+  assert checkpoint.model.num_heads == 4 and not caplog.records
+  ours = checkpoint.model.apply({'params': checkpoint.params}, jnp.asarray(_images(), jnp.float32))
+  theirs = _timm_logits(state, _images(), heads=4)
+  assert np.abs(theirs - _timm_logits(state, _images())).max() > 1e-3  # The heads matter.
   np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-5 * np.abs(theirs).max())
 
 

@@ -138,8 +138,7 @@ def load(path: str, model: Optional[str] = None,
   path = timm_layout.weights_of_folder(path)
   # A workdir is a folder; a file is a .npz, or timm's .safetensors.
   if timm_layout.is_safetensors(path):
-    model, params = timm_layout.load(path, model, model_overrides or {})
-    overrides = {'gelu_approximate': False}  # timm's ViTs run the exact GELU.
+    model, params, overrides = timm_layout.load(path, model, model_overrides or {})
   elif is_npz(path) or os.path.isfile(path):
     if not model:
       raise ConfigError(f'{path} holds no architecture: name the model it was trained as '

@@ -9,10 +9,10 @@ one line naming them (`UNSUPPORTED`), and so is any other tensor left over.
 
 The tensors do not tell the architecture's name, its head count, its pooling or the input
 normalisation its weights expect; the `config.json` that timm saves beside them (the Hugging Face
-hub's layout) tells the name, the pooling and the normalisation, and is read when it is there.
-What neither tells is assumed: the head count is the named model's, and without a config.json
-the pooling is the class token's output when there is one, else the mean (timm's
-global_pool='token' and 'avg').
+hub's layout) tells the name, the pooling and the normalisation (and the head count, when the
+model was made with one given), and is read when it is there. What neither tells is assumed:
+the head count is the named model's, and without a config.json the pooling is the class token's
+output when there is one, else the mean (timm's global_pool='token' and 'avg').
 """
 import dataclasses
 import json
@@ -63,6 +63,7 @@ class HubConfig:
   global_pool: Optional[str]  # None in configs older than timm's recording of it.
   mean: Optional[tuple[float, ...]]
   std: Optional[tuple[float, ...]]
+  num_heads: Optional[int]  # In model_args when given to create_model, else None.
 
 
 def read_hub_config(weights: str) -> Optional[HubConfig]:
@@ -81,34 +82,40 @@ def read_hub_config(weights: str) -> Optional[HubConfig]:
     return None
   as_tuple = lambda values: tuple(map(float, values)) if values else None
   try:
-    pretrained = config.get('pretrained_cfg') or {}
-    pool = config.get('global_pool', (config.get('model_args') or {}).get('global_pool'))
+    pretrained, model_args = config.get('pretrained_cfg') or {}, config.get('model_args') or {}
+    pool = config.get('global_pool', model_args.get('global_pool'))
+    num_heads = int(model_args['num_heads']) if 'num_heads' in model_args else None
     return HubConfig(path, config['architecture'], pool, as_tuple(pretrained.get('mean')),
-                     as_tuple(pretrained.get('std')))
+                     as_tuple(pretrained.get('std')), num_heads)
   except (AttributeError, TypeError, ValueError) as e:  # Not timm's dicts and lists of numbers.
     raise ConfigError(f"{path}, beside the weights, is not timm's ({e}): re-download it, or "
                       'remove it to load the weights without it') from e
 
 
 def load(path: str, model: Optional[str],
-         model_overrides: dict[str, Any]) -> tuple[str, Params]:
-  """The model a timm file is for (the named one, else the one its config.json names) and its
-  params in the released layout."""
+         model_overrides: dict[str, Any]) -> tuple[str, Params, dict[str, Any]]:
+  """The model a timm file is for (the named one, else the one its config.json names), its
+  params in the released layout, and the options timm's ViTs differ by: the exact GELU, and the
+  config.json's head count."""
   hub = read_hub_config(path)
   model = _model_name(path, model, hub)
-  named = models.create(model, num_classes=1, **model_overrides)
+  overrides = {'gelu_approximate': False}
+  if hub and hub.num_heads:
+    overrides['num_heads'] = hub.num_heads
+  named = models.create(model, num_classes=1, **(overrides | model_overrides))
   params = load_safetensors(path, named.hidden_size, named.num_heads)
   if hub:
     _check_pooling(hub, has_class_token='cls' in params)
     _warn_of_assumptions(hub, model, named.num_heads)
-  return model, params
+  return model, params, overrides
 
 
 def _model_name(path: str, model: Optional[str], hub: Optional[HubConfig]) -> str:
   ours = models.released_name(hub.architecture) if hub else None
   if model and ours and model != ours:
     raise ConfigError(f"checkpoint {path} holds timm's {hub.architecture} (its config.json says), "
-                      f'which is {ours} here, not {model}: name {ours} as the model')
+                      f'which is {ours} here, not {model}: name {ours} as the model (--model; '
+                      "fine-tuning's --config.model)")
   if model or ours:
     return model or ours
   said = (f" (its config.json names timm's {hub.architecture}, which has no name here)" if hub
@@ -130,7 +137,7 @@ def _check_pooling(hub: HubConfig, has_class_token: bool) -> None:
 
 
 def _warn_of_assumptions(hub: HubConfig, model: str, num_heads: int) -> None:
-  if not models.released_name(hub.architecture):
+  if not models.released_name(hub.architecture) and not hub.num_heads:
     logging.warning("%s: timm's %s is not one of its plain ViTs (vit_<size>_patch<N>_<res>), so "
                     "its head count is taken as %s's (%d); if timm's is another, its outputs "
                     'here are wrong', hub.path, hub.architecture, model, num_heads)
