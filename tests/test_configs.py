@@ -308,8 +308,8 @@ def test_a_batch_too_large_for_the_device_is_one_line():
   assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
   assert proc.stderr.rstrip().splitlines()[-1] == (
       'error: out of memory (RESOURCE_EXHAUSTED: Out of memory allocating 1099511627776 bytes.): '
-      "lower the batch (--config.batch; infer's --batch_size, fewshot's --batch); python -m "
-      'vit_jax.plan tells what fits a device')
+      "lower the batch (--config.batch or --config.batch_eval; infer's --batch_size, fewshot's "
+      '--batch); python -m vit_jax.plan tells what fits a device')
 
 
 @pytest.mark.parametrize('config_arg', ['default.py', 'vit_b16.py', 'finetune/digits.py'])

@@ -466,9 +466,15 @@ def test_cli_prints_one_line_errors(tmp_path):
   assert result.stderr.strip().splitlines()[-1] == (
       f'error: preparing imagenet2012 failed (AssertionError: Manual directory {tmp_path}/none '
       'does not exist or is empty. Create it and download/extract dataset artifacts in there '
-      'using instructions): its builder downloads its files, or reads those downloaded by hand '
-      "from --manual_dir (imagenet2012's): run this where they are available, or copy a "
-      f'prepared {tmp_path}/imagenet2012 here')
+      'using instructions): its builder downloads its files (or reads those downloaded by hand '
+      'from --manual_dir): run this where they are available, or copy a prepared imagenet2012 '
+      f'folder into {tmp_path}')
+  result = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.datasets', 'prepare', 'cifar10:9.9.9',
+       f'--data_dir={tmp_path}'], capture_output=True, text=True, check=False)
+  assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      'error: cifar10:9.9.9 is not a version or config TFDS has (')
   result = subprocess.run(
       [sys.executable, '-m', 'vit_jax.datasets', 'info', 'cifar10', f'--data_dir={tmp_path}'],
       capture_output=True, text=True, check=False)

@@ -90,9 +90,9 @@ def cli_main(main: Callable) -> Callable:
       _exit_with(str(e))
     except Exception as e:  # pylint: disable=broad-except
       if _is_out_of_memory(e):
-        _exit_with(f'out of memory ({str(e).splitlines()[0]}): lower the batch (--config.batch; '
-                   "infer's --batch_size, fewshot's --batch); python -m vit_jax.plan tells what "
-                   'fits a device')
+        _exit_with(f'out of memory ({str(e).splitlines()[0]}): lower the batch (--config.batch '
+                   "or --config.batch_eval; infer's --batch_size, fewshot's --batch); python -m "
+                   'vit_jax.plan tells what fits a device')
       if not _is_permission_error(e):
         raise
       _exit_with(f'permission denied ({type(e).__name__}: {e}): pass a path you can write to, '

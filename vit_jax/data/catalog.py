@@ -25,10 +25,10 @@ def how_to_prepare(name: str, data_dir: str) -> str:
   base = _base(name)
   if base in OFFLINE:
     return f'run `python -m vit_jax.datasets prepare {base} --data_dir={data_dir}`'
-  catalogue = tfds.list_builders(with_community_datasets=False)
-  if base in catalogue:
-    return (f'run `python -m vit_jax.datasets prepare {base} --data_dir={data_dir}` where the '
+  if in_tfds_catalogue(name):
+    return (f'run `python -m vit_jax.datasets prepare {name} --data_dir={data_dir}` where the '
             'network (or its manual download, --manual_dir) is available')
+  catalogue = tfds.list_builders(with_community_datasets=False)
   image_folder = (f'for an image folder ROOT/<split>/<label>/*.jpg run `python -m '
                   f'vit_jax.datasets prepare {base} --source=ROOT --data_dir={data_dir}`')
   # A high cutoff: at difflib's default 0.6, 'birds' would be taken for 'iris'. The image folder
@@ -43,7 +43,9 @@ def _base(name: str) -> str:
 
 
 def in_tfds_catalogue(name: str) -> bool:
-  return _base(name) in tfds.list_builders(with_community_datasets=False)
+  """Whether TFDS's own builders prepare `name` (not those `OFFLINE`, prepared here)."""
+  base = _base(name)
+  return base not in OFFLINE and base in tfds.list_builders(with_community_datasets=False)
 
 
 def load_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:

@@ -75,18 +75,27 @@ class _LocalFiles:
 
 
 def _prepare_from_the_catalogue(name: str, data_dir: str, manual_dir: str | None) -> None:
-  builder = tfds.builder(name, data_dir=data_dir)
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except (ValueError, AssertionError, tfds.core.registered.DatasetNotFoundError) as e:
+    raise ConfigError(f'{name} is not a version or config TFDS has ({_first_line(e)}): name '
+                      'one it lists, or the dataset alone') from e
   if builder.is_prepared():
     return
   try:
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   except Exception as e:  # pylint: disable=broad-except  # Network, manual files: all one line.
-    cause = (str(e).strip().splitlines() or [''])[0].rstrip(':')
+    manual = (' (or reads those downloaded by hand from --manual_dir)'
+              if builder.MANUAL_DOWNLOAD_INSTRUCTIONS else '')
     raise ConfigError(
-        f'preparing {name} failed ({type(e).__name__}: {cause}): its builder downloads its '
-        'files, or reads those downloaded by hand from --manual_dir (imagenet2012\'s): run this '
-        f'where they are available, or copy a prepared {data_dir}/{builder.name} here') from e
+        f'preparing {name} failed ({type(e).__name__}: {_first_line(e)}): its builder downloads '
+        f'its files{manual}: run this where they are available, or copy a prepared '
+        f'{builder.name} folder into {data_dir}') from e
+
+
+def _first_line(error: BaseException) -> str:
+  return (str(error).strip().splitlines() or [''])[0].rstrip(':')
 
 
 def _prepare_offline(builder: tfds.core.DatasetBuilder, source: str | None) -> None:
@@ -128,7 +137,7 @@ def _prepare_image_folder(name: str, data_dir: str, root: str) -> None:
   if not re.fullmatch('[a-z][a-z0-9_]*', name):  # What TFDS can load back by that name.
     raise ConfigError(f'dataset name {name!r} must be lowercase snake_case (a letter, then '
                       'letters, digits or _), e.g. my_images')
-  if name in tfds.list_builders(with_community_datasets=False):
+  if catalog.in_tfds_catalogue(name):
     raise ConfigError(f'{name!r} is a TFDS catalogue name: pick another name '
                       f'for the image folder {root}')
   prepared_from = _prepared_source(name, data_dir)
