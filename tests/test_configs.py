@@ -13,6 +13,7 @@ from ml_collections import config_flags
 import config_files
 from vit_jax import models
 from vit_jax.data import pp_options
+from vit_jax import errors
 from vit_jax.errors import ConfigError
 from vit_jax.training import experiment
 from vit_jax.training import finetune
@@ -171,6 +172,18 @@ def test_scan_and_remat_can_be_set_from_the_command_line(name):
   flag_values(argv)
   model = experiment.build(flag.value, num_classes=10).model
   assert model.scan and model.remat == 'dots'
+
+
+@pytest.mark.parametrize('error, first_line, summary', [
+    (ValueError('Unrecognized name:\n  foo\n  bar'), 'Unrecognized name',
+     'ValueError: Unrecognized name'),
+    (EOFError(), 'EOFError', 'EOFError'),
+    (KeyError('blocks.0'), "'blocks.0'", "KeyError: 'blocks.0'"),
+])
+def test_a_library_error_is_quoted_by_its_first_line(error, first_line, summary):
+  """What every one-line error quotes of the library error behind it."""
+  assert errors.first_line(error) == first_line
+  assert errors.summary(error) == summary
 
 
 @pytest.mark.parametrize('config_arg', ['default.py', 'vit_b16.py', 'finetune/digits.py'])

@@ -30,6 +30,19 @@ class ConfigError(ValueError):
   """A mistake the user can fix (config, flags, paths); its message names the fix."""
 
 
+def first_line(error: BaseException) -> str:
+  """What a one-line error quotes of a library's multi-line one: its first line (a trailing
+  colon that introduced the rest dropped), or the error's type when it says nothing."""
+  lines = str(error).strip().splitlines()
+  return lines[0].rstrip(':') if lines else type(error).__name__
+
+
+def summary(error: BaseException) -> str:
+  """`Type: first line`, for causes whose type tells as much as their text."""
+  text = first_line(error)
+  return text if text == type(error).__name__ else f'{type(error).__name__}: {text}'
+
+
 def check_not_a_file(path: str, what: str) -> None:
   """A directory argument naming an existing file: one line before anything is written, not
   FileExistsError from deep inside a makedirs."""
@@ -90,7 +103,7 @@ def cli_main(main: Callable) -> Callable:
       _exit_with(str(e))
     except Exception as e:  # pylint: disable=broad-except
       if _is_out_of_memory(e):
-        _exit_with(f'out of memory ({str(e).splitlines()[0]}): lower the batch (--config.batch '
+        _exit_with(f'out of memory ({first_line(e)}): lower the batch (--config.batch '
                    "or --config.batch_eval; infer's --batch_size, fewshot's --batch); python -m "
                    'vit_jax.plan tells what fits a device')
       if not _is_permission_error(e):

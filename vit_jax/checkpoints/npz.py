@@ -19,7 +19,7 @@ import flax.linen as nn
 import numpy as np
 import tensorflow as tf
 
-from vit_jax.errors import ConfigError
+from vit_jax.errors import ConfigError, summary
 from vit_jax.models import scan_layout
 
 Params = dict[str, Any]
@@ -75,11 +75,6 @@ def save_npz(params: Params, path: str) -> None:
     raise
 
 
-def _first_line(e: Exception) -> str:
-  lines = str(e).strip().splitlines()
-  return f'{type(e).__name__}: {lines[0]}' if lines else type(e).__name__
-
-
 def load_npz(path: str) -> Params:
   """Reads a `.npz` of params into a nested dict of numpy arrays, exactly as stored.
 
@@ -98,13 +93,13 @@ def load_npz(path: str) -> Params:
           flat = {k: data[k] for k in data.files}
   except (FileNotFoundError, IsADirectoryError, NotADirectoryError,
           tf.errors.NotFoundError) as e:
-    raise ConfigError(f'checkpoint {path} does not exist ({_first_line(e)}): check the '
+    raise ConfigError(f'checkpoint {path} does not exist ({summary(e)}): check the '
                       'checkpoint path in the config/flags') from e
   except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError,
           tf.errors.OpError) as e:
     # numpy takes what is neither a zip (.npz) nor a .npy for a pickle, and suggests
     # allow_pickle=True: not a fix for a broken file, and unsafe.
-    cause = _first_line(e)
+    cause = summary(e)
     if 'allow_pickle' in str(e):
       cause = ('ValueError: an entry holds pickled Python objects, not an array' if is_zip else
                'ValueError: neither a zip archive (.npz) nor a .npy array')
@@ -213,7 +208,7 @@ def to_layout_of(params: Params, reference: Params, what: str) -> Params:
     return scan_layout.to_layout(params, scanned)
   except (KeyError, ValueError, TypeError) as e:
     raise ConfigError(f'{what}: its encoder blocks do not convert to the '
-                      f'{"scanned" if scanned else "unrolled"} layout ({_first_line(e)}): '
+                      f'{"scanned" if scanned else "unrolled"} layout ({summary(e)}): '
                       f'{MODEL_FLAGS} must name the checkpoint\'s architecture') from e
 
 

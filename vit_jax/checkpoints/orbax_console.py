@@ -11,6 +11,8 @@ from typing import Any, Iterator
 
 import orbax.checkpoint as ocp
 
+from vit_jax.errors import summary
+
 
 class _OrbaxConsole(logging.Filter):
   """Orbax's log records, fit for a console:
@@ -57,8 +59,7 @@ def error_summary(error: BaseException) -> str:
   file, which byte range) in one whose first line ends in an unprintable spec."""
   while error.__cause__ is not None:
     error = error.__cause__
-  text = str(error).strip()
-  return f'{type(error).__name__}: {text.splitlines()[0] if text else ""}'
+  return summary(error)
 
 
 # Orbax's per-shard coroutines: when one read or write fails, it leaves the others behind.

@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from vit_jax import models
 from vit_jax.checkpoints import npz
-from vit_jax.errors import ConfigError
+from vit_jax.errors import ConfigError, first_line
 
 Params = dict[str, Any]
 
@@ -176,9 +176,9 @@ def _read(path: str) -> dict[str, np.ndarray]:
         return safetensors.numpy.load(f.read())
     return safetensors.numpy.load_file(path)
   except _SAFETENSORS_ERRORS as e:
-    cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConfigError(f'checkpoint {path} is not a readable .safetensors file ({cause}): it is '
-                      'corrupt or truncated; re-download or re-save it') from e
+    raise ConfigError(f'checkpoint {path} is not a readable .safetensors file '
+                      f'({first_line(e)}): it is corrupt or truncated; re-download or re-save '
+                      'it') from e
 
 
 def _named(keys: list[str]) -> str:

@@ -33,7 +33,7 @@ from vit_jax.data import catalog
 from vit_jax.data import digits  # pylint: disable=unused-import  # Registers 'digits'.
 from vit_jax.data import input_pipeline
 from vit_jax.data import preprocess
-from vit_jax.errors import ConfigError, check_not_a_file
+from vit_jax.errors import ConfigError, check_not_a_file, first_line, summary
 
 DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
 _IDX_FILES = ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz',
@@ -78,7 +78,7 @@ def _prepare_from_the_catalogue(name: str, data_dir: str, manual_dir: str | None
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except (ValueError, AssertionError, tfds.core.registered.DatasetNotFoundError) as e:
-    raise ConfigError(f'{name} is not a version or config TFDS has ({_first_line(e)}): name '
+    raise ConfigError(f'{name} is not a version or config TFDS has ({first_line(e)}): name '
                       'one it lists, or the dataset alone') from e
   if builder.is_prepared():
     return
@@ -89,13 +89,9 @@ def _prepare_from_the_catalogue(name: str, data_dir: str, manual_dir: str | None
     manual = (' (or reads those downloaded by hand from --manual_dir)'
               if builder.MANUAL_DOWNLOAD_INSTRUCTIONS else '')
     raise ConfigError(
-        f'preparing {name} failed ({type(e).__name__}: {_first_line(e)}): its builder downloads '
+        f'preparing {name} failed ({summary(e)}): its builder downloads '
         f'its files{manual}: run this where they are available, or copy a prepared '
         f'{builder.name} folder into {data_dir}') from e
-
-
-def _first_line(error: BaseException) -> str:
-  return (str(error).strip().splitlines() or [''])[0].rstrip(':')
 
 
 def _prepare_offline(builder: tfds.core.DatasetBuilder, source: str | None) -> None:

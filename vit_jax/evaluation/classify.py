@@ -24,7 +24,7 @@ import tensorflow as tf
 from vit_jax.checkpoints import restore
 from vit_jax.data import input_pipeline
 from vit_jax.data import preprocess
-from vit_jax.errors import ConfigError
+from vit_jax.errors import ConfigError, first_line
 
 # PIL modes decoded as one grey channel (as TF decodes grey PNGs); every other mode becomes RGB.
 _GREY_8BIT = ('1', 'L', 'LA', 'La', 'F')
@@ -67,8 +67,8 @@ def load_image(path: str) -> np.ndarray:
           pass  # TF decodes GIFs in colour only; a broken file fails in PIL too.
       return _pil_pixels(image)
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    reason = re.sub(r' ?<_io\.BytesIO object at 0x[0-9a-f]+>', '', reason)  # PIL names the buffer.
+    # PIL names the buffer it read from.
+    reason = re.sub(r' ?<_io\.BytesIO object at 0x[0-9a-f]+>', '', first_line(e))
     raise ImageError(path, reason) from e
 
 
