@@ -347,8 +347,10 @@ def test_dropout_is_active_only_in_training():
 
 def test_forward_flops_agree_with_xla_cost_analysis():
   # The embedded default last: its 28 px grey images pass a /8 stem that pads to a 4x4 map.
+  root_only = dict(resnet=dict(num_layers=()), patch_size=2)  # Its 64 channels were taken as 128.
   for name, kwargs, size, channels in [
       ('ViT-Mu_4', {}, 32, 3), ('ViT-Mu_4', dict(classifier='map'), 32, 3),
+      ('ViT-Mu_4', root_only, 32, 3),
       ('R14+ViT-Mu_8', {}, 32, 3), ('R8+ViT-Mu_8', {}, 32, 3), ('R8+ViT-Mu_8', {}, 28, 1)]:
     model = models.create(name, num_classes=10, **kwargs)
     images = jnp.zeros((1, size, size, channels))

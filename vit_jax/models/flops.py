@@ -1,5 +1,5 @@
 """Analytic FLOPs of the forward pass (2 per multiply-add, attention included), for MFU."""
-from vit_jax.models.resnet import ResNetConfig
+from vit_jax.models.resnet import output_channels, ResNetConfig
 from vit_jax.models.vit import token_grid, VisionTransformer
 
 
@@ -32,7 +32,7 @@ def forward_flops(model: VisionTransformer, height: int, width: int, channels: i
   total = 0
   if model.resnet is not None:
     total += resnet_flops(model.resnet, height, width, channels)
-    channels = int(64 * model.resnet.width_factor) * 2**(len(model.resnet.num_layers) - 1) * 4
+    channels = output_channels(model.resnet)
   ph, pw = model.patch_size
   gh, gw = token_grid(model, height, width)
   grid = gh * gw

@@ -24,6 +24,12 @@ def total_stride(num_layers: tuple[int, ...]) -> int:
   return 4 * 2**max(len(num_layers) - 1, 0)
 
 
+def output_channels(config: ResNetConfig) -> int:
+  """Channels of the stem's feature map: the last stage's (4 x its width), or the root conv's."""
+  root = int(64 * config.width_factor)
+  return root * 2**(len(config.num_layers) - 1) * 4 if config.num_layers else root
+
+
 def weight_standardize(w: jnp.ndarray, axis: int | tuple[int, ...], eps: float) -> jnp.ndarray:
   """Zero mean, unit standard deviation per output filter: BiT's trick that lets GroupNorm train
   well. `eps` is added to the deviation, as in the code the released hybrids were trained with

@@ -48,7 +48,8 @@ def _decay_mask(params):
 def make_optimizer(config: ml_collections.ConfigDict,
                    schedule: optax.Schedule) -> optax.GradientTransformation:
   """Gradient clipping -> the optimizer. 'adam' and 'adamw' are one: decoupled weight decay
-  scaled by the learning rate, as the paper's Flax `optim.Adam(weight_decay=...)` (recipes.py)."""
+  scaled by the learning rate, as the paper's Flax `optim.Adam(weight_decay=...)` (recipes.py),
+  but on kernels only (`_decay_mask`)."""
   name = config.get('optimizer', 'adam')
   if name not in OPTIMIZERS:
     raise ConfigError(f'optimizer={name!r} is not one of {OPTIMIZERS}')

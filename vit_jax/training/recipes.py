@@ -13,7 +13,8 @@ norm 1; training resolution is 224"):
   ImageNet       300                     3e-3     cosine  0.3           0.1
 
 Adam (b1 0.9, b2 0.999) with decoupled weight decay scaled by the learning rate (as Flax's old
-`optim.Adam(weight_decay=...)` that the paper used, = optax.adamw). Pre-training puts a
+`optim.Adam(weight_decay=...)` that the paper used, = optax.adamw), on kernels only as in
+big_vision and timm (Flax's decayed every parameter). Pre-training puts a
 pre-logits layer (tanh, width = hidden size) before the head; the ImageNet-21k recipe trains
 with a sigmoid cross-entropy and the head's bias initialised to -10 (the released code's
 `sigmoid_xent` and `head_bias_init`), ImageNet with the softmax one.
