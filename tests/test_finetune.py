@@ -259,6 +259,9 @@ def test_cli_errors_are_one_line_without_traceback(
   newest = max(Checkpointer(str(truncated), read_only=True).all_steps())
   for data in (truncated / 'checkpoints' / str(newest) / 'state').glob('ocdbt.process_*/d/*'):
     data.write_bytes(b'')
+  no_tree = tmp_path / 'no_tree'  # An empty _METADATA was an AttributeError's traceback.
+  shutil.copytree(pretrained, no_tree)
+  (no_tree / 'checkpoints' / str(newest) / 'state' / '_METADATA').write_bytes(b'')
   bad_meta = tmp_path / 'bad_meta'
   shutil.copytree(pretrained, bad_meta)
   for meta in (bad_meta / 'checkpoints' / str(newest) / 'meta').iterdir():
@@ -270,6 +273,8 @@ def test_cli_errors_are_one_line_without_traceback(
       'not a readable .npz': [f'--config.init={corrupt}'],
       f'step {newest} in {truncated} is unreadable (ValueError: OUT_OF_RANGE':
           [f'--config.init={truncated}'],
+      f'step {newest} in {no_tree} is unreadable (ValueError: its _METADATA names no arrays':
+          [f'--config.init={no_tree}'],
       f'the pre-trained checkpoint {exported} does not fit the model':
           [f'--config.init={exported}', '--config.model=ViT-Ti_4'],
       # The later --workdir wins: fine-tuning into the pre-training workdir.

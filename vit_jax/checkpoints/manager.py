@@ -270,7 +270,10 @@ class Checkpointer:
   def state_metadata(self, step: int) -> dict:
     """The tree of the train state of `step`, each array's shape and dtype, none read."""
     with abandoned_reads_dropped(), ocp.PyTreeCheckpointer() as reader:
-      return reader.metadata(self.state_path(step)).item_metadata.tree
+      metadata = reader.metadata(self.state_path(step))
+    if metadata is None or metadata.item_metadata is None:  # An empty or garbled _METADATA.
+      raise ValueError('its _METADATA names no arrays')
+    return metadata.item_metadata.tree
 
   def restore_meta(self, step: Optional[int] = None) -> dict:
     """The JSON beside the state (its step and config), without reading any array."""
