@@ -40,7 +40,7 @@ def workdir(prepared_data_dir, tmp_path_factory) -> str:
   config = ml_collections.ConfigDict(dict(
       model='ViT-Mu_4', dataset='fashion_mnist', data_dir=prepared_data_dir, image_size=28,
       channels=1, pp={'train': {'crop': 'resize'}}, batch=16, total_steps=3, base_lr=1e-3,
-      warmup_steps=1, eval_every=0, progress_every=2, seed=0))
+      warmup_steps=1, eval_every=0, progress_every=2, seed=0, eval_split='test[:40]'))
   path = str(tmp_path_factory.mktemp('analyze') / 'workdir')
   loop.train_and_evaluate(config, path, exp=experiment.build(config, devices=jax.devices()[:1]))
   return path
@@ -84,7 +84,7 @@ def _check_about(out_dir, names, **about) -> None:
     assert {key: numbers.get(key) for key in about} == about, name
 
 
-def test_cli_on_a_workdir_uses_its_dataset(workdir, tmp_path):
+def test_cli_on_a_workdir_uses_its_dataset_and_eval_split(workdir, tmp_path):
   out_dir = str(tmp_path / 'figures')
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', XLA_FLAGS='')
   proc = subprocess.run([sys.executable, '-m', 'vit_jax.analyze', f'--checkpoint={workdir}',
@@ -97,7 +97,7 @@ def test_cli_on_a_workdir_uses_its_dataset(workdir, tmp_path):
   params = restore.load(workdir).params
   _check_outputs(out_dir, (7, 7), num_shown=4, num_averaged=32, params=params)
   _check_about(out_dir, NAMES, checkpoint=workdir, params=f'workdir {workdir} (step 3)',
-               dataset='fashion_mnist', split='test[:32]', image_size=28, crop='resize')
+               dataset='fashion_mnist', split='test[:40]', image_size=28, crop='resize')
   # Those pins tell the checkpoint from a fresh model: training moved what they compare by far
   # more than their tolerances (the third step moved similarities ~1e-2 and ratios ~3e-5).
   model = classify.load_checkpoint(workdir).model
@@ -129,6 +129,26 @@ def test_npz_with_photos_and_a_chosen_subset(workdir, prepared_data_dir, tmp_pat
   _check_about(some, ['rollout'], checkpoint=path, dataset='digits', split='test[:32]')
   with pytest.raises(ConfigError, match='names no dataset'):
     from_checkpoint.analyze_checkpoint(path, some, model='ViT-Mu_4')
+  one = str(tmp_path / 'one')  # --num_images was ignored for files.
+  results = from_checkpoint.analyze_checkpoint(path, one, model='ViT-Mu_4', images=photos,
+                                               num_images=1, which=['rollout', 'distance'])
+  assert results['rollout']['rollout'].shape == (1, 7, 7)
+  assert results['distance']['num_images'] == 2
+  weights = str(tmp_path / 'weights')  # They asked for a dataset they do not read.
+  results = from_checkpoint.analyze_checkpoint(path, weights, model='ViT-Mu_4',
+                                               which=['posemb', 'filters'])
+  assert sorted(os.listdir(weights)) == ['filters.json', 'filters.png', 'posemb.json',
+                                         'posemb.png']
+  _check_about(weights, ['posemb', 'filters'], checkpoint=path, images=None, dataset=None)
+  with pytest.raises(ConfigError, match='not both'):
+    from_checkpoint.analyze_checkpoint(path, some, model='ViT-Mu_4', images=photos,
+                                       dataset='digits')
+
+
+def test_an_unknown_analysis_is_named_before_the_checkpoint_is_read(tmp_path):
+  with pytest.raises(ConfigError, match=r"unknown analyses \['rolout'\]"):
+    from_checkpoint.analyze_checkpoint(str(tmp_path / 'missing'), str(tmp_path / 'out'),
+                                       which=['rolout'])
 
 
 def test_a_wrong_split_is_named_as_given(workdir, tmp_path):

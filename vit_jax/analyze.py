@@ -7,8 +7,9 @@ r"""The paper's analyses (Figures 6 and 7) of any checkpoint, as PNGs plus the n
 Writes DIR/<name>.png and DIR/<name>.json for each of rollout (attention rollout over the first
 --num_images images), distance (mean attention distance per head, averaged over the first
 --num_distance_images), posemb (position-embedding similarity) and filters (principal components
-of the patch embedding). Images are --images files, or the --dataset split (by default a
-workdir's own dataset), preprocessed as the model's eval split was (at --image_size and with
+of the patch embedding; these two read no images). Images are --images files (by default all
+of them serve both), or the --split of --dataset (by default a workdir's own dataset and eval
+split; 8 and 32 images), preprocessed as the model's eval split was (at --image_size and with
 --crop when given: see `vit_jax.infer`). --which defaults to every
 analysis the architecture supports (no rollout for a MAP head, no filters for hybrids). Each
 JSON also names what its numbers come from: "checkpoint", "params" (what was read, as
@@ -29,11 +30,14 @@ _OUT_DIR = flags.DEFINE_string('out_dir', None, 'Where the PNG and JSON files go
 _IMAGES = flags.DEFINE_list('images', [], 'Image files (instead of --dataset).')
 _DATASET = flags.DEFINE_string('dataset', None, 'A prepared TFDS dataset to take images from '
                                '(default: a workdir\'s own).')
-_SPLIT = flags.DEFINE_string('split', 'test', 'Split of --dataset.')
+_SPLIT = flags.DEFINE_string('split', None, 'Split of --dataset (default: a workdir\'s own eval '
+                             'split, else test).')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data dir (default: $TFDS_DATA_DIR).')
-_NUM_IMAGES = flags.DEFINE_integer('num_images', 8, 'Dataset images shown with their rollout.')
+_NUM_IMAGES = flags.DEFINE_integer('num_images', None, 'Images shown with their rollout '
+                                   '(default: every file, or 8 of a dataset).')
 _NUM_DISTANCE_IMAGES = flags.DEFINE_integer(
-    'num_distance_images', 32, 'Dataset images the mean attention distance is averaged over.')
+    'num_distance_images', None, 'Images the mean attention distance is averaged over (default: '
+    'every file, or 32 of a dataset).')
 _WHICH = flags.DEFINE_list('which', None, f'Analyses, from {",".join(run.ANALYSES)} '
                            '(default: all the model supports).')
 flags.mark_flag_as_required('out_dir')

@@ -48,32 +48,44 @@ def file_images(ckpt: classify.Checkpoint, paths: Sequence[str]) -> np.ndarray:
 def analyze_checkpoint(checkpoint: str, out_dir: str, *, model: Optional[str] = None,
                        image_size: Optional[int] = None, crop: Optional[str] = None,
                        images: Sequence[str] = (),
-                       dataset: Optional[str] = None, split: str = 'test',
-                       data_dir: Optional[str] = None, num_images: int = 8,
-                       num_distance_images: int = 32,
+                       dataset: Optional[str] = None, split: Optional[str] = None,
+                       data_dir: Optional[str] = None, num_images: Optional[int] = None,
+                       num_distance_images: Optional[int] = None,
                        which: Optional[Sequence[str]] = None) -> dict[str, dict]:
   """Runs the analyses and writes `<name>.png` / `<name>.json` files; returns the numbers.
 
-  With image files, all of them serve both the rollout and the distance; with a dataset, the
-  rollout shows the first `num_images` and the distance averages over `num_distance_images`
-  (one forward pass: the first ones serve both). `image_size` and `crop` override the
-  checkpoint's own.
+  The rollout shows the first `num_images` and the distance averages over the first
+  `num_distance_images` (one forward pass: the first ones serve both) of the image files (by
+  default all of them) or of the dataset's split (by default 8 and 32 of a workdir's own eval
+  split, else of 'test'). posemb and filters alone read no images. `image_size` and `crop`
+  override the checkpoint's own.
   """
-  if min(num_images, num_distance_images) <= 0:
+  if any(n is not None and n <= 0 for n in (num_images, num_distance_images)):
     raise ConfigError('num_images and num_distance_images must be positive')
+  if images and dataset:
+    raise ConfigError('pass image files or --dataset, not both')
+  if which:
+    run.check_names(which)
   ckpt = classify.load_checkpoint(checkpoint, model, image_size, crop)
   which = list(which) if which else supported(ckpt)
   config = ckpt.pretrained.config or {}
   variables = {'params': ckpt.params}
   about = {'checkpoint': checkpoint, 'params': ckpt.pretrained.source,  # As infer --json.
            'image_size': ckpt.image_size, 'crop': ckpt.crop}
+  if not set(which) & {'rollout', 'distance'}:  # Weights only: an image gives just the grid.
+    blank = np.zeros((1, ckpt.image_size, ckpt.image_size, ckpt.channels), np.float32)
+    return run.analyze(ckpt.model, variables, blank, out_dir=out_dir, which=which, about=about)
   if images:
     return run.analyze(ckpt.model, variables, file_images(ckpt, images), out_dir=out_dir,
-                       which=which, about=about | {'images': list(images)})
+                       which=which, num_shown=num_images, num_averaged=num_distance_images,
+                       about=about | {'images': list(images)})
   dataset = dataset or config.get('dataset')
   if not dataset:
     raise ConfigError(f'{checkpoint} names no dataset: pass --images=FILE,... or --dataset')
-  data_dir = data_dir or (config.get('data_dir') if dataset == config.get('dataset') else None)
+  own = dataset == config.get('dataset')
+  data_dir = data_dir or (config.get('data_dir') if own else None)
+  split = split or (config.get('eval_split') if own else None) or 'test'
+  num_images, num_distance_images = num_images or 8, num_distance_images or 32
   count = max(num_images, num_distance_images)
   pixels = dataset_images(ckpt, dataset, split, data_dir, count)
   return run.analyze(ckpt.model, variables, pixels, out_dir=out_dir, which=which,

@@ -29,11 +29,16 @@ def filters_apply(model: VisionTransformer, channels: int) -> bool:
   return model.resnet is None and channels in (1, 3)
 
 
-def _check(model: VisionTransformer, images: np.ndarray, which: Sequence[str]) -> None:
-  """Fails before any work for what cannot run, so no analysis is left half-written."""
+def check_names(which: Sequence[str]) -> None:
+  """Unknown analysis names, before a checkpoint or images are read for them."""
   unknown = sorted(set(which) - set(ANALYSES))
   if unknown:
     raise ConfigError(f'unknown analyses {unknown}: choose from {list(ANALYSES)}')
+
+
+def _check(model: VisionTransformer, images: np.ndarray, which: Sequence[str]) -> None:
+  """Fails before any work for what cannot run, so no analysis is left half-written."""
+  check_names(which)
   if images.ndim != 4:
     raise ConfigError(f'images must be [batch, height, width, channels], got {images.shape}')
   if 'rollout' in which and not rollout_applies(model):
