@@ -61,6 +61,15 @@ def test_prepared_datasets_match_the_catalogue(prepared_data_dir):
   assert ip.get_info('fashion_mnist', 'train[:10%]', prepared_data_dir).num_examples == 6000
 
 
+def test_a_half_prepared_dataset_is_one_error_without_tfds_warnings(tmp_path, caplog):
+  """A version folder left by a failed preparation (no dataset_info.json): TFDS's warning about
+  it printed above the error that says what to do."""
+  os.makedirs(tmp_path / 'mnist' / '3.0.1')
+  with pytest.raises(ConfigError, match="dataset 'mnist' is not prepared in"):
+    ip.get_info('mnist', 'test', str(tmp_path))
+  assert not [r for r in caplog.records if 'dataset_info.json' in r.getMessage()]
+
+
 def test_fashion_mnist_images_and_labels_are_the_idx_files(prepared_data_dir):
   raw = collections.defaultdict(set)
   for image, label in zip(_idx('t10k-images-idx3-ubyte.gz'), _idx('t10k-labels-idx1-ubyte.gz')):

@@ -3,8 +3,11 @@
 Reading never downloads: a dataset not prepared in data_dir is a ConfigError
 naming the command that prepares it.
 """
+import contextlib
 import difflib
+import logging
 import os
+from typing import Iterator
 
 import tensorflow_datasets as tfds
 
@@ -48,11 +51,30 @@ def in_tfds_catalogue(name: str) -> bool:
   return base not in OFFLINE and base in tfds.list_builders(with_community_datasets=False)
 
 
+class _DropsUnpreparedFolderWarnings(logging.Filter):
+  """TFDS warns of each version folder without its dataset_info.json (one left by a failed or
+  interrupted preparation) while it looks for a prepared one: our error says what to do."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith('Variant folder')
+
+
+@contextlib.contextmanager
+def _unprepared_folders_quiet() -> Iterator[None]:
+  absl_logger, quiet = logging.getLogger('absl'), _DropsUnpreparedFolderWarnings()
+  absl_logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(quiet)
+
+
 def load_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   """The builder of a dataset prepared in `data_dir`; ConfigError otherwise."""
   data_dir = resolve_data_dir(data_dir)
   try:
-    builder = tfds.builder(name, data_dir=data_dir)
+    with _unprepared_folders_quiet():
+      builder = tfds.builder(name, data_dir=data_dir)
   except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:
     raise ConfigError(
         f'unknown dataset {name!r} (not in the TFDS catalogue nor prepared in '
@@ -62,7 +84,9 @@ def load_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     raise ConfigError(
         f'{name!r} names a version that cannot be loaded: {data_dir} holds {unversioned} '
         f'versions {_prepared_versions(unversioned, data_dir)}; use one or drop the version') from e
-  if not builder.is_prepared():
+  with _unprepared_folders_quiet():
+    prepared = builder.is_prepared()
+  if not prepared:
     raise ConfigError(f'dataset {name!r} is not prepared in {data_dir}: '
                       f'{how_to_prepare(name, data_dir)}')
   return builder
