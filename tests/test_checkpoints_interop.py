@@ -324,13 +324,16 @@ def _photos() -> np.ndarray:
 @pytest.mark.parametrize('overrides', [
     {'representation_size': 24},  # ImageNet-21k's released checkpoints have a pre-logits layer.
     {'classifier': 'gap'},
-    {'classifier': 'map', 'posemb': 'sincos2d'}])
+    {'classifier': 'map', 'posemb': 'sincos2d'},
+    {'patch_size': (4, 8)}])  # No name gives it; the image size was guessed from square patches.
 def test_a_npz_needs_only_its_model_name_for_the_options_its_keys_show(overrides, tmp_path):
   model, params = _variables(**overrides)
   path = str(tmp_path / 'ckpt.npz')
   npz.save_npz(params, path)
   pretrained = restore.load_for_reading(path, 'ViT-Mu_4', image_size=32)
   assert pretrained.model_overrides == overrides
+  if overrides.get('posemb') != 'sincos2d':
+    assert restore.load(path, 'ViT-Mu_4').image_size == 32
   photos = _photos()
   classifier = classify.Classifier(classify.load_checkpoint(path, 'ViT-Mu_4', image_size=32),
                                    batch_size=2)

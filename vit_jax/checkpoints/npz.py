@@ -157,9 +157,13 @@ def visible_architecture(params: Params) -> dict[str, Any]:
 
   A .npz holds no config, but its keys tell the pre-logits layer and its width (ImageNet-21k's
   released checkpoints have one), the pooling (no `cls`: gap, or map with a `MAPHead_0`) and
-  learned versus fixed (sincos2d) position embeddings, so naming the model is enough.
+  learned versus fixed (sincos2d) position embeddings, and a non-square patch (which no model
+  name gives), so naming the model is enough.
   """
   options = {}
+  patch = params.get('embedding', {}).get('kernel', np.zeros((0, 0))).shape[:2]
+  if 'conv_root' not in params and patch[0] != patch[1]:  # A hybrid's embeds a feature map.
+    options['patch_size'] = tuple(int(n) for n in patch)
   if 'pre_logits' in params:
     options['representation_size'] = int(params['pre_logits']['kernel'].shape[-1])
   if 'cls' not in params:

@@ -89,9 +89,10 @@ class Pretrained:
     if posemb is None:
       return range(0)
     model = self.create_model(1)
-    side = int(np.sqrt(posemb.shape[1] - int('cls' in self.params)))
-    largest = side * models.patch_on_image(model)[0]
-    stem_stride = models.patch_on_image(model)[0] // model.patch_size[0]
+    patch_h, patch_w = models.patch_on_image(model)
+    tokens = posemb.shape[1] - int('cls' in self.params)
+    largest = int(np.sqrt(tokens * patch_h * patch_w))  # Square images, maybe oblong patches.
+    stem_stride = patch_h // model.patch_size[0]
     return range(largest - stem_stride + 1, largest + 1)
 
   def create_model(self, num_classes: int, **overrides: Any) -> Any:
