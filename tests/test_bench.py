@@ -150,8 +150,8 @@ def test_bench_unwritable_profile_dir_is_one_line_before_compiling(tmp_path):
   file = tmp_path / 'file'
   for where, line in (
       (file, f'--profile_dir {file} is a file: pass a directory (made if missing)'),
-      (file / 'sub', f'--profile_dir={file}/sub is not a writable folder (Not a directory): '
-                     'pass a folder you can write to (made if missing)')):
+      (file / 'sub', f'--profile_dir {file}/sub is inside {file}, which is a file: pass a '
+                     'directory (made if missing)')):
     start = time.monotonic()
     out = subprocess.run([sys.executable, '-m', 'vit_jax.bench', *TINY, f'--profile_dir={where}'],
                          cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)

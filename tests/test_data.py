@@ -264,6 +264,10 @@ def test_to_global_and_prefetch_shard_the_batch():
     (lambda d: train_stream(d, pp={'train': {'flips': False}}), "unknown pp.train keys ['flips']"),
     (lambda d: _eval(d, pp={'eval': {'crop': 'inception'}}), 'pp.eval.crop'),
     (lambda d: ip.get_info('digits', 'train[5:3]', d), "split 'train[5:3]' of digits holds no"),
+    # Was "has no split 'test[:300]'", TFDS's reason lost.
+    (lambda d: ip.get_info('digits', 'test[:300]', d), "split 'test[:300]' of digits cannot be "
+     'read (Requested slice [:300] incompatible with 297 examples.): slice within the examples '
+     'its splits hold (test 297, train 1500)'),
     (lambda d: list(_eval(d, split='train[3:3]')), 'holds no examples'),
     (lambda d: ip.get_info('digits:9.9.9', 'train', d), "digits versions ['1.0.0']"),
     (lambda d: _eval(d, channels=2), 'channels=2: set the model channels to 1'),

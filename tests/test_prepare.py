@@ -83,6 +83,9 @@ def test_image_folder_takes_every_format_tf_decodes_and_nested_folders(tmp_path,
      'train/bird holds no images: add some, or delete the folder'),
     (lambda train: shutil.copy(train / 'cat' / '0.png', train / 'loose.png'),
      'train/loose.png is not in a label folder: move it to .*/<split>/<label>/'),
+    # Prepared, then no split string could name it: a traceback in training.
+    (lambda train: shutil.copytree(train, train.parent / 'val.v2'),
+     r"val\.v2: a split folder's name must be letters, digits, _ and -"),
 ])
 def test_image_folder_refuses_what_it_would_lose_or_cannot_train_on(tmp_path, mistake, message):
   source = _image_folder(tmp_path / 'src', {'train': 2})
@@ -154,6 +157,9 @@ def test_a_data_dir_that_is_a_file_is_refused(tmp_path):
   (tmp_path / 'tfds').write_text('kept')
   with pytest.raises(ConfigError, match=r'data_dir .*tfds is a file: pass a directory'):
     prepare.prepare('digits', str(tmp_path / 'tfds'))
+  # A file above it was NotADirectoryError's traceback from inside TFDS.
+  with pytest.raises(ConfigError, match=r'data_dir .*tfds/sub is inside .*tfds, which is a file'):
+    prepare.prepare('digits', str(tmp_path / 'tfds' / 'sub'))
 
 
 def test_image_folder_name_must_be_snake_case(tmp_path):

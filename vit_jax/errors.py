@@ -46,8 +46,12 @@ def summary(error: BaseException) -> str:
 def check_not_a_file(path: str, what: str) -> None:
   """A directory argument naming an existing file: one line before anything is written, not
   FileExistsError from deep inside a makedirs."""
-  if '://' not in str(path) and os.path.isfile(path):
-    raise ConfigError(f'{what} {path} is a file: pass a directory (made if missing)')
+  if '://' in str(path):
+    return
+  existing = nearest_existing(path)
+  if os.path.isfile(existing):
+    inside = '' if existing == os.path.abspath(path) else f' is inside {existing}, which'
+    raise ConfigError(f'{what} {path}{inside} is a file: pass a directory (made if missing)')
 
 
 def check_no_arguments(argv: list[str]) -> None:

@@ -26,6 +26,7 @@ core (the most that autotuner's CPU budget would allow). Measured rates, and why
 in memory or batched: docs/performance.md ("Input pipeline").
 """
 import dataclasses
+import re
 from typing import Iterable, Iterator
 
 import jax
@@ -39,7 +40,7 @@ from vit_jax.data import catalog
 from vit_jax.data import pp_options
 from vit_jax.data import preprocess
 from vit_jax.data import randaug
-from vit_jax.errors import ConfigError
+from vit_jax.errors import ConfigError, first_line
 
 _RAW = {'image': tfds.decode.SkipDecoding()}
 IN_MEMORY_BYTES = 2 * 2**30  # Splits up to this size (encoded) are held in memory for training.
@@ -78,9 +79,15 @@ def _num_examples(builder: tfds.core.DatasetBuilder, dataset: str, split: str) -
   try:
     count = builder.info.splits[split].num_examples
   except (KeyError, ValueError, AssertionError) as e:
+    splits = builder.info.splits
+    if set(re.findall(r'(?:^|\+)\s*([\w-]+)', split)) <= set(splits):  # A slice out of range.
+      sizes = ', '.join(f'{name} {splits[name].num_examples}' for name in sorted(splits))
+      raise ConfigError(f'split {split!r} of {dataset} cannot be read ({first_line(e)}): slice '
+                        f'within the examples its splits hold ({sizes}), or in percent like '
+                        'train[:90%]') from e
     raise ConfigError(
         f'{dataset} has no split {split!r}: use one of '
-        f'{sorted(builder.info.splits)} (or a slice like train[:90%])') from e
+        f'{sorted(splits)} (or a slice like train[:90%])') from e
   if count <= 0:
     raise ConfigError(f'split {split!r} of {dataset} holds no examples: use a slice that '
                       'starts before it ends, like train[:90%]')

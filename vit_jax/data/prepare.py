@@ -173,6 +173,10 @@ def _prepared_source(name: str, data_dir: str) -> str | None:
   return os.path.abspath(recorded[1]) if recorded else description
 
 
+# What TFDS's split strings ('val', 'train[:90%]') take as a split's name.
+_SPLIT_NAME = re.compile(r'[\w-]+')
+
+
 def _find_images(root: str) -> tuple[list[str], dict[str, list[tuple[str, str]]]]:
   """(labels, {split: [(path, label)]}) of the images in root/<split>/<label>/ and its subfolders.
 
@@ -199,6 +203,11 @@ def _find_images(root: str) -> tuple[list[str], dict[str, list[tuple[str, str]]]
         found[split_and_label[0]][split_and_label[1]].append(path)
   if not found:
     raise ConfigError(f'no images in {root}: expected ROOT/<split>/<label>/*.jpg')
+  unnamable = [split for split in found if not _SPLIT_NAME.fullmatch(split)]
+  if unnamable:
+    raise ConfigError(f'{os.path.join(root, unnamable[0])}: a split folder\'s name must be '
+                      'letters, digits, _ and - (TFDS cannot read a split of another name): '
+                      'rename it (e.g. val, test)')
   empty = [os.path.join(root, split) for split, split_labels in found.items() if not split_labels]
   empty += [os.path.join(root, split, label) for split, split_labels in found.items()
             for label, paths in split_labels.items() if not paths]
