@@ -9,10 +9,12 @@ Usage:
   launch/local.sh N [--devices_per_process=4] [--port=0] [--module=vit_jax.main] \
       --config=configs/default.py --workdir=DIR [more flags of the module]
 
-Each process gets `--coordinator_address=localhost:PORT --num_processes=N --process_id=I`
-and K simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=K; a
+Each process gets `--coordinator_address=127.0.0.1:PORT --num_processes=N --process_id=I`
+(process 0's coordinator bound to 127.0.0.1 only, through JAX_COORDINATOR_BIND_ADDRESS) and K
+simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=K; a
 JAX_NUM_CPU_DEVICES of the caller's is dropped, since it would win). A --port another program
-listens on is refused before any process starts. Output lines are prefixed with `[I] `. If one
+listens on is refused before any process starts. Output lines are prefixed with `[I] `; once
+the launcher's stdout is closed (`| head`), the rest is dropped, so no process blocks. If one
 process fails, the others are stopped (SIGTERM, then SIGKILL after a grace period), one line on
 stderr names it, and the launcher exits with the first nonzero code. SIGTERM or
 Ctrl-C to the launcher sends SIGTERM to every process (a preemption notice: the run saves a
@@ -34,6 +36,7 @@ USAGE = ('usage: launch/local.sh N [--devices_per_process=K] [--port=P] [--modul
          '--config=... --workdir=... [flags of M]')
 OWN_FLAGS = {'devices_per_process': 4, 'port': 0, 'module': 'vit_jax.main'}
 GRACE_S = 10.0
+COORDINATOR_HOST = '127.0.0.1'  # Not localhost, which may resolve to ::1 first.
 _DEVICE_FLAG = re.compile(r'--xla_force_host_platform_device_count=\S*')
 
 
@@ -70,32 +73,31 @@ def parse(argv: Sequence[str]) -> tuple[int, dict, list[str]]:
 
 
 def check_port(port: int) -> None:
-  """Fails in one line if another program listens on `port`, which process 0's coordinator
-  binds on every interface (else each process dies in jax.distributed with a traceback)."""
-  for family, host in ((socket.AF_INET, '0.0.0.0'), (socket.AF_INET6, '::')):
-    try:
-      with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # As the coordinator's server.
-        if family == socket.AF_INET6:
-          s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        s.bind((host, port))
-    except OSError as e:
-      if e.errno in (errno.EADDRINUSE, errno.EACCES):
-        fail(f'--port={port} is {"in use" if e.errno == errno.EADDRINUSE else "not allowed"}: '
-             'pick another, or --port=0 for a free one')
-      # No IPv6 on this host, or the like: nothing to check there.
+  """Fails in one line if another program listens on 127.0.0.1:`port` (or on every
+  interface), where process 0's coordinator binds (else each process dies in jax.distributed
+  with a traceback)."""
+  try:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+      s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # As the coordinator's server.
+      s.bind((COORDINATOR_HOST, port))
+  except OSError as e:
+    if e.errno in (errno.EADDRINUSE, errno.EACCES):
+      fail(f'--port={port} is {"in use" if e.errno == errno.EADDRINUSE else "not allowed"}: '
+           'pick another, or --port=0 for a free one')
 
 
 def free_port() -> int:
   """A port the OS says is free now (another program could take it before process 0 binds)."""
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(('localhost', 0))
+    s.bind((COORDINATOR_HOST, 0))
     return s.getsockname()[1]
 
 
-def child_env(devices: int) -> dict[str, str]:
-  """This environment with K CPU devices per process (any device-count flag replaced)."""
-  env = dict(os.environ)
+def child_env(devices: int, port: int) -> dict[str, str]:
+  """This environment with K CPU devices per process (any device-count flag replaced), and
+  process 0's coordinator bound to loopback only (JAX's default is every interface: it would
+  take connections from other machines)."""
+  env = dict(os.environ, JAX_COORDINATOR_BIND_ADDRESS=f'{COORDINATOR_HOST}:{port}')
   xla = _DEVICE_FLAG.sub('', env.get('XLA_FLAGS', '')).strip()
   env['XLA_FLAGS'] = f'{xla} --xla_force_host_platform_device_count={devices}'.strip()
   env.pop('JAX_NUM_CPU_DEVICES', None)  # It would win over the flag.
@@ -110,12 +112,13 @@ class Run:
   def __init__(self, n: int, options: dict, flags: list[str]):
     port = options['port'] or free_port()
     self.failed: Optional[tuple[int, int]] = None  # (process, return code) of the first failure.
-    env = child_env(options['devices_per_process'])
+    env = child_env(options['devices_per_process'], port)
     self.lock = threading.Lock()
     self.procs, self.pumps = [], []
     for i in range(n):
-      cmd = [sys.executable, '-m', options['module'], f'--coordinator_address=localhost:{port}',
-             f'--num_processes={n}', f'--process_id={i}', *flags]
+      cmd = [sys.executable, '-m', options['module'],
+             f'--coordinator_address={COORDINATOR_HOST}:{port}', f'--num_processes={n}',
+             f'--process_id={i}', *flags]
       proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL)
       self.procs.append(proc)
@@ -124,10 +127,17 @@ class Run:
       self.pumps.append(pump)
 
   def _pump(self, i: int, proc: subprocess.Popen) -> None:
+    """Copies process i's output, prefixed. Once our stdout is gone (`| head` exited) the
+    rest goes to /dev/null: still read, since a child blocked on a full pipe never exits."""
     for line in iter(proc.stdout.readline, b''):
       with self.lock:
-        sys.stdout.buffer.write(f'[{i}] '.encode() + line)
-        sys.stdout.flush()
+        try:
+          sys.stdout.buffer.write(f'[{i}] '.encode() + line)
+          sys.stdout.flush()
+        except OSError:  # BrokenPipeError, or the like.
+          devnull = os.open(os.devnull, os.O_WRONLY)
+          os.dup2(devnull, sys.stdout.fileno())  # Also spares the flush at exit.
+          os.close(devnull)
 
   def signal_all(self, signum: int) -> None:
     for proc in self.procs:

@@ -173,8 +173,13 @@ def _git_files(source: str) -> List[str]:
 def pack(source: str, out: str) -> int:
   """Tars the files git would version; returns how many."""
   files = _git_files(source)
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with tarfile.open(out, 'w:gz') as tar:
+  try:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tar = tarfile.open(out, 'w:gz')
+  except OSError as e:
+    raise LaunchError(f'cannot write {out!r} ({e.filename}: {e.strerror}): '
+                      'pick another output path')
+  with tar:
     for f in files:
       tar.add(os.path.join(source, f), arcname=f, recursive=False)
   return len(files)
@@ -184,13 +189,17 @@ def _install(args: argparse.Namespace) -> str:
   """Installs as the Makefile does, in a venv of --python on each worker.
 
   The package needs Python 3.11 while TPU images ship 3.10, so apt adds it when
-  missing; jax[tpu] goes last so that libtpu matches the pinned jax.
+  missing, with its -venv (ensurepip, which `venv` needs: the image may have
+  the interpreter without it); the lock timeout waits out unattended-upgrades
+  of a fresh VM. jax[tpu] goes last so that libtpu matches the pinned jax.
   """
   py = args.python
+  apt = ('sudo', 'apt-get', '-o', 'DPkg::Lock::Timeout=300')
   pip = (REMOTE_PYTHON, '-m', 'pip', 'install', '-q')
   return ' && '.join([
-      f'(command -v {_sh(py)} > /dev/null || (sudo apt-get update -q && '
-      f'{_sh("sudo", "apt-get", "install", "-y", "-q", py, py + "-venv")}))',
+      f'({_sh(py, "-c", "import ensurepip")} > /dev/null 2>&1 || '
+      f'({_sh(*apt, "update", "-q")} && '
+      f'{_sh(*apt, "install", "-y", "-q", py, py + "-venv")}))',
       _sh(py, '-m', 'venv', REMOTE_VENV),
       _sh('cd', REMOTE_DIR),
       _sh(*pip, '--upgrade', 'pip'),
@@ -228,35 +237,78 @@ def setup(args: argparse.Namespace) -> List[Cmd]:
   ]
 
 
+def _active(pid_file: str) -> str:
+  """Shell test: the run whose process group `pid_file` saved is alive (its id in $pgid)."""
+  return (f'pgid=$(cat -- {_sh(pid_file)} 2>/dev/null) && '
+          'kill -0 -- -"$pgid" 2>/dev/null')
+
+
+def _check_shared(args: argparse.Namespace) -> None:
+  """Refuses a local --workdir on several workers: each would write its own
+  shards of every checkpoint to its own disk, none restorable. (A local
+  --tfds-data-dir is fine where each worker holds a copy of the data.)"""
+  if not re.fullmatch('[0-9]+', args.worker) and not args.workdir.startswith('gs://'):
+    raise LaunchError(f'--workdir={args.workdir} is not on GCS, yet every worker '
+                      'writes its part of each checkpoint there: use '
+                      'gs://BUCKET/..., or --worker=N for a single-host TPU')
+
+
 def run(args: argparse.Namespace) -> List[Cmd]:
-  """Starts the training command on all workers at once, as multi-host JAX requires, each
-  joining the others (--distributed: JAX finds the pod's workers itself)."""
+  """Starts the training command on all workers at once, as multi-host JAX
+  requires, each joining the others (--distributed: JAX finds the pod's
+  workers itself).
+
+  Either way the run leaves the ssh session (setsid, nohup, a log and a pid
+  file): neither Ctrl-C, a dropped connection nor gcloud's retry of the
+  command ends it or starts a second copy, and `stop` ends it. Without
+  --detach the log streams until the run ends, then its exit status returns.
+  """
+  _check_shared(args)
   env = [f'TFDS_DATA_DIR={args.tfds_data_dir}'] if args.tfds_data_dir else []
   env += args.env
   train = (['env', *env] if env else []) + [
-      REMOTE_PYTHON, '-m', args.module, '--distributed', f'--config={args.config}',
-      f'--workdir={args.workdir}', *args.overrides]
-  if not args.detach:
-    return [_ssh(args, f'{_sh("cd", REMOTE_DIR)} && {_sh(*train)}')]
-  # setsid + nohup + redirects: survives the ssh session. The braces keep `&`
-  # to the one command, so $! is its pid (= its process group, thanks to
-  # setsid), saved for `stop` to end the whole run.
-  log = posixpath.join('..', args.log)
-  return [_ssh(args, f'{_sh("cd", REMOTE_DIR)} && {{ '
-               f'{_sh("setsid", "nohup", *train)} > {_sh(log)} 2>&1 < /dev/null'
-               f' & echo $! > {_sh(log + ".pid")}; }}')]
+      REMOTE_PYTHON, '-m', args.module, '--distributed',
+      f'--config={args.config}', f'--workdir={args.workdir}', *args.overrides]
+  log = posixpath.join('..', args.log)  # from inside REMOTE_DIR
+  pid, status = log + '.pid', log + '.status'
+  # sh saves the training's exit status; its trap lets it outlive `stop`'s
+  # SIGTERM to the group to do so (a caught signal resets at exec: the
+  # training still gets SIGTERM).
+  wrapped = ['setsid', 'nohup', 'sh', '-c',
+             'trap : TERM; s=$1; shift; "$@"; echo $? > "$s"', 'sh', status,
+             *train]
+  # $! is the run's pid = its process group (setsid), saved for `stop`. The
+  # shell that started it reaps it, so `tail --pid=$!` sees it end even where
+  # no init reaps orphans.
+  start = (f'cd {_sh(REMOTE_DIR)} || exit; if {_active(pid)}; then echo '
+           '"tpu.py: a run is active on $(hostname) (process group $pgid): '
+           'end it with tpu.py stop (same --log), or watch it with tpu.py '
+           f'logs" >&2; exit 3; fi; rm -f {_sh(status)} || exit; '
+           f'{_sh(*wrapped)} > {_sh(log)} 2>&1 < /dev/null & '
+           f'echo $! > {_sh(pid)}')
+  if args.detach:
+    return [_ssh(args, start)]
+  return [_ssh(args, f'{start}; tail -n +1 -F --pid=$! -- {_sh(log)}; '
+               f'[ -s {_sh(status)} ] || {{ echo "tpu.py: the run on '
+               '$(hostname) left no exit status (killed?)" >&2; exit 1; }; '
+               f'exit "$(cat {_sh(status)})"')]
 
 
 def logs(args: argparse.Namespace) -> List[Cmd]:
-  """Shows the detached run's log (worker 0 unless --worker says otherwise)."""
+  """Shows a run's log (worker 0 unless --worker says otherwise)."""
   follow = ['-F'] if args.follow else []
-  return [_ssh(args, _sh('tail', '-n', str(args.lines), *follow, args.log))]
+  return [_ssh(args, _sh('tail', '-n', str(args.lines), *follow, '--',
+                         args.log))]
 
 
 def stop(args: argparse.Namespace) -> List[Cmd]:
-  """Ends a detached run by killing its process group on every worker."""
-  pid = _sh(args.log + '.pid')
-  return [_ssh(args, f'kill -TERM -- -"$(cat {pid})" && rm -f {pid}')]
+  """Ends the run by SIGTERM to its process group on every worker (it saves a
+  checkpoint first). The pid file stays until the run is gone, so `run` keeps
+  refusing to start beside one still saving; no run is one line, exit 0."""
+  pid = args.log + '.pid'
+  return [_ssh(args, f'if {_active(pid)}; then kill -TERM -- -"$pgid"; else '
+               'echo "tpu.py: no run is active on $(hostname): nothing to '
+               f'stop" >&2; rm -f -- {_sh(pid)}; fi')]
 
 
 def _pack_command(args: argparse.Namespace) -> List[Cmd]:
@@ -348,15 +400,17 @@ def _parser() -> argparse.ArgumentParser:
                  metavar='KEY=VALUE',
                  help='extra environment variable (repeatable)')
   p.add_argument('--detach', action='store_true',
-                 help='run in the background, output to --log on each worker')
-  p.add_argument('--log', default=DEFAULT_LOG, help='log file, under home')
+                 help='return once started, not streaming the log until the '
+                 'run ends')
+  p.add_argument('--log', default=DEFAULT_LOG,
+                 help='log file on each worker, under home')
 
-  p = tpu_command('logs', logs, '0', 'tail the log of a detached run')
+  p = tpu_command('logs', logs, '0', 'tail the log of a run')
   p.add_argument('--log', default=DEFAULT_LOG, help='log file, under home')
   p.add_argument('--lines', type=int, default=100)
   p.add_argument('--follow', action='store_true', help='keep streaming')
 
-  p = tpu_command('stop', stop, 'all', 'stop a detached run')
+  p = tpu_command('stop', stop, 'all', 'stop the run')
   p.add_argument('--log', default=DEFAULT_LOG, help='log file of the run')
 
   p = sub.add_parser('pack', help='tar a git work tree (what setup copies)',
@@ -384,7 +438,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'tpu.py: error: {e}', file=sys.stderr)
     return e.code
   except KeyboardInterrupt:
-    print('tpu.py: interrupted', file=sys.stderr)
+    # Only the streaming ends: the run left the ssh session.
+    goes_on = ' (a run it started goes on: tpu.py stop ends it)' if args.command == 'run' else ''
+    print(f'tpu.py: interrupted{goes_on}', file=sys.stderr)
     return 130
   return 0
 

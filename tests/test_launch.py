@@ -21,6 +21,7 @@ import pytest
 TPU = str(Path(__file__).resolve().parents[1] / 'launch' / 'tpu.py')
 HOSTILE = 'a b \'c\' "d" $(touch pwned) `touch pwned`;touch pwned $HOME \\'
 VENV_PY = '../vit_jax_venv/bin/python'
+APT_GET = ['apt-get', '-o', 'DPkg::Lock::Timeout=300']  # waits out unattended-upgrades
 TPUS = ['compute', 'tpus']
 # The fake gcloud: records argv, plus the members of any .tar.gz it is handed.
 FAKE_GCLOUD = f"""#!{sys.executable} -S
@@ -138,20 +139,114 @@ def test_hostile_values_arrive_as_single_argv_elements(fake):
   assert not list(fake.tmp.rglob('pwned'))
 
 
-def test_run_remote_command_keeps_every_word(fake):
+def pod_home(tmp_path: Path) -> Path:
+  """A worker's home after setup, with a stand-in training that records its
+  argv, TFDS_DATA_DIR and pid, prints "started", and on SIGTERM prints "term"
+  and exits 7 (as a run saves and stops)."""
+  home = tmp_path / 'home'
+  (home / 'vit_jax').mkdir(parents=True)
+  (home / 'vit_jax_venv' / 'bin').mkdir(parents=True)
+  python = home / 'vit_jax_venv' / 'bin' / 'python'
+  python.write_text(
+      f'#!{sys.executable} -S\nimport json, os, signal, sys, time\n'
+      'signal.signal(signal.SIGTERM, lambda *a: (print("term", flush=True), '
+      'sys.exit(7)))\n'
+      f'open({str(home / "seen.json")!r}, "w").write(json.dumps([sys.argv[1:], '
+      'os.environ.get("TFDS_DATA_DIR"), os.getpid()]))\n'
+      'print("started", flush=True)\n'
+      'for _ in range(600):\n  time.sleep(0.1)\n')
+  python.chmod(0o755)
+  return home
+
+
+def remote_command(argv: List[str]) -> str:
+  """The `--command=` of a recorded gcloud ssh (followed by --zone)."""
+  return argv[-2][len('--command='):]
+
+
+def remote(home: Path, argv: List[str]) -> subprocess.CompletedProcess:
+  """Runs the remote command of a recorded gcloud ssh in bash, in `home`."""
+  return subprocess.run(['bash', '-c', remote_command(argv)], cwd=home,
+                        timeout=30, capture_output=True, text=True)
+
+
+def test_run_in_the_foreground_streams_and_ends_with_the_training_status(
+    fake, tmp_path):
+  """The run leaves the ssh session (Ctrl-C or a dropped connection no longer
+  orphans it unstoppably), `stop` ends it, and `run` exits with its status."""
+  home = pod_home(tmp_path)
   override = f'--config.name={HOSTILE}'
   ok(fake.run('run', 'pod', '--zone=z', f'--config=configs/{HOSTILE}.py',
-              f'--workdir=gs://b/{HOSTILE}',
-              f'--tfds-data-dir=gs://b/{HOSTILE}',
+              f'--workdir=gs://b/{HOSTILE}', f'--tfds-data-dir=gs://{HOSTILE}',
               f'--env=XLA_FLAGS={HOSTILE}', '--', override, ';touch pwned'))
-  [argv] = fake.calls()
-  assert argv[:6] == TPUS + ['tpu-vm', 'ssh', 'pod', '--worker=all']
-  assert argv[-1] == '--zone=z'
-  assert remote_words(argv) == [
-      'cd', 'vit_jax', '&&', 'env', f'TFDS_DATA_DIR=gs://b/{HOSTILE}',
-      f'XLA_FLAGS={HOSTILE}', VENV_PY, '-m', 'vit_jax.main', '--distributed',
-      f'--config=configs/{HOSTILE}.py', f'--workdir=gs://b/{HOSTILE}',
-      override, ';touch pwned']
+  ok(fake.run('stop', 'pod', '--zone=z'))
+  run, stop = fake.calls()
+  assert run[:6] == TPUS + ['tpu-vm', 'ssh', 'pod', '--worker=all']
+  streaming = subprocess.Popen(['bash', '-c', remote_command(run)], cwd=home,
+                               text=True, stdout=subprocess.PIPE)
+  pid = None
+  try:
+    assert streaming.stdout.readline() == 'started\n'
+    argv, tfds_data_dir, pid = json.loads((home / 'seen.json').read_text())
+    assert argv == ['-m', 'vit_jax.main', '--distributed',
+                    f'--config=configs/{HOSTILE}.py', f'--workdir=gs://b/{HOSTILE}',
+                    override, ';touch pwned']
+    assert tfds_data_dir == f'gs://{HOSTILE}'
+    assert os.getpgid(pid) == int((home / 'vit_jax_run.log.pid').read_text())
+    assert remote(home, stop).returncode == 0
+    out, _ = streaming.communicate(timeout=30)
+  finally:
+    if streaming.poll() is None:
+      streaming.kill()
+    if pid and alive(pid):
+      os.kill(pid, signal.SIGKILL)
+  assert (streaming.returncode, out) == (7, 'term\n')
+  assert not list(tmp_path.rglob('pwned'))
+
+
+def test_detached_run_logs_and_stop_in_a_real_shell(fake, tmp_path):
+  """Detached: started, refused a second time while alive, its log shown,
+  stopped; a stop with no run says so. The log name starts with "-"."""
+  home = pod_home(tmp_path)
+  log = f'-{HOSTILE}'
+  ok(fake.run('run', 'pod', '--zone=z', '--config=c.py', '--workdir=gs://w',
+              '--detach', f'--log={log}'))
+  ok(fake.run('logs', 'pod', '--zone=z', f'--log={log}'))
+  ok(fake.run('stop', 'pod', '--zone=z', f'--log={log}'))
+  run, logs, stop = fake.calls()
+  assert remote(home, run).returncode == 0
+  pid_file, seen = home / f'{log}.pid', home / 'seen.json'
+  deadline = time.time() + 20
+  while not seen.exists() and time.time() < deadline:
+    time.sleep(0.05)
+  assert seen.exists(), 'the detached run did not start'
+  pid = json.loads(seen.read_text())[2]
+  try:
+    pgid = int(pid_file.read_text())
+    assert os.getpgid(pid) == pgid != os.getpgid(0)  # setsid: its own group
+    again = remote(home, run)
+    assert again.returncode == 3 and again.stderr.count('\n') == 1
+    assert again.stderr.startswith('tpu.py: a run is active on ')
+    assert 'tpu.py stop' in again.stderr
+    assert int(pid_file.read_text()) == pgid and alive(pid)
+    while 'started' not in remote(home, logs).stdout and time.time() < deadline:
+      time.sleep(0.05)
+    assert remote(home, logs).stdout == 'started\n'
+    assert remote(home, stop).returncode == 0
+    while alive(pid) and time.time() < deadline:
+      time.sleep(0.05)
+    assert not alive(pid), 'stop left the run alive'
+  finally:
+    if alive(pid):
+      os.kill(pid, signal.SIGKILL)
+  while Path(f'/proc/{pgid}').exists() and time.time() < deadline:
+    time.sleep(0.05)  # its sh saves the status, then is reaped
+  assert (home / f'{log}.status').read_text() == '7\n'
+  assert pid_file.exists()  # kept until the run is gone: no run beside it
+  again = remote(home, stop)
+  assert again.returncode == 0 and not pid_file.exists()
+  assert again.stderr.startswith('tpu.py: no run is active on ')
+  assert again.stderr.endswith(': nothing to stop\n')
 
 
 def test_run_can_start_fine_tuning_and_refuses_other_modules(fake):
@@ -159,63 +254,12 @@ def test_run_can_start_fine_tuning_and_refuses_other_modules(fake):
               '--workdir=gs://w'))
   [argv] = fake.calls()
   words = remote_words(argv)
-  assert words[words.index(VENV_PY):] == [VENV_PY, '-m', 'vit_jax.finetune', '--distributed',
-                                          '--config=c.py', '--workdir=gs://w']
+  start = words.index(VENV_PY)
+  assert words[start:words.index('>', start)] == [  # up to the log's redirection
+      VENV_PY, '-m', 'vit_jax.finetune', '--distributed', '--config=c.py', '--workdir=gs://w']
   failed = fake.run('run', 'pod', '--zone=z', '--module=vit_jax.export', '--config=c.py',
                     '--workdir=gs://w')
   assert failed.returncode == 2 and 'invalid choice' in failed.stderr
-
-
-def test_detached_run_and_stop_in_a_real_shell(fake, tmp_path):
-  """Runs the remote strings in bash: words intact, detached, stoppable."""
-  home = tmp_path / 'home'
-  (home / 'vit_jax').mkdir(parents=True)
-  (home / 'vit_jax_venv' / 'bin').mkdir(parents=True)
-  seen = home / 'seen.json'
-  python = home / 'vit_jax_venv' / 'bin' / 'python'
-  python.write_text(
-      f'#!{sys.executable} -S\nimport json, os, sys, time\n'
-      f'open({str(seen)!r}, "w").write(json.dumps([sys.argv[1:], '
-      'os.environ["TFDS_DATA_DIR"], os.getpid()]))\n'
-      'print("started", flush=True)\ntime.sleep(60)\n')
-  python.chmod(0o755)
-  override = f'--config.x={HOSTILE}'
-  ok(fake.run('run', 'pod', '--zone=z', '--config=c.py', '--workdir=gs://w',
-              f'--tfds-data-dir={HOSTILE}', '--detach', f'--log={HOSTILE}',
-              '--', override))
-  ok(fake.run('logs', 'pod', '--zone=z', f'--log={HOSTILE}'))
-  ok(fake.run('stop', 'pod', '--zone=z', f'--log={HOSTILE}'))
-  run, logs, stop = (argv[-2][len('--command='):] for argv in fake.calls())
-
-  def remote(command: str) -> str:
-    return subprocess.run(['bash', '-c', command], cwd=home, check=True,
-                          timeout=10, capture_output=True, text=True).stdout
-
-  remote(run)
-  pid_file = home / f'{HOSTILE}.pid'
-  deadline = time.time() + 10
-  while not (seen.exists() and pid_file.exists()) and time.time() < deadline:
-    time.sleep(0.05)
-  assert seen.exists(), 'the detached run did not start'
-  argv, tfds_data_dir, pid = json.loads(seen.read_text())
-  try:
-    assert argv == ['-m', 'vit_jax.main', '--distributed', '--config=c.py',
-                    '--workdir=gs://w', override]
-    assert tfds_data_dir == HOSTILE
-    assert int(pid_file.read_text()) == pid
-    assert os.getpgid(pid) == pid  # setsid: the run leads its own group
-    while 'started' not in remote(logs) and time.time() < deadline:
-      time.sleep(0.05)
-    assert remote(logs) == 'started\n'
-    remote(stop)
-    while alive(pid) and time.time() < deadline:
-      time.sleep(0.05)
-    assert not alive(pid), 'stop left the run alive'
-  finally:
-    if alive(pid):
-      os.kill(pid, signal.SIGKILL)
-  assert not pid_file.exists()
-  assert not list(tmp_path.rglob('pwned'))
 
 
 def test_setup_copies_the_local_tree(fake, tmp_path):
@@ -234,13 +278,43 @@ def test_setup_copies_the_local_tree(fake, tmp_path):
       'rm', '-rf', 'vit_jax', '&&', 'mkdir', '-p', 'vit_jax', '&&',
       'tar', '-xzf', 'vit_jax.tar.gz', '-C', 'vit_jax', '&&',
       'rm', '-f', 'vit_jax.tar.gz', '&&',
-      '(command', '-v', 'python3.11', '>', '/dev/null', '||', '(sudo',
-      'apt-get', 'update', '-q', '&&', 'sudo', 'apt-get', 'install', '-y',
+      '(python3.11', '-c', 'import ensurepip', '>', '/dev/null', '2>&1', '||',
+      '(sudo', *APT_GET, 'update', '-q', '&&', 'sudo', *APT_GET, 'install', '-y',
       '-q', 'python3.11', 'python3.11-venv))', '&&',
       'python3.11', '-m', 'venv', 'vit_jax_venv', '&&', 'cd', 'vit_jax', '&&',
       *pip, '--upgrade', 'pip', '&&', *pip, '-r', 'requirements.txt', '&&',
       *pip, '--no-deps', '-e', '.', '&&', *pip, 'jax[tpu]', '-f',
       'https://storage.googleapis.com/jax-releases/libtpu_releases.html']
+
+
+@pytest.mark.parametrize('has_ensurepip', [True, False])
+def test_setup_adds_the_venv_package_when_python_lacks_it(fake, tmp_path,
+                                                          has_ensurepip):
+  """An image may have python3.11 without its -venv (ensurepip), with which
+  `venv` fails; `command -v python3.11` took that for installed."""
+  bin_dir, home = tmp_path / 'remote_bin', tmp_path / 'home'
+  bin_dir.mkdir()
+  home.mkdir()
+  calls = tmp_path / 'remote_calls'
+  record = f'#!/bin/sh\necho "${{0##*/}} $*" >> {shlex.quote(str(calls))}\n'
+  for name, body in {
+      'sudo': '', 'git': 'mkdir -p vit_jax\n',
+      'python3.11': (f'[ "$1" = -c ] && exit {0 if has_ensurepip else 1}\n'
+                     'mkdir -p vit_jax_venv/bin && cp "$0" vit_jax_venv/bin/python\n')
+  }.items():
+    (bin_dir / name).write_text(record + body)
+    (bin_dir / name).chmod(0o755)
+  ok(fake.run('setup', 'pod', '--zone=z', '--repo=https://example.com/r.git'))
+  [argv] = fake.calls()
+  subprocess.run(['bash', '-c', argv[-2][len('--command='):]], cwd=home,
+                 check=True, timeout=30,
+                 env=dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}'))
+  done = calls.read_text().splitlines()
+  apt = 'sudo apt-get -o DPkg::Lock::Timeout=300'
+  assert [c for c in done if c.startswith('sudo')] == ([] if has_ensurepip else [
+      f'{apt} update -q', f'{apt} install -y -q python3.11 python3.11-venv'])
+  assert 'python3.11 -m venv vit_jax_venv' in done
+  assert done[-1].startswith('python -m pip install -q jax[tpu] -f ')
 
 
 def test_setup_clones_without_option_injection(fake):
@@ -252,22 +326,20 @@ def test_setup_clones_without_option_injection(fake):
   assert words[:14] == ['rm', '-rf', 'vit_jax', '&&', 'git', 'clone',
                         '--depth=1', f'--branch={HOSTILE}', '--',
                         '--upload-pack=touch pwned', 'vit_jax', '&&',
-                        '(command', '-v']
+                        '(python3.11', '-c']
   assert words[-3:] == ['jax[tpu]==0.10.2', '-f', words[-1]]
 
 
-def test_logs_and_stop(fake):
+def test_logs_and_stop_workers(fake):
   ok(fake.run('logs', 'pod', '--zone=z', '--follow', '--lines=5',
               f'--log={HOSTILE}'))
   ok(fake.run('logs', 'pod', '--zone=z', '--worker=all'))
-  ok(fake.run('stop', 'pod', '--zone=z', f'--log={HOSTILE}'))
+  ok(fake.run('stop', 'pod', '--zone=z'))
   follow, every, stop = fake.calls()
   assert follow[:6] == TPUS + ['tpu-vm', 'ssh', 'pod', '--worker=0']
-  assert remote_words(follow) == ['tail', '-n', '5', '-F', HOSTILE]
+  assert remote_words(follow) == ['tail', '-n', '5', '-F', '--', HOSTILE]
   assert every[5] == '--worker=all'
-  pid_file = shlex.quote(f'{HOSTILE}.pid')  # shlex.split cannot parse $(...)
-  assert stop[-2] == (f'--command=kill -TERM -- -"$(cat {pid_file})" && '
-                      f'rm -f {pid_file}')
+  assert stop[:6] == TPUS + ['tpu-vm', 'ssh', 'pod', '--worker=all']
 
 
 @pytest.mark.parametrize('args', [
@@ -336,6 +408,30 @@ def test_missing_gcloud_is_one_line(fake, tmp_path):
   assert result.stderr.splitlines()[-1].startswith(
       'tpu.py: error: gcloud not found on PATH')
   assert 'Traceback' not in result.stderr
+
+
+def test_run_refuses_a_local_workdir_unless_on_one_worker(fake):
+  """Each worker would write its own shards of every checkpoint to its own disk
+  (unrestorable). A local data dir is each worker's copy of the data: kept."""
+  args = ['run', 'pod', '--zone=z', '--config=c.py', '--workdir=/data/run', '--dry-run']
+  result = fake.run(*args)
+  assert result.returncode == 2 and result.stderr.count('\n') == 1
+  assert result.stderr.startswith('tpu.py: error: --workdir=/data/run is not on GCS')
+  assert 'use gs://BUCKET/..., or --worker=N' in result.stderr
+  [line] = ok(fake.run(*args, '--worker=0')).stdout.splitlines()
+  argv = shlex.split(line)
+  assert argv[6] == '--worker=0' and '/data/run' in argv[7]
+  ok(fake.run('run', 'pod', '--zone=z', '--config=c.py', '--workdir=gs://w',
+              '--tfds-data-dir=/mnt/tfds', '--dry-run'))
+
+
+def test_pack_into_a_folder_that_cannot_be_made_is_one_line(fake, tmp_path):
+  source = git_tree(tmp_path / 'src')
+  (tmp_path / 'file').write_text('')
+  result = fake.run('pack', f'--source={source}', str(tmp_path / 'file' / 'x.tar.gz'))
+  assert result.returncode == 2 and 'Traceback' not in result.stderr
+  assert result.stderr == (f"tpu.py: error: cannot write '{tmp_path}/file/x.tar.gz' "
+                           f"({tmp_path}/file: File exists): pick another output path\n")
 
 
 def test_pack_keeps_what_git_would_version(fake, tmp_path):

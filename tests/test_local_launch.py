@@ -86,7 +86,8 @@ def test_local_devices_per_process_wins_over_jax_num_cpu_devices(tmp_path):
 
 def test_processes_get_their_ids_devices_and_coordinator(tmp_path):
   env = fake_module(tmp_path, 'import os\n'
-                               "print(' '.join(sys.argv[1:]), os.environ['XLA_FLAGS'])\n")
+                               "print(' '.join(sys.argv[1:]), os.environ['XLA_FLAGS'],\n"
+                               "      os.environ['JAX_COORDINATOR_BIND_ADDRESS'])\n")
   env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8 --xla_dump_to=/tmp/x'
   result = subprocess.run([LOCAL, '3', '--devices_per_process', '2', '--module=fake_main',
                            '--config=a b', '--workdir=w'],
@@ -94,11 +95,25 @@ def test_processes_get_their_ids_devices_and_coordinator(tmp_path):
   assert result.returncode == 0, result.stderr
   lines = sorted(result.stdout.splitlines())
   assert len(lines) == 3
-  port = lines[0].split('--coordinator_address=localhost:')[1].split()[0]
+  port = lines[0].split('--coordinator_address=127.0.0.1:')[1].split()[0]
   for i, line in enumerate(lines):
-    assert line == (f'[{i}] --coordinator_address=localhost:{port} --num_processes=3 '
+    assert line == (f'[{i}] --coordinator_address=127.0.0.1:{port} --num_processes=3 '
                     f'--process_id={i} --config=a b --workdir=w '
-                    '--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=2')
+                    '--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=2 '
+                    f'127.0.0.1:{port}')  # JAX's coordinator binds there, not on every interface
+
+
+def test_a_closed_stdout_drops_the_output_and_the_processes_run_on(tmp_path):
+  """`launch/local.sh 2 ... | head -n 2` was BrokenPipeError tracebacks, then processes
+  blocked on full pipes until killed."""
+  env = fake_module(tmp_path, "for _ in range(20000):\n  print('x' * 50, flush=True)\n"
+                               "open(f'done{pid}', 'w').close()\n")
+  result = subprocess.run(['bash', '-c', f'set -o pipefail; {LOCAL} 2 --module=fake_main | '
+                           'head -n 2'], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+  assert (result.returncode, result.stderr) == (0, '')
+  assert len(result.stdout.splitlines()) == 2
+  assert sorted(p.name for p in tmp_path.glob('done*')) == ['done0', 'done1']
 
 
 def test_ctrl_c_reaches_every_process_as_a_preemption_notice(tmp_path):

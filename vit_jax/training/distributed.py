@@ -32,6 +32,7 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
   turns out to be one of several hosts that were not joined (Orbax and preemption notices
   need the joined runtime).
   """
+  _check_explicit(coordinator_address, num_processes, process_id)
   auto = detect or any(os.environ.get(k)
                        for k in ('TPU_WORKER_HOSTNAMES', 'JAX_COORDINATOR_ADDRESS'))
   # A SLURM job step (srun), as JAX detects one: an salloc shell or a batch script without
@@ -46,10 +47,30 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
                         'pass --distributed (launch/tpu.py run does) or --coordinator_address')
     return
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU devices only.
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+  except ValueError as e:  # Detection found no cluster: "coordinator_address should be defined".
+    if coordinator_address is not None:
+      raise
+    raise ConfigError('JAX found no cluster to join here (a Cloud TPU pod, GKE, SLURM): on one '
+                      'machine start the processes with launch/local.sh N, elsewhere pass '
+                      '--coordinator_address, --num_processes and --process_id') from e
   logging.info('process %d of %d, %d local / %d global devices', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _check_explicit(coordinator_address: Optional[str], num_processes: Optional[int],
+                    process_id: Optional[int]) -> None:
+  """One line for explicit flags JAX would take with a traceback: a process number outside
+  the run, or a coordinator without the process count and number."""
+  if (num_processes is not None and process_id is not None
+      and not 0 <= process_id < num_processes):
+    raise ConfigError(f'--process_id={process_id} is not one of --num_processes={num_processes}: '
+                      'number the processes 0 to N-1 (launch/local.sh N does)')
+  if coordinator_address is not None and None in (num_processes, process_id):
+    raise ConfigError('--coordinator_address needs --num_processes and --process_id too (all '
+                      'three on each process): launch/local.sh N passes them')
 
 
 def initialize_from_flags() -> None:
