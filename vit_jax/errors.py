@@ -44,8 +44,8 @@ def summary(error: BaseException) -> str:
 
 
 def check_not_a_file(path: str, what: str) -> None:
-  """A directory argument naming an existing file: one line before anything is written, not
-  FileExistsError from deep inside a makedirs."""
+  """A directory argument naming an existing file, or a path below one: one line before
+  anything is written, not FileExistsError or NotADirectoryError from deep inside a makedirs."""
   if '://' in str(path):
     return
   existing = nearest_existing(path)
