@@ -174,6 +174,22 @@ def test_scan_and_remat_can_be_set_from_the_command_line(name):
   assert model.scan and model.remat == 'dots'
 
 
+@pytest.mark.parametrize('opener', ['open', '__import__("tensorflow").io.gfile.GFile'])
+def test_a_full_disk_is_one_line(opener):
+  """Python's and tf.io.gfile's (config.json, metrics.jsonl) ENOSPC: it was a traceback. Linux's
+  /dev/full takes no byte."""
+  proc = subprocess.run([sys.executable, '-c', (
+      'from vit_jax.errors import cli_main\n'
+      'def write():\n'
+      f'  with {opener}("/dev/full", "w") as f:\n'
+      '    f.write("x")\n'
+      'cli_main(write)()')], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert proc.stderr.rstrip().splitlines()[-1].startswith('error: no space left on the device (')
+  assert proc.stderr.rstrip().endswith(
+      'free disk space, or pass another path, then run again (a training run resumes)')
+
+
 @pytest.mark.parametrize('error, first_line, summary', [
     (ValueError('Unrecognized name:\n  foo\n  bar'), 'Unrecognized name',
      'ValueError: Unrecognized name'),

@@ -89,6 +89,13 @@ def _is_permission_error(error: BaseException) -> bool:
   return type(error).__name__ == 'PermissionDeniedError'
 
 
+def _is_disk_full(error: BaseException) -> bool:
+  """Python's or TensorFlow's (tf.io.gfile, by name) error for a write to a full disk."""
+  if isinstance(error, OSError):
+    return error.errno == errno.ENOSPC
+  return type(error).__name__ == 'ResourceExhaustedError' and 'No space left' in str(error)
+
+
 def _is_out_of_memory(error: BaseException) -> bool:
   """XLA's error for buffers larger than the device (by name: jax is not imported here)."""
   return (type(error).__name__ in ('JaxRuntimeError', 'XlaRuntimeError')
@@ -96,8 +103,8 @@ def _is_out_of_memory(error: BaseException) -> bool:
 
 
 def cli_main(main: Callable) -> Callable:
-  """Wraps an absl `main` so a ConfigError, a path without permission, or a batch too large for
-  the device exits with one line instead of a traceback."""
+  """Wraps an absl `main` so a ConfigError, a path without permission, a full disk, or a batch
+  too large for the device exits with one line instead of a traceback."""
 
   @functools.wraps(main)
   def wrapped(*args, **kwargs):
@@ -110,6 +117,9 @@ def cli_main(main: Callable) -> Callable:
         _exit_with(f'out of memory ({first_line(e)}): lower the batch (--config.batch '
                    "or --config.batch_eval; infer's --batch_size, fewshot's --batch); python -m "
                    'vit_jax.plan tells what fits a device')
+      if _is_disk_full(e):
+        _exit_with(f'no space left on the device ({first_line(e)}): free disk space, or pass '
+                   'another path, then run again (a training run resumes)')
       if not _is_permission_error(e):
         raise
       _exit_with(f'permission denied ({type(e).__name__}: {e}): pass a path you can write to, '

@@ -115,7 +115,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.get('keep_checkpoints', 3) < 0:
     raise ConfigError(f'config.keep_checkpoints={config.keep_checkpoints} must be positive '
                       '(or 0: keep them all)')
-  for key, zero_means in (('eval_every', 'no eval'), ('profile_steps', 'no profile'),
+  for key, zero_means in (('eval_every', 'no eval'), ('warmup_steps', 'no warmup'),
+                          ('profile_steps', 'no profile'),
                           ('profile_skip_steps', 'the step after compiling')):
     if (config.get(key) or 0) < 0:
       raise ConfigError(f'config.{key}={config[key]} must be positive (or 0: {zero_means})')

@@ -180,10 +180,13 @@ def _check_finite(loss: float, step: int, last_saved: Optional[int],
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Through tf.io.gfile, so a gs:// workdir gets it too (the metrics go the same way)."""
+  """Through tf.io.gfile, so a gs:// workdir gets it too (the metrics go the same way); written
+  aside and renamed, so a full disk leaves a resumed run's config.json as it was, not empty."""
   if jax.process_index() == 0:
-    with tf.io.gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
+    path = os.path.join(workdir, 'config.json')
+    with tf.io.gfile.GFile(f'{path}.tmp', 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
+    tf.io.gfile.rename(f'{path}.tmp', path, overwrite=True)
 
 
 def _fewshot_evaluator(exp: Experiment):
@@ -286,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           _check_finite(float(last['loss']), step, last_saved, float(last['grad_norm']))
           checkpointer.save(step, state, {'step': step, 'config': config.to_dict()})
           writer.flush()  # The metrics up to a checkpoint survive with it.
-          last_saved = step
+          last_saved, window_start = step, (step, time.perf_counter())  # Nor saves in img/s.
         if preempted:
           logging.warning('stopped at step %d on a stop signal or preemption notice; rerun to '
                           'resume', step)

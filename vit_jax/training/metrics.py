@@ -104,10 +104,17 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+# Logged as the window's last step has them, as big_vision and MaxText log the schedule (a
+# window's mean lags it: ten times the last step's rate at the end of a cosine decay).
+_LAST_STEP_VALUES = frozenset({'learning_rate'})
+
+
 def mean_of(step_metrics: list[Mapping[str, Any]], prefix: str) -> dict[str, float]:
-  """Fetches a window of per-step device metrics at once (one host sync) and averages them."""
+  """Fetches a window of per-step device metrics at once (one host sync) and averages them (the
+  learning rate: the last step's)."""
   fetched = jax.device_get(step_metrics)
-  return {f'{prefix}/{k}': float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+  return {f'{prefix}/{k}': float(fetched[-1][k] if k in _LAST_STEP_VALUES
+                                 else np.mean([m[k] for m in fetched])) for k in fetched[0]}
 
 
 def _duration(seconds: float) -> str:
