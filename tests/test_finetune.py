@@ -169,11 +169,16 @@ def test_new_layers_take_the_new_models_own_init(prepared_data_dir, pretrained):
       'embedding/kernel'].tobytes()
 
 
-def test_a_gap_npz_fine_tunes_as_gap_without_saying_so(prepared_data_dir, tmp_path):
-  """The fine-tune configs cannot set `classifier` (not a key of theirs): the .npz's keys tell."""
+@pytest.mark.parametrize('patch, grids', [
+    ((4, 4), ((4, 4), (6, 6))),  # 16 px -> 24 px.
+    # The posemb was resized as a square grid (8x8 -> 12x12 here), scrambling its rows.
+    ((2, 4), ((8, 4), (12, 6)))])
+def test_a_gap_npz_fine_tunes_as_gap_without_saying_so(prepared_data_dir, tmp_path, patch, grids):
+  """The fine-tune configs cannot set `classifier` (not a key of theirs), nor an oblong patch:
+  the .npz's keys tell."""
   model = nn.meta.unbox(jax.eval_shape(
-      lambda: models.create('ViT-Mu_4', classifier='gap').init(jax.random.PRNGKey(0),
-                                                               jnp.zeros((1, 16, 16, 1)))))
+      lambda: models.create('ViT-Mu_4', classifier='gap', patch_size=patch).init(
+          jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 1)))))
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), model['params'])
   path = str(tmp_path / 'gap.npz')
@@ -182,13 +187,14 @@ def test_a_gap_npz_fine_tunes_as_gap_without_saying_so(prepared_data_dir, tmp_pa
   pre = restore.load(path, config.model)  # As `finetune` does: the config's overrides are None.
   exp = experiment.build(finetune.with_architecture(config, pre.model, pre.model_overrides,
                                                     pre.channels))
-  assert exp.model.classifier == 'gap'
+  assert exp.model.classifier == 'gap' and tuple(exp.model.patch_size) == patch
+  assert pre.posemb_grid() == grids[0]
   state = jax.device_get(finetune.initial_state(exp, pre).params)
   assert 'cls' not in state
-  np.testing.assert_array_equal(  # 16 px -> 24 px: 4x4 -> 6x6 patches, no class token's row.
+  np.testing.assert_array_equal(  # No class token's row.
       state['Transformer']['posembed_input']['pos_embedding'],
-      posemb_lib.resize_posemb(params['Transformer']['posembed_input']['pos_embedding'], (6, 6),
-                               num_prefix_tokens=0))
+      posemb_lib.resize_posemb(params['Transformer']['posembed_input']['pos_embedding'],
+                               grids[1], grids[0], num_prefix_tokens=0))
 
 
 def test_finetune_cli_improves_over_the_transferred_start(transferred, prepared_data_dir,

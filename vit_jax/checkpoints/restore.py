@@ -95,6 +95,12 @@ class Pretrained:
     stem_stride = patch_h // model.patch_size[0]
     return range(largest - stem_stride + 1, largest + 1)
 
+  def posemb_grid(self) -> Optional[tuple[int, int]]:
+    """The token grid (h, w) of the learned position embeddings (None without them): oblong
+    for an oblong patch, which their token count alone does not tell."""
+    sizes = self.posemb_image_sizes()
+    return models.token_grid(self.create_model(1), sizes[-1], sizes[-1]) if sizes else None
+
   def create_model(self, num_classes: int, **overrides: Any) -> Any:
     """The flax module of this architecture (overrides such as dtype or scan on top)."""
     return models.create(self.model, num_classes=num_classes,

@@ -124,6 +124,8 @@ def initial_state(exp: experiment.Experiment, pretrained: restore.Pretrained, *,
         out_shardings=sharding.replicated(exp.mesh))(rng)))
   params = transfer.transfer_params(
       pretrained.params, init, keep_pre_logits=keep_pre_logits,
+      new_grid=models.token_grid(exp.model, *exp.image_shape[:2]),
+      old_grid=pretrained.posemb_grid(),
       log=logging.info if jax.process_index() == 0 else lambda line: None,  # Said once a run.
       what=f'the pre-trained checkpoint {pretrained.source}')
   # Every process holds the whole host copy; each device takes its shard of it.
