@@ -286,6 +286,9 @@ def test_cli_errors_are_one_line_without_traceback(
       # The later --workdir wins: fine-tuning into the pre-training workdir.
       'is the pre-training workdir config.init': [f'--config.init={pretrained}',
                                                   f'--workdir={pretrained}/'],
+      # Accepted, then deleted with that step by the pre-training's keep_checkpoints.
+      f'lies inside the checkpoint of step {newest} of the workdir {pretrained}, which may delete':
+          [f'--config.init={pretrained}', f'--workdir={pretrained}/checkpoints/{newest}'],
   }
   procs = {expected: subprocess.Popen(
       [sys.executable, '-m', 'vit_jax.finetune', '--config=configs/finetune/digits.py',

@@ -39,6 +39,21 @@ def _check_writable(directory: str) -> None:
                       'you can write to (or make it writable)')
 
 
+def _check_outside_checkpoints(workdir: str) -> None:
+  """A workdir inside another run's checkpoints folder (its step folder named by mistake) would
+  be deleted with that step when the other run keeps only its newest checkpoints."""
+  if '://' in workdir:
+    return
+  path = os.path.abspath(workdir)
+  while os.path.dirname(path) != path:
+    path, name = os.path.dirname(path), os.path.basename(path)
+    if (os.path.basename(path) == 'checkpoints' and name.isdigit()
+        and os.path.isfile(os.path.join(os.path.dirname(path), 'config.json'))):
+      raise ConfigError(f'--workdir {workdir} lies inside the checkpoint of step {name} of the '
+                        f'workdir {os.path.dirname(path)}, which may delete it: pass a workdir '
+                        'of its own')
+
+
 def _retrying_once(read: Callable[[], Any], what: str) -> Any:
   """`read()`, tried a second time after a failure (an object store's transient error)."""
   try:
@@ -96,6 +111,7 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
                read_only: bool = False):
     if not read_only:
+      _check_outside_checkpoints(workdir)
       _check_writable(checkpoint_dir(workdir))
     options = ocp.CheckpointManagerOptions(  # A reader neither keeps nor saves (or orbax warns).
         max_to_keep=None if read_only else keep or None,
