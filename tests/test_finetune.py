@@ -215,12 +215,16 @@ def test_finetune_cli_improves_over_the_transferred_start(transferred, prepared_
   assert finetune.finetune(config, str(workdir)) == {'step': FINETUNE['total_steps']}
 
 
-def test_export_round_trip_is_bit_exact(pretrained, exported):
+def test_export_round_trip_is_bit_exact(pretrained, exported, tmp_path):
   with Checkpointer(pretrained, read_only=True) as checkpointer:
     orbax_params, _ = restore.restore_params(checkpointer, checkpointer.all_steps()[-1])
   loaded = npz.load_npz(str(exported))
   param_trees.assert_bit_identical(loaded, orbax_params)
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(loaded))
+  replaced = tmp_path / 'replaced.npz'
+  replaced.write_text('an older export')
+  _cli('vit_jax.export', f'--workdir={pretrained}', f'--output={replaced}', '--overwrite')
+  param_trees.assert_bit_identical(npz.load_npz(str(replaced)), orbax_params)
 
 
 def test_scanned_checkpoints_export_and_load_in_both_layouts(prepared_data_dir, tmp_path):
@@ -321,19 +325,23 @@ def test_export_mistakes_are_one_line(args, expected, tmp_path):
     ('out.npz', 'error: --output=out.npz is a directory: name a .npz file (e.g. '
                 'out.npz/params.npz)'),
     ('file/x.npz', 'error: --output=file/x.npz is inside {tmp_path}/file, which is a file: pass '
-                   'another path')])
+                   'another path'),
+    # It was replaced: a released checkpoint, or a run's own init.
+    ('kept.npz', 'error: --output=kept.npz exists: pass another path, or --overwrite to replace '
+                 'it')])
 def test_export_checks_its_output_before_reading_the_checkpoint(output, expected, tmp_path):
-  """An --output that is a folder or lies inside a file: one line (was a traceback from the
-  write, after the whole checkpoint had been read)."""
+  """An --output that is a folder, lies inside a file or exists: one line (was a traceback from
+  the write, after the whole checkpoint had been read; or the file replaced)."""
   (tmp_path / 'out.npz').mkdir()
   (tmp_path / 'file').write_text('')
+  (tmp_path / 'kept.npz').write_text('kept')
   (tmp_path / 'run').mkdir()  # No checkpoint in it: the output is checked first.
   proc = subprocess.run([sys.executable, '-m', 'vit_jax.export', '--workdir=run',
                          f'--output={output}'], cwd=tmp_path, capture_output=True, text=True,
                         timeout=120, env=_env())
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert proc.stderr.strip().splitlines()[-1] == expected.format(tmp_path=tmp_path), proc.stderr
-  assert 'Traceback' not in proc.stderr
+  assert 'Traceback' not in proc.stderr and (tmp_path / 'kept.npz').read_text() == 'kept'
 
 
 def test_a_workdirs_checkpoints_folder_or_step_is_named_as_such(pretrained):

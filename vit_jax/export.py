@@ -1,6 +1,6 @@
 """Export a workdir's newest params as a `.npz` in the released layout (float32, '/' keys).
 
-  python -m vit_jax.export --workdir=DIR --output=FILE.npz
+  python -m vit_jax.export --workdir=DIR --output=FILE.npz [--overwrite]
 
 The file loads in the released vision_transformer code and back here (`--config.init=FILE.npz`
 with the model named), bit-exact, whichever layout (scanned or unrolled) the run trained in.
@@ -16,6 +16,7 @@ from vit_jax.errors import ConfigError, check_no_arguments, nearest_existing, ru
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (its newest checkpoint).')
 _OUTPUT = flags.DEFINE_string('output', None, 'The .npz file to write.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing --output file.')
 flags.mark_flags_as_required(['workdir', 'output'])
 
 
@@ -25,6 +26,8 @@ def _check_output(path: str) -> None:
     return
   if os.path.isdir(path):
     raise ConfigError(f'--output={path} is a directory: name a .npz file (e.g. {path}/params.npz)')
+  if os.path.isfile(path) and not _OVERWRITE.value:  # A released checkpoint, a run's init.
+    raise ConfigError(f'--output={path} exists: pass another path, or --overwrite to replace it')
   existing = nearest_existing(os.path.dirname(os.path.abspath(path)))
   if not os.path.isdir(existing):
     raise ConfigError(f'--output={path} is inside {existing}, which is a file: pass another path')
