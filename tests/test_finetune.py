@@ -3,6 +3,7 @@
 A tiny ViT-Mu_4 is pre-trained here for 100 steps on Fashion-MNIST at 16 px, then fine-tuned on
 digits at 24 px (so the position embeddings are resized from a 4x4 to a 6x6 grid).
 """
+import json
 import os
 import shutil
 import subprocess
@@ -272,10 +273,11 @@ def test_cli_errors_are_one_line_without_traceback(
   no_tree = tmp_path / 'no_tree'  # An empty _METADATA was an AttributeError's traceback.
   shutil.copytree(pretrained, no_tree)
   (no_tree / 'checkpoints' / str(newest) / 'state' / '_METADATA').write_bytes(b'')
-  bad_meta = tmp_path / 'bad_meta'
+  bad_meta = tmp_path / 'bad_meta'  # And no config.json to fall back on.
   shutil.copytree(pretrained, bad_meta)
   for meta in (bad_meta / 'checkpoints' / str(newest) / 'meta').iterdir():
     meta.write_text('{corrupt')
+  (bad_meta / 'config.json').unlink()
   cases = {
       'does not exist': ['--config.init=/nonexistent/workdir'],
       f'step {newest} in {bad_meta} has an unreadable meta (JSONDecodeError':
@@ -305,6 +307,21 @@ def test_cli_errors_are_one_line_without_traceback(
     assert proc.returncode == 2, stderr[-2000:]
     assert 'Traceback' not in stderr and 'Exception ignored' not in stderr, stderr[-2000:]
     assert len(errors) == 1 and expected in errors[0], errors
+
+
+def test_an_unreadable_meta_is_read_from_the_runs_config_json(pretrained, tmp_path, caplog):
+  """It stopped fine-tuning from that workdir (and resuming a fine-tune) with "remove that step
+  directory", though config.json holds the same config and the params read."""
+  copy = tmp_path / 'copy'
+  shutil.copytree(pretrained, copy)
+  newest = max(Checkpointer(str(copy), read_only=True).all_steps())
+  for meta in (copy / 'checkpoints' / str(newest) / 'meta').iterdir():
+    meta.write_text('{corrupt')
+  with open(copy / 'config.json', encoding='utf-8') as f:
+    assert restore.saved_config(str(copy)) == json.load(f)
+  assert f'the checkpoint at step {newest} in {copy} has an unreadable meta' in caplog.text
+  param_trees.assert_bit_identical(restore.load(str(copy)).params,
+                                   restore.load(pretrained).params)
 
 
 @pytest.mark.parametrize('args,expected', [

@@ -188,15 +188,21 @@ def _check_not_inside_a_workdir(path: str) -> None:
 def _saved_config(workdir: str, checkpointer: Checkpointer) -> dict[str, Any]:
   """The config stored with the newest checkpoint, else the workdir's config.json."""
   step = checkpointer.all_steps()[-1]
+  path = os.path.join(workdir, 'config.json')
   try:
     config = checkpointer.restore_meta(step).get('config')
   except (ValueError, KeyError, OSError, TypeError) as e:
-    raise ConfigError(f'the checkpoint at step {step} in {workdir} has an unreadable meta '
-                      f'({error_summary(e)}): remove that step directory to use an older '
-                      'one') from e
+    if not tf.io.gfile.exists(path):
+      raise ConfigError(f'the checkpoint at step {step} in {workdir} has an unreadable meta '
+                        f'({error_summary(e)}): remove that step directory to use an older '
+                        'one') from e
+    # The run's config.json says the same (the architecture cannot change on resuming), and a
+    # resumed run sets the unreadable step aside itself.
+    logging.warning('the checkpoint at step %d in %s has an unreadable meta (%s): reading the '
+                    "run's config from its config.json", step, workdir, error_summary(e))
+    config = None
   if config:
     return config
-  path = os.path.join(workdir, 'config.json')
   if not tf.io.gfile.exists(path):
     raise ConfigError(f'{workdir} has a checkpoint but no saved config: it was not written by '
                       'vit_jax.main, so save its params as a .npz in the released layout and '
