@@ -19,7 +19,6 @@ so where the network is; `tfds build` does the same given apache_beam.
 An image folder holds JPEG, PNG, GIF, BMP or WebP files, two or more labels, and no empty
 folders; NAME remembers its ROOT (`vit_jax.data.prepare`).
 """
-import logging
 
 from absl import flags
 from absl import logging as absl_logging
@@ -38,14 +37,8 @@ _MANUAL_DIR = flags.DEFINE_string(
 _SPLIT = flags.DEFINE_string('split', 'train', 'Split that `info` describes.')
 
 
-def _not_tfds_chatter(record: logging.LogRecord) -> bool:
-  """Drops TFDS's INFO and WARNING lines: they tell of its probing (e.g. that a folder which
-  does not exist has no dataset_info.json), not of the user's data, before our one-line error."""
-  return record.levelno >= logging.ERROR or '/tensorflow_datasets/' not in record.pathname
-
-
 def main(argv: list[str]) -> None:
-  absl_logging.get_absl_logger().addFilter(_not_tfds_chatter)
+  absl_logging.get_absl_logger().addFilter(catalog.not_tfds_chatter)
   if len(argv) != 3 or argv[1] not in ('prepare', 'info'):
     raise ConfigError('usage: python -m vit_jax.datasets prepare NAME [--source=ROOT] '
                       '[--manual_dir=DIR] [--data_dir=DIR], or info NAME [--split=SPLIT] '

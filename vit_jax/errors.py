@@ -39,8 +39,8 @@ def first_line(error: BaseException) -> str:
 
 def summary(error: BaseException) -> str:
   """`Type: first line`, for causes whose type tells as much as their text."""
-  text = first_line(error)
-  return text if text == type(error).__name__ else f'{type(error).__name__}: {text}'
+  name = type(error).__name__
+  return f'{name}: {first_line(error)}' if str(error).strip() else name
 
 
 def check_not_a_file(path: str, what: str) -> None:

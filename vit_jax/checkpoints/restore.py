@@ -188,25 +188,26 @@ def _check_not_inside_a_workdir(path: str) -> None:
 def _saved_config(workdir: str, checkpointer: Checkpointer) -> dict[str, Any]:
   """The config stored with the newest checkpoint, else the workdir's config.json."""
   step = checkpointer.all_steps()[-1]
-  path = os.path.join(workdir, 'config.json')
+  path, unreadable = os.path.join(workdir, 'config.json'), None
   try:
     config = checkpointer.restore_meta(step).get('config')
   except (ValueError, KeyError, OSError, TypeError) as e:
-    if not tf.io.gfile.exists(path):
-      raise ConfigError(f'the checkpoint at step {step} in {workdir} has an unreadable meta '
-                        f'({error_summary(e)}): remove that step directory to use an older '
-                        'one') from e
-    # The run's config.json says the same (the architecture cannot change on resuming), and a
-    # resumed run sets the unreadable step aside itself.
-    logging.warning('the checkpoint at step %d in %s has an unreadable meta (%s): reading the '
-                    "run's config from its config.json", step, workdir, error_summary(e))
-    config = None
+    config, unreadable = None, e
   if config:
     return config
   if not tf.io.gfile.exists(path):
+    if unreadable is not None:
+      raise ConfigError(f'the checkpoint at step {step} in {workdir} has an unreadable meta '
+                        f'({error_summary(unreadable)}): remove that step directory to use an '
+                        'older one') from unreadable
     raise ConfigError(f'{workdir} has a checkpoint but no saved config: it was not written by '
                       'vit_jax.main, so save its params as a .npz in the released layout and '
                       'pass that with the model name')
+  if unreadable is not None:
+    # The run's config.json says the same (the architecture cannot change on resuming), and a
+    # resumed run sets the unreadable step aside itself.
+    logging.warning('the checkpoint at step %d in %s has an unreadable meta (%s): reading the '
+                    "run's config from its config.json", step, workdir, error_summary(unreadable))
   try:
     with tf.io.gfile.GFile(path) as f:
       return json.load(f)

@@ -51,29 +51,28 @@ def in_tfds_catalogue(name: str) -> bool:
   return base not in OFFLINE and base in tfds.list_builders(with_community_datasets=False)
 
 
-class _DropsUnpreparedFolderWarnings(logging.Filter):
-  """TFDS warns of each version folder without its dataset_info.json (one left by a failed or
-  interrupted preparation) while it looks for a prepared one: our error says what to do."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith('Variant folder')
+def not_tfds_chatter(record: logging.LogRecord) -> bool:
+  """A log filter dropping TFDS's INFO and WARNING lines: they tell of its probing (e.g. that a
+  version folder a failed preparation left has no dataset_info.json), not of the user's data,
+  before our one-line error."""
+  return record.levelno >= logging.ERROR or '/tensorflow_datasets/' not in record.pathname
 
 
 @contextlib.contextmanager
-def _unprepared_folders_quiet() -> Iterator[None]:
-  absl_logger, quiet = logging.getLogger('absl'), _DropsUnpreparedFolderWarnings()
-  absl_logger.addFilter(quiet)
+def _tfds_probing_quiet() -> Iterator[None]:
+  absl_logger = logging.getLogger('absl')
+  absl_logger.addFilter(not_tfds_chatter)
   try:
     yield
   finally:
-    absl_logger.removeFilter(quiet)
+    absl_logger.removeFilter(not_tfds_chatter)
 
 
 def load_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   """The builder of a dataset prepared in `data_dir`; ConfigError otherwise."""
   data_dir = resolve_data_dir(data_dir)
   try:
-    with _unprepared_folders_quiet():
+    with _tfds_probing_quiet():
       builder = tfds.builder(name, data_dir=data_dir)
   except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:
     raise ConfigError(
@@ -84,7 +83,7 @@ def load_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
     raise ConfigError(
         f'{name!r} names a version that cannot be loaded: {data_dir} holds {unversioned} '
         f'versions {_prepared_versions(unversioned, data_dir)}; use one or drop the version') from e
-  with _unprepared_folders_quiet():
+  with _tfds_probing_quiet():
     prepared = builder.is_prepared()
   if not prepared:
     raise ConfigError(f'dataset {name!r} is not prepared in {data_dir}: '
