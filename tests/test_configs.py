@@ -242,6 +242,9 @@ def test_a_finetune_config_trained_from_scratch_builds_the_models_defaults():
   """Its None overrides mean the checkpoint's; without one (vit_jax.main), the model's own: a
   dropout rate of None failed in the first training step."""
   config = config_files.get_config('finetune/digits')
+  with pytest.raises(ConfigError, match=r'^config.model is not set: pass --config.model=<name>'):
+    experiment.build(config, num_classes=10)  # It leaves the model to the checkpoint.
+  config.model = 'ViT-Mu_4'  # As its docstring trains it from scratch.
   model = experiment.build(config, num_classes=10).model
   default = models.create(config.model, num_classes=10)
   for option in ('dropout_rate', 'scan', 'remat', 'attention_impl'):

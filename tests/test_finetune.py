@@ -5,6 +5,7 @@ digits at 24 px (so the position embeddings are resized from a 4x4 to a 6x6 grid
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -78,8 +79,9 @@ def pretrained(prepared_data_dir, tmp_path_factory) -> str:
 def exported(pretrained, tmp_path_factory) -> Path:
   """The pre-trained params exported through the CLI."""
   path = tmp_path_factory.mktemp('export') / 'params.npz'
-  out = _cli('vit_jax.export', f'--workdir={pretrained}', f'--output={path}').stdout
-  assert 'ViT-Mu_4' in out and '--image_size' not in out  # Its posemb tells its 16 px.
+  proc = _cli('vit_jax.export', f'--workdir={pretrained}', f'--output={path}')
+  assert 'ViT-Mu_4' in proc.stdout and '--image_size' not in proc.stdout  # Its posemb tells 16 px.
+  assert not re.search(r'^I\d{4} .*\.py:\d+\]', proc.stderr, re.M), proc.stderr  # No INFO lines.
   return path
 
 
@@ -137,7 +139,7 @@ def test_a_workdir_trained_from_a_finetune_config_is_read_back(prepared_data_dir
   model's defaults, for every reader and for a fine-tune from it (they failed on remat=None)."""
   config = config_files.get_config('finetune/digits')
   config.update(data_dir=prepared_data_dir, total_steps=2, warmup_steps=1, eval_every=0,
-                batch=8)
+                batch=8, model='ViT-Mu_4')  # As its docstring trains it from scratch.
   workdir = str(tmp_path / 'scratch')
   loop.train_and_evaluate(config, workdir)
   pretrained = restore.load(workdir)
@@ -185,6 +187,7 @@ def test_a_gap_npz_fine_tunes_as_gap_without_saying_so(prepared_data_dir, tmp_pa
   path = str(tmp_path / 'gap.npz')
   npz.save_npz(params, path)
   config = _finetune_config(prepared_data_dir, path)
+  config.model = 'ViT-Mu_4'  # A .npz names none.
   pre = restore.load(path, config.model)  # As `finetune` does: the config's overrides are None.
   exp = experiment.build(finetune.with_architecture(config, pre.model, pre.model_overrides,
                                                     pre.channels))
@@ -282,11 +285,16 @@ def test_cli_errors_are_one_line_without_traceback(
       'does not exist': ['--config.init=/nonexistent/workdir'],
       f'step {newest} in {bad_meta} has an unreadable meta (JSONDecodeError':
           [f'--config.init={bad_meta}'],
-      'not a readable .npz': [f'--config.init={corrupt}'],
-      f'step {newest} in {truncated} is unreadable (ValueError: OUT_OF_RANGE':
-          [f'--config.init={truncated}'],
-      f'step {newest} in {no_tree} is unreadable (ValueError: its _METADATA names no arrays':
-          [f'--config.init={no_tree}'],
+      'not a readable .npz': [f'--config.init={corrupt}', '--config.model=ViT-Mu_4'],
+      f"{exported} holds no architecture: name the model it was trained as (--model; "
+      "fine-tuning's --config.model)": [f'--config.init={exported}'],
+      'holds a ViT-Mu_4, not ViT-B_16: drop the model name':
+          [f'--config.init={pretrained}', '--config.model=ViT-B_16'],
+      # Its only step: a newest one falls back to an older (test_resume.py).
+      f'no checkpoint in {truncated} is readable (the newest, step {newest}: ValueError: '
+      'OUT_OF_RANGE': [f'--config.init={truncated}'],
+      f'no checkpoint in {no_tree} is readable (the newest, step {newest}: ValueError: its '
+      '_METADATA names no arrays': [f'--config.init={no_tree}'],
       f'the pre-trained checkpoint {exported} does not fit the model':
           [f'--config.init={exported}', '--config.model=ViT-Ti_4'],
       # The later --workdir wins: fine-tuning into the pre-training workdir.
@@ -345,7 +353,10 @@ def test_export_mistakes_are_one_line(args, expected, tmp_path):
                    'another path'),
     # It was replaced: a released checkpoint, or a run's own init.
     ('kept.npz', 'error: --output=kept.npz exists: pass another path, or --overwrite to replace '
-                 'it')])
+                 'it'),
+    # A good output reaches the empty workdir (whose fix was "or pass a .npz file", refused).
+    ('new.npz', 'error: no checkpoint in run yet: train one there with python -m vit_jax.main (a '
+                'run saves every config.checkpoint_every steps and at its end)')])
 def test_export_checks_its_output_before_reading_the_checkpoint(output, expected, tmp_path):
   """An --output that is a folder, lies inside a file or exists: one line (was a traceback from
   the write, after the whole checkpoint had been read; or the file replaced)."""
@@ -386,9 +397,23 @@ def test_a_finetune_workdir_resumes_only_its_own_init(pretrained, exported, prep
   assert str(error.value) == (
       f'--workdir {fine_tune} holds a fine-tune of {pretrained}, not of {exported}: pass '
       f'--config.init={pretrained} to resume it, or a new --workdir to fine-tune {exported}')
-  # The same init, spelled another way, resumes.
-  finetune._check_resumes_the_same_init(  # pylint: disable=protected-access
-      {'init': pretrained}, f'{pretrained}/', fine_tune)
+  # Another model or keep_pre_logits was ignored (the checkpoint's architecture resumed).
+  for change, expected in (
+      (dict(model='ViT-Ti_4'), f'--workdir {fine_tune} holds a fine-tune of a ViT-Mu_4, not of a '
+       'ViT-Ti_4: drop --config.model to resume it, or pass a new --workdir'),
+      (dict(keep_pre_logits=True), f'--workdir {fine_tune} holds a fine-tune with '
+       'keep_pre_logits=False: pass --config.keep_pre_logits=False to resume it, or a new '
+       '--workdir')):
+    config = _finetune_config(prepared_data_dir, pretrained)
+    config.update(change)
+    with pytest.raises(ConfigError) as error:
+      finetune.finetune(config, fine_tune)
+    assert str(error.value) == expected
+  # The same init, spelled another way, and the same model named, resume.
+  config = _finetune_config(prepared_data_dir, f'{pretrained}/')
+  config.model = 'ViT-Mu_4'
+  finetune._check_resumes_the_same_run(  # pylint: disable=protected-access
+      {'init': pretrained, 'model': 'ViT-Mu_4'}, config, fine_tune)
   pre_training = str(tmp_path / 'pre')
   shutil.copytree(pretrained, pre_training)
   with pytest.raises(ConfigError, match=rf'^--workdir {pre_training} holds the checkpoints of a '

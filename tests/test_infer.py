@@ -260,10 +260,14 @@ def test_npz_takes_labels_from_a_file_or_prints_indices(workdir, photos, tmp_pat
   labels.write_text('just\ntwo\n')
   with pytest.raises(ConfigError, match='2 class names for a model with 10 classes'):
     _report(path, image, model='ViT-Mu_4', labels=str(labels))
+  labels.write_bytes('chaussure\nbo\xeete\n'.encode('latin-1'))  # A traceback.
+  with pytest.raises(ConfigError, match=f'^labels file {labels} is not UTF-8 text: pass a text'):
+    _report(path, image, model='ViT-Mu_4', labels=str(labels))
   with pytest.raises(ConfigError, match='name the model'):
     _report(path, image)
   # A workdir names its own architecture: another --model is a mistake, the same one is fine.
-  with pytest.raises(ConfigError, match=r'holds a ViT-Mu_4, not ViT-B_16: drop --model'):
+  with pytest.raises(ConfigError,
+                     match=r'holds a ViT-Mu_4, not ViT-B_16: drop the model name \(--model'):
     _report(workdir, image, model='ViT-B_16')
   assert _report(workdir, image, model='ViT-Mu_4') == _report(workdir, image)
 

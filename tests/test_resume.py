@@ -23,6 +23,7 @@ import pytest
 from training_setup import (  # baseline and compile_cache are fixtures: imported, pytest uses them
     REPO, TOTAL_STEPS, MainProcess, assert_states_equal, baseline, cli_env, compile_cache,
     restore_state, tiny_config, write_config_file)
+from vit_jax.checkpoints import restore
 from vit_jax.checkpoints.manager import Checkpointer
 from vit_jax.data import input_pipeline
 from vit_jax.training import experiment
@@ -157,6 +158,16 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
   assert not printed  # orbax's abandoned shard reads (hundreds) are dropped
   assert not [w for w in warned if 'never awaited' in str(w.message)]
   assert_states_equal(state, restore_state(config, base_workdir, step=20))
+  # Readers (infer, export, fine-tuning) fall back too, leaving the step where it is: they told
+  # the user to remove it.
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    pretrained = restore.load(workdir)
+  assert pretrained.source == f'workdir {workdir} (step 20)'
+  assert f'step 30 in {workdir} is unreadable (ValueError: OUT_OF_RANGE' in caplog.text
+  for read, trained in zip(jax.tree.leaves(pretrained.params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(read, trained)
+  assert os.listdir(data) and sorted(Checkpointer(workdir, read_only=True).all_steps())[-1] == 30
   # Training resumes from 20 and writes step 30 again (the unreadable one is set aside).
   result = loop.train_and_evaluate(config, workdir)
   assert result['step'] == TOTAL_STEPS

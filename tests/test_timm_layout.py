@@ -236,7 +236,8 @@ def test_the_hub_config_beside_the_file_names_its_model(tmp_path):
   gap = _hub_snapshot(tmp_path / 'gap', _timm_state(), 'vit_base_patch16_gap_224', 'avg')
   with pytest.raises(ConfigError, match=(
       r"holds no architecture \(its config\.json names timm's vit_base_patch16_gap_224, which "
-      r'has no name here\): name the model it was trained as \(e\.g\. ViT-B_16\)$')):
+      r"has no name here\): name the model it was trained as \(--model; fine-tuning's "
+      r'--config\.model\), e\.g\. ViT-B_16$')):
     restore.load(gap)
 
 

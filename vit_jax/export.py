@@ -12,7 +12,8 @@ from absl import flags
 from vit_jax import models
 from vit_jax.checkpoints import npz
 from vit_jax.checkpoints import restore
-from vit_jax.errors import ConfigError, check_no_arguments, nearest_existing, run_cli
+from vit_jax.errors import (ConfigError, check_no_arguments, nearest_existing,
+                            quiet_unless_verbose, run_cli)
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training workdir (its newest checkpoint).')
 _OUTPUT = flags.DEFINE_string('output', None, 'The .npz file to write.')
@@ -37,6 +38,7 @@ def _check_output(path: str) -> None:
 
 def main(argv: list[str]) -> None:
   check_no_arguments(argv)
+  quiet_unless_verbose()  # Its result is the line it prints.
   if not restore.is_npz(_OUTPUT.value):
     raise ConfigError(f'--output={_OUTPUT.value} must end in .npz')
   if restore.is_npz(_WORKDIR.value):

@@ -4,10 +4,10 @@ r"""Fine-tune a pre-trained ViT on a downstream dataset, with the paper's transf
       --config.init=PATH [--config.model=ViT-B_16] [--config.key=value ...]
 
 PATH is a pre-training workdir (its newest checkpoint; the architecture comes from the config
-saved with it), a `.npz` in the released layout or a timm ViT's `.safetensors` (the architecture
-is --config.model for either). The head is replaced by a zero one for the new classes and the
-position embeddings are resized to the new resolution. Rerunning with the same workdir resumes
-the fine-tuning run.
+saved with it), a `.npz` in the released layout (the architecture is --config.model) or a timm
+ViT's `.safetensors` (--config.model, or the one timm's config.json beside it names). The head is
+replaced by a zero one for the new classes and the position embeddings are resized to the new
+resolution. Rerunning with the same workdir resumes the fine-tuning run.
 """
 import logging
 

@@ -7,10 +7,10 @@
 
 The paper fine-tunes at a higher resolution than it pre-trains at (Sec. 3.2): with the same patch
 size the sequence grows and the learned position embeddings are 2D-interpolated to the new grid.
-The model is the workdir's (its saved architecture replaces the `model=` given to paper_config
-below): for the default, R8+ViT-Mu_8 (a stride-8 stem), the grid grows from 4x4 tokens at 28 px
-to 7x7 at 56 px (~3x the tokens). Recipe of Table 4 at CPU scale: SGD momentum 0.9, batch 128,
-cosine, 200 steps (~20 minutes on 2 shared cores with ViT-Mu_4).
+The model is the workdir's (its saved architecture): for the default, R8+ViT-Mu_8 (a stride-8
+stem), the grid grows from 4x4 tokens at 28 px to 7x7 at 56 px (~3x the tokens). Recipe of
+Table 4 at CPU scale: SGD momentum 0.9, batch 128, cosine, 200 steps (~20 minutes on 2 shared
+cores with ViT-Mu_4).
 
 Measured (Fashion-MNIST test, 10k images) with the earlier default, ViT-Mu_4 (7x7 -> 14x14
 patches, 4x the tokens), pre-trained for 800 steps with configs/default.py (74.7% at 28 px):
@@ -27,8 +27,7 @@ from vit_jax.training import finetune
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = finetune.paper_config('fashion_mnist', total_steps=200, base_lr=0.03,
-                                 model='ViT-Mu_4', image_size=56)
+  config = finetune.paper_config('fashion_mnist', total_steps=200, base_lr=0.03, image_size=56)
   config.init = 'workdirs/default'
   config.channels = 1
   config.pp.train.update(crop='random_crop', random_crop_pad=4, flip=True)

@@ -104,6 +104,13 @@ def _structure_differences(saved: dict, here: dict) -> list[str]:
   return differences
 
 
+def no_checkpoint_error(directory: str) -> ConfigError:
+  """What readers say of a folder without checkpoints (a .npz is no fix for export)."""
+  return ConfigError(f'no checkpoint in {directory} yet: train one there with python -m '
+                     'vit_jax.main (a run saves every config.checkpoint_every steps and at its '
+                     'end)')
+
+
 class Checkpointer:
   """A thin policy layer over `ocp.CheckpointManager` (which does the real work); `keep` newest
   checkpoints stay, 0 keeps them all."""
@@ -295,8 +302,7 @@ class Checkpointer:
     """The JSON beside the state (its step and config), without reading any array."""
     step = self.manager.latest_step() if step is None else step
     if step is None:
-      raise ConfigError(f'no checkpoint in {self.manager.directory}: train one with '
-                        'python -m vit_jax.main, or pass a .npz file')
+      raise no_checkpoint_error(str(self.manager.directory))
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
   def wait(self) -> None:

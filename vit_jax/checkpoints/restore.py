@@ -24,7 +24,7 @@ import tensorflow as tf
 from vit_jax import models
 from vit_jax.checkpoints import npz
 from vit_jax.checkpoints import timm_layout
-from vit_jax.checkpoints.manager import Checkpointer
+from vit_jax.checkpoints.manager import Checkpointer, no_checkpoint_error
 from vit_jax.checkpoints.orbax_console import abandoned_reads_dropped, error_summary
 from vit_jax.data import pp_options
 from vit_jax.errors import ConfigError
@@ -127,9 +127,6 @@ def load_for_reading(path: str, model: Optional[str] = None, image_size: Optiona
   Their --image_size and --crop override the resolution a config gives or position embeddings
   suggest, and the config's eval crop."""
   pretrained = load(path, model)
-  if model and model != pretrained.model:
-    raise ConfigError(f'{pretrained.source} holds a {pretrained.model}, not {model}: drop '
-                      '--model (a workdir names its own architecture)')
   if image_size is not None and image_size <= 0:
     raise ConfigError(f'--image_size={image_size} must be positive (or left out)')
   if crop is not None and crop not in pp_options.EVAL_CROPS:
@@ -140,7 +137,8 @@ def load_for_reading(path: str, model: Optional[str] = None, image_size: Optiona
 def load(path: str, model: Optional[str] = None,
          model_overrides: Optional[dict[str, Any]] = None) -> Pretrained:
   """Reads a workdir's newest checkpoint, a `.npz` or timm's `.safetensors` (for a file, `model` is
-  required, unless timm's config.json beside it names one of timm's plain ViTs)."""
+  required, unless timm's config.json beside it names one of timm's plain ViTs; a workdir names
+  its own, and naming another is a mistake, not ignored)."""
   _check_exists(path)
   path = timm_layout.weights_of_folder(path)
   # A workdir is a folder; a file is a .npz, or timm's .safetensors.
@@ -149,10 +147,15 @@ def load(path: str, model: Optional[str] = None,
   elif is_npz(path) or os.path.isfile(path):
     if not model:
       raise ConfigError(f'{path} holds no architecture: name the model it was trained as '
-                        '(e.g. ViT-B_16)')
+                        "(--model; fine-tuning's --config.model), e.g. ViT-B_16")
     params, overrides = npz.load_npz(path), {}
   else:
-    return _load_workdir(path)
+    pretrained = _load_workdir(path)
+    if model and model != pretrained.model:
+      raise ConfigError(f'{pretrained.source} holds a {pretrained.model}, not {model}: drop the '
+                        "model name (--model; fine-tuning's --config.model): a workdir names its "
+                        'own architecture')
+    return pretrained
   overrides |= npz.visible_architecture(params) | dict(model_overrides or {})
   return Pretrained(params, model, overrides, path)
 
@@ -164,8 +167,7 @@ def _open(workdir: str) -> tuple[Checkpointer, list[int]]:
   if not steps:
     checkpointer.close()
     _check_not_inside_a_workdir(workdir)
-    raise ConfigError(f'no checkpoint in {workdir}: train one with python -m vit_jax.main, or '
-                      'pass a .npz file')
+    raise no_checkpoint_error(workdir)
   return checkpointer, steps
 
 
@@ -198,8 +200,8 @@ def _saved_config(workdir: str, checkpointer: Checkpointer) -> dict[str, Any]:
   if not tf.io.gfile.exists(path):
     if unreadable is not None:
       raise ConfigError(f'the checkpoint at step {step} in {workdir} has an unreadable meta '
-                        f'({error_summary(unreadable)}): remove that step directory to use an '
-                        'older one') from unreadable
+                        f'({error_summary(unreadable)}) and the run no config.json: move that '
+                        'step directory out of checkpoints/ to read an older one') from unreadable
     raise ConfigError(f'{workdir} has a checkpoint but no saved config: it was not written by '
                       'vit_jax.main, so save its params as a .npz in the released layout and '
                       'pass that with the model name')
@@ -243,17 +245,26 @@ def restore_params(checkpointer: Checkpointer, step: int) -> tuple[Params, bool]
 
 
 def _load_workdir(workdir: str) -> Pretrained:
-  """The newest checkpoint's params and the model name and overrides from the saved config."""
+  """The newest readable checkpoint's params, and the model name and overrides from the saved
+  config. An unreadable newest step (a write cut short) falls back to an older one, as resuming
+  does, with a warning: readers leave the step where it is."""
   checkpointer, steps = _open(workdir)
   with checkpointer:
     config = _saved_config(workdir, checkpointer)
-    try:
-      params, averaged = restore_params(checkpointer, steps[-1])
-    except (ValueError, KeyError, OSError, TypeError) as e:
-      raise ConfigError(f'the checkpoint at step {steps[-1]} in {workdir} is unreadable '
-                        f'({error_summary(e)}): remove that step directory to use '
-                        'an older one') from e
-  source = f'workdir {workdir} (step {steps[-1]}{", Polyak-averaged params" if averaged else ""})'
+    newest_error = None
+    for step in reversed(steps):
+      try:
+        params, averaged = restore_params(checkpointer, step)
+        break
+      except (ValueError, KeyError, OSError, TypeError) as e:
+        newest_error = newest_error or e
+        logging.warning('the checkpoint at step %d in %s is unreadable (%s): trying an older one',
+                        step, workdir, error_summary(e))
+    else:
+      raise ConfigError(f'no checkpoint in {workdir} is readable (the newest, step {steps[-1]}: '
+                        f'{error_summary(newest_error)}): copy the workdir back from a backup, or '
+                        'train again') from newest_error
+  source = f'workdir {workdir} (step {step}{", Polyak-averaged params" if averaged else ""})'
   logging.info('loaded the params of %s, a %s', source, config['model'])
   return Pretrained(params, config['model'], models.given_overrides(config.get('model_overrides')),
                     source, config)

@@ -121,7 +121,7 @@ def _model_name(path: str, model: Optional[str], hub: Optional[HubConfig]) -> st
   said = (f" (its config.json names timm's {hub.architecture}, which has no name here)" if hub
           else '')
   raise ConfigError(f'{path} holds no architecture{said}: name the model it was trained as '
-                    '(e.g. ViT-B_16)')
+                    "(--model; fine-tuning's --config.model), e.g. ViT-B_16")
 
 
 def _check_pooling(hub: HubConfig, has_class_token: bool) -> None:

@@ -98,6 +98,9 @@ def read_labels(path: str) -> list[str]:
   except OSError as e:
     raise ConfigError(f'labels file {path} is unreadable ({e.strerror}): pass a text file with '
                       'one class name per line') from e
+  except UnicodeDecodeError as e:
+    raise ConfigError(f'labels file {path} is not UTF-8 text: pass a text file with one class '
+                      'name per line') from e
 
 
 @dataclasses.dataclass(frozen=True)

@@ -170,6 +170,8 @@ def build(config: ml_collections.ConfigDict, *, num_classes: Optional[int] = Non
   check_batch(config, mesh)
   if num_classes is None:
     num_classes = config.get('num_classes') or _dataset_num_classes(config)
+  if not config.model:  # A fine-tuning config's None means the checkpoint's.
+    raise ConfigError('config.model is not set: pass --config.model=<name>, e.g. ViT-B_16')
   overrides = models.given_overrides(config.get('model_overrides'))
   overrides.setdefault('dtype', config.get('dtype', 'float32'))
   model = models.create(config.model, num_classes=num_classes, **overrides)

@@ -7,7 +7,7 @@ module only builds the initial state and hands it to `loop.train_and_evaluate`.
 """
 import logging
 import os
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +28,8 @@ from vit_jax.training import state as state_lib
 # fine-tune config's model_overrides to keep them).
 PRETRAIN_ONLY = ('dropout_rate', 'attention_dropout_rate', 'head_bias_init')
 
-def paper_config(dataset: str, *, total_steps: int, base_lr: float, model: str = 'ViT-B_16',
-                 image_size: int = 384, train_split: str = 'train',
+def paper_config(dataset: str, *, total_steps: int, base_lr: float,
+                 model: Optional[str] = None, image_size: int = 384, train_split: str = 'train',
                  eval_split: str = 'test') -> ml_collections.ConfigDict:
   """The paper's fine-tuning recipe (Table 4) for one dataset.
 
@@ -38,10 +38,12 @@ def paper_config(dataset: str, *, total_steps: int, base_lr: float, model: str =
   500-step run warms up for 100, as the released AugReg fine-tuning config does).
   """
   config = ml_collections.ConfigDict()
-  # A pre-training workdir, a released-layout .npz or timm's .safetensors (`model` names a file's).
+  # A pre-training workdir, a released-layout .npz or timm's .safetensors.
   config.init = ''
   config.keep_pre_logits = False  # The paper drops the pre-logits layer when transferring.
-  config.model = model
+  # None: the checkpoint's (a workdir's saved config, timm's config.json); a .npz holds none, so
+  # it needs one named, and so does training the config from scratch with `vit_jax.main`.
+  config.model = ml_collections.config_dict.placeholder(str) if model is None else model
   # None: the checkpoint's setting. Listed so that `--config.model_overrides.scan=True` works.
   config.model_overrides = ml_collections.ConfigDict({
       k: ml_collections.config_dict.placeholder(type(v))
@@ -149,10 +151,12 @@ def _has_checkpoints(workdir: str) -> bool:
     return bool(checkpointer.all_steps())
 
 
-def _check_resumes_the_same_init(saved: dict[str, Any], init: str, workdir: str) -> None:
-  """A workdir with checkpoints resumes its own fine-tune: another `init` would be ignored (and
-  its config.json would name it), and a pre-training run's workdir is not a fine-tune's."""
-  saved_init = saved.get('init')
+def _check_resumes_the_same_run(saved: dict[str, Any], config: ml_collections.ConfigDict,
+                                workdir: str) -> None:
+  """A workdir with checkpoints resumes its own fine-tune: another `init`, model or
+  `keep_pre_logits` would be ignored (and config.json would name them), and a pre-training run's
+  workdir is not a fine-tune's."""
+  saved_init, init = saved.get('init'), config.init
   if not saved_init:
     raise ConfigError(f'--workdir {workdir} holds the checkpoints of a pre-training run, not of a '
                       'fine-tune: fine-tune into a new workdir (pass that run as '
@@ -161,6 +165,13 @@ def _check_resumes_the_same_init(saved: dict[str, Any], init: str, workdir: str)
     raise ConfigError(f'--workdir {workdir} holds a fine-tune of {saved_init}, not of {init}: '
                       f'pass --config.init={saved_init} to resume it, or a new --workdir to '
                       f'fine-tune {init}')
+  if config.get('model') and config.model != saved['model']:
+    raise ConfigError(f'--workdir {workdir} holds a fine-tune of a {saved["model"]}, not of a '
+                      f'{config.model}: drop --config.model to resume it, or pass a new --workdir')
+  keep = bool(saved.get('keep_pre_logits'))
+  if bool(config.get('keep_pre_logits')) != keep:
+    raise ConfigError(f'--workdir {workdir} holds a fine-tune with keep_pre_logits={keep}: pass '
+                      f'--config.keep_pre_logits={keep} to resume it, or a new --workdir')
 
 
 def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -178,10 +189,10 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pretrained = None
   if _has_checkpoints(workdir):
     saved = restore.saved_config(workdir)
-    _check_resumes_the_same_init(saved, config.init, workdir)
+    _check_resumes_the_same_run(saved, config, workdir)
     architecture = (saved['model'], saved.get('model_overrides') or {}, saved.get('channels', 3))
   else:  # For a .npz, the model is config.model; for a workdir, the one it was trained as.
-    pretrained = restore.load(config.init, config.model,
+    pretrained = restore.load(config.init, config.get('model'),
                               models.given_overrides(config.get('model_overrides')))
     architecture = (pretrained.model, pretrained.model_overrides, pretrained.channels)
   config = with_architecture(config, *architecture)
