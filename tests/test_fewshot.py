@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import config_files
+from vit_jax import sharding
 from vit_jax.checkpoints import npz
 from vit_jax.checkpoints.manager import Checkpointer
 from vit_jax.errors import ConfigError
@@ -90,6 +91,25 @@ def test_datasets_from_config():
       'digits': ('train[:500]', 'test')}
   with pytest.raises(ConfigError):
     fewshot.datasets_from_config(())
+
+
+@pytest.mark.parametrize('setting,message', [
+    (dict(batch=12), 'few-shot batch 12 is not divisible by the 8 data-parallel devices: use a '
+     'multiple of 8 (--batch; config.fewshot.batch)'),
+    # An empty --shots printed an empty table after extracting every feature.
+    (dict(shots=()), 'few-shot shots [] must be positive counts, at least one'),
+    (dict(shots=(5, 0)), 'few-shot shots [5, 0] must be positive counts'),
+    (dict(seeds=0), 'few-shot seeds=0 must be positive'),
+    # sklearn's traceback, after extracting every feature.
+    (dict(l2_reg=-1.0), 'few-shot l2_reg=-1.0 must be >= 0: the ridge penalty (--l2_reg; '
+     'config.fewshot.l2_reg)')])
+def test_bad_settings_stop_before_any_feature_is_computed(setting, message):
+  mesh = sharding.make_mesh('data:-1')
+  with pytest.raises(ConfigError) as error:
+    fewshot.FewShotEvaluator(model=None, mesh=mesh, params_shardings=None,
+                             datasets={'digits': ('train', 'test')}, image_size=16, channels=1,
+                             **setting)
+  assert str(error.value).startswith(message)
 
 
 def _config(data_dir: str) -> ml_collections.ConfigDict:

@@ -27,8 +27,9 @@ _TRAIN_SPLIT = flags.DEFINE_string('train_split', 'train', 'Where the k shots ar
 _TEST_SPLIT = flags.DEFINE_string('test_split', 'test', 'Where accuracy is measured.')
 _SHOTS = flags.DEFINE_list('shots', [str(k) for k in fewshot.DEFAULT_SHOTS],
                            'Examples per class.')
-flags.register_validator('shots', lambda shots: all(k.isdigit() and int(k) > 0 for k in shots),
-                         '--shots takes positive integers, e.g. --shots=1,5,10,25')
+flags.register_validator(
+    'shots', lambda shots: bool(shots) and all(k.isdigit() and int(k) > 0 for k in shots),
+    '--shots takes positive integers, e.g. --shots=1,5,10,25')
 _SEEDS = flags.DEFINE_integer('seeds', 3, 'Independent draws of the shots.', lower_bound=1)
 _L2_REG = flags.DEFINE_float('l2_reg', fewshot.DEFAULT_L2_REG, 'Ridge penalty.')
 _BATCH = flags.DEFINE_integer('batch', 256, 'Feature-extraction batch size.', lower_bound=1)

@@ -95,10 +95,21 @@ class FewShotEvaluator:
   context: Callable[[], Any] = contextlib.nullcontext  # e.g. Experiment.rules_context.
 
   def __post_init__(self):
+    # Checked before any feature is computed; named as both the CLI and a config spell them.
     devices = sharding.data_parallel_size(self.mesh)
     if self.batch % devices:
       raise ConfigError(f'few-shot batch {self.batch} is not divisible by the {devices} '
-                        'data-parallel devices: use a multiple of it')
+                        f'data-parallel devices: use a multiple of {devices} (--batch; '
+                        'config.fewshot.batch)')
+    if not self.shots or min(self.shots) <= 0:
+      raise ConfigError(f'few-shot shots {list(self.shots)} must be positive counts, at least one '
+                        '(--shots=1,5,10,25; config.fewshot.shots)')
+    if self.seeds < 1:
+      raise ConfigError(f'few-shot seeds={self.seeds} must be positive: the draws of the shots '
+                        '(--seeds; config.fewshot.seeds)')
+    if self.l2_reg < 0:
+      raise ConfigError(f'few-shot l2_reg={self.l2_reg} must be >= 0: the ridge penalty '
+                        '(--l2_reg; config.fewshot.l2_reg)')
     featurizer = self.model.clone(num_classes=0)
 
     def features(params, batch):
