@@ -113,6 +113,13 @@ def test_matmul_peak_probe_counts_its_flops():
   assert flops == 2 * 1024**3 * 8 and len(probe()) == 8
 
 
+def test_training_logs_flops_per_device_as_the_bench_does():
+  """The loop's perf/tflops_per_device divided by the 8 forced CPU devices, the bench's by the
+  process whose cores they share: 8x apart for the same step rate."""
+  row = perf.throughput_metrics(images=128, seconds=0.5, flops_per_image=1e9)
+  assert row['perf/tflops_per_device'] == pytest.approx(128 / 0.5 * 1e9 / 1e12)
+
+
 def test_throughput_counts_images_after_the_warm_up_batch():
   def batches():
     time.sleep(1.0)  # The warm-up batch (a pipeline's start-up): not timed.
@@ -135,6 +142,29 @@ def test_bench_data_reads_the_configs_dataset(prepared_data_dir):
           result['batches_timed']) == ('data', 'digits', 16, 32, 7)
   assert result['img_per_sec'] > 0
   assert result['img_per_sec_per_core'] == pytest.approx(result['img_per_sec'] / perf.cores())
+
+
+def test_bench_data_checks_the_config_first():
+  """It was TensorFlow's traceback of a negative dimension."""
+  out = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.bench', '--config=configs/default.py', '--what=data',
+       '--config.image_size=-1'], cwd=ROOT, capture_output=True, text=True, timeout=600,
+      check=False)
+  assert out.returncode == 2 and out.stdout == ''
+  assert out.stderr.strip().splitlines()[-1] == 'error: config.image_size=-1 must be positive'
+
+
+@pytest.mark.parametrize('args,line', [
+    # Ignored before.
+    (['--what=data', '--warmup=7', '--num_classes=3'], '--what=data times the input pipeline '
+     'alone: drop --warmup, --num_classes (for --what=train or eval)'),
+    (['--profile_steps=4'], '--profile_steps counts the steps traced into --profile_dir: pass '
+     'that too')])
+def test_bench_flags_that_would_do_nothing_are_refused(args, line):
+  out = subprocess.run([sys.executable, '-m', 'vit_jax.bench', *TINY, *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600, check=False)
+  assert out.returncode == 2 and out.stdout == ''
+  assert out.stderr.strip().splitlines() == [f'error: {line}']
 
 
 def test_bench_measures_the_matmul_peak_in_the_models_dtype():

@@ -167,6 +167,7 @@ def test_largest_batch_is_the_boundary_between_fit_and_overflow():
   best, capacity = p.max_per_device_batch, int(capacity_gib * 2**30)
   assert p.fits and best > p.per_device_batch and best % 2 == 0  # A multiple of accum_steps.
   assert f'{best + 2} does not' in p.max_batch_note
+  assert p.as_dict()['max_batch'] == best * p.batch // p.per_device_batch
   compiler = planner.Compiler(config, 10)
   assert compiler.compile(best)[2].peak <= capacity < compiler.compile(best + 2)[2].peak
   assert 'loop body once' in p.xla_flops_note  # The accumulation scan.
@@ -182,6 +183,10 @@ def test_cli_simulates_the_devices_it_is_asked_for_and_prints_json():
   assert p['devices'] == 4 and p['platform'] == 'cpu' and p['mesh']['data'] == 4
   assert p['fits'] is True and p['max_per_device_batch'] is None and p['compiles'] == 1
   assert p['memory']['argument'] > p['params_bytes'] + p['opt_state_bytes']
+  # The report's main figure was left out (a property, which asdict drops).
+  m = p['memory']
+  assert m['peak'] == m['argument'] + m['output'] - m['alias'] + m['temp'] + m['code'] > 0
+  assert p['memory_used'] == pytest.approx(m['peak'] / 2**30) and p['max_batch'] is None
 
 
 def test_cli_report_and_one_line_errors():
@@ -194,6 +199,17 @@ def test_cli_report_and_one_line_errors():
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1].startswith('error: the config has no num_classes')
   assert 'Traceback' not in result.stderr
+  # Flags that did nothing without another.
+  for args, line in ((['--mfu=0.3'], 'error: --mfu does nothing without --peak_tflops: pass that '
+                      'too'),
+                     (['--max_batch'], 'error: --max_batch does nothing without '
+                      '--device_memory_gib: pass that too')):
+    result = run_plan('--config=configs/default.py', '--num_classes=10', *args)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == line
+  # absl takes one dash too: it was missed, and the error said to run python -m vit_jax.plan.
+  result = run_plan('--config=configs/default.py', '-devices=2', '--num_classes=10',
+                    '--nomax_batch')
+  assert result.returncode == 0 and 'on 2 cpu devices' in result.stdout, result.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -203,8 +219,9 @@ def test_vit_b16_on_64_devices_with_fsdp_matches_the_count():
                     '--nomax_batch', '--json')
   assert result.returncode == 0, result.stderr[-2000:]
   p = json.loads(result.stdout)
+  p['memory'].pop('peak')  # Derived figures, not fields.
   p['memory'] = planner.StepMemory(**p['memory'])
-  p = planner.Plan(**p)
+  p = planner.Plan(**{k: v for k, v in p.items() if k not in ('max_batch', 'memory_used')})
   assert p.devices == 64 and p.mesh == {'data': 8, 'fsdp': 8, 'tensor': 1}
   assert p.per_device_batch == 4096 // 64
   check_memory(p, vit_params('B', 16, 224, 3, 21843, representation=768), 8, 224, 3)

@@ -13,7 +13,7 @@ import json
 from absl import flags
 from ml_collections import config_flags
 
-from vit_jax.errors import ConfigError, check_no_arguments, run_cli
+from vit_jax.errors import ConfigError, check_no_arguments, quiet_unless_verbose, run_cli
 from vit_jax.training import benchmark
 from vit_jax.training import profiling
 from vit_jax.training.experiment import build
@@ -49,8 +49,14 @@ def _print_table(result: dict) -> None:
 def main(argv: list[str]) -> None:
   check_no_arguments(argv)
   config = _CONFIG.value
-  if _WHAT.value == 'data' and _PROFILE_DIR.value:
-    raise ConfigError('--profile_dir traces a step: use it with --what=train or --what=eval')
+  quiet_unless_verbose()  # Its result is what it prints.
+  step_flags = [f'--{name}' for name in ('profile_dir', 'profile_steps', 'warmup', 'num_classes')
+                if flags.FLAGS[name].present]
+  if _WHAT.value == 'data' and step_flags:
+    raise ConfigError(f'--what=data times the input pipeline alone: drop {", ".join(step_flags)} '
+                      '(for --what=train or eval)')
+  if flags.FLAGS['profile_steps'].present and not _PROFILE_DIR.value:
+    raise ConfigError('--profile_steps counts the steps traced into --profile_dir: pass that too')
   if _PROFILE_DIR.value:  # Before compiling, not after every step has run.
     profiling.check_logdir(_PROFILE_DIR.value)
   if _WHAT.value == 'data':

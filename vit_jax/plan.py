@@ -18,9 +18,9 @@ def _simulate_devices(argv: list[str]) -> None:
   """--devices=N -> N CPU devices. Must run before jax is imported, hence before absl flags."""
   value = None
   for i, arg in enumerate(argv):
-    if arg.startswith('--devices='):
+    if arg.startswith(('--devices=', '-devices=')):  # absl takes either.
       value = arg.split('=', 1)[1]
-    elif arg == '--devices' and i + 1 < len(argv):
+    elif arg in ('--devices', '-devices') and i + 1 < len(argv):
       value = argv[i + 1]
   if value and value.isdigit() and int(value) > 0:  # Else the flag's own check says why.
     os.environ['XLA_FLAGS'] = host_devices.with_device_count(os.environ.get('XLA_FLAGS', ''),
@@ -33,14 +33,13 @@ if __name__ == '__main__':
   _simulate_devices(sys.argv)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import dataclasses
 import json
 
 import jax
 from absl import flags
 from ml_collections import config_flags
 
-from vit_jax.errors import ConfigError, check_no_arguments, run_cli
+from vit_jax.errors import ConfigError, check_no_arguments, quiet_unless_verbose, run_cli
 from vit_jax.training import planner
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
@@ -65,6 +64,10 @@ def main(argv: list[str]) -> None:
   if _DEVICES.value is not None and jax.device_count() != _DEVICES.value:
     raise ConfigError(f'--devices={_DEVICES.value} but jax sees {jax.device_count()} '
                       f'{jax.default_backend()} devices: run as python -m vit_jax.plan')
+  quiet_unless_verbose()  # Its result is what it prints.
+  for flag, needs in (('mfu', 'peak_tflops'), ('max_batch', 'device_memory_gib')):
+    if flags.FLAGS[flag].present and flags.FLAGS[flag].value and flags.FLAGS[needs].value is None:
+      raise ConfigError(f'--{flag} does nothing without --{needs}: pass that too')
   config = _CONFIG.value
   with config.unlocked():
     if _MESH.value:
@@ -73,7 +76,7 @@ def main(argv: list[str]) -> None:
       config.batch = _BATCH.value
   result = planner.plan(config, num_classes=_NUM_CLASSES.value, device_memory_gib=_MEMORY.value,
                         peak_tflops=_PEAK.value, mfu=_MFU.value, search=_SEARCH.value)
-  print(json.dumps(dataclasses.asdict(result), indent=2) if _JSON.value
+  print(json.dumps(result.as_dict(), indent=2) if _JSON.value
         else planner.format_plan(result))
 
 

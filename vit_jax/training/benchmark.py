@@ -23,6 +23,7 @@ import vit_jax
 from vit_jax import host_allocator
 from vit_jax.data import global_batch
 from vit_jax.models import matmul
+from vit_jax.training import experiment
 from vit_jax.training import perf
 from vit_jax.training import profiling
 from vit_jax.training.experiment import Experiment
@@ -70,12 +71,6 @@ def _peak_of(dtype: Any, size: int, repeats: int) -> tuple[float, Callable[[], A
   """(best TFLOP/s over `repeats`, the probe, its FLOPs, size) for one matmul size."""
   probe, flops = _matmul_probe(dtype, size)
   return flops / min(_timed(probe) for _ in range(repeats)) / 1e12, probe, flops, size
-
-
-def _compute_units() -> int:
-  """What one matmul-peak probe saturates: a device, or on CPU a whole process, whose
-  (forced) host devices share one pool of the machine's cores."""
-  return jax.process_count() if jax.default_backend() == 'cpu' else jax.device_count()
 
 
 def peak_memory_bytes() -> tuple[int, str]:
@@ -149,7 +144,7 @@ def bench_step(exp: Experiment, what: str, steps: int = 20, warmup: int = 3,
   median = statistics.median(times)
   matmul_peak = max(first_peak, probe_flops / min(probe_timed) / 1e12)
   tflops_per_step = flops_per_image * batch_size / 1e12
-  achieved = tflops_per_step / median / _compute_units()
+  achieved = tflops_per_step / median / perf.compute_units()
   memory, memory_kind = peak_memory_bytes()
   result = {
       'what': what, 'model': config.model, 'batch': batch_size,
@@ -195,6 +190,7 @@ def bench_step(exp: Experiment, what: str, steps: int = 20, warmup: int = 3,
 def bench_data(config: ml_collections.ConfigDict, batches: int = 50) -> dict:
   """Images/s of the training input pipeline alone, with the config's augmentation."""
   from vit_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel  # TensorFlow.
+  experiment.check_config(config)  # A bad value is one line, not TensorFlow's traceback.
   img_per_sec = measure_throughput(input_pipeline.train_iterator(config), batches)
   return {'what': 'data', 'dataset': config.dataset, 'image_size': config.image_size,
           'batch': config.batch, 'batches_timed': batches, 'img_per_sec': img_per_sec,

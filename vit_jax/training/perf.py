@@ -31,10 +31,17 @@ def cores() -> int:
   return jax.device_count()
 
 
+def compute_units() -> int:
+  """What "per device" divides by: a device, or on CPU a whole process, whose (forced) host
+  devices share one pool of the machine's cores (what one matmul-peak probe saturates)."""
+  return jax.process_count() if jax.default_backend() == 'cpu' else jax.device_count()
+
+
 def throughput_metrics(images: int, seconds: float, flops_per_image: float) -> dict[str, float]:
-  """img/s, per core, achieved TFLOP/s per device and MFU against the nominal peak if known."""
+  """img/s, per core, achieved TFLOP/s per device (`compute_units`) and MFU against the
+  nominal peak if known."""
   img_per_sec = images / seconds
-  tflops = img_per_sec * flops_per_image / 1e12 / jax.device_count()
+  tflops = img_per_sec * flops_per_image / 1e12 / compute_units()
   metrics = {'perf/img_per_sec': img_per_sec, 'perf/img_per_sec_per_core': img_per_sec / cores(),
              'perf/tflops_per_device': tflops}
   peak = device_peak_tflops()

@@ -79,6 +79,22 @@ class Plan:
   compiles: int = 0
   compile_seconds: float = 0.0
 
+  @property
+  def max_batch(self) -> Optional[int]:
+    """The global batch of `max_per_device_batch`."""
+    if self.max_per_device_batch is None:
+      return None
+    return self.max_per_device_batch * self.batch // self.per_device_batch
+
+  def as_dict(self) -> dict[str, Any]:
+    """The fields and the figures the report derives from them (what --json prints)."""
+    result = dataclasses.asdict(self)
+    result['memory']['peak'] = self.memory.peak
+    result['max_batch'] = self.max_batch
+    result['memory_used'] = (self.memory.peak / self.device_memory_bytes
+                             if self.device_memory_bytes else None)
+    return result
+
 
 def shard_bytes(tree: Any) -> int:
   """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
@@ -276,7 +292,7 @@ def format_plan(p: Plan) -> str:
                  f'({100 * m.peak / p.device_memory_bytes:.0f}% used)')
   if p.max_per_device_batch is not None:
     lines.append(f'largest per-device batch that fits: {p.max_per_device_batch} (global '
-                 f'{p.max_per_device_batch * p.batch // p.per_device_batch}); '
+                 f'{p.max_batch}); '
                  f'{p.max_batch_note}')
   ratio = p.xla_flops_per_step / p.model_flops_per_step if p.model_flops_per_step else 0
   lines.append(f'FLOPs per step: model (3 x forward x batch) {p.model_flops_per_step:.3e}; '

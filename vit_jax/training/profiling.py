@@ -19,8 +19,10 @@ from jax.profiler import ProfileData
 
 from vit_jax.errors import ConfigError, check_not_a_file
 
-_INSTRUCTION = re.compile(
-    r'^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([\w\-]+)\(.*?op_name="([^"]*)"', re.MULTILINE)
+_INSTRUCTION = re.compile(r'^\s*(ROOT )?%?([\w.\-]+) = .*? ([\w\-]+)\(')
+_COMPUTATION = re.compile(r'^(?:ENTRY )?%?([\w.\-]+) \(.*\{$')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CALLS = re.compile(r'calls=%?([\w.\-]+)')
 _LAYER_INDEX = re.compile(r'(encoderblock_|block|unit)\d+')  # ViT layers, ResNet stages / units.
 _TRANSFORMS = re.compile(r'^(?:\w+\()+|\)+$')
 
@@ -52,9 +54,33 @@ def op_scopes(hlo_text: str) -> dict[str, tuple[str, str]]:
   """HLO instruction name -> (direction, scope), from a compiled module's `as_text()`.
 
   An op that XLA made of several (a combined all-reduce of all the gradients) is named by its
-  opcode and its first part."""
+  opcode and its first part. A fusion XLA left unnamed takes the name of the computation it
+  calls (its root's, else its first named op's); what XLA made itself (a max-pool gradient's
+  iotas, some convolutions of the stem's gradient) is 'other', 'made by XLA: <root opcode>'."""
+  instructions, computation_names, root_opcodes, computation = [], {}, {}, None
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      computation = header.group(1)
+      continue
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    root, name, opcode = match.groups()
+    op_name, calls = _OP_NAME.search(line), _CALLS.search(line)
+    # jax's names are name stacks ('jit(train_step)/...'); XLA's own are 'broadcast.209'.
+    op_name = op_name.group(1) if op_name and '/' in op_name.group(1) else None
+    instructions.append((name, opcode, op_name, calls and calls.group(1)))
+    if root:
+      root_opcodes[computation] = opcode
+    if op_name and (root or computation not in computation_names):
+      computation_names[computation] = op_name
   scopes = {}
-  for name, opcode, op_name in _INSTRUCTION.findall(hlo_text):
+  for name, opcode, op_name, calls in instructions:
+    op_name = op_name or computation_names.get(calls)
+    if not op_name:
+      scopes[name] = 'other', f'made by XLA: {root_opcodes.get(calls, opcode)}'
+      continue
     parts = op_name.split(':')
     direction, scope = scope_of(parts[0])
     if len(parts) > 1:
