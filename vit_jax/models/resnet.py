@@ -6,9 +6,11 @@ after the first, so stages (3, 4, 9) turn 224 px into a 14x14 map that ViT embed
 (and the full ResNet-50's (3, 4, 6, 3) into 7x7).
 """
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
@@ -83,12 +85,26 @@ class ResNetStage(nn.Module):
     return x
 
 
+def max_pool(x: jnp.ndarray, window: int = 3, stride: int = 2) -> jnp.ndarray:
+  """`nn.max_pool(x, (window,) * 2, (stride,) * 2, 'SAME')` as the maximum of window**2 strided
+  views: the same values and, but for ties (shared here, not given to the first), the same
+  gradient. XLA's CPU gradient of the pooling op (select-and-scatter, with iotas of the window
+  indices) took ~9x as long on one device; the embedded default's train step is ~6% faster
+  (bench, 2 devices, batch 128: 84-90 ms median against 91-93)."""
+  pads = jax.lax.padtype_to_pads(x.shape[1:3], (window, window), (stride, stride), 'SAME')
+  x = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
+  height, width = ((size - window) // stride + 1 for size in x.shape[1:3])
+  views = [x[:, i:i + stride * (height - 1) + 1:stride, j:j + stride * (width - 1) + 1:stride]
+           for i in range(window) for j in range(window)]
+  return functools.reduce(jnp.maximum, views)
+
+
 def resnet_stem(x: jnp.ndarray, config: ResNetConfig, dtype: Any) -> jnp.ndarray:
   """Root conv + max-pool, then the stages; called inside the ViT so its names sit at the top."""
   width = int(64 * config.width_factor)
   x = StdConv(width, (7, 7), (2, 2), use_bias=False, dtype=dtype, name='conv_root')(x)
   x = nn.relu(nn.GroupNorm(dtype=dtype, name='gn_root')(x))
-  x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+  x = max_pool(x)
   for stage, units in enumerate(config.num_layers):
     x = ResNetStage(units, width * 2**stage, 2 if stage > 0 else 1, dtype=dtype,
                     name=f'block{stage + 1}')(x)
