@@ -33,7 +33,7 @@ $(FASHION_MNIST):
 data: $(VENV)/.installed $(FASHION_MNIST)
 	$(PY) -m vit_jax.datasets prepare fashion_mnist --data_dir=$(TFDS_DATA_DIR)
 
-# Pre-trains the embedded default (a ViT on Fashion-MNIST, ~10 minutes on 2 CPU cores).
+# Pre-trains the embedded default (a ViT on Fashion-MNIST, ~8 minutes on 2 CPU cores).
 train: data
 	$(PY) -m vit_jax.main --config=configs/default.py --workdir=$(WORKDIR)
 
