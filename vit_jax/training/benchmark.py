@@ -165,7 +165,8 @@ def bench_step(exp: Experiment, what: str, steps: int = 20, warmup: int = 3,
     # time, but it counts spinning threads too, so no MFU is computed from it.
     result['cpu_s_per_step_median'] = statistics.median(cpu for _, cpu, _ in timed)
     # Pages the step touched for the first time: each costs kernel time (vit_jax.host_allocator).
-    result['page_faults_per_step_median'] = statistics.median(faults for _, _, faults in timed)
+    result['page_faults_per_step_median'] = float(statistics.median(
+        faults for _, _, faults in timed))  # An int for an odd count, else a float.
     result['host_allocator'] = ('system' if not vit_jax.HOST_ALLOCATOR_TUNED else
                                 'kept, huge pages' if vit_jax.HUGE_PAGE_HEAP_BYTES else 'kept')
     result['host_huge_pages_gib'] = host_allocator.huge_pages_bytes() / 2**30
