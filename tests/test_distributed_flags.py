@@ -19,6 +19,19 @@ CLUSTER_VARIABLES = ('SLURM_', 'KUBERNETES_', 'OMPI_', 'TPU_', 'JAX_COORDINATOR'
     (['--coordinator_address=localhost:12345', '--num_processes=2', '--process_id=5'],
      'error: --process_id=5 is not one of --num_processes=2: number the processes 0 to N-1 '
      '(launch/local.sh N does)'),
+    # JAX's IndexError traceback; gRPC's segfault; accepted.
+    (['--coordinator_address=localhost', '--num_processes=1', '--process_id=0'],
+     'error: --coordinator_address=localhost must be HOST:PORT of process 0, the port in 1-65535 '
+     '(e.g. 127.0.0.1:1234)'),
+    (['--coordinator_address=127.0.0.1:abc', '--num_processes=1', '--process_id=0'],
+     'error: --coordinator_address=127.0.0.1:abc must be HOST:PORT of process 0, the port in '
+     '1-65535 (e.g. 127.0.0.1:1234)'),
+    (['--coordinator_address=127.0.0.1:99999', '--num_processes=1', '--process_id=0'],
+     'error: --coordinator_address=127.0.0.1:99999 must be HOST:PORT of process 0, the port in '
+     '1-65535 (e.g. 127.0.0.1:1234)'),
+    (['--coordinator_address=127.0.0.1:1234', '--num_processes=0', '--process_id=0'],
+     'error: --num_processes=0 must be at least 1: the processes of the run, all started with '
+     'the same value'),
     (['--distributed'],
      'error: JAX found no cluster to join here (a Cloud TPU pod, GKE, SLURM): on one machine '
      'start the processes with launch/local.sh N, elsewhere pass --coordinator_address, '

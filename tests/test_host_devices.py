@@ -45,3 +45,20 @@ def test_left_alone_on_accelerator_or_single_core_hosts(monkeypatch, cores, plat
   monkeypatch.setenv('JAX_PLATFORMS', platforms)
   assert host_devices.split_cpu() == 0
   assert 'XLA_FLAGS' not in os.environ
+
+
+@pytest.mark.parametrize('env,line', [
+    # jax's "Could not determine process_index" traceback, and XLA's abort with its flag list.
+    (dict(JAX_NUM_CPU_DEVICES='0'), "error: JAX_NUM_CPU_DEVICES='0' must be a positive number "
+     'of CPU devices (1: one device) or unset'),
+    (dict(XLA_FLAGS='--xla_force_host_platform_device_count=x'), 'error: XLA_FLAGS has '
+     '--xla_force_host_platform_device_count=x: it must be a positive number of CPU devices '
+     '(1: one device) or left out')])
+def test_a_bad_device_count_in_the_environment_is_one_line(env, line, tmp_path):
+  environ = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES')}
+  proc = subprocess.run([sys.executable, '-m', 'vit_jax.main', '--config=configs/default.py',
+                         f'--workdir={tmp_path / "run"}'], env=environ | env, text=True,
+                        capture_output=True, timeout=120, cwd=os.path.dirname(
+                            os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == line, proc.stderr
+  assert 'Traceback' not in proc.stderr and not (tmp_path / 'run').exists()

@@ -17,6 +17,7 @@ either to 1 for a single device. Hosts with an accelerator and single-core hosts
 """
 import os
 import re
+from typing import Optional
 
 from vit_jax import host_allocator
 
@@ -42,3 +43,17 @@ def split_cpu() -> int:
     return 0
   os.environ['XLA_FLAGS'] = with_device_count(os.environ.get('XLA_FLAGS', ''), CPU_DEVICES)
   return CPU_DEVICES
+
+
+def device_count_mistake() -> Optional[str]:
+  """A CPU device count set in the environment that jax or XLA would stop on with a traceback
+  (or XLA abort on), as one line naming the fix; None if there is none."""
+  value = os.environ.get('JAX_NUM_CPU_DEVICES')
+  if value is not None and not (value.strip().isdigit() and int(value) > 0):
+    return (f'JAX_NUM_CPU_DEVICES={value!r} must be a positive number of CPU devices (1: one '
+            'device) or unset')
+  flag = re.search(rf'{DEVICE_COUNT_FLAG}=(\S*)', os.environ.get('XLA_FLAGS', ''))
+  if flag and not (flag[1].isdigit() and int(flag[1]) > 0):
+    return (f'XLA_FLAGS has {flag[0]}: it must be a positive number of CPU devices (1: one '
+            'device) or left out')
+  return None

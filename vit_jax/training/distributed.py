@@ -62,8 +62,17 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
 
 def _check_explicit(coordinator_address: Optional[str], num_processes: Optional[int],
                     process_id: Optional[int]) -> None:
-  """One line for explicit flags JAX would take with a traceback: a process number outside
-  the run, or a coordinator without the process count and number."""
+  """One line for explicit flags JAX would take with a traceback (or gRPC with a segfault): a
+  process count under 1, a process number outside the run, a coordinator that is not HOST:PORT
+  or comes without the process count and number."""
+  if num_processes is not None and num_processes < 1:
+    raise ConfigError(f'--num_processes={num_processes} must be at least 1: the processes of the '
+                      'run, all started with the same value')
+  if coordinator_address is not None:
+    host, _, port = coordinator_address.rpartition(':')
+    if not host or not (port.isdigit() and 0 < int(port) < 2**16):
+      raise ConfigError(f'--coordinator_address={coordinator_address} must be HOST:PORT of '
+                        'process 0, the port in 1-65535 (e.g. 127.0.0.1:1234)')
   if (num_processes is not None and process_id is not None
       and not 0 <= process_id < num_processes):
     raise ConfigError(f'--process_id={process_id} is not one of --num_processes={num_processes}: '
