@@ -45,15 +45,19 @@ def split_cpu() -> int:
   return CPU_DEVICES
 
 
+def _is_count(text: str) -> bool:
+  return text.strip().isdigit() and int(text) > 0
+
+
 def device_count_mistake() -> Optional[str]:
   """A CPU device count set in the environment that jax or XLA would stop on with a traceback
   (or XLA abort on), as one line naming the fix; None if there is none."""
   value = os.environ.get('JAX_NUM_CPU_DEVICES')
-  if value is not None and not (value.strip().isdigit() and int(value) > 0):
+  if value is not None and not _is_count(value):
     return (f'JAX_NUM_CPU_DEVICES={value!r} must be a positive number of CPU devices (1: one '
             'device) or unset')
   flag = re.search(rf'{DEVICE_COUNT_FLAG}=(\S*)', os.environ.get('XLA_FLAGS', ''))
-  if flag and not (flag[1].isdigit() and int(flag[1]) > 0):
+  if flag and not _is_count(flag[1]):
     return (f'XLA_FLAGS has {flag[0]}: it must be a positive number of CPU devices (1: one '
             'device) or left out')
   return None

@@ -86,13 +86,16 @@ class Plan:
       return None
     return self.max_per_device_batch * self.batch // self.per_device_batch
 
+  @property
+  def memory_used(self) -> Optional[float]:
+    """The step's peak as a fraction of `device_memory_bytes`, where given."""
+    return self.memory.peak / self.device_memory_bytes if self.device_memory_bytes else None
+
   def as_dict(self) -> dict[str, Any]:
     """The fields and the figures the report derives from them (what --json prints)."""
     result = dataclasses.asdict(self)
     result['memory']['peak'] = self.memory.peak
-    result['max_batch'] = self.max_batch
-    result['memory_used'] = (self.memory.peak / self.device_memory_bytes
-                             if self.device_memory_bytes else None)
+    result.update(max_batch=self.max_batch, memory_used=self.memory_used)
     return result
 
 
@@ -289,7 +292,7 @@ def format_plan(p: Plan) -> str:
   if p.device_memory_bytes:
     verdict = 'fits' if p.fits else 'does NOT fit'
     lines.append(f'  device memory    {_gib(p.device_memory_bytes)}  {verdict} '
-                 f'({100 * m.peak / p.device_memory_bytes:.0f}% used)')
+                 f'({100 * p.memory_used:.0f}% used)')
   if p.max_per_device_batch is not None:
     lines.append(f'largest per-device batch that fits: {p.max_per_device_batch} (global '
                  f'{p.max_batch}); '
