@@ -89,8 +89,11 @@ def test_datasets_from_config():
   assert fewshot.datasets_from_config(('digits',)) == {'digits': ('train', 'test')}
   assert fewshot.datasets_from_config({'digits': ['train[:500]', 'test']}) == {
       'digits': ('train[:500]', 'test')}
-  with pytest.raises(ConfigError):
-    fewshot.datasets_from_config(())
+  # Each was a TypeError or ValueError traceback, or a bad split name, at the first probe.
+  for malformed in ((), ({'digits': ('train', 'test')},), {'digits': 'train'},
+                    {'digits': ('train',)}, {'digits': ('train', 5)}, 5):
+    with pytest.raises(ConfigError, match=r"give dataset names, or a mapping name -> "):
+      fewshot.datasets_from_config(malformed)
 
 
 @pytest.mark.parametrize('setting,message', [
@@ -110,6 +113,31 @@ def test_bad_settings_stop_before_any_feature_is_computed(setting, message):
                              datasets={'digits': ('train', 'test')}, image_size=16, channels=1,
                              **setting)
   assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize('datasets,shots,message', [
+    ({'digitz': ('train', 'test')}, (1,), "unknown dataset 'digitz'"),
+    ({'digits': ('train', 'tset')}, (1,), "digits has no split 'tset'"),
+    # digits has 10 classes: 25 shots need 250 examples, train[:200] holds 200.
+    ({'digits': ('train[:200]', 'test')}, (5, 25), 'few-shot 25 shots of 10 classes need 250 '
+     'training examples; digits[train[:200]] holds 200: use fewer shots')])
+def test_datasets_that_cannot_serve_the_probe_stop_it_before_any_feature(
+    prepared_data_dir, datasets, shots, message):
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    fewshot.FewShotEvaluator(model=None, mesh=sharding.make_mesh('data:-1'),
+                             params_shardings=None, datasets=datasets, image_size=16,
+                             channels=1, shots=shots, data_dir=prepared_data_dir)
+
+
+def test_a_training_run_checks_its_probe_before_writing_the_workdir(prepared_data_dir, tmp_path):
+  # It failed at the first probe (config.fewshot.every steps in), losing the steps since the last
+  # checkpoint.
+  config = _config(prepared_data_dir)
+  config.fewshot = ml_collections.ConfigDict(dict(datasets=('digitz',), every=100))
+  workdir = tmp_path / 'run'
+  with pytest.raises(ConfigError, match="unknown dataset 'digitz'"):
+    loop.train_and_evaluate(config, str(workdir))
+  assert not workdir.exists()
 
 
 def _config(data_dir: str) -> ml_collections.ConfigDict:

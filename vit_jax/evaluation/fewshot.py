@@ -110,6 +110,8 @@ class FewShotEvaluator:
     if self.l2_reg < 0:
       raise ConfigError(f'few-shot l2_reg={self.l2_reg} must be >= 0: the ridge penalty '
                         '(--l2_reg; config.fewshot.l2_reg)')
+    for dataset, (train_split, test_split) in self.datasets.items():
+      self._check_splits(dataset, train_split, test_split)
     featurizer = self.model.clone(num_classes=0)
 
     def features(params, batch):
@@ -121,6 +123,18 @@ class FewShotEvaluator:
     self._features = jax.jit(features, in_shardings=(self.params_shardings,
                                                      sharding.batch_sharding(self.mesh)),
                              out_shardings=sharding.replicated(self.mesh))
+
+  def _check_splits(self, dataset: str, train_split: str, test_split: str) -> None:
+    """A missing dataset or split, or too few training examples for the shots, found now
+    rather than at the first probe, hours into a training run."""
+    info = input_pipeline.get_info(dataset, train_split, self.data_dir)
+    input_pipeline.get_info(dataset, test_split, self.data_dir)
+    needed = max(self.shots) * info.num_classes
+    if info.num_examples < needed:
+      raise ConfigError(f'few-shot {max(self.shots)} shots of {info.num_classes} classes need '
+                        f'{needed} training examples; {dataset}[{train_split}] holds '
+                        f'{info.num_examples}: use fewer shots (--shots; config.fewshot.shots) '
+                        'or a larger train split')
 
   def features(self, params: Any, dataset: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(features [N, D], labels [N]) of every example of the split, in a fixed order."""
@@ -157,12 +171,19 @@ def datasets_from_config(datasets: Any) -> dict[str, tuple[str, str]]:
   """config.fewshot.datasets: names (train/test splits) or a mapping name -> (train, test)."""
   if isinstance(datasets, str):
     datasets = (datasets,)
-  if not isinstance(datasets, Iterable) or not datasets:
-    raise ConfigError(f'fewshot.datasets={datasets!r}: give dataset names or a mapping name -> '
-                      '(train_split, test_split)')
   if hasattr(datasets, 'items'):
-    return {name: tuple(splits) for name, splits in datasets.items()}
-  return {name: ('train', 'test') for name in datasets}
+    pairs = {name: tuple(splits) for name, splits in datasets.items()
+             if isinstance(splits, (tuple, list)) and len(splits) == 2
+             and all(isinstance(split, str) for split in splits)}
+    well_formed = bool(pairs) and len(pairs) == len(datasets)
+  else:
+    well_formed = (isinstance(datasets, Iterable) and bool(datasets)
+                   and all(isinstance(name, str) for name in datasets))
+    pairs = {name: ('train', 'test') for name in datasets} if well_formed else {}
+  if not well_formed:
+    raise ConfigError(f'fewshot.datasets={datasets!r}: give dataset names, or a mapping name -> '
+                      "(train_split, test_split) like {'digits': ('train', 'test')}")
+  return pairs
 
 
 def from_experiment(exp: Experiment) -> FewShotEvaluator:

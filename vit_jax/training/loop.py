@@ -220,6 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   exp = exp or build(config)
   _check_data(config, exp.num_classes)  # build() skips the dataset given config.num_classes.
+  fewshot = _fewshot_evaluator(exp)  # Checks its datasets too, before the workdir is written.
   check_not_a_file(workdir, 'workdir')
   tf.io.gfile.makedirs(workdir)
   with Checkpointer(workdir, keep=config.get('keep_checkpoints', 3)) as checkpointer:
@@ -246,7 +247,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     local_batches = input_pipeline.train_iterator(config, start_step)
     batches = global_batch.prefetch_to_mesh(local_batches, exp.mesh)
     eval_data = make_eval_data(exp) if config.get('eval_every') else None
-    fewshot = _fewshot_evaluator(exp)
     writer = metrics_lib.create_writer(workdir, start_step)
     progress_every = config.get('progress_every', 100)
     eval_every = config.get('eval_every', 0)
