@@ -275,7 +275,9 @@ def test_gradient_accumulation_keeps_micro_batches_on_their_devices(prepared_dat
 CONFIG_ERRORS = {
     'unknown_model': (dict(model='ViT-Nope_4'), r"unknown model 'ViT-Nope_4'"),
     'mesh_does_not_divide': (dict(mesh='data:3,fsdp:-1'), r'does not divide the 8 devices'),
-    'mesh_too_big': (dict(mesh='data:16'), r'needs 16 devices but there are 8'),
+    'mesh_too_big': (dict(mesh='data:16'), r'^mesh data:16,fsdp:1,tensor:1 needs 16 devices but '
+                     r"there are 8: set one axis to -1 to fill \(--config.mesh; plan's --mesh\)$"),
+    'mesh_empty': (dict(mesh=''), r'^mesh is empty: give axis sizes like data:-1'),
     'batch_not_divisible': (dict(batch=60), r'config.batch=60 is not divisible by 8'),
     'missing_dataset': (dict(dataset='no_such_dataset', num_classes=None),
                         r"unknown dataset 'no_such_dataset'"),

@@ -16,6 +16,7 @@ from vit_jax.errors import ConfigError
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
+_WHERE = "(--config.mesh; plan's --mesh)"  # Where a mesh error's fix goes.
 
 # Logical axes of each parameter, by the path's ending (released layout). A scanned model's
 # blocks get a leading 'layers' axis; anything unlisted is replicated.
@@ -53,41 +54,56 @@ LOGICAL_RULES = (
 def parse_mesh(spec: Any) -> dict[str, int]:
   """`data:-1,fsdp:2` or a mapping -> {axis: size}; missing axes are 1, one -1 fills."""
   if isinstance(spec, str):
+    if not spec.strip():
+      raise ConfigError('mesh is empty: give axis sizes like data:-1,fsdp:2,tensor:1 '
+                        f'(data:-1 is pure data parallel) {_WHERE}')
     try:
       pairs = [(name.strip(), int(size)) for name, size in
                (item.split(':') for item in spec.split(',') if item)]
     except ValueError:
-      raise ConfigError(f'mesh {spec!r} is not of the form data:-1,fsdp:2,tensor:1') from None
+      raise ConfigError(f'mesh {spec!r} is not of the form data:-1,fsdp:2,tensor:1 '
+                        f'{_WHERE}') from None
     names = [name for name, _ in pairs]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
-      raise ConfigError(f'mesh {spec!r} names {", ".join(repeated)} twice: give each axis once')
+      raise ConfigError(f'mesh {spec!r} names {", ".join(repeated)} twice: give each axis once '
+                        f'{_WHERE}')
     spec = dict(pairs)
   sizes = dict(spec or {})
   unknown = set(sizes) - set(MESH_AXES)
   if unknown:
-    raise ConfigError(f'unknown mesh axes {sorted(unknown)}: use {", ".join(MESH_AXES)}')
+    raise ConfigError(f'unknown mesh axes {sorted(unknown)}: use {", ".join(MESH_AXES)} '
+                      f'{_WHERE}')
   return {axis: int(sizes.get(axis, 1)) for axis in MESH_AXES}
 
 
 def resolve_mesh_shape(spec: Any, num_devices: int) -> dict[str, int]:
   """Axis sizes for `num_devices`, the -1 axis filled; a ConfigError if they do not fit."""
   sizes = parse_mesh(spec)
+  text = ','.join(f'{axis}:{size}' for axis, size in sizes.items())
   if any(size == 0 or size < -1 for size in sizes.values()):
-    raise ConfigError(f'mesh {sizes}: axis sizes must be positive, or -1 for the one that fills')
+    raise ConfigError(f'mesh {text}: axis sizes must be positive, or -1 for the one that fills '
+                      f'{_WHERE}')
   fill = [axis for axis, size in sizes.items() if size == -1]
   if len(fill) > 1:
-    raise ConfigError(f'mesh {sizes}: only one axis may be -1 (fill)')
+    raise ConfigError(f'mesh {text}: only one axis may be -1 (fill) {_WHERE}')
   fixed = int(np.prod([size for size in sizes.values() if size != -1]))
   if fill:
     if num_devices % fixed:
-      raise ConfigError(f'mesh {sizes} does not divide the {num_devices} devices: make the '
-                        f'product of the fixed axes ({fixed}) a divisor of {num_devices}')
+      raise ConfigError(f'mesh {text} does not divide the {_devices(num_devices)}: make the '
+                        f'product of the fixed axes ({fixed}) a divisor of {num_devices} '
+                        f'{_WHERE}')
     sizes[fill[0]] = num_devices // fixed
-  if int(np.prod(list(sizes.values()))) != num_devices:
-    raise ConfigError(f'mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices but '
-                      f'there are {num_devices}: set one axis to -1 to fill')
+  needed = int(np.prod(list(sizes.values())))
+  if needed != num_devices:
+    raise ConfigError(f'mesh {text} needs {_devices(needed)} but there '
+                      f'{"is" if num_devices == 1 else "are"} {num_devices}: set one axis to -1 '
+                      f'to fill {_WHERE}')
   return sizes
+
+
+def _devices(count: int) -> str:
+  return f'{count} device' + ('' if count == 1 else 's')
 
 
 def make_mesh(spec: Any, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
