@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import warnings
 
 import jax
@@ -25,6 +26,7 @@ from training_setup import (  # baseline and compile_cache are fixtures: importe
     restore_state, tiny_config, write_config_file)
 from vit_jax.checkpoints import restore
 from vit_jax.checkpoints.manager import Checkpointer
+from vit_jax.checkpoints.orbax_console import abandoned_reads_dropped
 from vit_jax.data import input_pipeline
 from vit_jax.training import experiment
 from vit_jax.training import loop
@@ -136,6 +138,29 @@ def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_exits_cleanly(prepared_data_di
 
 
 # ---- Failures ---------------------------------------------------------------------------
+
+
+def test_after_a_failed_read_its_abandoned_reads_stay_quiet_until_exit(monkeypatch):
+  # Orbax's shard reads left behind by a failed restore may complete after it returned, up to
+  # interpreter exit on orbax's closed event loop: the hook was removed if none had yet, and a
+  # one-line error was followed by "Event loop is closed" tracebacks (seen under load).
+  printed = []
+  monkeypatch.setattr(sys, 'unraisablehook', printed.append)
+  closed_loop = types.SimpleNamespace(exc_value=RuntimeError('Event loop is closed'), object=None)
+  yours = types.SimpleNamespace(exc_value=ValueError('not orbax'), object=None)
+  with abandoned_reads_dropped():
+    pass
+  assert sys.unraisablehook == printed.append  # Nothing failed: nothing left behind.
+  with pytest.raises(ValueError), abandoned_reads_dropped():
+    raise ValueError('OUT_OF_RANGE')  # A read's error leaving the block.
+  sys.unraisablehook(closed_loop)
+  assert not printed
+  monkeypatch.setattr(sys, 'unraisablehook', printed.append)
+  with abandoned_reads_dropped() as reads:
+    reads.failed = True  # A read's error the caller caught.
+  sys.unraisablehook(closed_loop)
+  sys.unraisablehook(yours)
+  assert printed == [yours]
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(

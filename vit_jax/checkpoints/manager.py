@@ -179,12 +179,13 @@ class Checkpointer:
       self._check_same_steps_everywhere(steps)
     self._check_same_structure(steps, abstract_state)
     unreadable, restored, restored_step, newest_error = [], None, None, ''
-    with abandoned_reads_dropped():
+    with abandoned_reads_dropped() as reads:
       for step in reversed(steps):
         try:
           restored, restored_step = self._restore_retrying_once(step, abstract_state), step
           break
         except Exception as e:  # pylint: disable=broad-except
+          reads.failed = True
           newest_error = newest_error or error_summary(e)
           logging.warning('checkpoint at step %d is unreadable (%s); trying an older one',
                           step, error_summary(e))

@@ -78,11 +78,13 @@ def _from_abandoned_shard(unraisable: Any) -> bool:
 
 class AbandonedShardsDropped:
   """A `sys.unraisablehook` that drops the tracebacks of orbax's abandoned shard reads or writes
-  (and only those) until `remove`; it stays for the rest of the process once it dropped any, as
-  shards still in flight complete later."""
+  (and only those) until `remove`; it stays for the rest of the process once it dropped any or
+  was told a read `failed`, as shards still in flight complete later (at the latest at exit, on
+  orbax's closed event loop)."""
 
   def __init__(self, what: str):
     self.what, self.previous, self.dropped = what, sys.unraisablehook, 0
+    self.failed = False
     sys.unraisablehook = self
 
   def __call__(self, unraisable: Any) -> None:
@@ -96,13 +98,15 @@ class AbandonedShardsDropped:
     if self.dropped:
       logging.info('dropped %d tracebacks of abandoned checkpoint %s (and any later ones)',
                    self.dropped, self.what)
-    elif sys.unraisablehook is self:
+    elif not self.failed and sys.unraisablehook is self:
       sys.unraisablehook = self.previous
 
 
 @contextlib.contextmanager
-def abandoned_reads_dropped() -> Iterator[None]:
-  """Keeps a failed restore to its one-line message.
+def abandoned_reads_dropped() -> Iterator[AbandonedShardsDropped]:
+  """Keeps a failed restore to its one-line message. A read that fails inside either leaves the
+  block or is caught by the caller, which then sets `failed` on the hook this yields: either way
+  the hook stays for the rest of the process.
 
   When one array of a checkpoint cannot be read, orbax raises and leaves its other shard reads
   behind: each then prints a traceback as it completes on orbax's closed event loop or is
@@ -114,6 +118,9 @@ def abandoned_reads_dropped() -> Iterator[None]:
     warnings.filterwarnings('ignore', "coroutine '_read_array_index_and_device_put' was never",
                             RuntimeWarning)
     try:
-      yield
+      yield hook
+    except BaseException:
+      hook.failed = True
+      raise
     finally:
       hook.remove()
