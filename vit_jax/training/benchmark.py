@@ -174,8 +174,9 @@ def bench_step(exp: Experiment, what: str, steps: int = 20, warmup: int = 3,
     # Read from the compiled program, so the figure says which attention it measured.
     result['cudnn_attention'] = '__cudnn$fmha' in compiled.as_text()
   nominal = perf.device_peak_tflops()
-  if nominal:
+  if nominal:  # A bf16 figure, whatever the step's dtype: the one chips are sold by.
     result['nominal_peak_tflops'] = nominal
+    result['nominal_peak_dtype'] = 'bfloat16'
     result['mfu_vs_nominal'] = achieved / nominal
   if profile_dir:  # After the timed steps, which the profiler would slow.
     if jax.default_backend() == 'gpu':
