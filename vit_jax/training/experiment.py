@@ -127,6 +127,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not 0 <= config.get('polyak_decay', 0.0) < 1:
     raise ConfigError(f'config.polyak_decay={config.polyak_decay} must be in [0, 1): the weight '
                       'of the old average at each step (the paper: 0.9999; 0: no averaging)')
+  if not 0 <= config.get('label_smoothing', 0.0) < 1:
+    raise ConfigError(f'config.label_smoothing={config.label_smoothing} must be in [0, 1): the '
+                      'probability spread over the other classes (0.1 is usual; 0: none)')
   loss = config.get('loss', 'softmax_xent')
   if loss not in step_lib.LOSSES:
     raise ConfigError(f'config.loss={loss!r} is not one of {step_lib.LOSSES}')

@@ -58,6 +58,13 @@ def make_optimizer(config: ml_collections.ConfigDict,
     raise ConfigError(f'optimizer_moments_dtype={moments!r} is not one of {MOMENT_DTYPES}')
   mu_dtype = jnp.bfloat16 if moments == 'bfloat16' else None
   weight_decay = config.get('weight_decay', 0.0)
+  clip = config.get('grad_norm_clip')
+  # optax takes these negative and trains away from the minimum, silently.
+  for key, value, zero_means in (('weight_decay', weight_decay, 'no weight decay'),
+                                 ('grad_norm_clip', clip, 'no clipping')):
+    if (value or 0) < 0:
+      raise ConfigError(f'{key}={value} must be positive (or 0: {zero_means}): set '
+                        f'--config.{key}')
   if name == 'sgd':
     opt = optax.sgd(schedule, momentum=config.get('momentum', 0.9),
                     accumulator_dtype=mu_dtype)
@@ -66,5 +73,4 @@ def make_optimizer(config: ml_collections.ConfigDict,
   else:
     opt = optax.adamw(schedule, b1=config.get('b1', 0.9), b2=config.get('b2', 0.999),
                       mu_dtype=mu_dtype, weight_decay=weight_decay, mask=_decay_mask)
-  clip = config.get('grad_norm_clip')
   return optax.chain(optax.clip_by_global_norm(clip), opt) if clip else opt
