@@ -332,6 +332,18 @@ def test_config_errors_come_before_compiling(name, prepared_data_dir, tmp_path, 
   assert '\n' not in str(error.value) and not compiled
 
 
+def test_a_value_a_checkpoint_cannot_record_is_a_config_error(prepared_data_dir, tmp_path):
+  # A numpy scalar in a config file wrote "unserializable object" into config.json and failed
+  # every checkpoint's meta, reported only at the save after (steps lost, 'free disk space').
+  config = tiny_config(prepared_data_dir)
+  del config['seed']
+  config.seed = np.int64(3)
+  with pytest.raises(ConfigError, match=r'^config.seed=np.int64\(3\) is a numpy.int64, which a '
+                     r'checkpoint cannot record: use a plain int'):
+    loop.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
 def test_a_workdir_that_is_a_file_is_a_config_error(prepared_data_dir, tmp_path):
   path = tmp_path / 'results.txt'
   path.write_text('kept')

@@ -6,9 +6,11 @@ the very same step. Every check a user can fail happens here, before anything co
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import ml_collections
@@ -127,12 +129,25 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not 0 <= config.get('polyak_decay', 0.0) < 1:
     raise ConfigError(f'config.polyak_decay={config.polyak_decay} must be in [0, 1): the weight '
                       'of the old average at each step (the paper: 0.9999; 0: no averaging)')
+  _check_recordable(config)
   if not 0 <= config.get('label_smoothing', 0.0) < 1:
     raise ConfigError(f'config.label_smoothing={config.label_smoothing} must be in [0, 1): the '
                       'probability spread over the other classes (0.1 is usual; 0: none)')
   loss = config.get('loss', 'softmax_xent')
   if loss not in step_lib.LOSSES:
     raise ConfigError(f'config.loss={loss!r} is not one of {step_lib.LOSSES}')
+
+
+def _check_recordable(config: ml_collections.ConfigDict) -> None:
+  """Every value plain enough for config.json and each checkpoint's meta: a numpy scalar wrote
+  "unserializable object" into config.json, then failed every save (reported at the next)."""
+  for key, value in traverse_util.flatten_dict(config.to_dict(), sep='.').items():
+    try:
+      json.dumps(value)
+    except (TypeError, ValueError):
+      kind = f'{type(value).__module__}.{type(value).__qualname__}'
+      raise ConfigError(f'config.{key}={value!r} is a {kind}, which a checkpoint cannot record: '
+                        'use a plain int, float, str, bool, list or tuple') from None
 
 
 def check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
