@@ -344,6 +344,19 @@ def test_a_batch_too_large_for_the_device_is_one_line():
       '--batch); python -m vit_jax.plan tells what fits a device')
 
 
+def test_a_full_disk_under_xla_is_not_called_out_of_memory(capsys):
+  # The profiler's trace on a full disk: XLA's RESOURCE_EXHAUSTED said "lower the batch".
+  jax_runtime_error = type('JaxRuntimeError', (RuntimeError,), {})
+
+  def write_trace():
+    raise jax_runtime_error('RESOURCE_EXHAUSTED: /w/profile/t.xplane.pb; No space left on device')
+
+  with pytest.raises(SystemExit) as exit_:
+    errors.cli_main(write_trace)()
+  assert exit_.value.code == 2
+  assert capsys.readouterr().err.startswith('error: no space left on the device (RESOURCE_EXHAUSTED:')
+
+
 @pytest.mark.parametrize('config_arg', ['default.py', 'vit_b16.py', 'finetune/digits.py'])
 def test_every_pp_option_can_be_set_on_the_command_line(config_arg):
   """They were unknown keys (only crop and flip were in the configs). The file's own choices

@@ -88,6 +88,26 @@ def test_fashion_mnist_images_and_labels_are_the_idx_files(prepared_data_dir):
   np.testing.assert_array_equal(counts, np.bincount(_idx('train-labels-idx1-ubyte.gz')))
 
 
+@pytest.mark.parametrize('split_a,split_b,shared', [
+    ('train[:90%]', 'train[90%:]', 0), ('train', 'test', 0), ('train', 'train[1400:]', 100),
+    ('train[:10]+train[-10:]', 'train[5:15]+train[1495:]', 10)])
+def test_shared_examples_of_two_splits(prepared_data_dir, split_a, split_b, shared):
+  assert ip.shared_examples('digits', split_a, split_b, prepared_data_dir) == shared
+
+
+def test_each_process_draws_its_own_augmentation():
+  # The same local position on two processes is two different examples: the same crop and flip
+  # for both would correlate the global batch's augmentations.
+  photo = tf.io.encode_png(tf.constant(np.random.default_rng(0).integers(
+      0, 255, (32, 32, 3), np.uint8)))
+  opts = pp_options.train_options(pp_dict({'crop': 'inception', 'flip': True}))
+  images = [ip._train_example_fn(opts, 16, 3, 3, seed=0, index=index, count=2)(  # pylint: disable=protected-access
+      tf.constant(5, tf.int64), {'image': photo, 'label': 0})['image'].numpy()
+            for index in (0, 1, 0)]
+  assert not np.array_equal(images[0], images[1])
+  np.testing.assert_array_equal(images[0], images[2])
+
+
 def test_digits_are_sklearns_last_297_for_test(prepared_data_dir):
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
   digits = datasets.load_digits()

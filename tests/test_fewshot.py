@@ -140,6 +140,16 @@ def test_a_training_run_checks_its_probe_before_writing_the_workdir(prepared_dat
   assert not workdir.exists()
 
 
+def test_a_misspelt_probe_key_is_an_error():
+  # shot, seed and l2 ran the default shots, seeds and penalty without a word.
+  config = config_files.get_config('default')
+  config.fewshot = ml_collections.ConfigDict(dict(datasets=('digits',), every=10, shot=(1, 2),
+                                                  seed=1, l2=5.0))
+  with pytest.raises(ConfigError, match=r"^config.fewshot has unknown keys \['l2', 'seed', 'shot'\]: "
+                     'its keys are datasets, every, shots, seeds, l2_reg, batch$'):
+    experiment.check_config(config)
+
+
 def _config(data_dir: str) -> ml_collections.ConfigDict:
   config = config_files.get_config('default')
   config.update(dict(TRAIN, data_dir=data_dir))

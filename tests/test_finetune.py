@@ -384,6 +384,21 @@ def test_a_workdirs_checkpoints_folder_or_step_is_named_as_such(pretrained):
                                 'pass the workdir itself (its newest checkpoint is read)')
 
 
+@pytest.mark.parametrize('overrides,message', [
+    (dict(eval_split='tset'), "digits has no split 'tset'"),
+    (dict(dataset='digitz'), "unknown dataset 'digitz'"),
+])
+def test_finetune_checks_its_data_before_reading_the_pretrained_checkpoint(
+    prepared_data_dir, tmp_path, monkeypatch, overrides, message):
+  # They were found after the pre-trained params were read and transferred (minutes from gs://).
+  monkeypatch.setattr(restore, 'load', lambda *a, **k: pytest.fail('read the checkpoint'))
+  config = _finetune_config(prepared_data_dir, '/pretrained/elsewhere')
+  config.update(overrides)
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    finetune.finetune(config, str(tmp_path / 'ft'))
+  assert not (tmp_path / 'ft').exists()
+
+
 def test_a_finetune_workdir_resumes_only_its_own_init(pretrained, exported, prepared_data_dir,
                                                      tmp_path):
   """Resuming with another --config.init trained on silently from the old one (and wrote the

@@ -56,6 +56,10 @@ def test_label_smoothing_spreads_alpha_over_the_classes():
                              [0.01] * 2 + [0.91] + [0.01] * 7, rtol=1e-6)
   soft = jnp.array([[0.25, 0.75]])  # Mixup's soft labels pass through unsmoothed.
   np.testing.assert_array_equal(targets(soft, 2, 0.0), soft)
+  # Smoothed too (0.9 t + 0.1 / 2), and padded to a head wider than the dataset's classes
+  # (mixup with a recipe's pinned num_classes was a shape error at the first step).
+  np.testing.assert_allclose(targets(soft, 2, 0.1), [[0.275, 0.725]], rtol=1e-6)
+  np.testing.assert_array_equal(targets(soft, 4, 0.0), [[0.25, 0.75, 0.0, 0.0]])
 
 
 def _one_step(config, images, labels, w):
@@ -89,6 +93,34 @@ def test_train_step_reports_the_mean_loss_and_takes_the_sgd_step():
   assert metrics['learning_rate'] == pytest.approx(0.1)
   # Momentum's trace starts at zero: the first update is -lr * gradient.
   np.testing.assert_allclose(new_w, W - 0.1 * _gradient(), rtol=1e-5, atol=1e-7)
+
+
+class DropoutModel:
+  """logits = (images * a dropout mask of rate 0.5, rescaled) @ params['w']."""
+
+  def apply(self, variables, images, train=False, rngs=None):
+    keep = jax.random.bernoulli(rngs['dropout'], 0.5, images.shape) if train else 0.5
+    return images * keep / 0.5 @ variables['params']['w']
+
+
+def test_each_step_draws_its_own_dropout_masks_and_a_rerun_the_same():
+  # A mask that repeats every step is not dropout; one that differs between reruns of a step
+  # breaks bit-exact resume.
+  config = _config(base_lr=1e-9)  # The params barely move: the loss changes with the masks.
+  schedule = optimizers.learning_rate_schedule(config)
+  tx = optimizers.make_optimizer(config, schedule)
+  train_step = jax.jit(step_lib.make_train_step(DropoutModel(), tx, schedule, num_classes=3))
+  params = {'w': jnp.asarray(W)}
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(64, 2)), jnp.float32)
+  batch = {'image': images, 'label': jnp.zeros(64, jnp.int32)}
+
+  def loss_at(step):
+    state = TrainState(step=jnp.asarray(step, jnp.int32), params=params,
+                       opt_state=tx.init(params))
+    return float(train_step(state, batch)[1]['loss'])
+
+  losses = [loss_at(step) for step in (0, 1, 2, 1)]
+  assert len(set(losses[:3])) == 3 and losses[3] == losses[1], losses
 
 
 def test_gradient_clipping_scales_the_update_to_the_clip_norm():
@@ -131,6 +163,10 @@ def test_schedules_warm_up_linearly_then_decay_as_named():
       _config(base_lr=1.0, warmup_steps=10, total_steps=110, decay_type='linear',
               lr_end_fraction=0.1))
   assert [float(linear(s)) for s in (35, 110)] == pytest.approx([0.775, 0.1], rel=1e-5)
+  cosine_to_a_tenth = optimizers.learning_rate_schedule(
+      _config(base_lr=1.0, warmup_steps=10, total_steps=110, decay_type='cosine',
+              lr_end_fraction=0.1))
+  assert [float(cosine_to_a_tenth(s)) for s in (60, 110)] == pytest.approx([0.55, 0.1], rel=1e-5)
 
 
 def test_eval_step_sums_only_the_real_examples_of_a_padded_batch():

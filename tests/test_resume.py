@@ -17,6 +17,8 @@ import types
 import warnings
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -28,6 +30,7 @@ from vit_jax.checkpoints import restore
 from vit_jax.checkpoints.manager import Checkpointer
 from vit_jax.checkpoints.orbax_console import abandoned_reads_dropped
 from vit_jax.data import input_pipeline
+from vit_jax.errors import ConfigError
 from vit_jax.training import experiment
 from vit_jax.training import loop
 from vit_jax.training import metrics as metrics_lib
@@ -285,7 +288,8 @@ def test_nan_loss_stops_with_training_diverged_keeping_only_finite_states(
                    keep_checkpoints=100)
   workdir = str(tmp_path / 'run')
   with pytest.raises(loop.TrainingDiverged,
-                     match=r'(loss|gradient norm) is (nan|inf) at step \d+') as error:
+                     match=r'loss is (nan|inf) at step \d+|params are not finite after step '
+                     r'\d+') as error:
     loop.train_and_evaluate(config, workdir)
   assert 'Lower base_lr' in str(error.value)
   with Checkpointer(workdir, read_only=True) as checkpointer:
@@ -300,12 +304,58 @@ def test_nan_loss_stops_with_training_diverged_keeping_only_finite_states(
       assert np.isfinite(leaf).all(), f'non-finite state saved at step {step}'
 
 
-def test_a_nan_gradient_with_a_finite_loss_is_divergence_too():
-  """The saved state is the params after the step: a NaN gradient makes them NaN."""
-  loop._check_finite(1.0, 5, 3, 2.0)  # pylint: disable=protected-access
-  with pytest.raises(loop.TrainingDiverged, match=r'gradient norm is nan at step 5; the last '
-                     r'good checkpoint \(step 3\) is kept'):
-    loop._check_finite(1.0, 5, 3, float('nan'))  # pylint: disable=protected-access
+def _probe(datasets: dict, shots: tuple, every: int) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(datasets=datasets, shots=shots, every=every, seeds=1))
+
+
+def test_nan_params_are_not_probed(prepared_data_dir, tmp_path):
+  # The probe saw them first (before the progress window): scikit-learn's "Input X contains
+  # NaN" traceback.
+  config = tiny_config(prepared_data_dir, base_lr=1e6, grad_norm_clip=0.0, weight_decay=0.0,
+                       warmup_steps=1, progress_every=TOTAL_STEPS, eval_every=0)
+  config.fewshot = _probe({'digits': ('train[:500]', 'test')}, (1,), every=1)
+  with pytest.raises(loop.TrainingDiverged, match=r'loss is (nan|inf) at step|params are not '
+                     r'finite after step|the features of digits\[train\[:500\]\] are not finite'):
+    loop.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def test_an_evaluation_that_fails_keeps_the_steps_before_it(prepared_data_dir, tmp_path):
+  # train[:250] of digits holds 250 examples, enough for 25 shots of 10 classes in all, but
+  # class 2 has 22: the probe at step 10 fails. The 10 steps were lost (no save until 1000).
+  config = tiny_config(prepared_data_dir, checkpoint_every=1000, eval_every=0)
+  config.fewshot = _probe({'digits': ('train[:250]', 'test')}, (25,), every=10)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(ConfigError, match=r'class 2 has only 22 training examples, fewer than 25 '
+                     'shots'):
+    loop.train_and_evaluate(config, workdir)
+  with Checkpointer(workdir, read_only=True) as checkpointer:
+    assert checkpointer.all_steps() == [10]
+
+
+def test_a_stop_signal_saves_without_the_evaluation_due_at_its_step(prepared_data_dir, tmp_path,
+                                                                    monkeypatch):
+  # The eval (and a probe) ran first, eating into a preemption's grace period before the save.
+  monkeypatch.setattr(Checkpointer, 'reached_preemption', lambda self, step: step == 10)
+  config = tiny_config(prepared_data_dir, eval_every=10)
+  workdir = str(tmp_path / 'run')
+  result = loop.train_and_evaluate(config, workdir)
+  assert result == {'step': 10}
+  rows = metrics_lib.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  assert [r['step'] for r in rows if 'train/loss' in r] == [5, 10]
+  assert not [r for r in rows if 'test/accuracy' in r]
+  with Checkpointer(workdir, read_only=True) as checkpointer:
+    assert checkpointer.all_steps() == [10]
+
+
+def test_params_overflowed_with_a_finite_loss_are_divergence_too():
+  """The saved state is the params after the step: a NaN gradient, or a finite one times a huge
+  learning rate, makes them NaN or inf while the step's loss (before it) is finite."""
+  loop._check_finite(1.0, 5, 3, True)  # pylint: disable=protected-access
+  with pytest.raises(loop.TrainingDiverged, match=r'^the params are not finite after step 5; '
+                     r'the last good checkpoint \(step 3\) is kept'):
+    loop._check_finite(1.0, 5, 3, False)  # pylint: disable=protected-access
+  assert loop._all_finite({'a': jnp.ones(3), 'b': [jnp.zeros(2)]})  # pylint: disable=protected-access
+  assert not loop._all_finite({'a': jnp.ones(3), 'b': [jnp.array([0., jnp.inf])]})  # pylint: disable=protected-access
 
 
 # ---- Unwritable workdirs and failed saves -------------------------------------------------
@@ -375,7 +425,7 @@ def test_a_read_only_workdir_is_one_line_before_training(prepared_data_dir, tmp_
 
 
 _FAILING_SAVE = '''
-import resource, signal, sys
+import resource, signal, sys, time
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # A write past the limit fails with EFBIG.
 import jax
 from vit_jax.checkpoints.manager import Checkpointer
@@ -387,18 +437,26 @@ try:
     checkpointer.wait()
     resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))  # "Disk full"
     checkpointer.save(2, state, {'step': 2})  # Fails in the background...
-    checkpointer.save(3, state, {'step': 3})  # ... and is raised here, by waiting for it.
+    if sys.argv[2] == 'poll':  # ... and is found by the loop's check at a progress window,
+      for _ in range(600):
+        checkpointer.raise_if_save_failed()
+        time.sleep(0.1)
+      print('not raised')
+    checkpointer.save(3, state, {'step': 3})  # ... or raised here, by waiting for it.
 except ConfigError as e:
   print(f'error: {e}')
 '''
 
 
-def test_a_failed_asynchronous_save_is_one_line_and_keeps_the_older_checkpoints(tmp_path):
+@pytest.mark.parametrize('found_by', ['next_save', 'poll'])
+def test_a_failed_asynchronous_save_is_one_line_and_keeps_the_older_checkpoints(tmp_path,
+                                                                                found_by):
   """A full disk (here a file size limit) during an async save printed ~1,600 lines: orbax's
   logged tracebacks and one per abandoned shard write, while training went on, then a raw
-  traceback. Now: one line naming the step, the cause, the fix and the step to resume from."""
+  traceback. Now: one line naming the step, the cause, the fix and the step to resume from,
+  found at the next progress window ('poll'; it was only at the next save)."""
   workdir = str(tmp_path / 'run')
-  proc = subprocess.run([sys.executable, '-c', _FAILING_SAVE, workdir], cwd=REPO,
+  proc = subprocess.run([sys.executable, '-c', _FAILING_SAVE, workdir, found_by], cwd=REPO,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   error, = proc.stdout.splitlines()

@@ -9,6 +9,7 @@ import glob
 import io
 import json
 import math
+import logging
 import os
 import re
 import shutil
@@ -133,6 +134,21 @@ def test_a_resumed_run_sets_aside_the_metrics_rows_of_the_steps_it_trains_again(
         {'step': 23, 'train/loss': 1.0}, {'step': 22, 'test/accuracy': 0.6}]
 
 
+def test_a_row_cut_short_does_not_stop_the_resume_and_is_kept_aside(tmp_path, caplog):
+  # A full disk or a kill mid-write left half a row: resuming stopped with a JSONDecodeError.
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"step": 10, "train/loss": 1.0}\n{"step": 20, "train/loss": 0.9}\n{"step": 2')
+  with caplog.at_level(logging.WARNING):
+    resumed = metrics_lib.JsonlWriter(str(path), start_step=20)
+  resumed.write_scalars(21, {'train/loss': 0.8})
+  resumed.close()
+  assert metrics_lib.read_jsonl(str(path)) == [
+      {'step': 10, 'train/loss': 1.0}, {'step': 20, 'train/loss': 0.9},
+      {'step': 21, 'train/loss': 0.8}]
+  assert (tmp_path / 'metrics.jsonl.unreadable').read_text() == '{"step": 2\n'
+  assert '1 rows of' in caplog.text and 'moved to' in caplog.text
+
+
 class _Terminal(io.StringIO):
   def isatty(self) -> bool:
     return True
@@ -152,6 +168,19 @@ def test_stdout_shows_progress_and_every_evaluation(stream):
       ['step 30/30', 'loss 0.5000']]
   assert lines[[i for i, l in enumerate(lines) if 'accuracy' in l][0]].endswith(
       'test/accuracy 81.23% | test/loss 0.5000 | fewshot/digits_5shot 50.00%')
+
+
+def test_a_closed_stdout_stops_the_progress_lines_not_the_training(caplog):
+  # `main ... | head -1`: a BrokenPipeError traceback at the next progress line stopped the run.
+  read_end, write_end = os.pipe()
+  os.close(read_end)
+  progress = metrics_lib.Progress(total_steps=30, start_step=0)
+  progress.stream = os.fdopen(write_end, 'w')
+  with caplog.at_level(logging.WARNING):
+    progress.update(10, 1.0, 512.0)
+    progress.report(20, {'test/accuracy': 0.5})
+  assert not progress.enabled and 'stdout was closed: training goes on' in caplog.text
+  progress.stream.close()  # Its descriptor now leads to /dev/null: no error at close either.
 
 
 def test_a_finished_run_says_so_and_trains_nothing(baseline, tmp_path, capsys):
@@ -315,6 +344,12 @@ CONFIG_ERRORS = {
                                   r'keep_checkpoints=-1 must be positive \(or 0: keep them all\)'),
     'lr_end_fraction_above_one': (dict(lr_end_fraction=2.0),
                                   r'lr_end_fraction=2.0 must be in \[0, 1\]'),
+    # Its 'val/accuracy' was measured on images the run trained on.
+    'eval_slice_inside_the_train_split': (
+        dict(eval_split='train[1400:]'), r"eval_split 'train\[1400:\]' shares 100 examples with "
+        r"train_split 'train': hold them out of training"),
+    'eval_slices_overlap': (dict(train_split='train[:90%]', eval_split='train[-10%:]+train[:5]'),
+                            r'shares 5 examples'),
     'head_smaller_than_the_classes': (dict(num_classes=5),
                                       r'digits has 10 classes but the model.s head 5: set '
                                       r'--config.num_classes=10'),
@@ -342,6 +377,22 @@ def test_a_value_a_checkpoint_cannot_record_is_a_config_error(prepared_data_dir,
                      r'checkpoint cannot record: use a plain int'):
     loop.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
+
+
+def test_a_trace_folder_that_cannot_be_made_is_a_config_error_before_any_step(
+    prepared_data_dir, tmp_path, monkeypatch):
+  # It was the profiler's traceback at the traced steps, with no checkpoint yet.
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'profile').write_text('kept')
+  monkeypatch.setattr(experiment.Experiment, 'jit_train_step',
+                      lambda *a, **k: pytest.fail('compiled a step'))
+  with pytest.raises(ConfigError, match=f'^config.profile_steps cannot write its trace into '
+                     f'{workdir}/profile .*: move what is there away, or set '
+                     '--config.profile_steps=0$'):
+    loop.train_and_evaluate(tiny_config(prepared_data_dir, profile_steps=2, profile_skip_steps=3),
+                            str(workdir))
+  assert (workdir / 'profile').read_text() == 'kept'
 
 
 def test_a_workdir_that_is_a_file_is_a_config_error(prepared_data_dir, tmp_path):

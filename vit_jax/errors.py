@@ -32,6 +32,10 @@ class ConfigError(ValueError):
   """A mistake the user can fix (config, flags, paths); its message names the fix."""
 
 
+class TrainingDiverged(ConfigError):
+  """NaN or inf in the loss, the params or their features; the last good checkpoint is kept."""
+
+
 def first_line(error: BaseException) -> str:
   """What a one-line error quotes of a library's multi-line one: its first line (a trailing
   colon that introduced the rest dropped), or the error's type when it says nothing."""
@@ -92,16 +96,18 @@ def _is_permission_error(error: BaseException) -> bool:
 
 
 def _is_disk_full(error: BaseException) -> bool:
-  """Python's or TensorFlow's (tf.io.gfile, by name) error for a write to a full disk."""
+  """Python's, TensorFlow's (tf.io.gfile) or XLA's (the profiler's trace) error for a write to
+  a full disk, the latter two by name."""
   if isinstance(error, OSError):
     return error.errno == errno.ENOSPC
-  return type(error).__name__ == 'ResourceExhaustedError' and 'No space left' in str(error)
+  return (type(error).__name__ in ('ResourceExhaustedError', 'JaxRuntimeError', 'XlaRuntimeError')
+          and 'No space left' in str(error))
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
   """XLA's error for buffers larger than the device (by name: jax is not imported here)."""
   return (type(error).__name__ in ('JaxRuntimeError', 'XlaRuntimeError')
-          and str(error).startswith('RESOURCE_EXHAUSTED'))
+          and str(error).startswith('RESOURCE_EXHAUSTED') and not _is_disk_full(error))
 
 
 def cli_main(main: Callable) -> Callable:

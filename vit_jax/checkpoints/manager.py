@@ -314,6 +314,13 @@ class Checkpointer:
       raise self._save_error(e) from e
     self._saving = None
 
+  def raise_if_save_failed(self) -> None:
+    """A save that ended in the background and failed, as `wait` raises it, found without
+    waiting for one still in flight: the loop asks every progress window, so a full disk stops
+    the run there rather than at the next save, checkpoint_every steps later."""
+    if self._saving is not None and not self.manager.is_saving_in_progress():
+      self.wait()
+
   def close(self) -> None:
     try:
       self.wait()

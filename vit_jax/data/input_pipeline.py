@@ -94,6 +94,20 @@ def _num_examples(builder: tfds.core.DatasetBuilder, dataset: str, split: str) -
   return count
 
 
+def shared_examples(dataset: str, split_a: str, split_b: str, data_dir: str | None) -> int:
+  """How many examples both splits read (each a TFDS split string, slices and '+' allowed)."""
+  splits = catalog.load_builder(dataset, data_dir).info.splits
+
+  def ranges(split: str) -> list[tuple[str, int, int]]:
+    read = tfds.core.ReadInstruction.from_spec(split).to_absolute(splits)
+    return [(r.splitname, r.from_ or 0, splits[r.splitname].num_examples if r.to is None
+             else r.to) for r in read]
+
+  return sum(max(0, min(end_a, end_b) - max(start_a, start_b))
+             for name_a, start_a, end_a in ranges(split_a)
+             for name_b, start_b, end_b in ranges(split_b) if name_a == name_b)
+
+
 def _slice_size(builder: tfds.core.DatasetBuilder, split: str, process_index: int,
                 process_count: int) -> int:
   """Examples of `split` that process `process_index` reads (0 when its slice is empty)."""

@@ -25,7 +25,7 @@ from vit_jax import sharding
 from vit_jax.data import global_batch
 from vit_jax.data import input_pipeline
 from vit_jax.data import pp_options
-from vit_jax.errors import ConfigError
+from vit_jax.errors import ConfigError, TrainingDiverged
 from vit_jax.training.experiment import Experiment
 
 DEFAULT_SHOTS = (1, 5, 10, 25)
@@ -110,8 +110,7 @@ class FewShotEvaluator:
     if self.l2_reg < 0:
       raise ConfigError(f'few-shot l2_reg={self.l2_reg} must be >= 0: the ridge penalty '
                         '(--l2_reg; config.fewshot.l2_reg)')
-    for dataset, (train_split, test_split) in self.datasets.items():
-      self._check_splits(dataset, train_split, test_split)
+    check_datasets(self.datasets, self.shots, self.data_dir)
     featurizer = self.model.clone(num_classes=0)
 
     def features(params, batch):
@@ -123,18 +122,6 @@ class FewShotEvaluator:
     self._features = jax.jit(features, in_shardings=(self.params_shardings,
                                                      sharding.batch_sharding(self.mesh)),
                              out_shardings=sharding.replicated(self.mesh))
-
-  def _check_splits(self, dataset: str, train_split: str, test_split: str) -> None:
-    """A missing dataset or split, or too few training examples for the shots, found now
-    rather than at the first probe, hours into a training run."""
-    info = input_pipeline.get_info(dataset, train_split, self.data_dir)
-    input_pipeline.get_info(dataset, test_split, self.data_dir)
-    needed = max(self.shots) * info.num_classes
-    if info.num_examples < needed:
-      raise ConfigError(f'few-shot {max(self.shots)} shots of {info.num_classes} classes need '
-                        f'{needed} training examples; {dataset}[{train_split}] holds '
-                        f'{info.num_examples}: use fewer shots (--shots; config.fewshot.shots) '
-                        'or a larger train split')
 
   def features(self, params: Any, dataset: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(features [N, D], labels [N]) of every example of the split, in a fixed order."""
@@ -148,7 +135,12 @@ class FewShotEvaluator:
         batch_feats, batch_labels, mask = jax.device_get(self._features(params, batch))
         feats.append(batch_feats[mask])
         labels.append(batch_labels[mask])
-    return np.concatenate(feats), np.concatenate(labels)
+    feats = np.concatenate(feats)
+    if not np.isfinite(feats).all():  # scikit-learn's traceback otherwise.
+      raise TrainingDiverged(f'the features of {dataset}[{split}] are not finite: the params '
+                             'have diverged (lower base_lr, lengthen warmup_steps or set '
+                             'grad_norm_clip)')
+    return feats, np.concatenate(labels)
 
   def evaluate(self, params: Any) -> dict[str, dict[int, list[float]]]:
     """{dataset: {shots: [accuracy per seed]}}."""
@@ -165,6 +157,28 @@ class FewShotEvaluator:
     return {f'fewshot/{dataset}_{k}shot': float(np.mean(accs))
             for dataset, by_shot in self.evaluate(params).items()
             for k, accs in by_shot.items()}
+
+
+def check_datasets(datasets: Mapping[str, tuple[str, str]], shots: Sequence[int],
+                   data_dir: Optional[str]) -> None:
+  """A missing dataset or split, or too few training examples for the shots, found before the
+  first probe (hours into a training run) or a fine-tune's pre-trained checkpoint is read."""
+  for dataset, (train_split, test_split) in datasets.items():
+    info = input_pipeline.get_info(dataset, train_split, data_dir)
+    input_pipeline.get_info(dataset, test_split, data_dir)
+    needed = max(shots) * info.num_classes
+    if info.num_examples < needed:
+      raise ConfigError(f'few-shot {max(shots)} shots of {info.num_classes} classes need '
+                        f'{needed} training examples; {dataset}[{train_split}] holds '
+                        f'{info.num_examples}: use fewer shots (--shots; config.fewshot.shots) '
+                        'or a larger train split')
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """`check_datasets` for config.fewshot, if any."""
+  if config.get('fewshot'):
+    check_datasets(datasets_from_config(config.fewshot.datasets),
+                   tuple(config.fewshot.get('shots', DEFAULT_SHOTS)), config.get('data_dir'))
 
 
 def datasets_from_config(datasets: Any) -> dict[str, tuple[str, str]]:

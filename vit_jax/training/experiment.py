@@ -105,6 +105,9 @@ class Experiment:
       return fn.lower(*args)
 
 
+FEWSHOT_KEYS = ('datasets', 'every', 'shots', 'seeds', 'l2_reg', 'batch')
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Values nothing else checks before compiling: a ConfigError naming the key and the fix."""
   missing = [key for key in REQUIRED_KEYS if key not in config]
@@ -123,6 +126,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if (config.get(key) or 0) < 0:
       raise ConfigError(f'config.{key}={config[key]} must be positive (or 0: {zero_means})')
   fewshot = config.get('fewshot')
+  unknown = sorted(set(fewshot or {}) - set(FEWSHOT_KEYS))
+  if unknown:  # A misspelt shots or seeds ran the defaults.
+    raise ConfigError(f'config.fewshot has unknown keys {unknown}: its keys are '
+                      f'{", ".join(FEWSHOT_KEYS)}')
   if fewshot and fewshot.get('every', 0) <= 0:
     raise ConfigError(f'config.fewshot.every={fewshot.get("every")} must be positive: the probe '
                       'runs every that many steps')

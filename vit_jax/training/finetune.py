@@ -186,6 +186,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if _same_path(config.init, workdir):
     raise ConfigError(f'--workdir {workdir} is the pre-training workdir config.init: fine-tune '
                       'into a new workdir, so the pre-training checkpoints stay as they are')
+  loop.check_run(config, workdir)  # Before a pre-trained checkpoint (minutes from gs://) is read.
   pretrained = None
   if _has_checkpoints(workdir):
     saved = restore.saved_config(workdir)

@@ -23,17 +23,13 @@ import tensorflow as tf
 from vit_jax.checkpoints.manager import Checkpointer, StateStructureChanged
 from vit_jax.data import global_batch
 from vit_jax.data import input_pipeline
-from vit_jax.errors import ConfigError, check_not_a_file
+from vit_jax.errors import ConfigError, TrainingDiverged, check_not_a_file
 from vit_jax.training import metrics as metrics_lib
 from vit_jax.training import perf
 from vit_jax.training import profiling
 from vit_jax.training import state as state_lib
 from vit_jax.training import step as step_lib
 from vit_jax.training.experiment import Experiment, build
-
-
-class TrainingDiverged(ConfigError):
-  """The loss became NaN/Inf; the last good checkpoint is kept."""
 
 
 class _StopSignal:
@@ -168,15 +164,21 @@ def _polyak_note(decay: float, total_steps: int) -> str:
 
 
 def _check_finite(loss: float, step: int, last_saved: Optional[int],
-                  grad_norm: float = 0.0) -> None:
-  """Before a save the gradient is checked too: the loss is that of the params before the
-  step, so a NaN gradient with a finite loss would otherwise checkpoint NaN params."""
-  if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+                  params_finite: bool = True) -> None:
+  """Before a save or an evaluation the params are checked too: the loss is that of the params
+  before the step, and a finite gradient times a huge learning rate overflows them."""
+  if not (np.isfinite(loss) and params_finite):
     kept = (f'the last good checkpoint (step {last_saved}) is kept' if last_saved is not None
             else 'no checkpoint was written')
-    what = f'loss is {loss}' if not np.isfinite(loss) else f'gradient norm is {grad_norm}'
-    raise TrainingDiverged(f'{what} at step {step}; {kept}. Lower base_lr, lengthen '
-                           'warmup_steps or set grad_norm_clip')
+    what = f'loss is {loss} at step {step}' if not np.isfinite(loss) else (
+        f'the params are not finite after step {step}')
+    raise TrainingDiverged(f'{what}; {kept}. Lower base_lr, lengthen warmup_steps or set '
+                           'grad_norm_clip')
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -198,18 +200,32 @@ def _fewshot_evaluator(exp: Experiment):
   return fewshot.from_experiment(exp)
 
 
-def _check_data(config: ml_collections.ConfigDict, num_classes: int) -> None:
-  """The train (and eval) split exist and their labels fit the head: a ConfigError now, before
-  anything is compiled (a label past the head is an all-zero target: silent non-learning)."""
+def check_run(config: ml_collections.ConfigDict, workdir: str,
+              num_classes: Optional[int] = None) -> None:
+  """What needs neither the model nor a pre-trained checkpoint, checked before either is
+  built or read: a ConfigError now, not at the first evaluation. The train (and eval) split
+  exist, and their labels fit the head when its width is known (a label past the head is an
+  all-zero target: silent non-learning), and share no example; the few-shot probe's datasets;
+  the workdir."""
   splits = [config.get('train_split', 'train')]
   if config.get('eval_every'):
     splits.append(config.get('eval_split', 'test'))
   for split in splits:
     info = input_pipeline.get_info(config.dataset, split, config.get('data_dir'))
-    if info.num_classes and info.num_classes > num_classes:
+    if num_classes and info.num_classes and info.num_classes > num_classes:
       raise ConfigError(f'{config.dataset} has {info.num_classes} classes but the model\'s head '
                         f'{num_classes}: set --config.num_classes={info.num_classes} (or drop it '
                         'to read it from the dataset)')
+  if len(splits) == 2:
+    shared = input_pipeline.shared_examples(config.dataset, *splits, config.get('data_dir'))
+    if shared:  # Its accuracy would be measured on images the run trains on.
+      raise ConfigError(f'eval_split {splits[1]!r} shares {shared} examples with train_split '
+                        f'{splits[0]!r}: hold them out of training, e.g. '
+                        "--config.train_split='train[:90%]' --config.eval_split='train[90%:]'")
+  if config.get('fewshot'):
+    from vit_jax.evaluation import fewshot  # pylint: disable=g-import-not-at-top
+    fewshot.check_config(config)
+  check_not_a_file(workdir, 'workdir')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -219,9 +235,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `initial_state` (fine-tuning) is used only when the workdir has no checkpoint yet.
   """
   exp = exp or build(config)
-  _check_data(config, exp.num_classes)  # build() skips the dataset given config.num_classes.
-  fewshot = _fewshot_evaluator(exp)  # Checks its datasets too, before the workdir is written.
-  check_not_a_file(workdir, 'workdir')
+  check_run(config, workdir, exp.num_classes)  # build() skips the dataset given num_classes.
+  fewshot = _fewshot_evaluator(exp)
   tf.io.gfile.makedirs(workdir)
   with Checkpointer(workdir, keep=config.get('keep_checkpoints', 3)) as checkpointer:
     state, meta = _restore(checkpointer, exp, config)
@@ -243,15 +258,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if exp.keeps_average:
       progress.note(_polyak_note(config.polyak_decay, total_steps))
     last_saved = start_step if checkpointer.all_steps() else None
+    profiler = profiling.train_profiler(config, workdir, start_step)
     train_step, eval_step = exp.jit_train_step(), exp.jit_eval_step()
     local_batches = input_pipeline.train_iterator(config, start_step)
     batches = global_batch.prefetch_to_mesh(local_batches, exp.mesh)
-    eval_data = make_eval_data(exp) if config.get('eval_every') else None
+    evaluations = []  # (every, params -> scalars)
+    if config.get('eval_every'):
+      eval_data = make_eval_data(exp)
+      evaluations.append((config.eval_every,
+                          lambda params: evaluate(exp, eval_step, params, eval_data)))
+    if fewshot is not None:
+      evaluations.append((config.fewshot.every, fewshot.scalars))
     writer = metrics_lib.create_writer(workdir, start_step)
     progress_every = config.get('progress_every', 100)
-    eval_every = config.get('eval_every', 0)
     checkpoint_every = config.get('checkpoint_every', 1000)
-    profiler = profiling.train_profiler(config, workdir, start_step)
     window, window_start, final = [], None, {}
     # Closed (flushed) also on an error: gs:// metrics are only written by a flush.
     with _StopSignal() as stop, contextlib.closing(writer):
@@ -273,23 +293,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           writer.write_scalars(step, scalars)
           progress.update(step, scalars['train/loss'], scalars.get('perf/img_per_sec'))
           window, window_start = [], (step, time.perf_counter())
-        if eval_data is not None and (step % eval_every == 0 or step == total_steps):
-          final = evaluate(exp, eval_step, state_lib.eval_params(state), eval_data)
-          writer.write_scalars(step, final)
-          progress.report(step, final)
-          window_start = (step, time.perf_counter())  # Exclude eval time from img/s.
-        if fewshot is not None and (step % config.fewshot.every == 0 or step == total_steps):
-          scalars = fewshot.scalars(state_lib.eval_params(state))
-          writer.write_scalars(step, scalars)
-          progress.report(step, scalars)
-          final, window_start = final | scalars, (step, time.perf_counter())
+          checkpointer.raise_if_save_failed()  # A full disk stops the run now, not a save later.
         preempted = stop.received or checkpointer.reached_preemption(step)
-        if preempted or step == total_steps or step % checkpoint_every == 0:
-          last = jax.device_get({k: step_metrics[k] for k in ('loss', 'grad_norm')})
-          _check_finite(float(last['loss']), step, last_saved, float(last['grad_norm']))
+        saving = preempted or step == total_steps or step % checkpoint_every == 0
+        # No evaluation once a stop is asked for: the grace period is for the save.
+        evals_due = [] if preempted else [run for every, run in evaluations
+                                          if step % every == 0 or step == total_steps]
+        if saving or evals_due:  # NaN params are neither saved nor evaluated.
+          loss, finite = jax.device_get((step_metrics['loss'], _all_finite(state.params)))
+          _check_finite(float(loss), step, last_saved, bool(finite))
+        if saving:  # Before the evaluations, which then cannot cost it.
           checkpointer.save(step, state, {'step': step, 'config': config.to_dict()})
+          last_saved = step
+        try:
+          for run in evals_due:
+            scalars = run(state_lib.eval_params(state))
+            writer.write_scalars(step, scalars)
+            progress.report(step, scalars)
+            final |= scalars
+        except TrainingDiverged:
+          raise
+        except Exception:
+          if last_saved != step:  # An evaluation's failure does not cost the steps before it.
+            logging.warning('the evaluation at step %d failed: saving the checkpoint of that '
+                            'step first', step)
+            checkpointer.save(step, state, {'step': step, 'config': config.to_dict()})
+          raise
+        if saving or evals_due:
           writer.flush()  # The metrics up to a checkpoint survive with it.
-          last_saved, window_start = step, (step, time.perf_counter())  # Nor saves in img/s.
+          window_start = (step, time.perf_counter())  # Saves and evaluations are not in img/s.
         if preempted:
           logging.warning('stopped at step %d on a stop signal or preemption notice; rerun to '
                           'resume', step)

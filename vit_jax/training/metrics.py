@@ -1,5 +1,6 @@
 """Where metrics go: clu writers (TensorBoard + log), `metrics.jsonl`, and a live progress line."""
 import json
+import logging
 import os
 import sys
 import time
@@ -26,15 +27,21 @@ class JsonlWriter(metric_writers.MetricWriter):
     if tf.io.gfile.exists(path):
       with tf.io.gfile.GFile(path) as f:
         rows = [row for row in f.read().splitlines() if row.strip()]
-      is_later = [json.loads(row)['step'] > start_step for row in rows]
-      later = [row for row, flag in zip(rows, is_later) if flag]
-      self._rows = [row for row, flag in zip(rows, is_later) if not flag]
+      steps = [_step_of(row) for row in rows]
+      later = [row for row, step in zip(rows, steps) if step is not None and step > start_step]
+      unreadable = [row for row, step in zip(rows, steps) if step is None]
+      self._rows = [row for row, step in zip(rows, steps) if step is not None and
+                    step <= start_step]
       if later:
         _append_rows(superseded_path(path), later)
-        if not self._remote:
-          with open(path + '.tmp', 'w', encoding='utf-8') as f:
-            f.write(''.join(row + '\n' for row in self._rows))
-          os.replace(path + '.tmp', path)
+      if unreadable:  # A row cut short (a full disk, a kill mid-write): kept, out of the way.
+        _append_rows(path + '.unreadable', unreadable)
+        logging.warning('%d rows of %s could not be read (cut short?): moved to %s.unreadable',
+                        len(unreadable), path, path)
+      if (later or unreadable) and not self._remote:
+        with open(path + '.tmp', 'w', encoding='utf-8') as f:
+          f.write(''.join(row + '\n' for row in self._rows))
+        os.replace(path + '.tmp', path)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     row = json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}})
@@ -72,6 +79,13 @@ class JsonlWriter(metric_writers.MetricWriter):
 
   def close(self) -> None:
     self.flush()
+
+
+def _step_of(row: str) -> Optional[int]:
+  try:
+    return int(json.loads(row)['step'])
+  except (ValueError, KeyError, TypeError):
+    return None
 
 
 def superseded_path(path: str) -> str:
@@ -136,8 +150,7 @@ class Progress:
   def note(self, text: str) -> None:
     """A line that stays (the live line, if any, is kept above it)."""
     if self.enabled:
-      self.stream.write(('\n' if self._live else '') + text + '\n')
-      self.stream.flush()
+      self._write(('\n' if self._live else '') + text + '\n')
       self._live = False
 
   def report(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -156,5 +169,16 @@ class Progress:
     line = (f'step {step}/{self.total_steps} | loss {loss:.4f} | {speed} | '
             f'elapsed {_duration(elapsed)} | ETA {eta}')
     self._live = self.stream.isatty()
-    self.stream.write(line + ('\r' if self._live else '\n'))
-    self.stream.flush()
+    self._write(line + ('\r' if self._live else '\n'))
+
+  def _write(self, text: str) -> None:
+    """A closed stdout (`| head`, a terminal gone) stops the lines, not the training."""
+    try:
+      self.stream.write(text)
+      self.stream.flush()
+    except BrokenPipeError:
+      self.enabled = False
+      logging.warning('stdout was closed: training goes on without progress lines (metrics.jsonl '
+                      'has them)')
+      # Python's own flush of stdout at exit would fail again, with a traceback.
+      os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())

@@ -89,19 +89,27 @@ def op_scopes(hlo_text: str) -> dict[str, tuple[str, str]]:
   return scopes
 
 
+def _not_writable(logdir: str) -> Optional[str]:
+  """Why a local folder cannot take a trace file (it is made if missing), or None."""
+  try:
+    os.makedirs(logdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=logdir):
+      pass
+  except OSError as e:
+    return e.strerror or str(e)
+  return None
+
+
 def check_logdir(logdir: str, what: str = '--profile_dir') -> None:
   """A local trace folder is made now and must take a file: one line before anything is
   compiled, not the profiler's error once the steps have run."""
   if '://' in logdir:  # Remote storage: the profiler's own writer reports its errors.
     return
   check_not_a_file(logdir, what)
-  try:
-    os.makedirs(logdir, exist_ok=True)
-    with tempfile.TemporaryFile(dir=logdir):
-      pass
-  except OSError as e:
-    raise ConfigError(f'{what}={logdir} is not a writable folder ({e.strerror or e}): pass a '
-                      'folder you can write to (made if missing)') from e
+  reason = _not_writable(logdir)
+  if reason:
+    raise ConfigError(f'{what}={logdir} is not a writable folder ({reason}): pass a '
+                      'folder you can write to (made if missing)')
 
 
 def trace(run: Callable[[], Any], steps: int, logdir: str) -> str:
@@ -215,4 +223,9 @@ def train_profiler(config: Any, workdir: str, start_step: int) -> Optional[Train
     logging.warning('no profile: the run ends at step %d, before the steps to trace',
                     config.total_steps)
     return None
-  return TrainProfiler(os.path.join(workdir, 'profile'), first, steps)
+  logdir = os.path.join(workdir, 'profile')
+  reason = None if '://' in logdir else _not_writable(logdir)
+  if reason:  # Found now, not at the traced steps (with no checkpoint yet).
+    raise ConfigError(f'config.profile_steps cannot write its trace into {logdir} ({reason}): '
+                      'move what is there away, or set --config.profile_steps=0')
+  return TrainProfiler(logdir, first, steps)

@@ -12,8 +12,12 @@ LOSSES = ('softmax_xent', 'sigmoid_xent')
 
 
 def _targets(labels: jax.Array, num_classes: int, label_smoothing: float) -> jax.Array:
-  """Integer labels -> one-hot; soft labels (mixup) pass through. Then label smoothing."""
-  targets = labels if labels.ndim == 2 else jax.nn.one_hot(labels, num_classes)
+  """Integer labels -> one-hot; soft labels (mixup, over the dataset's classes) padded to a
+  wider head (a recipe's pinned num_classes). Then label smoothing."""
+  if labels.ndim == 2:
+    targets = jnp.pad(labels, ((0, 0), (0, num_classes - labels.shape[-1])))
+  else:
+    targets = jax.nn.one_hot(labels, num_classes)
   if label_smoothing:
     targets = optax.smooth_labels(targets, label_smoothing)
   return targets
