@@ -255,3 +255,22 @@ def test_central_crop_rounds_the_longer_side_as_big_vision_resize_small():
       ((i + 16 + 0.5) * 375 / 256 - 0.5)[:, None], (224, 224)), atol=0.1)
   np.testing.assert_allclose(out[..., 1], np.broadcast_to(
       (i + 58 + 0.5) * 500 / 341 - 0.5, (224, 224)), atol=0.1)
+
+
+def test_value_range_maps_0_and_255_to_minus_one_and_one():
+  np.testing.assert_array_equal(preprocess.value_range(tf.constant([0, 127.5, 255])), [-1, 0, 1])
+
+
+def test_padded_random_crop_shifts_by_every_offset_up_to_the_pad():
+  # Coordinate-coded 8x8 image; pad 2 reflects 2 pixels each side: the crop's top-left lands
+  # anywhere in {0..4}^2 of the padded 12x12, each shift as likely.
+  image = tf.constant(np.arange(64, dtype=np.uint8).reshape(8, 8, 1) + 100)
+  padded = np.pad(image.numpy()[..., 0], 2, mode='reflect')
+  offsets = set()
+  for seed in range(300):
+    crop = preprocess.padded_random_crop(image, tf.constant([seed, 0], tf.int64), 8, 2).numpy()
+    found = [(top, left) for top in range(5) for left in range(5)
+             if np.array_equal(padded[top:top + 8, left:left + 8], crop[..., 0])]
+    assert len(found) == 1
+    offsets |= set(found)
+  assert offsets == {(top, left) for top in range(5) for left in range(5)}

@@ -120,6 +120,17 @@ def test_training_logs_flops_per_device_as_the_bench_does():
   assert row['perf/tflops_per_device'] == pytest.approx(128 / 0.5 * 1e9 / 1e12)
 
 
+def test_accelerator_flops_and_mfu_are_per_device(monkeypatch):
+  # Four GPUs at 0.5 TFLOP/s in all are 0.125 each; on an H100 (989 nominal bf16) that is its MFU.
+  monkeypatch.setattr(perf, 'compute_units', lambda: 4)
+  monkeypatch.setattr(perf, 'cores', lambda: 4)
+  monkeypatch.setattr(perf, 'device_peak_tflops', lambda: 989.)
+  row = perf.throughput_metrics(images=1000, seconds=2.0, flops_per_image=1e9)
+  assert row['perf/tflops_per_device'] == pytest.approx(0.125)
+  assert row['perf/img_per_sec_per_core'] == pytest.approx(125)
+  assert row['perf/mfu'] == pytest.approx(0.125 / 989)
+
+
 def test_throughput_counts_images_after_the_warm_up_batch():
   def batches():
     time.sleep(1.0)  # The warm-up batch (a pipeline's start-up): not timed.
