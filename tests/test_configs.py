@@ -344,6 +344,23 @@ def test_a_batch_too_large_for_the_device_is_one_line():
       '--batch); python -m vit_jax.plan tells what fits a device')
 
 
+@pytest.mark.parametrize('name,arg', [
+    ('default', None), ('vit_b16', 'imagenet21k'), ('r50_vit_b16', 'imagenet2012'),
+    ('finetune/digits', None), ('finetune/cifar10', None), ('finetune/vtab', 'caltech101'),
+    ('finetune/imagenet2012', 'ViT-L_16'), ('finetune/fashion_mnist_56px', None)])
+def test_every_key_of_the_configs_is_read(name, arg):
+  assert set(_load(name, arg)) <= experiment.CONFIG_KEYS
+
+
+def test_a_config_files_misspelt_key_is_an_error():
+  # Both ran with the defaults (eval_every 1000; base_lr) without a word.
+  config = config_files.get_config('default')
+  config.eval_evry, config.lr = 100, 0.1
+  with pytest.raises(ConfigError, match=r'^config has keys nothing reads: eval_evry, lr \(here: '
+                     r'base_lr\): rename them'):
+    experiment.check_config(config)
+
+
 def test_a_full_disk_under_xla_is_not_called_out_of_memory(capsys):
   # The profiler's trace on a full disk: XLA's RESOURCE_EXHAUSTED said "lower the batch".
   jax_runtime_error = type('JaxRuntimeError', (RuntimeError,), {})

@@ -18,7 +18,7 @@ import optax
 
 from vit_jax import models
 from vit_jax import sharding
-from vit_jax.errors import ConfigError
+from vit_jax.errors import KEYS_ELSEWHERE, ConfigError
 from vit_jax.models.flops import forward_flops
 from vit_jax.training import optimizers
 from vit_jax.training import state as state_lib
@@ -106,6 +106,25 @@ class Experiment:
 
 
 FEWSHOT_KEYS = ('datasets', 'every', 'shots', 'seeds', 'l2_reg', 'batch')
+# Every top-level key something reads (every configs/ file builds in tests/test_configs.py): a
+# config file's misspelt key is an error, as a --config flag's is.
+CONFIG_KEYS = frozenset((
+    'model', 'model_overrides', 'num_classes', 'channels', 'dtype', 'dataset', 'data_dir',
+    'train_split', 'eval_split', 'image_size', 'pp', 'batch', 'batch_eval', 'accum_steps',
+    'total_steps', 'optimizer', 'optimizer_moments_dtype', 'momentum', 'b1', 'b2', 'base_lr',
+    'warmup_steps', 'decay_type', 'lr_end_fraction', 'weight_decay', 'grad_norm_clip',
+    'label_smoothing', 'loss', 'polyak_decay', 'mesh', 'seed', 'eval_every', 'progress_every',
+    'checkpoint_every', 'keep_checkpoints', 'profile_steps', 'profile_skip_steps', 'fewshot',
+    'init', 'keep_pre_logits'))
+
+
+def _check_keys(config: ml_collections.ConfigDict) -> None:
+  unknown = sorted(set(config) - CONFIG_KEYS)
+  if unknown:
+    named = [f'{key} (here: {KEYS_ELSEWHERE[key]})' if key in KEYS_ELSEWHERE else key
+             for key in unknown]
+    raise ConfigError(f'config has keys nothing reads: {", ".join(named)}: rename them (README, '
+                      '"Configs", lists the keys) or drop them')
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -113,6 +132,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   missing = [key for key in REQUIRED_KEYS if key not in config]
   if missing:
     raise ConfigError(f'config lacks {missing}: start from configs/default.py')
+  _check_keys(config)
   for key in ('total_steps', 'batch', 'batch_eval', 'image_size', 'progress_every',
               'checkpoint_every', 'accum_steps'):
     if config.get(key, 1) <= 0:
