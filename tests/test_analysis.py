@@ -16,6 +16,7 @@ from vit_jax import models
 from vit_jax.analysis import attention, distance, filters, plots, posemb_similarity, run
 from vit_jax.errors import ConfigError
 from vit_jax.models import scan_layout
+from vit_jax.models import vit
 
 GRID, PATCH = (3, 4), (2, 3)  # Non-square on purpose.
 N = GRID[0] * GRID[1]
@@ -224,6 +225,13 @@ def test_rollout_and_distance_are_reduced_batch_by_batch_from_one_pass(tiny, tmp
                              distance.mean_attention_distance(attn[:, :17], (4, 3), (4, 4), 1),
                              rtol=1e-6)
   assert results['distance']['num_images'] == 17
+  # More shown than averaged: the distance is still over the first num_averaged only.
+  results = run.analyze(model, variables, many, out_dir=tmp_path, which=('rollout', 'distance'),
+                        num_shown=17, num_averaged=10)
+  np.testing.assert_allclose(results['distance']['mean_attention_distance'],
+                             distance.mean_attention_distance(attn[:, :10], (4, 3), (4, 4), 1),
+                             rtol=1e-6)
+  assert results['distance']['num_images'] == 10
   with pytest.raises(ConfigError, match='num_shown=0 and num_averaged=None must be positive'):
     run.analyze(model, variables, many, out_dir=tmp_path, which=('rollout',), num_shown=0)
 
@@ -286,7 +294,10 @@ def test_analyze_a_scanned_gap_sincos_model_runs_only_what_is_asked(tiny, images
       'posemb.json', 'posemb.png', 'rollout.json', 'rollout.png']
   np.testing.assert_allclose(results['rollout']['rollout'].sum(axis=(1, 2)), 1, rtol=1e-6)
   sim = results['posemb']['cosine_similarity']
-  np.testing.assert_allclose(sim.reshape(12, 12).diagonal(), 1, rtol=1e-6)
+  # The fixed embedding of the 4 x 3 grid (row-major, as the encoder adds it), token by token.
+  pe = np.asarray(vit.sincos2d_posemb(4, 3, 64))[0]
+  pe = pe / np.linalg.norm(pe, axis=1, keepdims=True)
+  np.testing.assert_allclose(sim.reshape(12, 12), pe @ pe.T, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('name,overrides,which,size,match', [

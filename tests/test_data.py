@@ -165,6 +165,19 @@ def test_resume_yields_the_uninterrupted_stream(prepared_data_dir, start_step, e
     assert _same(next(full), next(resumed))
 
 
+@pytest.mark.parametrize('crop', [{'randaug': (1, 5)}, {'crop': 'resize'}])  # Example-/batch-wise.
+def test_a_second_process_resumes_its_own_slice_of_the_stream(prepared_data_dir, crop):
+  # Process 1 of 2 reads 750 examples, 50 a step: resumed at step 7 its next batches cross its
+  # epoch at step 15 as the uninterrupted stream's do (a global offset skipped twice as many).
+  kw = dict(batch=100, pp={'train': crop}, process_index=1, process_count=2)
+  full = train_stream(prepared_data_dir, **kw)
+  for _ in range(13):
+    next(full)
+  resumed = train_stream(prepared_data_dir, start_step=13, **kw)
+  for _ in range(3):
+    assert _same(next(full), next(resumed))
+
+
 def test_one_epoch_sees_every_example_once(prepared_data_dir, epoch_source):
   # 1500 examples, batch 60: 25 steps are exactly one epoch; the next epoch is another order.
   it = train_stream(prepared_data_dir, batch=60, pp={'train': {**PLAIN['train'], **epoch_source}})
@@ -250,6 +263,13 @@ def test_eval_of_uneven_process_slices_ends_together(prepared_data_dir, split):
                                       process_count=2), 20)) for p in range(2)]
   assert len(runs[0]) == len(runs[1]) < 20
   assert _rows(runs[0]) + _rows(runs[1]) == _rows(_eval(prepared_data_dir, split=split, batch=2))
+
+
+def test_an_evenly_divided_split_has_no_batch_of_padding_alone(prepared_data_dir):
+  assert len(_eval(prepared_data_dir, batch=99)) == 3  # 297 = 3 x 99
+  assert len(_eval(prepared_data_dir, batch=100)) == 3
+  assert len(_eval(prepared_data_dir, split='test[:1]', batch=2, process_index=0,
+                   process_count=2)) == 1
 
 
 def test_eval_fashion_test_is_exact_and_reiterable(prepared_data_dir):

@@ -321,6 +321,13 @@ def test_what_tf_misreads_or_cannot_read_is_decoded_by_pil(tmp_path, name, image
       *expected.shape[:2], -1))
 
 
+def test_a_16_bit_grey_tiff_keeps_its_high_byte(tmp_path):
+  # As TF decodes a 16-bit PNG of the same pixels (its low byte would be noise).
+  path = str(tmp_path / 'grey16.tif')
+  Image.fromarray(np.array([[0, 256, 65535]], np.uint16)).save(path)
+  np.testing.assert_array_equal(classify.load_image(path), [[[0], [1], [255]]])
+
+
 def test_jpeg_files_are_preprocessed_as_the_eval_pipeline_preprocesses_them(tmp_path):
   """The same JPEG bytes, stored in a prepared image folder and given to infer as a file, give
   the same model input at 224 px with the ImageNet central crop and at 32 px resized. A PIL decode

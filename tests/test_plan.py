@@ -72,6 +72,19 @@ def test_tiny_vit_memory_matches_the_count(mesh, fsdp):
   assert p.xla_flops_per_step == pytest.approx(p.model_flops_per_step, rel=0.15)
 
 
+def test_a_tensor_axis_does_not_multiply_the_batch():
+  # data:2,tensor:4 on the 8 devices: 2 data-parallel slices, so a per-device batch of 8 is a
+  # global 16 (not 64), and room for 20 a device a global 40.
+  compiler = planner.Compiler(default_config(mesh='data:2,tensor:4'), num_classes=10)
+  assert compiler.build(8).config.batch == 16
+  plan = planner.Plan(
+      model='ViT-Mu_4', devices=8, platform='cpu', mesh={'data': 2, 'fsdp': 1, 'tensor': 4},
+      batch=16, per_device_batch=8, accum_steps=1, num_params=1, params_bytes=1,
+      opt_state_bytes=1, batch_bytes=1, memory=planner.StepMemory(8, 1, 1, 0, 1, 1),
+      model_flops_per_step=1., xla_flops_per_step=1., max_per_device_batch=20)
+  assert plan.max_batch == 40
+
+
 def test_a_polyak_average_is_one_more_copy_of_the_params():
   plain = planner.plan(default_config(model='ViT-Pico_4', mesh='data:2,fsdp:4'), search=False)
   averaged = planner.plan(default_config(model='ViT-Pico_4', mesh='data:2,fsdp:4',

@@ -448,6 +448,20 @@ except ConfigError as e:
 '''
 
 
+def test_the_progress_check_never_waits_for_a_save_in_flight(tmp_path, monkeypatch):
+  # Asked every progress window: waiting there would make the asynchronous saves synchronous.
+  with Checkpointer(str(tmp_path / 'run')) as checkpointer:
+    waits = []
+    monkeypatch.setattr(checkpointer.manager, 'wait_until_finished', lambda: waits.append(1))
+    checkpointer._saving = 10  # pylint: disable=protected-access
+    monkeypatch.setattr(checkpointer.manager, 'is_saving_in_progress', lambda: True)
+    checkpointer.raise_if_save_failed()
+    assert not waits
+    monkeypatch.setattr(checkpointer.manager, 'is_saving_in_progress', lambda: False)
+    checkpointer.raise_if_save_failed()  # Ended: its outcome is collected (here, a success).
+    assert waits == [1] and checkpointer._saving is None  # pylint: disable=protected-access
+
+
 @pytest.mark.parametrize('found_by', ['next_save', 'poll'])
 def test_a_failed_asynchronous_save_is_one_line_and_keeps_the_older_checkpoints(tmp_path,
                                                                                 found_by):

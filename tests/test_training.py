@@ -170,6 +170,12 @@ def test_stdout_shows_progress_and_every_evaluation(stream):
       'test/accuracy 81.23% | test/loss 0.5000 | fewshot/digits_5shot 50.00%')
 
 
+def test_a_window_logs_the_mean_loss_and_the_last_learning_rate():
+  window = [{'loss': 1.0, 'learning_rate': 0.1}, {'loss': 3.0, 'learning_rate': 0.2}]
+  assert metrics_lib.mean_of(window, 'train') == {'train/loss': 2.0,
+                                                  'train/learning_rate': 0.2}
+
+
 def test_a_closed_stdout_stops_the_progress_lines_not_the_training(caplog):
   # `main ... | head -1`: a BrokenPipeError traceback at the next progress line stopped the run.
   read_end, write_end = os.pipe()
