@@ -124,7 +124,7 @@ def _check_keys(config: ml_collections.ConfigDict) -> None:
     named = [f'{key} (here: {KEYS_ELSEWHERE[key]})' if key in KEYS_ELSEWHERE else key
              for key in unknown]
     raise ConfigError(f'config has keys nothing reads: {", ".join(named)}: rename them (README, '
-                      '"Configs", lists the keys) or drop them')
+                      '"Training", lists the keys) or drop them')
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
