@@ -246,6 +246,17 @@ def test_the_forward_pass_compiles_once_for_any_number_of_batches(workdir, photo
   np.testing.assert_allclose(small, [p.logits for p in whole.classify_files(paths)], atol=1e-5)
 
 
+def test_results_come_in_the_order_of_the_files(workdir, photos, tmp_path):
+  # An unreadable file's error between two predictions of the same batch, not before them.
+  notes = tmp_path / 'notes.txt'
+  notes.write_text('not an image')
+  classifier = classify.Classifier.from_checkpoint(workdir, batch_size=4)
+  paths = [photos['camera.png'], str(notes), photos['astronaut.jpg']]
+  results = list(classifier.classify_files(paths))
+  assert [type(r).__name__ for r in results] == ['Prediction', 'ImageError', 'Prediction']
+  assert [r.path for r in results] == paths
+
+
 def test_npz_takes_labels_from_a_file_or_prints_indices(workdir, photos, tmp_path):
   path = str(tmp_path / 'mu4.npz')
   npz.save_npz(classify.load_checkpoint(workdir).params, path)
