@@ -273,6 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     progress_every = config.get('progress_every', 100)
     checkpoint_every = config.get('checkpoint_every', 1000)
     window, window_start, final = [], None, {}
+    saved_config = config.to_dict()  # Each checkpoint's meta holds it.
     # Closed (flushed) also on an error: gs:// metrics are only written by a flush.
     with _StopSignal() as stop, contextlib.closing(writer):
       for step in range(start_step + 1, total_steps + 1):
@@ -303,7 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           loss, finite = jax.device_get((step_metrics['loss'], _all_finite(state.params)))
           _check_finite(float(loss), step, last_saved, bool(finite))
         if saving:  # Before the evaluations, which then cannot cost it.
-          checkpointer.save(step, state, {'step': step, 'config': config.to_dict()})
+          checkpointer.save(step, state, {'step': step, 'config': saved_config})
           last_saved = step
         try:
           for run in evals_due:
@@ -317,7 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           if last_saved != step:  # An evaluation's failure does not cost the steps before it.
             logging.warning('the evaluation at step %d failed: saving the checkpoint of that '
                             'step first', step)
-            checkpointer.save(step, state, {'step': step, 'config': config.to_dict()})
+            checkpointer.save(step, state, {'step': step, 'config': saved_config})
           raise
         if saving or evals_due:
           writer.flush()  # The metrics up to a checkpoint survive with it.
