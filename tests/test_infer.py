@@ -1,6 +1,7 @@
 """`vit_jax.infer` and `vit_jax.evaluation.classify`: real photos and odd image modes, a model
 trained here on Fashion-MNIST, the eval pipeline's decoding and preprocessing, a hybrid `.npz`'s
 image size, the output formats, one compile."""
+import dataclasses
 import io
 import json
 import logging
@@ -281,6 +282,21 @@ def test_npz_takes_labels_from_a_file_or_prints_indices(workdir, photos, tmp_pat
                      match=r'holds a ViT-Mu_4, not ViT-B_16: drop the model name \(--model'):
     _report(workdir, image, model='ViT-B_16')
   assert _report(workdir, image, model='ViT-Mu_4') == _report(workdir, image)
+
+
+def test_a_workdirs_dataset_names_its_classes_only_when_they_fit_the_head(
+    workdir, tmp_path, caplog):
+  pretrained = classify.load_checkpoint(workdir).pretrained
+  assert classify.dataset_class_names(pretrained) == FASHION
+  head = pretrained.params['head']
+  narrow = dict(pretrained.params, head={k: v[..., :5] for k, v in head.items()})
+  with caplog.at_level(logging.WARNING):
+    names = classify.dataset_class_names(dataclasses.replace(pretrained, params=narrow))
+  assert names is None
+  assert 'fashion_mnist has 10 classes but the head 5; using class indices' in caplog.text
+  unprepared = dict(pretrained.config, data_dir=str(tmp_path))
+  assert classify.dataset_class_names(dataclasses.replace(pretrained, config=unprepared)) is None
+  assert classify.dataset_class_names(dataclasses.replace(pretrained, config=None)) is None
 
 
 def test_cli_reports_each_unreadable_file_in_one_line_and_classifies_the_rest(
