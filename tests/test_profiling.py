@@ -38,7 +38,8 @@ def test_scope_of_names_the_model_scope(op_name, expected):
 
 
 # The shape of the default model's compiled train step (jax 0.10.2, CPU): fusions without an
-# op_name, XLA's own names, and a max-pool gradient's iota that no jax op emitted.
+# op_name, XLA's own names, a max-pool gradient's iota that no jax op emitted, and the two
+# devices' gradient all-reduces that XLA combined into one.
 _UNNAMED_FUSIONS = '''HloModule jit_train_step
 
 %fused_computation.718 (param_0.1: f32[32], param_1.2: f32[32]) -> f32[32] {
@@ -58,6 +59,7 @@ ENTRY %main.9 (param.5: f32[32], param.6: f32[32]) -> f32[32] {
   %param.6 = f32[32]{0} parameter(1)
   %transpose_copy_fusion.4 = f32[32]{0} fusion(%param.5, %param.6), kind=kLoop, calls=%fused_computation.718
   %wrapped_iota.1 = s32[16,15]{1,0} fusion(), kind=kLoop, calls=%wrapped_iota_computation.1
+  %all-reduce.7 = (f32[32]{0}, f32[32]{0}) all-reduce(%param.5, %param.6), replica_groups={{0,1}}, to_apply=%add, metadata={op_name="jit(train_step)/transpose(jvp(VisionTransformer))/head/reduce_sum:jit(train_step)/transpose(jvp(VisionTransformer))/Transformer/encoderblock_0/LayerNorm_0/reduce_sum:jit(train_step)/add"}
   ROOT %add.3 = f32[32]{0} add(%transpose_copy_fusion.4, %param.6), metadata={op_name="broadcast.209"}
 }
 '''
@@ -70,6 +72,9 @@ def test_fusions_xla_left_unnamed_take_their_computations_name():
       'forward', 'VisionTransformer/block*/unit*/conv1/conv1.param/sub')
   assert scopes['wrapped_iota.1'] == ('other', 'made by XLA: iota')
   assert scopes['add.3'] == ('other', 'made by XLA: add')  # XLA's own op_name, not a scope.
+  # The gradients' all-reduces, combined by XLA into one, named by the first of them.
+  assert scopes['all-reduce.7'] == (
+      'backward', 'all-reduce of 3: VisionTransformer/head/reduce_sum, ...')
 
 
 def _grad_step():
