@@ -5,6 +5,7 @@ as test_training.py (training_setup.py).
 """
 import asyncio
 import gc
+import glob
 import logging
 import os
 import re
@@ -34,6 +35,7 @@ from vit_jax.errors import ConfigError
 from vit_jax.training import experiment
 from vit_jax.training import loop
 from vit_jax.training import metrics as metrics_lib
+from vit_jax.training import profiling
 
 
 # ---- Resume -----------------------------------------------------------------------------
@@ -345,6 +347,20 @@ def test_a_stop_signal_saves_without_the_evaluation_due_at_its_step(prepared_dat
   assert not [r for r in rows if 'test/accuracy' in r]
   with Checkpointer(workdir, read_only=True) as checkpointer:
     assert checkpointer.all_steps() == [10]
+
+
+def test_a_stop_signal_inside_the_profile_window_writes_the_steps_traced_so_far(
+    prepared_data_dir, tmp_path, monkeypatch, caplog):
+  # The run ended with the trace open: no trace file, and no word of it.
+  monkeypatch.setattr(Checkpointer, 'reached_preemption', lambda self, step: step == 6)
+  config = tiny_config(prepared_data_dir, eval_every=0, profile_steps=4, profile_skip_steps=3)
+  workdir = tmp_path / 'run'
+  with caplog.at_level(logging.WARNING):
+    assert loop.train_and_evaluate(config, str(workdir)) == {'step': 6}
+  traces = glob.glob(str(workdir / 'profile' / 'plugins' / 'profile' / '*' / '*.xplane.pb'))
+  assert len(traces) == 1
+  assert profiling.traced_steps(traces[0], 'jit_train_step') == 3  # Steps 4 to 6.
+  assert 'the profile was cut short at step 6: it holds 3 of the 4 steps asked' in caplog.text
 
 
 def test_params_overflowed_with_a_finite_loss_are_divergence_too():

@@ -324,6 +324,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           writer.flush()  # The metrics up to a checkpoint survive with it.
           window_start = (step, time.perf_counter())  # Saves and evaluations are not in img/s.
         if preempted:
+          if profiler is not None:
+            profiler.cut_short(step)
           logging.warning('stopped at step %d on a stop signal or preemption notice; rerun to '
                           'resume', step)
           break

@@ -211,6 +211,18 @@ class TrainProfiler:
       jax.block_until_ready(step_outputs)
     self._action(step)
 
+  def cut_short(self, step: int) -> None:
+    """A run stopped (a stop signal) inside the traced steps writes the steps traced so far;
+    the process would otherwise end with the trace open and write nothing."""
+    if not self.first_step <= step < self.last_step:
+      return
+    try:
+      jax.profiler.stop_trace()
+    except RuntimeError:  # The trace did not start; clu logged why.
+      return
+    logging.warning('the profile was cut short at step %d: it holds %d of the %d steps asked',
+                    step, step - self.first_step, self.last_step - self.first_step)
+
 
 def train_profiler(config: Any, workdir: str, start_step: int) -> Optional[TrainProfiler]:
   """config.profile_steps steps traced after config.profile_skip_steps of this run (at least
