@@ -332,6 +332,14 @@ def test_an_evaluation_that_fails_keeps_the_steps_before_it(prepared_data_dir, t
     loop.train_and_evaluate(config, workdir)
   with Checkpointer(workdir, read_only=True) as checkpointer:
     assert checkpointer.all_steps() == [10]
+  # Fewer shots: the rerun probes the saved step first, though there is nothing left to train
+  # ("nothing to train", and no probe, it said).
+  config.total_steps, config.fewshot.shots = 10, (2,)
+  result = loop.train_and_evaluate(config, workdir)
+  assert set(result) == {'step', 'fewshot/digits_2shot'} and result['step'] == 10
+  rows = metrics_lib.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  assert [r['step'] for r in rows if 'fewshot/digits_2shot' in r] == [10]
+  assert loop.train_and_evaluate(config, workdir) == {'step': 10}  # Now nothing is owed.
 
 
 def test_a_stop_signal_saves_without_the_evaluation_due_at_its_step(prepared_data_dir, tmp_path,
@@ -347,6 +355,12 @@ def test_a_stop_signal_saves_without_the_evaluation_due_at_its_step(prepared_dat
   assert not [r for r in rows if 'test/accuracy' in r]
   with Checkpointer(workdir, read_only=True) as checkpointer:
     assert checkpointer.all_steps() == [10]
+  monkeypatch.undo()
+  # The rerun makes the evaluation the signal skipped before it trains on.
+  result = loop.train_and_evaluate(config, workdir)
+  rows = metrics_lib.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  assert [r['step'] for r in rows if 'test/accuracy' in r] == [10, 20, 30]
+  assert result['step'] == 30 and result['test/accuracy'] == rows[-1]['test/accuracy']
 
 
 def test_a_stop_signal_inside_the_profile_window_writes_the_steps_traced_so_far(

@@ -192,10 +192,15 @@ def test_a_closed_stdout_stops_the_progress_lines_not_the_training(caplog):
 def test_a_finished_run_says_so_and_trains_nothing(baseline, tmp_path, capsys):
   config, workdir, _ = baseline
   shutil.copytree(workdir, tmp_path / 'run')
+  saved_config = (tmp_path / 'run' / 'config.json').read_text()
+  # Another setting given: the run's config.json, which says what trained it, is kept.
+  config = config.copy_and_resolve_references()
+  config.batch_eval = 152
   result = loop.train_and_evaluate(config, str(tmp_path / 'run'))
   assert result == {'step': TOTAL_STEPS}
   assert f'already holds step {TOTAL_STEPS} of total_steps={TOTAL_STEPS}: nothing to train' in (
       capsys.readouterr().out)
+  assert (tmp_path / 'run' / 'config.json').read_text() == saved_config
 
 
 def test_profile_traces_exactly_the_asked_steps_and_changes_nothing(baseline, tmp_path):

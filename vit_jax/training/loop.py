@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import flax
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -200,6 +201,54 @@ def _fewshot_evaluator(exp: Experiment):
   return fewshot.from_experiment(exp)
 
 
+Evaluation = tuple[int, str, Callable[[Any], dict[str, float]]]  # every, prefix, params -> scalars
+
+
+def _evaluations(exp: Experiment, eval_step: Callable, fewshot: Any) -> list[Evaluation]:
+  """The run's evaluations: the eval split's every eval_every steps, the few-shot probe's every
+  fewshot.every steps, each with the prefix of its metrics."""
+  evaluations = []
+  if exp.config.get('eval_every'):
+    eval_data = make_eval_data(exp)
+    evaluations.append((exp.config.eval_every, f'{eval_name(exp.config)}/',
+                        lambda params: evaluate(exp, eval_step, params, eval_data)))
+  if fewshot is not None:
+    evaluations.append((exp.config.fewshot.every, 'fewshot/', fewshot.scalars))
+  return evaluations
+
+
+def _due(evaluations: list[Evaluation], step: int, total_steps: int) -> list[Evaluation]:
+  return [e for e in evaluations if step % e[0] == 0 or step == total_steps]
+
+
+def _unfinished(due: list[Evaluation], workdir: str, step: int) -> list[Evaluation]:
+  """Those of the evaluations due at a resumed checkpoint's step that wrote no metrics (one
+  failed or ran out of memory after the save, or a stop signal skipped them): a rerun makes
+  them, even when there is nothing left to train. Process 0's metrics.jsonl decides for all."""
+  if not due:
+    return []
+  written = set()
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if jax.process_index() == 0 and tf.io.gfile.exists(path):
+    written = {key for row in metrics_lib.read_jsonl(path) if row.get('step') == step
+               for key in row}
+  missing = np.array([not any(key.startswith(prefix) for key in written)
+                      for _, prefix, _ in due])
+  missing = multihost_utils.broadcast_one_to_all(missing)
+  return [e for e, m in zip(due, missing) if m]
+
+
+def _run_evaluations(evaluations: list[Evaluation], state: Any, *, step: int, writer: Any,
+                     progress: metrics_lib.Progress) -> dict[str, float]:
+  scalars = {}
+  for _, _, run in evaluations:
+    new = run(state_lib.eval_params(state))
+    writer.write_scalars(step, new)
+    progress.report(step, new)
+    scalars |= new
+  return scalars
+
+
 def check_run(config: ml_collections.ConfigDict, workdir: str,
               num_classes: Optional[int] = None) -> None:
   """What needs neither the model nor a pre-trained checkpoint, checked before either is
@@ -240,8 +289,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   tf.io.gfile.makedirs(workdir)
   with Checkpointer(workdir, keep=config.get('keep_checkpoints', 3)) as checkpointer:
     state, meta = _restore(checkpointer, exp, config)
-    save_config(config, workdir)  # After the restore: a config that cannot resume keeps the old.
-    if state is None:
+    resumed = state is not None
+    if not resumed:
       state = initial_state if initial_state is not None else exp.init_state()
     else:
       logging.info('resumed from the checkpoint at step %d', int(state.step))
@@ -251,24 +300,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         '; '.join(changes))
     start_step, total_steps = int(state.step), config.total_steps
     progress = metrics_lib.Progress(total_steps, start_step)
-    if start_step >= total_steps:  # Before any step is compiled or pipeline built.
+    eval_step = exp.jit_eval_step()
+    evaluations = _evaluations(exp, eval_step, fewshot)
+    unfinished = (_unfinished(_due(evaluations, start_step, total_steps), workdir, start_step)
+                  if resumed else [])
+    if start_step >= total_steps and not unfinished:  # Before any step is compiled.
       progress.note(f'{workdir} already holds step {start_step} of total_steps={total_steps}: '
                     'nothing to train (a larger --config.total_steps trains on)')
       return {'step': start_step}
+    save_config(config, workdir)  # After the restore: a config that cannot resume keeps the old.
     if exp.keeps_average:
       progress.note(_polyak_note(config.polyak_decay, total_steps))
     last_saved = start_step if checkpointer.all_steps() else None
     profiler = profiling.train_profiler(config, workdir, start_step)
-    train_step, eval_step = exp.jit_train_step(), exp.jit_eval_step()
+    train_step = exp.jit_train_step()
     local_batches = input_pipeline.train_iterator(config, start_step)
     batches = global_batch.prefetch_to_mesh(local_batches, exp.mesh)
-    evaluations = []  # (every, params -> scalars)
-    if config.get('eval_every'):
-      eval_data = make_eval_data(exp)
-      evaluations.append((config.eval_every,
-                          lambda params: evaluate(exp, eval_step, params, eval_data)))
-    if fewshot is not None:
-      evaluations.append((config.fewshot.every, fewshot.scalars))
     writer = metrics_lib.create_writer(workdir, start_step)
     progress_every = config.get('progress_every', 100)
     checkpoint_every = config.get('checkpoint_every', 1000)
@@ -276,6 +323,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     saved_config = config.to_dict()  # Each checkpoint's meta holds it.
     # Closed (flushed) also on an error: gs:// metrics are only written by a flush.
     with _StopSignal() as stop, contextlib.closing(writer):
+      if unfinished:
+        progress.note(f'evaluating step {start_step} first: its run saved it but did not finish '
+                      'its evaluations')
+        final = _run_evaluations(unfinished, state, step=start_step, writer=writer,
+                                 progress=progress)
+        writer.flush()
       for step in range(start_step + 1, total_steps + 1):
         state, step_metrics = train_step(state, next(batches))
         window.append(step_metrics)
@@ -298,8 +351,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         preempted = stop.received or checkpointer.reached_preemption(step)
         saving = preempted or step == total_steps or step % checkpoint_every == 0
         # No evaluation once a stop is asked for: the grace period is for the save.
-        evals_due = [] if preempted else [run for every, run in evaluations
-                                          if step % every == 0 or step == total_steps]
+        evals_due = [] if preempted else _due(evaluations, step, total_steps)
         if saving or evals_due:  # NaN params are neither saved nor evaluated.
           loss, finite = jax.device_get((step_metrics['loss'], _all_finite(state.params)))
           _check_finite(float(loss), step, last_saved, bool(finite))
@@ -307,11 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           checkpointer.save(step, state, {'step': step, 'config': saved_config})
           last_saved = step
         try:
-          for run in evals_due:
-            scalars = run(state_lib.eval_params(state))
-            writer.write_scalars(step, scalars)
-            progress.report(step, scalars)
-            final |= scalars
+          final |= _run_evaluations(evals_due, state, step=step, writer=writer, progress=progress)
         except TrainingDiverged:
           raise
         except Exception:

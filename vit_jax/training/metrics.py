@@ -81,11 +81,19 @@ class JsonlWriter(metric_writers.MetricWriter):
     self.flush()
 
 
-def _step_of(row: str) -> Optional[int]:
+def _parsed(row: str) -> Optional[dict]:
+  """A row as written, or None for one cut short (a full disk, a kill mid-write)."""
   try:
-    return int(json.loads(row)['step'])
+    parsed = json.loads(row)
+    parsed['step'] = int(parsed['step'])
+    return parsed
   except (ValueError, KeyError, TypeError):
     return None
+
+
+def _step_of(row: str) -> Optional[int]:
+  parsed = _parsed(row)
+  return None if parsed is None else parsed['step']
 
 
 def superseded_path(path: str) -> str:
@@ -113,9 +121,10 @@ def create_writer(workdir: str, start_step: int = 0) -> metric_writers.MetricWri
 
 
 def read_jsonl(path: str) -> list[dict]:
-  """The rows of a run's metrics.jsonl, one dict a step that wrote any."""
-  with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """The readable rows of a run's metrics.jsonl (local or gs://), one dict a step that wrote
+  any."""
+  with tf.io.gfile.GFile(path) as f:
+    return [row for row in map(_parsed, f.read().splitlines()) if row is not None]
 
 
 # Logged as the window's last step has them, as big_vision and MaxText log the schedule (a
