@@ -1,8 +1,10 @@
 """The CPU host allocator setting: freed XLA buffers are reused instead of faulted in again."""
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -79,3 +81,47 @@ def test_an_unknown_setting_warns_and_keeps(monkeypatch):
   monkeypatch.setenv('VIT_JAX_HOST_ALLOCATOR', 'small-pages')
   with pytest.warns(UserWarning, match='not one of keep, small_pages, system'):
     assert host_allocator._setting() == 'keep'
+
+
+def _fake_glibc(calls: list):
+  """A glibc stand-in that records the tuning calls instead of changing this process's heap:
+  malloc hands out an address 1 GiB below the top of the heap."""
+  heap_top = 1 << 40
+
+  def record(name, result):
+    return lambda *args: (calls.append((name, *args)), result)[1]
+
+  return types.SimpleNamespace(
+      mallopt=record('mallopt', 1), malloc=record('malloc', heap_top - 2**30),
+      sbrk=record('sbrk', heap_top), free=record('free', None), madvise=record('madvise', 0))
+
+
+def test_an_installed_libtpu_means_an_accelerator_and_the_allocator_is_left_alone(monkeypatch):
+  """A TPU VM has libtpu but may have no jax_plugins (and no JAX_PLATFORMS)."""
+  find_spec = importlib.util.find_spec
+  monkeypatch.delenv('JAX_PLATFORMS', raising=False)
+  monkeypatch.delenv('VIT_JAX_HOST_ALLOCATOR', raising=False)
+  monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: (
+      find_spec('json') if name == 'libtpu' else None if name == 'jax_plugins'
+      else find_spec(name, *a)))
+  calls = []
+  monkeypatch.setattr(host_allocator, '_glibc', lambda: _fake_glibc(calls))
+  assert host_allocator.accelerator_expected()
+  assert not host_allocator.keep_freed_memory()
+  assert calls == []
+
+
+def test_strict_overcommit_reserves_no_huge_page_heap(monkeypatch):
+  """Under vm.overcommit_memory=2 the reserved half of memory would count against the commit
+  limit (later allocations fail); with THP on request and overcommit allowed, it is reserved."""
+  monkeypatch.delenv('VIT_JAX_HOST_ALLOCATOR', raising=False)
+  calls = []
+  monkeypatch.setattr(host_allocator, '_glibc', lambda: _fake_glibc(calls))
+  files = {'/sys/kernel/mm/transparent_hugepage/enabled': 'always [madvise] never\n',
+           '/proc/sys/vm/overcommit_memory': '2\n'}
+  monkeypatch.setattr(host_allocator, '_read', files.get)
+  assert host_allocator.advise_huge_pages() == 0
+  assert calls == []
+  files['/proc/sys/vm/overcommit_memory'] = '0\n'  # The usual heuristic overcommit.
+  assert host_allocator.advise_huge_pages() == 2**30
+  assert ('madvise', (1 << 40) - 2**30, 2**30, 14) in calls  # MADV_HUGEPAGE

@@ -62,3 +62,10 @@ def test_a_bad_device_count_in_the_environment_is_one_line(env, line, tmp_path):
                             os.path.dirname(os.path.abspath(__file__))))
   assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == line, proc.stderr
   assert 'Traceback' not in proc.stderr and not (tmp_path / 'run').exists()
+
+
+def test_a_device_count_already_in_the_flags_is_replaced():
+  """Replaced, not appended beside it: of two count flags, which one wins is up to XLA's flag
+  parsing."""
+  assert host_devices.with_device_count('--a --xla_force_host_platform_device_count=8', 2) == (
+      '--a --xla_force_host_platform_device_count=2')

@@ -102,7 +102,7 @@ def git_tree(root: Path) -> Path:
 
 @pytest.mark.parametrize('accelerator,runtime', [
     ('v4-32', 'tpu-ubuntu2204-base'), ('v5p-16', 'v2-alpha-tpuv5'),
-    ('v5litepod-16', 'v2-alpha-tpuv5-lite')])
+    ('v5litepod-16', 'v2-alpha-tpuv5-lite'), ('v6e-8', 'v2-alpha-tpuv6e')])
 def test_create_picks_runtime_per_generation(fake, accelerator, runtime):
   ok(fake.run('create', 'pod', '--zone=us-central2-b', '--project=proj',
               f'--accelerator-type={accelerator}', '--spot'))
@@ -442,3 +442,17 @@ def test_pack_keeps_what_git_would_version(fake, tmp_path):
     assert sorted(tar.getnames()) == ['.gitignore', 'new.py',
                                       'requirements.txt', 'setup.py',
                                       'vit_jax/__init__.py']
+
+
+def test_pack_leaves_out_its_own_output_folder(fake, tmp_path):
+  """`setup` packs into build/launch/ inside the tree: an earlier pack left there (untracked,
+  not ignored) would otherwise be packed again, into every later tarball."""
+  source = git_tree(tmp_path / 'src')
+  for rel in ('build/launch/pod.tar.gz', 'build/notes.txt'):
+    (source / rel).parent.mkdir(parents=True, exist_ok=True)
+    (source / rel).write_text('x')
+  out = tmp_path / 'out' / 'code.tar.gz'
+  ok(fake.run('pack', f'--source={source}', str(out)))
+  with tarfile.open(out) as tar:
+    assert sorted(tar.getnames()) == ['.gitignore', 'build/notes.txt', 'new.py',
+                                      'requirements.txt', 'setup.py', 'vit_jax/__init__.py']

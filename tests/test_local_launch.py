@@ -147,3 +147,54 @@ def test_bad_launcher_arguments_are_one_line_errors(args):
   assert result.returncode == 2
   assert result.stderr.startswith('error: ') and 'usage: launch/local.sh N' in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+def test_a_process_killed_by_a_signal_exits_128_plus_it_and_is_named(tmp_path):
+  """As a shell reports it: SIGKILL (an OOM kill, say) is 137, not a negative return code."""
+  env = fake_module(tmp_path, 'import os\n'
+                               'if pid == 1:\n  os.kill(os.getpid(), 9)\n'
+                               'while True:\n  time.sleep(0.1)\n')
+  proc = subprocess.Popen([LOCAL, '2', '--module=fake_main'], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+  try:
+    _, err = proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+  assert proc.returncode == 137
+  assert err.strip().splitlines()[-1] == (
+      'error: process 1 was killed by signal 9 (its output above, prefixed [1]): the other '
+      'processes were stopped')
+
+
+def test_a_second_ctrl_c_kills_processes_that_ignore_sigterm(tmp_path):
+  """A run stuck in its checkpoint save (here: ignoring SIGTERM) ends on the second Ctrl-C at
+  once, not after the launcher's grace period, and leaves no process behind."""
+  env = fake_module(tmp_path, (
+      'import os, signal\n'
+      'signal.signal(signal.SIGTERM, signal.SIG_IGN)\n'
+      'print("ready", os.getpid(), flush=True)\n'
+      'while True:\n  time.sleep(0.1)\n'))
+  proc = subprocess.Popen([LOCAL, '2', '--module=fake_main'], env=env, stdout=subprocess.PIPE,
+                          text=True, start_new_session=True)
+  try:
+    ready = [proc.stdout.readline().split() for _ in range(2)]
+    assert sorted(line[:2] for line in ready) == [['[0]', 'ready'], ['[1]', 'ready']]
+    children = [int(line[2]) for line in ready]
+    os.killpg(proc.pid, signal.SIGINT)  # SIGTERM to the processes, which ignore it.
+    time.sleep(0.5)
+    assert proc.poll() is None  # Still waiting for them after the first.
+    os.killpg(proc.pid, signal.SIGINT)
+    start = time.monotonic()
+    proc.communicate(timeout=30)
+    took = time.monotonic() - start
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+  assert took < 5  # The grace period (launch/local.py's GRACE_S) is 10 s.
+  assert proc.returncode == 137  # The processes' SIGKILL: the first nonzero code.
+  for child in children:
+    with pytest.raises(ProcessLookupError):
+      os.kill(child, 0)
+  left = subprocess.run(['pgrep', '-g', str(proc.pid)], capture_output=True, text=True)
+  assert left.stdout.split() == []

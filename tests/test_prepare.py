@@ -167,6 +167,35 @@ def test_image_folder_name_must_be_snake_case(tmp_path):
     prepare.prepare('My-Data', str(tmp_path / 'tfds'), source=str(tmp_path))
 
 
+def test_image_folder_skips_hidden_folders(tmp_path):
+  """Jupyter's .ipynb_checkpoints at the root and a tool's .cache in a split are neither splits
+  nor labels (each was refused, or taken as a third class)."""
+  source = _image_folder(tmp_path / 'src', {'train': 2, 'val': 1})
+  png = (tmp_path / 'src' / 'train' / 'cat' / '0.png').read_bytes()
+  for hidden in ('.ipynb_checkpoints/x/a.png', 'train/.cache/b.png'):
+    (tmp_path / 'src' / hidden).parent.mkdir(parents=True)
+    (tmp_path / 'src' / hidden).write_bytes(png)
+  data_dir = str(tmp_path / 'tfds')
+  prepare.prepare('pets', data_dir, source=source)
+  assert sorted(tfds.builder('pets', data_dir=data_dir).info.splits) == ['train', 'val']
+  assert ip.get_info('pets', 'train', data_dir) == ip.DatasetInfo(2, 4, ['cat', 'dog'],
+                                                                  (None, None, 3))
+  assert ip.get_info('pets', 'val', data_dir) == ip.DatasetInfo(2, 2, ['cat', 'dog'],
+                                                                (None, None, 3))
+
+
+@pytest.mark.parametrize('name,message', [
+    ('digits', r'^digits ships with scikit-learn: drop --source$'),
+    # Else stored under a name whose TFDS builder would be the one loaded back.
+    ('cifar10', r"^'cifar10' is a TFDS catalogue name: pick another name for the image folder "),
+])
+def test_a_source_is_refused_for_a_dataset_with_its_own_builder(tmp_path, name, message):
+  source = _image_folder(tmp_path / 'src', {'train': 1})
+  with pytest.raises(ConfigError, match=message):
+    prepare.prepare(name, str(tmp_path / 'tfds'), source=source)
+  assert not (tmp_path / 'tfds').exists()
+
+
 def test_cli_prepare_describes_the_folders_own_splits(tmp_path):
   source = _image_folder(tmp_path / 'src', {'training': 1, 'val': 1})
   result = subprocess.run(
@@ -222,3 +251,18 @@ def test_cli_usage_names_every_flag():
   names = [flag.name for flag in flags.FLAGS.get_flags_for_module(datasets)]
   assert sorted(names) == ['data_dir', 'manual_dir', 'source', 'split']
   assert all(f'[--{name}=' in str(e.value) for name in names), str(e.value)
+
+
+def test_cli_extra_arguments_get_the_usage():
+  """`prepare a b` was a ValueError traceback from unpacking the arguments."""
+  with pytest.raises(ConfigError, match=r'^usage: python -m vit_jax\.datasets prepare NAME'):
+    datasets.main(['datasets', 'prepare', 'a', 'b'])
+
+
+def test_cli_info_describes_the_train_split_by_default(prepared_data_dir):
+  result = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.datasets', 'info', 'fashion_mnist',
+       f'--data_dir={prepared_data_dir}'], capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip().splitlines()[-1].startswith(
+      'fashion_mnist[train]: DatasetInfo(num_classes=10, num_examples=60000, ')
