@@ -5,6 +5,8 @@ import gzip
 import hashlib
 import itertools
 import os
+import re
+import shutil
 
 import jax
 import numpy as np
@@ -17,6 +19,7 @@ from data_setup import PLAIN, pp_dict, train_stream
 from vit_jax.data import global_batch
 from vit_jax.data import input_pipeline as ip
 from vit_jax.data import pp_options
+from vit_jax import errors
 from vit_jax.errors import ConfigError
 
 FASHION = '/usr/share/datasets/fashion-mnist'
@@ -283,6 +286,19 @@ def test_eval_fashion_test_is_exact_and_reiterable(prepared_data_dir):
   assert not first[-1]['mask'][-1] and first[-1]['image'][-1].max() == 0
   assert all(_same(a, b) for a, b in zip(first, batches))
 
+
+
+def test_a_damaged_dataset_file_is_one_line_naming_the_fix(prepared_data_dir, tmp_path, capsys):
+  """A TFRecord cut short (a copy interrupted, a full disk): TensorFlow's DataLossError
+  traceback at the first evaluation that read it."""
+  shutil.copytree(os.path.join(prepared_data_dir, 'digits'), tmp_path / 'digits')
+  record = next((tmp_path / 'digits').glob('*/digits-test.tfrecord-*'))
+  os.truncate(record, record.stat().st_size // 2)
+  with pytest.raises(SystemExit) as exit_:
+    errors.cli_main(lambda: list(_eval(str(tmp_path))))()
+  assert exit_.value.code == 2
+  assert re.match(r'error: a dataset file is damaged \(truncated record at \d+.*\): prepare the '
+                  r'dataset again \(delete its folder', capsys.readouterr().err)
 
 
 def test_to_global_and_prefetch_shard_the_batch():

@@ -111,8 +111,9 @@ def _is_out_of_memory(error: BaseException) -> bool:
 
 
 def cli_main(main: Callable) -> Callable:
-  """Wraps an absl `main` so a ConfigError, a path without permission, a full disk, or a batch
-  too large for the device exits with one line instead of a traceback."""
+  """Wraps an absl `main` so a ConfigError, a path without permission, a full disk, a damaged
+  dataset file, or a batch too large for the device exits with one line instead of a
+  traceback."""
 
   @functools.wraps(main)
   def wrapped(*args, **kwargs):
@@ -128,6 +129,11 @@ def cli_main(main: Callable) -> Callable:
         _exit_with(f'out of memory ({first_line(e)}): lower the batch (--config.batch '
                    "or --config.batch_eval; infer's --batch_size, fewshot's --batch); python -m "
                    'vit_jax.plan tells what fits a device')
+      if type(e).__name__ == 'DataLossError':  # TensorFlow's, for a record cut short or corrupt.
+        reason = re.sub(r'^\{\{function_node [^}]*\}\}\s*|\s*\[Op:.*$', '', first_line(e))
+        _exit_with(f'a dataset file is damaged ({reason}): prepare the dataset again '
+                   '(delete its folder in the data_dir; python -m vit_jax.datasets prepare NAME, '
+                   'or tfds build NAME), then run again (a training run resumes)')
       if _is_disk_full(e):
         _exit_with(f'no space left on the device ({first_line(e)}): free disk space, or pass '
                    'another path, then run again (a training run resumes)')
