@@ -145,6 +145,37 @@ def test_npz_with_photos_and_a_chosen_subset(workdir, prepared_data_dir, tmp_pat
                                        dataset='digits')
 
 
+def test_cli_takes_image_files_as_arguments_over_a_workdirs_dataset(workdir, tmp_path):
+  """The docstring's `... a.jpg b.png`: files after the flags are the images analysed."""
+  photos = [str(tmp_path / 'camera.png'), str(tmp_path / 'coins.png')]
+  Image.fromarray(skimage.data.camera()).save(photos[0])
+  Image.fromarray(skimage.data.coins()).save(photos[1])
+  out_dir = str(tmp_path / 'figures')
+  proc = subprocess.run([sys.executable, '-m', 'vit_jax.analyze', f'--checkpoint={workdir}',
+                         f'--out_dir={out_dir}', '--which=rollout', *photos],
+                        capture_output=True, text=True, cwd=REPO, check=False,
+                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', XLA_FLAGS=''))
+  assert proc.returncode == 0, proc.stderr
+  _check_about(out_dir, ['rollout'], images=photos, dataset=None)
+  with open(os.path.join(out_dir, 'rollout.json'), encoding='utf-8') as f:
+    assert np.array(json.load(f)['rollout']).shape == (2, 7, 7)
+
+
+def test_another_dataset_than_the_workdirs_is_read_from_the_default_data_dir(
+    workdir, prepared_data_dir, tmp_path, monkeypatch):
+  """A workdir's data_dir holds its own dataset; another is found where TFDS looks by default
+  ($TFDS_DATA_DIR) or in --data_dir."""
+  read_from = []
+  images = from_checkpoint.dataset_images
+  monkeypatch.setattr(from_checkpoint, 'dataset_images', lambda ckpt, dataset, split, data_dir,
+                      count: read_from.append((dataset, data_dir)) or images(
+                          ckpt, dataset, split, prepared_data_dir, count))
+  for dataset in (None, 'digits'):
+    from_checkpoint.analyze_checkpoint(workdir, str(tmp_path / 'out'), dataset=dataset,
+                                       which=['rollout'], num_images=2)
+  assert read_from == [('fashion_mnist', prepared_data_dir), ('digits', None)]
+
+
 def test_an_unknown_analysis_is_named_before_the_checkpoint_is_read(tmp_path):
   with pytest.raises(ConfigError, match=r"unknown analyses \['rolout'\]"):
     from_checkpoint.analyze_checkpoint(str(tmp_path / 'missing'), str(tmp_path / 'out'),
