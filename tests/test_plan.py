@@ -249,14 +249,17 @@ def test_non_finite_memory_or_peak_is_a_config_error(flag, value):
     planner.plan(default_config(model='ViT-Pico_4'), search=False, **{flag: value})
 
 
-def test_cli_devices_win_over_jax_num_cpu_devices(monkeypatch):
+@pytest.mark.parametrize('devices,count', [(['--devices=4'], 4), (['--devices', '4'], 4),
+                                           (['--devices=1'], 1)])
+def test_cli_devices_win_over_jax_num_cpu_devices(monkeypatch, devices, count):
   """JAX_NUM_CPU_DEVICES in the environment overrode --devices (and the error said to run
-  python -m vit_jax.plan, which was what had been run)."""
+  python -m vit_jax.plan, which was what had been run); absl's `--devices 4` and a single
+  device are simulated too."""
   monkeypatch.setenv('JAX_NUM_CPU_DEVICES', '2')
-  result = run_plan('--config=configs/default.py', '--devices=4', '--num_classes=10',
+  result = run_plan('--config=configs/default.py', *devices, '--num_classes=10',
                     '--nomax_batch', '--json')
   assert result.returncode == 0, result.stderr[-2000:]
-  assert json.loads(result.stdout)['devices'] == 4
+  assert json.loads(result.stdout)['devices'] == count
 
 
 def test_cli_stray_arguments_and_non_finite_numbers_are_one_line():
