@@ -250,17 +250,22 @@ def test_scanned_checkpoints_export_and_load_in_both_layouts(prepared_data_dir, 
     param_trees.assert_bit_identical(loaded, expected)
 
 
+@pytest.mark.parametrize('image_size', [28, 32])
 def test_export_names_the_image_size_a_hybrids_npz_cannot_tell(prepared_data_dir, exported,
-                                                                 tmp_path):
-  """The embedded default (R8+ViT-Mu_8 at 28 px): its posemb fits 25-32 px and readers guess 32."""
+                                                                 tmp_path, image_size):
+  """The embedded default (R8+ViT-Mu_8 at 28 px): its posemb fits 25-32 px and readers guess 32;
+  trained at 32, there is nothing to tell."""
   config = _default_config(data_dir=prepared_data_dir)
-  config.model_overrides.scan = True
+  config.model_overrides.scan, config.image_size = True, image_size
   with Checkpointer(str(tmp_path), async_save=False) as checkpointer:
     checkpointer.save(1, experiment.build(config).init_state(),
                       {'step': 1, 'config': config.to_dict()})
   out = _cli('vit_jax.export', f'--workdir={tmp_path}', f'--output={tmp_path / "h.npz"}').stdout
   assert f'{config.model} from workdir' in out and 'scan' not in out  # The file is unrolled.
-  assert 'trained at 28 px' in out and '--image_size=28 to infer, analyze and fewshot' in out
+  if image_size == 32:
+    assert 'trained at' not in out
+  else:
+    assert 'trained at 28 px' in out and '--image_size=28 to infer, analyze and fewshot' in out
   assert restore.load(str(tmp_path / 'h.npz'), config.model).image_size == 32  # Its guess.
 
 
