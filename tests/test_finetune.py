@@ -286,6 +286,14 @@ def test_cli_errors_are_one_line_without_traceback(
   for meta in (bad_meta / 'checkpoints' / str(newest) / 'meta').iterdir():
     meta.write_text('{corrupt')
   (bad_meta / 'config.json').unlink()
+  with np.load(exported) as data:  # Damaged .npz files: each a traceback at some later point.
+    arrays = dict(data)
+  posemb = arrays[npz.POSEMB_KEY]
+  damaged = {name: tmp_path / f'{name}.npz' for name in ('int_cls', 'flat_posemb', 'odd_posemb')}
+  np.savez(damaged['int_cls'], **arrays | {'cls': arrays['cls'].astype(np.int32)})
+  np.savez(damaged['flat_posemb'], **arrays | {npz.POSEMB_KEY: posemb[0]})
+  np.savez(damaged['odd_posemb'], **arrays | {npz.POSEMB_KEY: posemb[:, :13]})
+  width = posemb.shape[-1]
   cases = {
       'does not exist': ['--config.init=/nonexistent/workdir'],
       f'step {newest} in {bad_meta} has an unreadable meta (JSONDecodeError':
@@ -302,6 +310,13 @@ def test_cli_errors_are_one_line_without_traceback(
       '_METADATA names no arrays': [f'--config.init={no_tree}'],
       f'the pre-trained checkpoint {exported} does not fit the model':
           [f'--config.init={exported}', '--config.model=ViT-Ti_4'],
+      f"checkpoint {damaged['int_cls']} holds cls as int32, not floating point":
+          [f"--config.init={damaged['int_cls']}", '--config.model=ViT-Mu_4'],
+      f"the position embeddings of {damaged['flat_posemb']}, of shape (17, {width}), are not "
+      "(1, tokens, width)": [f"--config.init={damaged['flat_posemb']}", '--config.model=ViT-Mu_4'],
+      f"of shape (1, 13, {width}), are not (1, tokens, width) for a square grid of ViT-Mu_4's "
+      '4x4 px patches: the file is damaged':
+          [f"--config.init={damaged['odd_posemb']}", '--config.model=ViT-Mu_4'],
       # The later --workdir wins: fine-tuning into the pre-training workdir.
       'is the pre-training workdir config.init': [f'--config.init={pretrained}',
                                                   f'--workdir={pretrained}/'],

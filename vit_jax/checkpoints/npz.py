@@ -119,6 +119,10 @@ def load_npz(path: str) -> Params:
   if not_arrays:  # numpy hands a member that is not a .npy file back as raw bytes.
     raise ConfigError(f'checkpoint {path} is not a readable .npz file ({not_arrays[0]} is not an '
                       'array): it is corrupt or truncated; re-download or re-save it')
+  not_floats = [k for k, v in flat.items() if not np.issubdtype(v.dtype, np.floating)]
+  if not_floats:  # An integer array was a TypeError from jax.grad at the first fine-tune step.
+    raise ConfigError(f'checkpoint {path} holds {not_floats[0]} as {flat[not_floats[0]].dtype}, '
+                      'not floating point: params are floats; re-save it with float32 arrays')
   flat = {k: v.reshape(v.shape[-1:]) if _LEGACY_GROUPNORM.search(k) else v
           for k, v in flat.items()}
   if any(_BIG_VISION_BLOCK.search(k) for k in flat) or set(_BIG_VISION_POSEMBS) & set(flat):

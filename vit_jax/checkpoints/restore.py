@@ -90,8 +90,17 @@ class Pretrained:
       return range(0)
     model = self.create_model(1)
     patch_h, patch_w = models.patch_on_image(model)
-    tokens = posemb.shape[1] - int('cls' in self.params)
+    tokens = posemb.shape[1] - int('cls' in self.params) if posemb.ndim == 3 else 0
     largest = int(np.sqrt(tokens * patch_h * patch_w))  # Square images, maybe oblong patches.
+    try:  # The patches of an image of the largest size must tile it with that many tokens.
+      grid_tokens = int(np.prod(models.token_grid(model, largest, largest))) if tokens else 0
+    except ConfigError:
+      grid_tokens = 0
+    if posemb.shape[0] != 1 or not tokens or grid_tokens != tokens:
+      raise ConfigError(f'the position embeddings of {self.source}, of shape {posemb.shape}, '
+                        f'are not (1, tokens, width) for a square grid of {self.model}\'s '
+                        f'{patch_h}x{patch_w} px patches: the file is damaged, or the model '
+                        'name is not its architecture')
     stem_stride = patch_h // model.patch_size[0]
     return range(largest - stem_stride + 1, largest + 1)
 
