@@ -206,6 +206,24 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
   assert_states_equal(restore_state(config, workdir), restore_state(config, base_workdir))
 
 
+def test_every_checkpoint_damaged_is_one_error_naming_the_fix_and_nothing_moves(
+    baseline, tmp_path, caplog):
+  """It said to restore the config that wrote them (a changed one is refused before any read),
+  after asyncio's tracebacks of the abandoned reads."""
+  config, base_workdir, _ = baseline
+  workdir = tmp_path / 'run'
+  shutil.copytree(base_workdir, workdir)
+  for data in (workdir / 'checkpoints').glob('*/state/ocdbt.process_*/d/*'):
+    os.truncate(data, 100)
+  with caplog.at_level(logging.ERROR, logger='asyncio'), pytest.raises(
+      ConfigError, match=r'^none of the checkpoints \[10, 20, 30\] in .* could be read \(step 30: '
+      r'ValueError: OUT_OF_RANGE.*\): they are damaged; copy the workdir back from a backup'):
+    loop.train_and_evaluate(config, str(workdir))
+  gc.collect()
+  assert not [r for r in caplog.records if r.name == 'asyncio']
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['10', '20', '30']
+
+
 @pytest.mark.parametrize('keep,kept', [(2, [3, 4]), (0, [1, 2, 3, 4])])  # 0 keeps them all.
 def test_only_the_newest_keep_checkpoints_stay(tmp_path, keep, kept):
   with Checkpointer(str(tmp_path), keep=keep) as checkpointer:
@@ -250,16 +268,22 @@ def test_asyncio_drops_only_the_abandoned_tensorstore_reads(caplog):
   async def fail(message):
     raise ValueError(message)
 
-  async def abandon_two():
+  async def abandon_some():
     for message in ('OUT_OF_RANGE: Error reading "w/0.0" in OCDBT database', 'other failure'):
       asyncio.ensure_future(fail(message))
-    await asyncio.sleep(0)
+    # A gather of reads (a workdir whose every checkpoint is truncated), and of anything else.
+    for message in ('Encountered error while reading array index: (slice(0, 64, 1),)',
+                    'other gathered failure'):
+      asyncio.gather(fail(message))
+    for _ in range(3):
+      await asyncio.sleep(0)
 
   with caplog.at_level(logging.ERROR, logger='asyncio'):
-    asyncio.run(abandon_two())
+    asyncio.run(abandon_some())
     gc.collect()
-  logged = [str(r.exc_info[1]) for r in caplog.records if r.name == 'asyncio']
-  assert logged == ['other failure']
+  logged = [(r.msg.split()[0], str(r.exc_info[1])) for r in caplog.records if r.name == 'asyncio']
+  assert sorted(logged) == [('Task', 'other failure'),
+                            ('_GatheringFuture', 'other gathered failure')]
 
 
 def test_a_transient_read_error_is_retried_not_set_aside(baseline, tmp_path, monkeypatch):

@@ -195,10 +195,10 @@ class Checkpointer:
             restored, restored_step, unreadable, steps, abstract_state)
     if restored is None:
       if steps:
+        # A state of another structure was refused before any read: these are damaged.
         raise ConfigError(f'none of the checkpoints {steps} in {self.manager.directory} could '
-                          f'be read (step {steps[-1]}: {newest_error}): if the model or '
-                          'optimizer changed since they were written, restore that config; '
-                          'else move the directory away to start afresh')
+                          f'be read (step {steps[-1]}: {newest_error}): they are damaged; copy '
+                          'the workdir back from a backup, or move it away to start afresh')
       return None, None
     if unreadable and not self.read_only:
       self._set_aside(unreadable)

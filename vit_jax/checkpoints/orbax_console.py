@@ -41,14 +41,16 @@ logging.getLogger('absl').addFilter(_OrbaxConsole())
 
 
 class _AbandonedReadTasks(logging.Filter):
-  """asyncio's "Task exception was never retrieved", with a traceback, for each of orbax's shard
-  reads left behind by a failed restore whose TensorStore read failed too: the restore's own
-  error already says what could not be read (a truncated checkpoint, run under load)."""
+  """asyncio's "Task (or _GatheringFuture) exception was never retrieved", with a traceback, for
+  each of orbax's shard reads (or gathers of them) left behind by a failed restore whose
+  TensorStore read failed too: the restore's own error already says what could not be read (a
+  truncated checkpoint, run under load; every checkpoint of a workdir truncated)."""
+  READ_ERRORS = ('Error reading ', 'Encountered error while reading array index')
 
   def filter(self, record: logging.LogRecord) -> bool:
     error = record.exc_info[1] if record.exc_info else None
-    return not (str(record.msg).startswith('Task exception was never retrieved')
-                and error is not None and 'Error reading ' in str(error))
+    return not (str(record.msg).split('\n', 1)[0].endswith('exception was never retrieved')
+                and error is not None and any(e in str(error) for e in self.READ_ERRORS))
 
 
 logging.getLogger('asyncio').addFilter(_AbandonedReadTasks())
