@@ -289,10 +289,14 @@ def test_cli_errors_are_one_line_without_traceback(
   with np.load(exported) as data:  # Damaged .npz files: each a traceback at some later point.
     arrays = dict(data)
   posemb = arrays[npz.POSEMB_KEY]
-  damaged = {name: tmp_path / f'{name}.npz' for name in ('int_cls', 'flat_posemb', 'odd_posemb')}
+  damaged = {name: tmp_path / f'{name}.npz'
+             for name in ('int_cls', 'flat_posemb', 'odd_posemb', 'nan_head')}
   np.savez(damaged['int_cls'], **arrays | {'cls': arrays['cls'].astype(np.int32)})
   np.savez(damaged['flat_posemb'], **arrays | {npz.POSEMB_KEY: posemb[0]})
   np.savez(damaged['odd_posemb'], **arrays | {npz.POSEMB_KEY: posemb[:, :13]})
+  head = arrays['head/kernel'].copy()
+  head[0, 0] = np.nan  # Bytes overwritten: "loss is nan at step 5; lower base_lr".
+  np.savez(damaged['nan_head'], **arrays | {'head/kernel': head})
   width = posemb.shape[-1]
   cases = {
       'does not exist': ['--config.init=/nonexistent/workdir'],
@@ -317,6 +321,9 @@ def test_cli_errors_are_one_line_without_traceback(
       f"of shape (1, 13, {width}), are not (1, tokens, width) for a square grid of ViT-Mu_4's "
       '4x4 px patches: the file is damaged':
           [f"--config.init={damaged['odd_posemb']}", '--config.model=ViT-Mu_4'],
+      f"checkpoint {damaged['nan_head']} holds NaN or infinite values in 1 of its arrays (e.g. "
+      'head/kernel): it is damaged':
+          [f"--config.init={damaged['nan_head']}", '--config.model=ViT-Mu_4'],
       # The later --workdir wins: fine-tuning into the pre-training workdir.
       'is the pre-training workdir config.init': [f'--config.init={pretrained}',
                                                   f'--workdir={pretrained}/'],

@@ -206,6 +206,30 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
   assert_states_equal(restore_state(config, workdir), restore_state(config, base_workdir))
 
 
+def test_a_checkpoint_with_nan_params_is_damaged_readers_take_the_one_before(
+    baseline, tmp_path, caplog):
+  """Bytes overwritten in place read back as numbers; NaN ones were predicted, exported and
+  fine-tuned from ("loss is nan at step N: lower base_lr"). Training saves only finite params."""
+  config, base_workdir, _ = baseline
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(base_workdir, workdir)
+  state = restore_state(config, workdir)
+  kernel = state.params['head']['kernel'].copy()
+  kernel[0, 0] = np.nan
+  state = state.replace(params=state.params | {'head': state.params['head'] | {'kernel': kernel}},
+                        step=state.step + 10)
+  with Checkpointer(workdir, async_save=False) as checkpointer:
+    checkpointer.save(40, state, {'step': 40, 'config': config.to_dict()})
+  with caplog.at_level(logging.WARNING):
+    assert restore.load(workdir).source == f'workdir {workdir} (step 30)'
+  assert (f'step 40 in {workdir} is unreadable (ValueError: NaN or infinite values in 1 of its '
+          'arrays (e.g. params/head/kernel)') in caplog.text
+  with pytest.raises(ConfigError, match=f'^the checkpoint at step 40 in {workdir} holds NaN or '
+                     'infinite params, which training never saves: it is damaged; move '
+                     f'{workdir}/checkpoints/40 away'):
+    loop.train_and_evaluate(tiny_config(config.data_dir, total_steps=50), workdir)
+
+
 def test_every_checkpoint_damaged_is_one_error_naming_the_fix_and_nothing_moves(
     baseline, tmp_path, caplog):
   """It said to restore the config that wrote them (a changed one is refused before any read),

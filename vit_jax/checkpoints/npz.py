@@ -123,6 +123,10 @@ def load_npz(path: str) -> Params:
   if not_floats:  # An integer array was a TypeError from jax.grad at the first fine-tune step.
     raise ConfigError(f'checkpoint {path} holds {not_floats[0]} as {flat[not_floats[0]].dtype}, '
                       'not floating point: params are floats; re-save it with float32 arrays')
+  damaged = non_finite_keys(flat)
+  if damaged:  # Else NaN predictions, or a fine-tune that "diverged" at its first step.
+    raise ConfigError(f'checkpoint {path} holds NaN or infinite values in {len(damaged)} of its '
+                      f'arrays (e.g. {damaged[0]}): it is damaged; re-download or re-save it')
   flat = {k: v.reshape(v.shape[-1:]) if _LEGACY_GROUPNORM.search(k) else v
           for k, v in flat.items()}
   if any(_BIG_VISION_BLOCK.search(k) for k in flat) or set(_BIG_VISION_POSEMBS) & set(flat):
@@ -132,6 +136,12 @@ def load_npz(path: str) -> Params:
                       f'keys; it has {_listed(list(flat))}): point the checkpoint path at the '
                       '.npz of a ViT')
   return flax.traverse_util.unflatten_dict(flat, sep='/')
+
+
+def non_finite_keys(params: Params) -> list[str]:
+  """The '/'-joined keys of the arrays (nested or flat) holding a NaN or an infinity: training
+  saves none."""
+  return [k for k, v in _flat(params).items() if not np.isfinite(v).all()]
 
 
 def _from_big_vision(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

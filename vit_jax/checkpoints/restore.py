@@ -250,6 +250,10 @@ def restore_params(checkpointer: Checkpointer, step: int) -> tuple[Params, bool]
   with abandoned_reads_dropped(), ocp.PyTreeCheckpointer() as reader:
     params = reader.restore(checkpointer.state_path(step), args=ocp.args.PyTreeRestore(
         {name: saved[name]}, restore_args={name: restore_args}, partial_restore=True))[name]
+  damaged = npz.non_finite_keys(params)
+  if damaged:  # Read as unreadable: the loop never saves them.
+    raise ValueError(f'NaN or infinite values in {len(damaged)} of its arrays (e.g. {name}/'
+                     f'{damaged[0]}), which training never saves: it is damaged')
   return params, name == 'averaged_params'
 
 

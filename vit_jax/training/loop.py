@@ -290,6 +290,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   with Checkpointer(workdir, keep=config.get('keep_checkpoints', 3)) as checkpointer:
     state, meta = _restore(checkpointer, exp, config)
     resumed = state is not None
+    if resumed and not _all_finite(state.params):  # A fine-tune "diverged" at its first step.
+      step = int(state.step)
+      raise ConfigError(f'the checkpoint at step {step} in {workdir} holds NaN or infinite '
+                        'params, which training never saves: it is damaged; move '
+                        f'{os.path.join(workdir, "checkpoints", str(step))} away to resume from '
+                        'the one before')
     if not resumed:
       state = initial_state if initial_state is not None else exp.init_state()
     else:
