@@ -1,12 +1,14 @@
 """launch/local.sh on its own: N stand-in processes (a module that knows its --process_id), so
 its arguments, environment, exit codes and signals are checked in seconds; the real 2-process
 training runs are in test_multihost.py."""
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -116,6 +118,19 @@ def test_a_closed_stdout_drops_the_output_and_the_processes_run_on(tmp_path):
   assert sorted(p.name for p in tmp_path.glob('done*')) == ['done0', 'done1']
 
 
+@contextlib.contextmanager
+def _launched(env: dict, **popen_args) -> Iterator[subprocess.Popen]:
+  """`launch/local.sh 2` of the fake module in a session of its own (signalled as a terminal
+  signals its foreground group), killed if the test leaves it running."""
+  proc = subprocess.Popen([LOCAL, '2', '--module=fake_main'], env=env, stdout=subprocess.PIPE,
+                          text=True, start_new_session=True, **popen_args)
+  try:
+    yield proc
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+
+
 def test_ctrl_c_reaches_every_process_as_a_preemption_notice(tmp_path):
   """Like a terminal: SIGINT to the whole group. The processes ignore it; the launcher turns it
   into SIGTERM (on which vit_jax.main saves a checkpoint and stops) and exits 130."""
@@ -126,16 +141,11 @@ def test_ctrl_c_reaches_every_process_as_a_preemption_notice(tmp_path):
       # Short sleeps: a SIGTERM that lands between Python's last signal check and the sleep's
       # syscall runs its handler only when that sleep ends (one CI run hung on a single 600 s one).
       'while True:\n  time.sleep(0.1)\n'))
-  proc = subprocess.Popen([LOCAL, '2', '--module=fake_main'], env=env, stdout=subprocess.PIPE,
-                          text=True, start_new_session=True)
-  try:
+  with _launched(env) as proc:
     lines = [proc.stdout.readline().strip() for _ in range(2)]
     assert sorted(lines) == ['[0] ready True', '[1] ready True']
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=30)
-  finally:
-    if proc.poll() is None:
-      os.killpg(proc.pid, signal.SIGKILL)
   assert proc.returncode == 130
   assert sorted(out.split()) == ['[0]', '[1]', 'term', 'term']
 
@@ -154,13 +164,8 @@ def test_a_process_killed_by_a_signal_exits_128_plus_it_and_is_named(tmp_path):
   env = fake_module(tmp_path, 'import os\n'
                                'if pid == 1:\n  os.kill(os.getpid(), 9)\n'
                                'while True:\n  time.sleep(0.1)\n')
-  proc = subprocess.Popen([LOCAL, '2', '--module=fake_main'], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True)
-  try:
+  with _launched(env, stderr=subprocess.PIPE) as proc:
     _, err = proc.communicate(timeout=60)
-  finally:
-    if proc.poll() is None:
-      os.killpg(proc.pid, signal.SIGKILL)
   assert proc.returncode == 137
   assert err.strip().splitlines()[-1] == (
       'error: process 1 was killed by signal 9 (its output above, prefixed [1]): the other '
@@ -175,9 +180,7 @@ def test_a_second_ctrl_c_kills_processes_that_ignore_sigterm(tmp_path):
       'signal.signal(signal.SIGTERM, signal.SIG_IGN)\n'
       'print("ready", os.getpid(), flush=True)\n'
       'while True:\n  time.sleep(0.1)\n'))
-  proc = subprocess.Popen([LOCAL, '2', '--module=fake_main'], env=env, stdout=subprocess.PIPE,
-                          text=True, start_new_session=True)
-  try:
+  with _launched(env) as proc:
     ready = [proc.stdout.readline().split() for _ in range(2)]
     assert sorted(line[:2] for line in ready) == [['[0]', 'ready'], ['[1]', 'ready']]
     children = [int(line[2]) for line in ready]
@@ -188,9 +191,6 @@ def test_a_second_ctrl_c_kills_processes_that_ignore_sigterm(tmp_path):
     start = time.monotonic()
     proc.communicate(timeout=30)
     took = time.monotonic() - start
-  finally:
-    if proc.poll() is None:
-      os.killpg(proc.pid, signal.SIGKILL)
   assert took < 5  # The grace period (launch/local.py's GRACE_S) is 10 s.
   assert proc.returncode == 137  # The processes' SIGKILL: the first nonzero code.
   for child in children:
