@@ -404,11 +404,22 @@ def test_a_workdirs_checkpoints_folder_or_step_is_named_as_such(pretrained):
   with Checkpointer(pretrained, read_only=True) as checkpointer:
     newest = checkpointer.all_steps()[-1]
   for path, what in ((f'{pretrained}/checkpoints', 'the checkpoints folder'),
-                     (f'{pretrained}/checkpoints/{newest}/', f'the checkpoint of step {newest}')):
+                     (f'{pretrained}/checkpoints/{newest}/', f'the checkpoint of step {newest}'),
+                     (f'{pretrained}/config.json', 'the file config.json')):  # "No architecture".
     with pytest.raises(ConfigError) as error:
       restore.load(path)
     assert str(error.value) == (f'{path.rstrip("/")} is {what} of the workdir {pretrained}: '
                                 'pass the workdir itself (its newest checkpoint is read)')
+
+
+def test_a_fine_tune_workdir_without_checkpoints_names_the_fine_tune_command(tmp_path):
+  """Was "train one there with python -m vit_jax.main", which trains from scratch."""
+  (tmp_path / 'config.json').write_text(json.dumps(dict(init='pre/ViT-B_16.npz', model='ViT-B_16')))
+  with pytest.raises(ConfigError, match=r'yet: train one there with python -m vit_jax\.finetune '):
+    restore.load(str(tmp_path))
+  (tmp_path / 'config.json').write_text('[]')  # Not a config: the pre-training command.
+  with pytest.raises(ConfigError, match=r'yet: train one there with python -m vit_jax\.main '):
+    restore.load(str(tmp_path))
 
 
 @pytest.mark.parametrize('overrides,message', [

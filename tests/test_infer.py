@@ -307,16 +307,18 @@ def test_cli_reports_each_unreadable_file_in_one_line_and_classifies_the_rest(
   with open(photos['astronaut.jpg'], 'rb') as f:
     truncated.write_bytes(f.read()[:2000])
   good = [photos['astronaut.jpg'], photos['coffee_rgba.png']]
-  args = [good[0], str(notes), str(truncated), good[1]]
+  args = [good[0], str(notes), str(truncated), str(tmp_path), good[1]]
   proc = subprocess.run([sys.executable, '-m', 'vit_jax.infer', f'--checkpoint={workdir}',
                          '--top_k=11', *args],
                         capture_output=True, text=True, env=CLI_ENV, cwd=REPO, check=False)
   assert proc.returncode == 1, proc.stderr
   errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
-  assert len(errors) == 2, proc.stderr
+  assert len(errors) == 3, proc.stderr
   assert errors[0].startswith(f'error: {notes}: not a readable image')
   assert '0x' not in errors[0]  # PIL's message named its in-memory buffer by address.
   assert errors[1].startswith(f'error: {truncated}: not a readable image')
+  assert errors[2] == (f'error: {tmp_path}: not a readable image (a folder: pass the images in '
+                       f'it, e.g. {tmp_path}/*.jpg)')  # Was "Is a directory".
   assert [line for line in proc.stdout.splitlines() if not line.startswith(' ')] == good
   # --top_k=11, above the 10 classes, lists each class once per image (5 lines if ignored).
   lines = proc.stdout.splitlines()

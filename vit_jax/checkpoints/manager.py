@@ -5,6 +5,7 @@ so other commands (fine-tune, export, analyze) can rebuild the architecture from
 """
 import functools
 import itertools
+import json
 import logging
 import os
 import time
@@ -105,10 +106,18 @@ def _structure_differences(saved: dict, here: dict) -> list[str]:
 
 
 def no_checkpoint_error(directory: str) -> ConfigError:
-  """What readers say of a folder without checkpoints (a .npz is no fix for export)."""
+  """What readers say of a folder without checkpoints (a .npz is no fix for export); a fine-tune
+  workdir (its config.json names an init) is trained by its own command."""
+  command = 'vit_jax.finetune' if _fine_tunes(directory) else 'vit_jax.main'
   return ConfigError(f'no checkpoint in {directory} yet: train one there with python -m '
-                     'vit_jax.main (a run saves every config.checkpoint_every steps and at its '
-                     'end)')
+                     f'{command} (a run saves every config.checkpoint_every steps and at its end)')
+
+
+def _fine_tunes(workdir: str) -> bool:
+  try:
+    return bool(json.loads((epath.Path(workdir) / 'config.json').read_text()).get('init'))
+  except (OSError, ValueError, AttributeError):  # None there, unreadable, or not an object.
+    return False
 
 
 class Checkpointer:

@@ -154,6 +154,7 @@ def load(path: str, model: Optional[str] = None,
   if timm_layout.is_safetensors(path):
     model, params, overrides = timm_layout.load(path, model, model_overrides or {})
   elif is_npz(path) or os.path.isfile(path):
+    _check_not_inside_a_workdir(path)
     if not model:
       raise ConfigError(f'{path} holds no architecture: name the model it was trained as '
                         "(--model; fine-tuning's --config.model), e.g. ViT-B_16")
@@ -181,14 +182,17 @@ def _open(workdir: str) -> tuple[Checkpointer, list[int]]:
 
 
 def _check_not_inside_a_workdir(path: str) -> None:
-  """WORKDIR/checkpoints or one of its step folders named instead of WORKDIR: say so, rather
-  than "no checkpoint in" a folder full of them."""
+  """WORKDIR/checkpoints, one of its step folders or one of its files (config.json) named
+  instead of WORKDIR: say so, rather than "no checkpoint in" a folder full of them, or that a
+  file holds no architecture."""
   path = path.rstrip('/')
   parent, name = os.path.split(path)
   if name == 'checkpoints':
     workdir, what = parent, 'the checkpoints folder'
   elif os.path.basename(parent) == 'checkpoints' and name.isdigit():
     workdir, what = os.path.dirname(parent), f'the checkpoint of step {name}'
+  elif os.path.isfile(path) and not is_npz(path):
+    workdir, what = parent, f'the file {name}'
   else:
     return
   if workdir and '://' not in path and os.path.isdir(os.path.join(workdir, 'checkpoints')):

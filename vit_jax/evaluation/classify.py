@@ -10,6 +10,7 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import re
 import sys
 from typing import Any, Iterable, Iterator, Optional, Sequence, TextIO
@@ -55,6 +56,8 @@ def _pil_pixels(image: Image.Image) -> np.ndarray:
 def load_image(path: str) -> np.ndarray:
   """uint8 [H, W, 1 or 3], the pixels the eval pipeline would decode from this file (first
   frame, alpha dropped); grey files keep one channel."""
+  if os.path.isdir(path):
+    raise ImageError(path, f'a folder: pass the images in it, e.g. {os.path.join(path, "*.jpg")}')
   try:
     with open(path, 'rb') as f:
       data = f.read()
