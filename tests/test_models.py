@@ -366,9 +366,10 @@ def test_forward_flops_agree_with_xla_cost_analysis():
       ('ViT-Mu_4', root_only, 32, 3),
       ('R14+ViT-Mu_8', {}, 32, 3), ('R8+ViT-Mu_8', {}, 32, 3), ('R8+ViT-Mu_8', {}, 28, 1)]:
     model = models.create(name, num_classes=10, **kwargs)
-    images = jnp.zeros((1, size, size, channels))
-    variables = _init(model, shape=images.shape)
-    xla = jax.jit(model.apply).lower(variables, images).compile().cost_analysis()['flops']
+    images = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
+    # The lowered module's count, the model's own ops (compiled, fusions add ~1%: 3x the time).
+    xla = jax.jit(model.apply).lower(variables, images).cost_analysis()['flops']
     # XLA also counts the elementwise work (norms, softmax, GELU), a few percent on top.
     assert 0.9 * xla <= forward_flops(model, size, size, channels) <= xla
 

@@ -58,6 +58,10 @@ def default_config(**overrides) -> ml_collections.ConfigDict:
   return config
 
 
+# The tests' model where its kind does not matter: the default's hybrid stem compiles 2x longer.
+TINY_MODEL = 'ViT-Pico_4'
+
+
 def run_plan(*args: str) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, '-m', 'vit_jax.plan', *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=900)
@@ -65,7 +69,7 @@ def run_plan(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize('mesh,fsdp', [('data:-1', 1), ('data:2,fsdp:4', 4)])
 def test_tiny_vit_memory_matches_the_count(mesh, fsdp):
-  p = planner.plan(default_config(model='ViT-Pico_4', mesh=mesh), search=False)
+  p = planner.plan(default_config(model=TINY_MODEL, mesh=mesh), search=False)
   assert p.devices == 8 and p.mesh == {'data': 8 // fsdp, 'fsdp': fsdp, 'tensor': 1}
   assert p.per_device_batch == 64 // 8
   check_memory(p, vit_params('Pico', 4, 28, 1, 10), fsdp, 28, 1)
@@ -86,8 +90,8 @@ def test_a_tensor_axis_does_not_multiply_the_batch():
 
 
 def test_a_polyak_average_is_one_more_copy_of_the_params():
-  plain = planner.plan(default_config(model='ViT-Pico_4', mesh='data:2,fsdp:4'), search=False)
-  averaged = planner.plan(default_config(model='ViT-Pico_4', mesh='data:2,fsdp:4',
+  plain = planner.plan(default_config(model=TINY_MODEL, mesh='data:2,fsdp:4'), search=False)
+  averaged = planner.plan(default_config(model=TINY_MODEL, mesh='data:2,fsdp:4',
                                          polyak_decay=0.9999), search=False)
   assert plain.averaged_params_bytes == 0 and 'Polyak' not in planner.format_plan(plain)
   assert averaged.averaged_params_bytes == averaged.params_bytes == plain.params_bytes
@@ -104,21 +108,21 @@ def test_a_mesh_that_cannot_split_the_heads_says_so():
   """ViT-Pico has 4 heads: tensor:8 splits its MLP (512 wide) but leaves q/k/v/out whole on
   every device, which the plan names with their bytes (6 layers x 7 arrays: q, k, v kernels
   and biases, out kernel; 3 x (128 x 128 + 128) + 128 x 128 floats a layer)."""
-  p = planner.plan(default_config(model='ViT-Pico_4', mesh='data:1,tensor:8'), search=False)
+  p = planner.plan(default_config(model=TINY_MODEL, mesh='data:1,tensor:8'), search=False)
   per_layer = (3 * (128 * 128 + 128) + 128 * 128) * 4
   assert p.unsplit_note == (
       f'not split, kept whole on every device: heads (4) over tensor=8 in 42 arrays '
       f'({6 * per_layer / 2**20:.1f} MiB): pick mesh sizes that divide these dims')
   assert 'params not split' in planner.format_plan(p)
-  assert planner.plan(default_config(model='ViT-Pico_4', mesh='data:2,tensor:4'),
+  assert planner.plan(default_config(model=TINY_MODEL, mesh='data:2,tensor:4'),
                       search=False).unsplit_note == ''
 
 
 def test_mixup_plans_soft_labels_and_bad_pp_is_a_config_error():
-  p = planner.plan(default_config(model='ViT-Pico_4', pp={'train': {'mixup': 0.2}}),
+  p = planner.plan(default_config(model=TINY_MODEL, pp={'train': {'mixup': 0.2}}),
                    search=False)
   assert p.batch_bytes == p.per_device_batch * (28 * 28 * 1 * 4 + 10 * 4)  # float32 [B, 10].
-  config = default_config(model='ViT-Pico_4')
+  config = default_config(model=TINY_MODEL)
   config.pp = {'train': 'inception'}
   with pytest.raises(ConfigError, match=r'pp.train=.inception.: pp.train holds options'):
     planner.plan(config, search=False)
@@ -188,8 +192,8 @@ def test_largest_batch_is_the_boundary_between_fit_and_overflow():
 
 def test_cli_simulates_the_devices_it_is_asked_for_and_prints_json():
   # pytest's own XLA_FLAGS say 8 devices; the command must replace that before jax starts.
-  result = run_plan('--config=configs/default.py', '--devices=4', '--num_classes=10',
-                    '--config.batch_eval=64', '--json', '--nomax_batch',
+  result = run_plan('--config=configs/default.py', f'--config.model={TINY_MODEL}', '--devices=4',
+                    '--num_classes=10', '--config.batch_eval=64', '--json', '--nomax_batch',
                     '--device_memory_gib=1', '--peak_tflops=1')
   assert result.returncode == 0, result.stderr[-2000:]
   p = json.loads(result.stdout)
@@ -246,7 +250,7 @@ def test_vit_b16_on_64_devices_with_fsdp_matches_the_count():
 def test_non_finite_memory_or_peak_is_a_config_error(flag, value):
   """nan / inf memory crashed in int() after compiling; a nan peak printed nan days."""
   with pytest.raises(ConfigError, match=rf'--{flag}={value} must be a positive number'):
-    planner.plan(default_config(model='ViT-Pico_4'), search=False, **{flag: value})
+    planner.plan(default_config(model=TINY_MODEL), search=False, **{flag: value})
 
 
 @pytest.mark.parametrize('devices,count', [(['--devices=4'], 4), (['--devices', '4'], 4),
@@ -256,8 +260,8 @@ def test_cli_devices_win_over_jax_num_cpu_devices(monkeypatch, devices, count):
   python -m vit_jax.plan, which was what had been run); absl's `--devices 4` and a single
   device are simulated too."""
   monkeypatch.setenv('JAX_NUM_CPU_DEVICES', '2')
-  result = run_plan('--config=configs/default.py', *devices, '--num_classes=10',
-                    '--nomax_batch', '--json')
+  result = run_plan('--config=configs/default.py', f'--config.model={TINY_MODEL}', *devices,
+                    '--num_classes=10', '--nomax_batch', '--json')
   assert result.returncode == 0, result.stderr[-2000:]
   assert json.loads(result.stdout)['devices'] == count
 
