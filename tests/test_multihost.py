@@ -157,10 +157,13 @@ def test_only_process_zero_writes_and_every_process_logs(two_process_run):
 
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint_to_the_same_end(prepared_data_dir, tmp_path):
-  """SIGKILL the launcher's process group once a checkpoint exists; rerun; same losses and
-  the same eval as the in-process reference, on every step logged after the resume."""
+  """SIGKILL the launcher's process group once a checkpoint exists; rerun; bit for bit the
+  losses and the eval of an uninterrupted 2-process run, on every step logged after the resume.
+  (Not the in-process reference: over 16 steps Adam grows its reduction-order noise to 2e-4 on a
+  Zen 3, in the uninterrupted run alike.)"""
   config = config_for(prepared_data_dir, total_steps=16, checkpoint_every=4, eval_every=16,
                       batch_eval=1000)
+  finish(launch(config, tmp_path / 'whole', tmp_path / 'whole.log'), tmp_path / 'whole.log')
   killed = launch(config, tmp_path / 'run', tmp_path / 'killed.log')
   checkpoints = tmp_path / 'run' / 'checkpoints'
   try:
@@ -177,16 +180,14 @@ def test_killed_run_resumes_from_its_checkpoint_to_the_same_end(prepared_data_di
   text = finish(launch(config, tmp_path / 'run', tmp_path / 'resumed.log'),
                 tmp_path / 'resumed.log')
   assert f'resumed from the checkpoint at step {saved}' in text
-  expected, state, exp = reference(config, 2)
-  got = train_losses(tmp_path / 'run')
-  after = [s for s in got if s > saved + 1]  # The first step after a resume compiles.
-  assert after == list(range(saved + 2, config.total_steps + 1))
-  np.testing.assert_allclose([got[s] for s in after], [expected[s] for s in after], rtol=RTOL)
-  final = read_jsonl(str(tmp_path / 'run' / 'metrics.jsonl'))[-1]
-  want = evaluate(exp, exp.jit_eval_step(), state.params, make_eval_data(exp))
-  assert final['test/examples'] == want['test/examples'] == 10000
-  np.testing.assert_allclose(final['test/loss'], want['test/loss'], rtol=RTOL)
-  assert abs(final['test/accuracy'] - want['test/accuracy']) <= 2e-4  # <= 2 images flip.
+  expected, got = train_losses(tmp_path / 'whole'), train_losses(tmp_path / 'run')
+  after = [s for s in got if s > saved]
+  assert after == list(range(saved + 1, config.total_steps + 1))
+  assert [got[s] for s in after] == [expected[s] for s in after]
+  final, want = (read_jsonl(str(tmp_path / run / 'metrics.jsonl'))[-1] for run in ('run', 'whole'))
+  assert final['test/examples'] == 10000
+  assert {k: v for k, v in final.items() if k.startswith('test/')} == {
+      k: v for k, v in want.items() if k.startswith('test/')}
 
 
 @pytest.mark.slow
