@@ -16,10 +16,13 @@ JAX_NUM_CPU_DEVICES of the caller's is dropped, since it would win). A --port an
 listens on is refused before any process starts. Output lines are prefixed with `[I] `; once
 the launcher's stdout is closed (`| head`), the rest is dropped, so no process blocks. If one
 process fails, the others are stopped (SIGTERM, then SIGKILL after a grace period), one line on
-stderr names it, and the launcher exits with the first nonzero code. SIGTERM or
+stderr names it, and the launcher exits with the first nonzero code. A process that exits
+128 + SIGTERM or SIGINT (a run that saved and stopped on a signal) has not failed: the others,
+told by JAX's preemption service, save and stop at the same step, and are waited for (a kill
+could cut their saves short); the launcher then exits with that code. SIGTERM or
 Ctrl-C to the launcher sends SIGTERM to every process (a preemption notice: the run saves a
-checkpoint and stops); a second Ctrl-C kills them. Children stay in the launcher's process
-group, so killing the group kills the whole run.
+checkpoint and stops) and it exits 128 + the signal; a second Ctrl-C kills them. Children stay
+in the launcher's process group, so killing the group kills the whole run.
 """
 import errno
 import os
@@ -36,6 +39,7 @@ USAGE = ('usage: launch/local.sh N [--devices_per_process=K] [--port=P] [--modul
          '--config=... --workdir=... [flags of M]')
 OWN_FLAGS = {'devices_per_process': 4, 'port': 0, 'module': 'vit_jax.main'}
 GRACE_S = 10.0
+STOPPED = (128 + signal.SIGTERM, 128 + signal.SIGINT)  # vit_jax's codes for a saved stop.
 COORDINATOR_HOST = '127.0.0.1'  # Not localhost, which may resolve to ::1 first.
 _DEVICE_FLAG = re.compile(r'--xla_force_host_platform_device_count=\S*')
 
@@ -156,16 +160,17 @@ class Run:
     self.signal_all(signal.SIGKILL)
 
   def wait(self) -> int:
-    """The first nonzero exit code (a signal -s as 128 + s), or 0 once all exited cleanly."""
+    """The first failure's exit code (a signal -s as 128 + s), the others then stopped; else,
+    once all exited, the first stopped one's code, or 0."""
     while True:
       codes = [p.poll() for p in self.procs]
-      failed = next(((i, c) for i, c in enumerate(codes) if c not in (None, 0)), None)
+      failed = next(((i, c) for i, c in enumerate(codes) if c not in (None, 0, *STOPPED)), None)
       if failed is not None:
         self.failed = failed
         self.stop()
         return exit_code(failed[1])
-      if all(c == 0 for c in codes):
-        return 0
+      if None not in codes:
+        return next((c for c in codes if c), 0)
       time.sleep(0.1)
 
   def close(self) -> None:
@@ -208,7 +213,7 @@ def main(argv: Sequence[str]) -> int:
            f'exited with status {returncode}')
     print(f'error: process {i} {how} (its output above, prefixed [{i}]): the other processes '
           'were stopped', file=sys.stderr)
-  return code or (128 + first_signal if first_signal else 0)
+  return 128 + first_signal if first_signal and run.failed is None else code
 
 
 if __name__ == '__main__':

@@ -133,10 +133,10 @@ def _launched(env: dict, **popen_args) -> Iterator[subprocess.Popen]:
 
 def test_ctrl_c_reaches_every_process_as_a_preemption_notice(tmp_path):
   """Like a terminal: SIGINT to the whole group. The processes ignore it; the launcher turns it
-  into SIGTERM (on which vit_jax.main saves a checkpoint and stops) and exits 130."""
+  into SIGTERM (on which vit_jax.main saves a checkpoint and exits 143) and exits 130."""
   env = fake_module(tmp_path, (
       'import signal\n'
-      'signal.signal(signal.SIGTERM, lambda *a: (print("term", flush=True), sys.exit(0)))\n'
+      'signal.signal(signal.SIGTERM, lambda *a: (print("term", flush=True), sys.exit(143)))\n'
       'print("ready", signal.getsignal(signal.SIGINT) == signal.SIG_IGN, flush=True)\n'
       # Short sleeps: a SIGTERM that lands between Python's last signal check and the sleep's
       # syscall runs its handler only when that sleep ends (one CI run hung on a single 600 s one).
@@ -148,6 +148,20 @@ def test_ctrl_c_reaches_every_process_as_a_preemption_notice(tmp_path):
     out, _ = proc.communicate(timeout=30)
   assert proc.returncode == 130
   assert sorted(out.split()) == ['[0]', '[1]', 'term', 'term']
+
+
+def test_a_process_that_stopped_on_a_signal_leaves_the_others_to_finish_their_saves(tmp_path):
+  """Exit 143 is vit_jax's saved stop, and JAX's preemption service stops the others at the
+  same step: the launcher took it for a failure and SIGTERMed them, then SIGKILLed them after
+  its grace period, saves in flight or not."""
+  env = fake_module(tmp_path, (
+      'import signal\n'
+      'signal.signal(signal.SIGTERM, lambda *a: print("term", flush=True))\n'
+      'if pid == 0:\n  time.sleep(2)\n  print("saved", flush=True)\n'
+      'sys.exit(143)\n'))
+  with _launched(env, stderr=subprocess.PIPE) as proc:
+    out, err = proc.communicate(timeout=60)
+  assert (proc.returncode, out, err) == (143, '[0] saved\n', '')
 
 
 @pytest.mark.parametrize('args', [[], ['zero'], ['0'], ['2', '--devices_per_process=0'],

@@ -63,14 +63,14 @@ def launch(config, workdir: Path, log: Path, n: int = 2) -> subprocess.Popen:
                           start_new_session=True)
 
 
-def finish(proc: subprocess.Popen, log: Path, timeout: float = 400) -> str:
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 400, returncode: int = 0) -> str:
   try:
     proc.wait(timeout=timeout)
   finally:
     if proc.poll() is None:
       os.killpg(proc.pid, signal.SIGKILL)
   text = log.read_text()
-  assert proc.returncode == 0, text[-3000:]
+  assert proc.returncode == returncode, text[-3000:]
   return text
 
 
@@ -194,7 +194,7 @@ def test_killed_run_resumes_from_its_checkpoint_to_the_same_end(prepared_data_di
 def test_sigterm_to_one_process_stops_all_at_the_same_step(prepared_data_dir, tmp_path):
   """A preemption notice reaching one host only: JAX's preemption service (not a per-process
   flag, which would stop the processes at different steps and hang them) picks one step at
-  which every process saves and stops."""
+  which every process saves and stops, exiting 143 (128 + SIGTERM: a run to resume)."""
   config = config_for(prepared_data_dir, total_steps=500)
   log = tmp_path / 'run.log'
   proc = launch(config, tmp_path / 'run', log)
@@ -206,11 +206,11 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(prepared_data_dir, tm
     children = Path(f'/proc/{proc.pid}/task/{proc.pid}/children').read_text().split()
     os.kill(int(children[1]), signal.SIGTERM)  # Process 1 only.
   finally:
-    text = finish(proc, log)
+    text = finish(proc, log, returncode=128 + signal.SIGTERM)
   [saved] = os.listdir(tmp_path / 'run' / 'checkpoints')
   assert 4 <= int(saved) < config.total_steps
-  stops = re.findall(r'^\[(\d)\] .*stopped at step (\d+) on a stop signal or preemption notice',
-                     text, re.M)
+  stops = re.findall(r'^\[(\d)\] stopped at step (\d+) on a preemption notice, its checkpoint '
+                     'saved: rerun the same command to resume$', text, re.M)
   assert sorted(stops) == [('0', saved), ('1', saved)]
 
 

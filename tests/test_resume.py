@@ -31,7 +31,7 @@ from vit_jax.checkpoints import restore
 from vit_jax.checkpoints.manager import Checkpointer
 from vit_jax.checkpoints.orbax_console import abandoned_reads_dropped
 from vit_jax.data import input_pipeline
-from vit_jax.errors import ConfigError
+from vit_jax.errors import ConfigError, RunStopped
 from vit_jax.training import experiment
 from vit_jax.training import loop
 from vit_jax.training import metrics as metrics_lib
@@ -110,26 +110,31 @@ def test_resume_after_sigkill_is_bitwise_identical(baseline, compile_cache, tmp_
                        f'(killed with {listing}, resumed from {resumed})')
 
 
-def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_exits_cleanly(prepared_data_dir,
-                                                                compile_cache, tmp_path):
+def test_sigterm_or_ctrl_c_saves_a_checkpoint_and_exits_128_plus_the_signal(
+    prepared_data_dir, compile_cache, tmp_path):
+  """It exited 0, as a finished run does: a scheduler or a retry loop took it as done."""
   config = tiny_config(prepared_data_dir, total_steps=5000, checkpoint_every=1000, progress_every=1,
                    eval_every=0)
   config_file = write_config_file(config, tmp_path / 'config.py')
   workdir = str(tmp_path / 'run')
   runs = []
   # The second run, stopped by Ctrl-C, resumes from the first one's checkpoint.
-  for signum, logged in ((signal.SIGTERM, 'SIGTERM received'), (signal.SIGINT, 'Ctrl-C: saving')):
+  for signum, logged, cause in ((signal.SIGTERM, 'SIGTERM received', 'SIGTERM'),
+                                (signal.SIGINT, 'Ctrl-C: saving', 'Ctrl-C')):
     main = MainProcess(config_file, workdir, compile_cache)
     try:
       first = main.wait_for_step(3)
       main.proc.send_signal(signum)
     finally:
       returncode = main.finish(120)
-    assert returncode == 0, main.err()[-3000:]
+    assert returncode == 128 + signum, main.err()[-3000:]
     assert 'Traceback' not in main.err()
     assert logged in main.err()
     steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))
                    if s.isdigit())
+    assert main.err().rstrip().splitlines()[-1] == (
+        f'stopped at step {steps[-1]} on {cause}, its checkpoint saved: rerun the same command '
+        'to resume')
     runs.append((first, steps, main.err()))
   (first_a, steps_a, _), (first_b, steps_b, stderr_b) = runs
   # Saved at the step it stopped at (after the one it was seen at; not a checkpoint_every one).
@@ -396,8 +401,10 @@ def test_a_stop_signal_saves_without_the_evaluation_due_at_its_step(prepared_dat
   monkeypatch.setattr(Checkpointer, 'reached_preemption', lambda self, step: step == 10)
   config = tiny_config(prepared_data_dir, eval_every=10)
   workdir = str(tmp_path / 'run')
-  result = loop.train_and_evaluate(config, workdir)
-  assert result == {'step': 10}
+  with pytest.raises(RunStopped, match='^stopped at step 10 on a preemption notice, its '
+                     'checkpoint saved') as stopped:
+    loop.train_and_evaluate(config, workdir)
+  assert stopped.value.exit_code == 128 + signal.SIGTERM
   rows = metrics_lib.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
   assert [r['step'] for r in rows if 'train/loss' in r] == [5, 10]
   assert not [r for r in rows if 'test/accuracy' in r]
@@ -417,8 +424,8 @@ def test_a_stop_signal_inside_the_profile_window_writes_the_steps_traced_so_far(
   monkeypatch.setattr(Checkpointer, 'reached_preemption', lambda self, step: step == 6)
   config = tiny_config(prepared_data_dir, eval_every=0, profile_steps=4, profile_skip_steps=3)
   workdir = tmp_path / 'run'
-  with caplog.at_level(logging.WARNING):
-    assert loop.train_and_evaluate(config, str(workdir)) == {'step': 6}
+  with caplog.at_level(logging.WARNING), pytest.raises(RunStopped, match='at step 6 '):
+    loop.train_and_evaluate(config, str(workdir))
   traces = glob.glob(str(workdir / 'profile' / 'plugins' / 'profile' / '*' / '*.xplane.pb'))
   assert len(traces) == 1
   assert profiling.traced_steps(traces[0], 'jit_train_step') == 3  # Steps 4 to 6.
@@ -507,7 +514,7 @@ import resource, signal, sys, time
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # A write past the limit fails with EFBIG.
 import jax
 from vit_jax.checkpoints.manager import Checkpointer
-from vit_jax.errors import ConfigError
+from vit_jax.errors import ConfigError, RunStopped
 state = {f'w{i}': jax.random.normal(jax.random.PRNGKey(i), (64, 1024)) for i in range(8)}
 try:
   with Checkpointer(sys.argv[1]) as checkpointer:
@@ -520,9 +527,13 @@ try:
         checkpointer.raise_if_save_failed()
         time.sleep(0.1)
       print('not raised')
+    if sys.argv[2] == 'stop':  # ... or when a stopped run waits for it on its way out,
+      raise RunStopped(2, signal.SIGTERM)
     checkpointer.save(3, state, {'step': 3})  # ... or raised here, by waiting for it.
 except ConfigError as e:
   print(f'error: {e}')
+except RunStopped as e:  # Whose "its checkpoint saved" would be untrue.
+  print(f'stopped: {e}')
 '''
 
 
@@ -540,13 +551,14 @@ def test_the_progress_check_never_waits_for_a_save_in_flight(tmp_path, monkeypat
     assert waits == [1] and checkpointer._saving is None  # pylint: disable=protected-access
 
 
-@pytest.mark.parametrize('found_by', ['next_save', 'poll'])
+@pytest.mark.parametrize('found_by', ['next_save', 'poll', 'stop'])
 def test_a_failed_asynchronous_save_is_one_line_and_keeps_the_older_checkpoints(tmp_path,
                                                                                 found_by):
   """A full disk (here a file size limit) during an async save printed ~1,600 lines: orbax's
   logged tracebacks and one per abandoned shard write, while training went on, then a raw
   traceback. Now: one line naming the step, the cause, the fix and the step to resume from,
-  found at the next progress window ('poll'; it was only at the next save)."""
+  found at the next progress window ('poll'; it was only at the next save), or as a run stopped
+  by a signal ends ('stop': it would say the checkpoint is saved)."""
   workdir = str(tmp_path / 'run')
   proc = subprocess.run([sys.executable, '-c', _FAILING_SAVE, workdir, found_by], cwd=REPO,
                         capture_output=True, text=True, timeout=300)

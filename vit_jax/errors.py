@@ -3,8 +3,9 @@ import errno
 import functools
 import os
 import re
+import signal
 import sys
-from typing import Callable, NoReturn
+from typing import Callable, NoReturn, Optional
 
 from absl import app
 from absl import flags
@@ -34,6 +35,27 @@ class ConfigError(ValueError):
 
 class TrainingDiverged(ConfigError):
   """NaN or inf in the loss, the params or their features; the last good checkpoint is kept."""
+
+
+class RunStopped(Exception):
+  """A stop signal or preemption notice ended a run before its last step, after saving it.
+
+  The command-line tools exit 128 + the signal's number, as a process the signal ended would:
+  a scheduler, `until ...; do :; done` or `make` then reads the run as unfinished, not done.
+  """
+
+  def __init__(self, step: int, signum: Optional[int]):
+    """`signum` None: the notice came through JAX's preemption service (multi-host), which
+    turns a SIGTERM to any process into one step at which all stop."""
+    self.step, self.signum = step, signum or signal.SIGTERM
+    cause = ('a preemption notice' if signum is None else
+             'Ctrl-C' if signum == signal.SIGINT else signal.Signals(signum).name)
+    super().__init__(f'stopped at step {step} on {cause}, its checkpoint saved: rerun the same '
+                     'command to resume')
+
+  @property
+  def exit_code(self) -> int:
+    return 128 + self.signum
 
 
 def first_line(error: BaseException) -> str:
@@ -113,7 +135,7 @@ def _is_out_of_memory(error: BaseException) -> bool:
 def cli_main(main: Callable) -> Callable:
   """Wraps an absl `main` so a ConfigError, a path without permission, a full disk, a damaged
   dataset file, or a batch too large for the device exits with one line instead of a
-  traceback."""
+  traceback; so does a run stopped by a signal (with 128 + its number)."""
 
   @functools.wraps(main)
   def wrapped(*args, **kwargs):
@@ -124,6 +146,9 @@ def cli_main(main: Callable) -> Callable:
       return main(*args, **kwargs)
     except ConfigError as e:
       _exit_with(str(e))
+    except RunStopped as e:
+      print(e, file=sys.stderr)
+      sys.exit(e.exit_code)
     except Exception as e:  # pylint: disable=broad-except
       if _is_out_of_memory(e):
         _exit_with(f'out of memory ({first_line(e)}): lower the batch (--config.batch '

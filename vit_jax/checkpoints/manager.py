@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 
 from vit_jax.checkpoints.orbax_console import (AbandonedShardsDropped, abandoned_reads_dropped,
                                                 error_summary)
-from vit_jax.errors import ConfigError, nearest_existing
+from vit_jax.errors import ConfigError, RunStopped, nearest_existing
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -343,11 +343,12 @@ class Checkpointer:
 
   def __exit__(self, exc_type, exc_value, traceback) -> None:
     """Also on an error (divergence, Ctrl-C): an async save in flight still lands. A failed save
-    found here is raised, unless another error is on its way (then it is logged)."""
+    found here is raised, unless another error is on its way (then it is logged); a stopped
+    run's says its checkpoint is saved, so the failure replaces it."""
     try:
       self.close()
     except ConfigError as e:
-      if exc_type is None:
+      if exc_type is None or issubclass(exc_type, RunStopped):
         raise
       logging.error('%s', e)
 

@@ -24,7 +24,7 @@ import tensorflow as tf
 from vit_jax.checkpoints.manager import Checkpointer, StateStructureChanged
 from vit_jax.data import global_batch
 from vit_jax.data import input_pipeline
-from vit_jax.errors import ConfigError, TrainingDiverged, check_not_a_file
+from vit_jax.errors import ConfigError, RunStopped, TrainingDiverged, check_not_a_file
 from vit_jax.training import metrics as metrics_lib
 from vit_jax.training import perf
 from vit_jax.training import profiling
@@ -43,7 +43,7 @@ class _StopSignal:
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.received = False
+    self.received: Optional[int] = None  # The signal's number.
     self._previous = {}
 
   def __enter__(self):
@@ -59,7 +59,7 @@ class _StopSignal:
                       'saving)')
     else:
       logging.warning('SIGTERM received: saving a checkpoint and stopping')
-    self.received = True
+    self.received = signum
 
   def __exit__(self, *exc):
     for signum, previous in self._previous.items():
@@ -279,7 +279,8 @@ def check_run(config: ml_collections.ConfigDict, workdir: str,
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        exp: Optional[Experiment] = None, initial_state: Any = None) -> dict:
-  """Trains (resuming from the newest checkpoint in `workdir`) and returns the final metrics.
+  """Trains (resuming from the newest checkpoint in `workdir`) and returns the final metrics;
+  raises RunStopped once a stop signal or preemption notice has had the run save and stop.
 
   `initial_state` (fine-tuning) is used only when the workdir has no checkpoint yet.
   """
@@ -354,7 +355,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           progress.update(step, scalars['train/loss'], scalars.get('perf/img_per_sec'))
           window, window_start = [], (step, time.perf_counter())
           checkpointer.raise_if_save_failed()  # A full disk stops the run now, not a save later.
-        preempted = stop.received or checkpointer.reached_preemption(step)
+        preempted = bool(stop.received) or checkpointer.reached_preemption(step)
         saving = preempted or step == total_steps or step % checkpoint_every == 0
         # No evaluation once a stop is asked for: the grace period is for the save.
         evals_due = [] if preempted else _due(evaluations, step, total_steps)
@@ -380,7 +381,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if preempted:
           if profiler is not None:
             profiler.cut_short(step)
-          logging.warning('stopped at step %d on a stop signal or preemption notice; rerun to '
-                          'resume', step)
-          break
+          raise RunStopped(step, stop.received)
   return final | {'step': int(state.step)}
