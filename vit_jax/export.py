@@ -9,9 +9,7 @@ import os
 
 from absl import flags
 
-from vit_jax import models
-from vit_jax.checkpoints import npz
-from vit_jax.checkpoints import restore
+from vit_jax.checkpoints import is_npz
 from vit_jax.errors import (ConfigError, check_no_arguments, nearest_existing,
                             quiet_unless_verbose, run_cli)
 
@@ -39,13 +37,20 @@ def _check_output(path: str) -> None:
 def main(argv: list[str]) -> None:
   check_no_arguments(argv)
   quiet_unless_verbose()  # Its result is the line it prints.
-  if not restore.is_npz(_OUTPUT.value):
+  if not is_npz(_OUTPUT.value):
     raise ConfigError(f'--output={_OUTPUT.value} must end in .npz')
-  if restore.is_npz(_WORKDIR.value):
+  if is_npz(_WORKDIR.value):
     raise ConfigError(f'--workdir={_WORKDIR.value} is already a .npz: pass a training workdir')
   if '://' not in _WORKDIR.value and not os.path.isdir(_WORKDIR.value):
     raise ConfigError(f'--workdir={_WORKDIR.value} is not a directory: pass the training workdir')
   _check_output(_OUTPUT.value)  # Before the checkpoint is read.
+  # Imported once the flags are checked: TensorFlow (~6 s to load on 2 cores) is not needed to
+  # report a mistaken one.
+  # pylint: disable=g-import-not-at-top
+  from vit_jax import models
+  from vit_jax.checkpoints import npz
+  from vit_jax.checkpoints import restore
+  # pylint: enable=g-import-not-at-top
   pretrained = restore.load(_WORKDIR.value)
   try:
     npz.save_npz(pretrained.params, _OUTPUT.value)

@@ -16,7 +16,6 @@ from ml_collections import config_flags
 
 from vit_jax.errors import check_no_arguments, run_cli
 from vit_jax.training import distributed
-from vit_jax.training import finetune
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Fine-tuning config file.',
                                           lock_config=True)
@@ -27,6 +26,9 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv: list[str]) -> None:
   check_no_arguments(argv)
   distributed.initialize_from_flags()
+  # Imported once the flags are checked, as vit_jax.main's loop is: TensorFlow is not needed
+  # to report a mistaken flag or config key.
+  from vit_jax.training import finetune  # pylint: disable=g-import-not-at-top
   result = finetune.finetune(_CONFIG.value, _WORKDIR.value)
   logging.info('final: %s', result)
 

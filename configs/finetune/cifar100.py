@@ -10,9 +10,9 @@ TFDS_DATA_DIR.
 """
 import ml_collections
 
-from vit_jax.training import finetune
+from vit_jax.training import recipes
 
 
 def get_config() -> ml_collections.ConfigDict:
-  return finetune.paper_config('cifar100', total_steps=10_000, base_lr=0.03,
+  return recipes.finetune_config('cifar100', total_steps=10_000, base_lr=0.03,
                                train_split='train[:98%]')

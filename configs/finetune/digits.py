@@ -31,11 +31,11 @@ It is large with a short budget or little data, where transfer is meant to help.
 """
 import ml_collections
 
-from vit_jax.training import finetune
+from vit_jax.training import recipes
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = finetune.paper_config('digits', total_steps=300, base_lr=0.1, image_size=28)
+  config = recipes.finetune_config('digits', total_steps=300, base_lr=0.1, image_size=28)
   config.init = 'workdirs/default'
   config.channels = 1
   # Small shifts only: the 8x8 digits upscaled to 28 px are centred, and flips change digits.

@@ -23,11 +23,11 @@ resized position embeddings first have to be re-learnt). lr not swept.
 """
 import ml_collections
 
-from vit_jax.training import finetune
+from vit_jax.training import recipes
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = finetune.paper_config('fashion_mnist', total_steps=200, base_lr=0.03, image_size=56)
+  config = recipes.finetune_config('fashion_mnist', total_steps=200, base_lr=0.03, image_size=56)
   config.init = 'workdirs/default'
   config.channels = 1
   config.pp.train.update(crop='random_crop', random_crop_pad=4, flip=True)

@@ -17,7 +17,7 @@ from typing import Optional
 import ml_collections
 
 from vit_jax.errors import ConfigError
-from vit_jax.training import finetune
+from vit_jax.training import recipes
 
 # Table 2's fine-tuning resolutions (Sec. 4.1): 32x32 patches of 16 px, 37x37 of 14 px.
 TABLE_2_IMAGE_SIZES = {'ViT-L_16': 512, 'ViT-H_14': 518}
@@ -27,7 +27,7 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   if arg and arg not in TABLE_2_IMAGE_SIZES:
     raise ConfigError(f'imagenet2012.py:{arg} is not one of {list(TABLE_2_IMAGE_SIZES)} '
                       '(Table 2\'s fine-tunes): drop the argument for the Table 4 recipe')
-  config = finetune.paper_config('imagenet2012', total_steps=20_000, base_lr=0.03,
+  config = recipes.finetune_config('imagenet2012', total_steps=20_000, base_lr=0.03,
                                  train_split='train[:99%]', eval_split='validation')
   if arg:
     config.model = arg

@@ -9,8 +9,8 @@ default. The warmup of a 500-step run is 100.
 """
 import ml_collections
 
-from vit_jax.training import finetune
+from vit_jax.training import recipes
 
 
 def get_config() -> ml_collections.ConfigDict:
-  return finetune.paper_config('oxford_flowers102', total_steps=500, base_lr=0.03)
+  return recipes.finetune_config('oxford_flowers102', total_steps=500, base_lr=0.03)

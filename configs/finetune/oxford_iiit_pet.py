@@ -10,8 +10,8 @@ steps the warmup is 100 (a fifth of the run, as in the released AugReg config).
 """
 import ml_collections
 
-from vit_jax.training import finetune
+from vit_jax.training import recipes
 
 
 def get_config() -> ml_collections.ConfigDict:
-  return finetune.paper_config('oxford_iiit_pet', total_steps=500, base_lr=0.03)
+  return recipes.finetune_config('oxford_iiit_pet', total_steps=500, base_lr=0.03)

@@ -15,7 +15,7 @@ KITTI distance, DMLab), whose labels are derived from other features.
 import ml_collections
 
 from vit_jax.errors import ConfigError
-from vit_jax.training import finetune
+from vit_jax.training import recipes
 
 # task -> (TFDS name, train split, test split). Eurosat and Resisc45 ship one split; VTAB tests
 # on its last 20%.
@@ -38,5 +38,5 @@ def get_config(task: str = 'dtd') -> ml_collections.ConfigDict:
   if task not in TASKS:
     raise ConfigError(f'unknown VTAB task {task!r}: use one of {", ".join(TASKS)}')
   dataset, train_split, eval_split = TASKS[task]
-  return finetune.paper_config(dataset, total_steps=2_500, base_lr=0.01,
+  return recipes.finetune_config(dataset, total_steps=2_500, base_lr=0.01,
                                train_split=train_split, eval_split=eval_split)

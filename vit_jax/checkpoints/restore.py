@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 import tensorflow as tf
 
 from vit_jax import models
+from vit_jax.checkpoints import is_npz
 from vit_jax.checkpoints import npz
 from vit_jax.checkpoints import timm_layout
 from vit_jax.checkpoints.manager import Checkpointer, no_checkpoint_error
@@ -114,10 +115,6 @@ class Pretrained:
     """The flax module of this architecture (overrides such as dtype or scan on top)."""
     return models.create(self.model, num_classes=num_classes,
                          **(self.model_overrides | overrides))
-
-
-def is_npz(path: str) -> bool:
-  return path.lower().endswith('.npz')
 
 
 def _check_exists(path: str) -> None:

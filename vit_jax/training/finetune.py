@@ -7,7 +7,7 @@ module only builds the initial state and hands it to `loop.train_and_evaluate`.
 """
 import logging
 import os
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,6 @@ from vit_jax import sharding
 from vit_jax.checkpoints import restore
 from vit_jax.checkpoints import transfer
 from vit_jax.checkpoints.manager import Checkpointer, checkpoint_dir
-from vit_jax.data import pp_options
 from vit_jax.errors import ConfigError
 from vit_jax.training import experiment
 from vit_jax.training import loop
@@ -27,68 +26,6 @@ from vit_jax.training import state as state_lib
 # Model options of a pre-training recipe that fine-tuning does not inherit (set them in the
 # fine-tune config's model_overrides to keep them).
 PRETRAIN_ONLY = ('dropout_rate', 'attention_dropout_rate', 'head_bias_init')
-
-def paper_config(dataset: str, *, total_steps: int, base_lr: float,
-                 model: Optional[str] = None, image_size: int = 384, train_split: str = 'train',
-                 eval_split: str = 'test') -> ml_collections.ConfigDict:
-  """The paper's fine-tuning recipe (Table 4) for one dataset.
-
-  SGD with momentum 0.9, batch 512, cosine decay, gradient clipping at global norm 1, no weight
-  decay, 384 px. Warmup is 500 steps, a fifth of the run for recipes under 2,500 steps (a
-  500-step run warms up for 100, as the released AugReg fine-tuning config does).
-  """
-  config = ml_collections.ConfigDict()
-  # A pre-training workdir, a released-layout .npz or timm's .safetensors.
-  config.init = ''
-  config.keep_pre_logits = False  # The paper drops the pre-logits layer when transferring.
-  # None: the checkpoint's (a workdir's saved config, timm's config.json); a .npz holds none, so
-  # it needs one named, and so does training the config from scratch with `vit_jax.main`.
-  config.model = ml_collections.config_dict.placeholder(str) if model is None else model
-  # None: the checkpoint's setting. Listed so that `--config.model_overrides.scan=True` works.
-  config.model_overrides = ml_collections.ConfigDict({
-      k: ml_collections.config_dict.placeholder(type(v))
-      for k, v in models.COMPUTE_OPTIONS.items()})
-  # None: no dropout (pre-training's is not inherited); the released code fine-tunes ViT-L,
-  # ViT-H and R50+ViT-B with --config.model_overrides.dropout_rate=0.1.
-  config.model_overrides.dropout_rate = ml_collections.config_dict.placeholder(float)
-  config.dataset = dataset
-  # None: TFDS_DATA_DIR or ~/tensorflow_datasets. A typed placeholder, so that
-  # --config.data_dir=DIR works on the command line.
-  config.data_dir = ml_collections.config_dict.placeholder(str)
-  config.train_split = train_split
-  config.eval_split = eval_split
-  config.image_size = image_size
-  config.channels = 3
-  config.pp = pp_options.config_dict(train={'crop': 'inception', 'flip': True},
-                                     eval_crop='resize')
-  config.batch = 512
-  config.batch_eval = 512
-  config.accum_steps = 1  # The released code uses 8 for B/16 at 384 px on a TPUv3-8.
-  config.total_steps = total_steps
-  config.optimizer = 'sgd'
-  config.momentum = 0.9
-  config.base_lr = base_lr
-  config.weight_decay = 0.0
-  # Recipes under 2,500 steps warm up for a fifth of the run, also when --config.total_steps
-  # changes it; a longer recipe keeps 500 (shortened below that, set --config.warmup_steps too).
-  config.warmup_steps = 500 if total_steps >= 2500 else config.get_ref('total_steps') // 5
-  config.decay_type = 'cosine'
-  config.grad_norm_clip = 1.0
-  config.label_smoothing = 0.0
-  # > 0: evaluate (and save for readers) the Polyak average of the params, as the paper's
-  # fine-tunes of Table 2 at 512 and 518 px did (0.9999, Sec. 4.1).
-  config.polyak_decay = 0.0
-  config.dtype = 'float32'
-  config.mesh = 'data:-1'
-  config.eval_every = max(total_steps // 10, 1)
-  config.progress_every = 50
-  config.checkpoint_every = 1000
-  config.keep_checkpoints = 2
-  config.profile_steps = 0  # > 0: trace that many steps into WORKDIR/profile (XProf).
-  config.profile_skip_steps = 5  # Steps of the run before the trace (compile, warm-up).
-  config.seed = 0
-  return config
-
 
 def with_architecture(config: ml_collections.ConfigDict, model: str,
                       model_overrides: dict[str, Any], channels: int) -> ml_collections.ConfigDict:
