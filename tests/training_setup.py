@@ -1,8 +1,9 @@
 """What the training test files share: the tiny recipe, a compilation cache, a baseline run, and
 reading back and comparing its train states.
 
-Compiling dominates on CPU, so each module that imports `compile_cache` gets a persistent XLA
-compilation cache (also used by its `python -m vit_jax.main` subprocesses), and most tests use
+Compiling dominates on CPU, so each module that imports `compile_cache` uses a persistent XLA
+compilation cache (also used by its `python -m vit_jax.main` subprocesses): the pytest
+process's, shared by the modules it runs (conftest.py), else one of its own; and most tests use
 the one `tiny_config` recipe, whose executables are then compiled once.
 """
 import os
@@ -33,7 +34,11 @@ _CACHE_OPTIONS = {'jax_compilation_cache_dir': None,
 
 @pytest.fixture(scope='module', autouse=True)
 def compile_cache(tmp_path_factory):
-  """A persistent compilation cache for this module (restored afterwards)."""
+  """The pytest process's persistent compilation cache, else one for this module (restored
+  afterwards)."""
+  if os.environ.get('VIT_JAX_TEST_COMPILATION_CACHE'):  # conftest.py's, jax's already.
+    yield os.environ['VIT_JAX_TEST_COMPILATION_CACHE']
+    return
   path = str(tmp_path_factory.mktemp('jax_cache'))
   previous = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
   for name, value in _CACHE_OPTIONS.items():
