@@ -287,16 +287,16 @@ def test_npz_takes_labels_from_a_file_or_prints_indices(workdir, photos, tmp_pat
 def test_a_workdirs_dataset_names_its_classes_only_when_they_fit_the_head(
     workdir, tmp_path, caplog):
   pretrained = classify.load_checkpoint(workdir).pretrained
-  assert classify.dataset_class_names(pretrained) == FASHION
+  assert classify.known_class_names(pretrained) == FASHION
   head = pretrained.params['head']
   narrow = dict(pretrained.params, head={k: v[..., :5] for k, v in head.items()})
   with caplog.at_level(logging.WARNING):
-    names = classify.dataset_class_names(dataclasses.replace(pretrained, params=narrow))
+    names = classify.known_class_names(dataclasses.replace(pretrained, params=narrow))
   assert names is None
   assert 'fashion_mnist has 10 classes but the head 5; using class indices' in caplog.text
   unprepared = dict(pretrained.config, data_dir=str(tmp_path))
-  assert classify.dataset_class_names(dataclasses.replace(pretrained, config=unprepared)) is None
-  assert classify.dataset_class_names(dataclasses.replace(pretrained, config=None)) is None
+  assert classify.known_class_names(dataclasses.replace(pretrained, config=unprepared)) is None
+  assert classify.known_class_names(dataclasses.replace(pretrained, config=None)) is None
 
 
 def test_cli_reports_each_unreadable_file_in_one_line_and_classifies_the_rest(

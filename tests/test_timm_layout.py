@@ -8,6 +8,7 @@ order shows. `make test-interop` checks the same files against timm itself.
 import json
 import logging
 import re
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -206,13 +207,14 @@ def test_unreadable_files_and_a_missing_model_are_one_line(tmp_path):
 
 def _hub_snapshot(folder, state: dict[str, np.ndarray], architecture: str, pool: str = 'token',
                   mean: tuple[float, ...] = (0.5,) * 3, std: tuple[float, ...] = (0.5,) * 3,
-                  **model_args) -> str:
+                  labels: Optional[dict] = None, **model_args) -> str:
   """The hub's layout, as timm's save_for_hf writes it: the weights and config.json in one
-  folder."""
+  folder (`labels`: its label_names and label_descriptions)."""
   folder.mkdir()
   save_file(state, str(folder / 'model.safetensors'))
   (folder / 'config.json').write_text(json.dumps({
       'architecture': architecture, 'num_classes': 5, 'num_features': WIDTH, 'global_pool': pool,
+      **(labels or {}),
       'model_args': {'in_chans': 1, 'num_classes': 5, 'global_pool': pool, **model_args},
       'pretrained_cfg': {'tag': 'augreg_in21k', 'mean': mean, 'std': std}}))
   return str(folder / 'model.safetensors')
@@ -295,6 +297,33 @@ def test_what_the_hub_config_says_is_assumed_or_off_is_logged(tmp_path, caplog):
       f"{tmp_path / 'deit' / 'config.json'}: its weights expect inputs normalised by mean "
       '(0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225); vit_jax scales them to [-1, 1] '
       '(mean = std = 0.5), so until fine-tuned its outputs are off']
+
+
+def test_the_hub_configs_label_names_label_the_classes(tmp_path, caplog):
+  """As timm's hub models name ImageNet's classes: synsets in label_names, their words in
+  label_descriptions (infer printed class indices)."""
+  synsets = ['n01440764', 'n01443537', 'n01484850', 'n01491361', 'n01494475']
+  words = {'n01440764': 'tench, Tinca tinca', 'n01443537': 'goldfish, Carassius auratus',
+           'n01484850': 'great white shark', 'n01491361': 'tiger shark'}  # The 5th: none.
+  named = _hub_snapshot(tmp_path / 'list', _timm_state(), 'vit_mu_patch4_8',
+                        labels={'label_names': synsets, 'label_descriptions': words})
+  classifier = classify.Classifier.from_checkpoint(named, 'ViT-Mu_4')
+  assert [classifier.label(i) for i in range(5)] == [
+      'tench, Tinca tinca', 'goldfish, Carassius auratus', 'great white shark', 'tiger shark',
+      'n01494475']
+  # {index: name} where the indices have gaps: the gaps are their index.
+  gaps = _hub_snapshot(tmp_path / 'gaps', _timm_state(), 'vit_mu_patch4_8',
+                       labels={'label_names': {'0': 'cat', '3': 'dog'}})
+  assert classify.Classifier.from_checkpoint(gaps, 'ViT-Mu_4').class_names == [
+      'cat', '1', '2', 'dog', '4']
+  # Names for another head: class indices, and a warning; --labels still wins.
+  other = _hub_snapshot(tmp_path / 'other', _timm_state(), 'vit_mu_patch4_8',
+                        labels={'label_names': synsets[:3]})
+  with caplog.at_level(logging.WARNING):
+    assert classify.Classifier.from_checkpoint(other, 'ViT-Mu_4').class_names is None
+  assert 'names 3 classes but the head has 5; using class indices' in caplog.text
+  given = classify.Classifier.from_checkpoint(named, 'ViT-Mu_4', class_names=list('abcde'))
+  assert given.class_names == list('abcde')
 
 
 def test_a_broken_or_foreign_config_json_beside_the_file(tmp_path):

@@ -41,6 +41,7 @@ class Pretrained:
   model_overrides: dict[str, Any]
   source: str  # For messages: 'workdir W (step N...)' or the file's path.
   config: Optional[dict[str, Any]] = None  # The pre-training config (workdirs only).
+  class_names: Optional[tuple[str, ...]] = None  # Those the file names (timm's config.json).
   requested_image_size: Optional[int] = None  # A reader's --image_size, over the config's.
   requested_crop: Optional[str] = None  # A reader's --crop, over the config's.
 
@@ -148,8 +149,10 @@ def load(path: str, model: Optional[str] = None,
   _check_exists(path)
   path = timm_layout.weights_of_folder(path)
   # A workdir is a folder; a file is a .npz, or timm's .safetensors.
+  class_names = None
   if timm_layout.is_safetensors(path):
-    model, params, overrides = timm_layout.load(path, model, model_overrides or {})
+    model, params, overrides, hub = timm_layout.load(path, model, model_overrides or {})
+    class_names = hub and hub.class_names
   elif is_npz(path) or os.path.isfile(path):
     _check_not_inside_a_workdir(path)
     if not model:
@@ -164,7 +167,7 @@ def load(path: str, model: Optional[str] = None,
                         'own architecture')
     return pretrained
   overrides |= npz.visible_architecture(params) | dict(model_overrides or {})
-  return Pretrained(params, model, overrides, path)
+  return Pretrained(params, model, overrides, path, class_names=class_names)
 
 
 def _open(workdir: str) -> tuple[Checkpointer, list[int]]:

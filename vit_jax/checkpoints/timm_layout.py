@@ -64,6 +64,9 @@ class HubConfig:
   mean: Optional[tuple[float, ...]]
   std: Optional[tuple[float, ...]]
   num_heads: Optional[int]  # In model_args when given to create_model, else None.
+  # Per class index: label_descriptions' text for its label_names entry, else that name (an
+  # ImageNet synset: 'n01440764' -> 'tench, Tinca tinca'); None when the file names none.
+  class_names: Optional[tuple[str, ...]] = None
 
 
 def read_hub_config(weights: str) -> Optional[HubConfig]:
@@ -86,17 +89,30 @@ def read_hub_config(weights: str) -> Optional[HubConfig]:
     pool = config.get('global_pool', model_args.get('global_pool'))
     num_heads = int(model_args['num_heads']) if 'num_heads' in model_args else None
     return HubConfig(path, config['architecture'], pool, as_tuple(pretrained.get('mean')),
-                     as_tuple(pretrained.get('std')), num_heads)
+                     as_tuple(pretrained.get('std')), num_heads, _class_names(config))
   except (AttributeError, TypeError, ValueError) as e:  # Not timm's dicts and lists of numbers.
     raise ConfigError(f"{path}, beside the weights, is not timm's ({e}): re-download it, or "
                       'remove it to load the weights without it') from e
 
 
-def load(path: str, model: Optional[str],
-         model_overrides: dict[str, Any]) -> tuple[str, Params, dict[str, Any]]:
+def _class_names(config: dict[str, Any]) -> Optional[tuple[str, ...]]:
+  """timm's label_names (a list, or {index: name} where indices have gaps, the gaps then named
+  by their index) with label_descriptions' text for each name that has one."""
+  names, descriptions = config.get('label_names'), config.get('label_descriptions') or {}
+  if not names:
+    return None
+  if hasattr(names, 'items'):
+    by_index = {int(i): str(name) for i, name in names.items()}
+    count = max(int(config.get('num_classes') or 0), max(by_index) + 1)
+    names = [by_index.get(i, str(i)) for i in range(count)]
+  return tuple(str(descriptions.get(name, name)) for name in names)
+
+
+def load(path: str, model: Optional[str], model_overrides: dict[str, Any]
+         ) -> tuple[str, Params, dict[str, Any], Optional[HubConfig]]:
   """The model a timm file is for (the named one, else the one its config.json names), its
-  params in the released layout, and the options timm's ViTs differ by: the exact GELU, and the
-  config.json's head count."""
+  params in the released layout, the options timm's ViTs differ by (the exact GELU, and the
+  config.json's head count), and that config.json, if any."""
   hub = read_hub_config(path)
   model = _model_name(path, model, hub)
   overrides = {'gelu_approximate': False}
@@ -107,7 +123,7 @@ def load(path: str, model: Optional[str],
   if hub:
     _check_pooling(hub, has_class_token='cls' in params)
     _warn_of_assumptions(hub, model, named.num_heads)
-  return model, params, overrides
+  return model, params, overrides, hub
 
 
 def _model_name(path: str, model: Optional[str], hub: Optional[HubConfig]) -> str:

@@ -75,8 +75,15 @@ def load_image(path: str) -> np.ndarray:
     raise ImageError(path, reason) from e
 
 
-def dataset_class_names(pretrained: restore.Pretrained) -> Optional[list[str]]:
-  """The class names of the dataset a workdir was trained on; None when unknown or unprepared."""
+def known_class_names(pretrained: restore.Pretrained) -> Optional[list[str]]:
+  """The class names the checkpoint's file gives (timm's config.json), else those of the dataset
+  a workdir was trained on; None when unknown, unprepared or not one per class of the head."""
+  if pretrained.class_names:
+    if len(pretrained.class_names) == pretrained.num_classes:
+      return list(pretrained.class_names)
+    logging.warning('%s names %d classes but the head has %d; using class indices',
+                    pretrained.source, len(pretrained.class_names), pretrained.num_classes)
+    return None
   config = pretrained.config or {}
   if not config.get('dataset'):
     return None
@@ -184,11 +191,12 @@ class Classifier:
                       image_size: Optional[int] = None, crop: Optional[str] = None,
                       class_names: Optional[Sequence[str]] = None,
                       batch_size: int = 32) -> 'Classifier':
-    """From a workdir (architecture, image size, crop and labels from its config) or a `.npz`."""
+    """From a workdir (architecture, image size, crop and labels from its config), a `.npz` or
+    timm's `.safetensors` (labels from its config.json)."""
     checkpoint = load_checkpoint(path, model, image_size, crop)
     classifier = cls(checkpoint, class_names=class_names, batch_size=batch_size)
     if class_names is None:
-      classifier.class_names = dataset_class_names(checkpoint.pretrained)
+      classifier.class_names = known_class_names(checkpoint.pretrained)
     return classifier
 
   @property
