@@ -40,8 +40,9 @@ class TrainingDiverged(ConfigError):
 class RunStopped(Exception):
   """A stop signal or preemption notice ended a run before its last step, after saving it.
 
-  The command-line tools exit 128 + the signal's number, as a process the signal ended would:
-  a scheduler, `until ...; do :; done` or `make` then reads the run as unfinished, not done.
+  The command-line tools exit 128 + the signal's number (by SIGINT itself for Ctrl-C), as a
+  process the signal ended would: a scheduler, `until ...; do :; done` or `make` then reads the
+  run as unfinished, not done.
   """
 
   def __init__(self, step: int, signum: Optional[int]):
@@ -52,10 +53,6 @@ class RunStopped(Exception):
              'Ctrl-C' if signum == signal.SIGINT else signal.Signals(signum).name)
     super().__init__(f'stopped at step {step} on {cause}, its checkpoint saved: rerun the same '
                      'command to resume')
-
-  @property
-  def exit_code(self) -> int:
-    return 128 + self.signum
 
 
 def first_line(error: BaseException) -> str:
@@ -109,6 +106,20 @@ def _exit_with(message: str) -> NoReturn:
   sys.exit(2)
 
 
+def _stop_as_signalled(message: str, signum: int) -> NoReturn:
+  """Exits 128 + `signum`, after `message`, without a traceback. For Ctrl-C the process ends by
+  SIGINT itself, as Python's own exit on Ctrl-C does: a shell running it in a script or loop
+  stops there too (bash carries on after a child that exits 130 of its own accord)."""
+  print(message, file=sys.stderr, flush=True)
+  if signum != signal.SIGINT:
+    sys.exit(128 + signum)
+  logging.flush()
+  sys.stdout.flush()
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+  os.kill(os.getpid(), signal.SIGINT)
+  sys.exit(128 + signum)  # Reached only where SIGINT is blocked.
+
+
 def _is_permission_error(error: BaseException) -> bool:
   """Python's or TensorFlow's (tf.io.gfile, by name: TensorFlow is not imported here) error for
   a path this user may not write (or read): a read-only mount, another user's folder."""
@@ -147,8 +158,9 @@ def cli_main(main: Callable) -> Callable:
     except ConfigError as e:
       _exit_with(str(e))
     except RunStopped as e:
-      print(e, file=sys.stderr)
-      sys.exit(e.exit_code)
+      _stop_as_signalled(str(e), e.signum)
+    except KeyboardInterrupt:  # A second Ctrl-C in training; the first anywhere else.
+      _stop_as_signalled('interrupted (Ctrl-C)', signal.SIGINT)
     except Exception as e:  # pylint: disable=broad-except
       if _is_out_of_memory(e):
         _exit_with(f'out of memory ({first_line(e)}): lower the batch (--config.batch '

@@ -48,7 +48,9 @@ class _StopSignal:
 
   def __enter__(self):
     if jax.process_count() == 1:
-      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+      # A signal ignored when we started (`cmd &` in a script: SIGINT) stays ignored.
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS
+                        if signal.getsignal(s) is not signal.SIG_IGN}
     return self
 
   def _handle(self, signum, frame):
