@@ -146,7 +146,7 @@ def _is_out_of_memory(error: BaseException) -> bool:
 def cli_main(main: Callable) -> Callable:
   """Wraps an absl `main` so a ConfigError, a path without permission, a full disk, a damaged
   dataset file, or a batch too large for the device exits with one line instead of a
-  traceback; so does a run stopped by a signal (with 128 + its number)."""
+  traceback; so do a run stopped by a signal and a Ctrl-C (exit 128 + the signal)."""
 
   @functools.wraps(main)
   def wrapped(*args, **kwargs):

@@ -15,4 +15,4 @@ from vit_jax.training import recipes
 
 def get_config() -> ml_collections.ConfigDict:
   return recipes.finetune_config('cifar10', total_steps=10_000, base_lr=0.03,
-                               train_split='train[:98%]')
+                                 train_split='train[:98%]')

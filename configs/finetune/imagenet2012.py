@@ -28,7 +28,7 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     raise ConfigError(f'imagenet2012.py:{arg} is not one of {list(TABLE_2_IMAGE_SIZES)} '
                       '(Table 2\'s fine-tunes): drop the argument for the Table 4 recipe')
   config = recipes.finetune_config('imagenet2012', total_steps=20_000, base_lr=0.03,
-                                 train_split='train[:99%]', eval_split='validation')
+                                   train_split='train[:99%]', eval_split='validation')
   if arg:
     config.model = arg
     config.image_size = TABLE_2_IMAGE_SIZES[arg]

@@ -39,4 +39,4 @@ def get_config(task: str = 'dtd') -> ml_collections.ConfigDict:
     raise ConfigError(f'unknown VTAB task {task!r}: use one of {", ".join(TASKS)}')
   dataset, train_split, eval_split = TASKS[task]
   return recipes.finetune_config(dataset, total_steps=2_500, base_lr=0.01,
-                               train_split=train_split, eval_split=eval_split)
+                                 train_split=train_split, eval_split=eval_split)

@@ -136,15 +136,7 @@ def pretrain_config(model: str, arg: Optional[str] = None) -> ml_collections.Con
   config.accum_steps = 1
   config.dtype = 'bfloat16'
   config.optimizer_moments_dtype = 'float32'
-  config.mesh = 'data:-1'
-  config.eval_every = 5000
-  config.progress_every = 100
-  config.checkpoint_every = 1000
-  config.keep_checkpoints = 3
-  config.profile_steps = 0  # > 0: trace that many steps into WORKDIR/profile (XProf).
-  config.profile_skip_steps = 5  # Steps of the run before the trace (compile, warm-up).
-  config.seed = 0
-  return config
+  return _with_run_settings(config, eval_every=5000, progress_every=100, keep_checkpoints=3)
 
 
 def finetune_config(dataset: str, *, total_steps: int, base_lr: float,
@@ -199,11 +191,18 @@ def finetune_config(dataset: str, *, total_steps: int, base_lr: float,
   # fine-tunes of Table 2 at 512 and 518 px did (0.9999, Sec. 4.1).
   config.polyak_decay = 0.0
   config.dtype = 'float32'
+  return _with_run_settings(config, eval_every=max(total_steps // 10, 1), progress_every=50,
+                            keep_checkpoints=2)
+
+
+def _with_run_settings(config: ml_collections.ConfigDict, *, eval_every: int,
+                       progress_every: int, keep_checkpoints: int) -> ml_collections.ConfigDict:
+  """The keys of a run rather than of its recipe: mesh, logging, checkpoints, profile, seed."""
   config.mesh = 'data:-1'
-  config.eval_every = max(total_steps // 10, 1)
-  config.progress_every = 50
+  config.eval_every = eval_every
+  config.progress_every = progress_every
   config.checkpoint_every = 1000
-  config.keep_checkpoints = 2
+  config.keep_checkpoints = keep_checkpoints
   config.profile_steps = 0  # > 0: trace that many steps into WORKDIR/profile (XProf).
   config.profile_skip_steps = 5  # Steps of the run before the trace (compile, warm-up).
   config.seed = 0
