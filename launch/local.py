@@ -17,9 +17,9 @@ listens on is refused before any process starts. Output lines are prefixed with 
 the launcher's stdout is closed (`| head`), the rest is dropped, so no process blocks. If one
 process fails, the others are stopped (SIGTERM, then SIGKILL after a grace period), one line on
 stderr names it, and the launcher exits with the first nonzero code. A process that exits
-128 + SIGTERM or SIGINT (a run that saved and stopped on a signal) has not failed: the others,
-told by JAX's preemption service, save and stop at the same step, and are waited for (a kill
-could cut their saves short); the launcher then exits with that code. SIGTERM or
+143 (128 + SIGTERM: a run that saved and stopped on a preemption notice) has not failed: the
+others, told by JAX's preemption service, save and stop at the same step, and are waited for (a
+kill could cut their saves short); the launcher then exits 143. SIGTERM or
 Ctrl-C to the launcher sends SIGTERM to every process (a preemption notice: the run saves a
 checkpoint and stops) and it exits 128 + the signal; a second Ctrl-C kills them. Children stay
 in the launcher's process group, so killing the group kills the whole run.
@@ -39,7 +39,7 @@ USAGE = ('usage: launch/local.sh N [--devices_per_process=K] [--port=P] [--modul
          '--config=... --workdir=... [flags of M]')
 OWN_FLAGS = {'devices_per_process': 4, 'port': 0, 'module': 'vit_jax.main'}
 GRACE_S = 10.0
-STOPPED = (128 + signal.SIGTERM, 128 + signal.SIGINT)  # vit_jax's codes for a saved stop.
+STOPPED = 128 + signal.SIGTERM  # vit_jax's exit status for a saved stop (Ctrl-C: by SIGINT).
 COORDINATOR_HOST = '127.0.0.1'  # Not localhost, which may resolve to ::1 first.
 _DEVICE_FLAG = re.compile(r'--xla_force_host_platform_device_count=\S*')
 
@@ -164,7 +164,7 @@ class Run:
     once all exited, the first stopped one's code, or 0."""
     while True:
       codes = [p.poll() for p in self.procs]
-      failed = next(((i, c) for i, c in enumerate(codes) if c not in (None, 0, *STOPPED)), None)
+      failed = next(((i, c) for i, c in enumerate(codes) if c not in (None, 0, STOPPED)), None)
       if failed is not None:
         self.failed = failed
         self.stop()
