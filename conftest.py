@@ -4,10 +4,17 @@ by one test, or by its `python -m vit_jax.*` subprocesses (they inherit the envi
 by the next rather than compiled again. One per worker: two processes never write one entry."""
 import os
 import shutil
+import signal
 import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+# A shell starting the suite in the background (`make test &`, a script's `... &`) ignores
+# SIGINT in it, and the commands the tests start inherit that, so one stopped by Ctrl-C (SIGINT)
+# would train on, as vit_jax keeps a SIGINT ignored at its start: give them a terminal's default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+  signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _OURS = 'VIT_JAX_TEST_COMPILATION_CACHE'  # Inherited by xdist workers from the controller.
 if os.environ.get('JAX_COMPILATION_CACHE_DIR', '') in ('', os.environ.get(_OURS)):

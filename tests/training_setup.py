@@ -8,6 +8,7 @@ the one `tiny_config` recipe, whose executables are then compiled once.
 """
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -97,7 +98,8 @@ class MainProcess:
   def __init__(self, config_file, workdir, compile_cache_dir=None, *flags):
     self.proc = subprocess.Popen(
         [sys.executable, '-m', 'vit_jax.main', f'--config={config_file}',
-         f'--workdir={workdir}', *flags], cwd=REPO, env=cli_env(compile_cache_dir),
+         f'--workdir={workdir}', *flags], cwd=REPO,
+        env=dict(cli_env(compile_cache_dir), PYTHONFAULTHANDLER='1'),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     self.stdout, self.stderr, self.lines = [], [], queue.Queue()
     self.threads = [
@@ -131,14 +133,27 @@ class MainProcess:
           return step
 
   def finish(self, timeout: float = 300) -> int:
+    """The exit status; a run still going after `timeout` fails the test with its threads'
+    stacks, which say where it hangs."""
     try:
       self.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+      self.proc.send_signal(signal.SIGABRT)  # PYTHONFAULTHANDLER prints the stacks.
+      self._end(grace=10)
+      stacks = self.err().split('\nExtension modules:')[0]
+      raise AssertionError(f'main still running after {timeout} s: {stacks[-6000:]}') from None
     finally:
+      self._end(grace=0)
+    return self.proc.returncode
+
+  def _end(self, grace: float) -> None:
+    try:
+      self.proc.wait(grace)
+    except subprocess.TimeoutExpired:
       self.proc.kill()
       self.proc.wait()
-      for thread in self.threads:
-        thread.join()
-    return self.proc.returncode
+    for thread in self.threads:
+      thread.join()
 
   def err(self) -> str:
     return ''.join(self.stderr)
