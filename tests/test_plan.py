@@ -224,8 +224,8 @@ def test_cli_report_and_one_line_errors():
     result = run_plan('--config=configs/default.py', '--num_classes=10', *args)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == line
   # absl takes one dash too: it was missed, and the error said to run python -m vit_jax.plan.
-  result = run_plan('--config=configs/default.py', '-devices=2', '--num_classes=10',
-                    '--nomax_batch')
+  result = run_plan('--config=configs/default.py', f'--config.model={TINY_MODEL}', '-devices=2',
+                    '--num_classes=10', '--batch=32', '--nomax_batch')
   assert result.returncode == 0 and 'on 2 cpu devices' in result.stdout, result.stderr[-2000:]
 
 
