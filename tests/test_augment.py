@@ -1,5 +1,7 @@
 """Augmentation: mixup's labels and images, RandAugment's ops against hand-computed pixels, and
-the eval central crop."""
+the eval central crops."""
+import math
+
 import numpy as np
 import PIL.Image
 import PIL.ImageEnhance
@@ -213,7 +215,7 @@ def test_central_crop_keeps_the_centre(shape, window):
   # big_vision's resize_small returns it. Catches an off-centre (corner) crop, swapped height and
   # width, scaling the longer side to 24, or float pixels (big_vision truncates to uint8).
   image = np.random.default_rng(0).integers(0, 256, shape + (3,)).astype(np.uint8)
-  out = preprocess.resize_small_and_central_crop(tf.constant(image), 21).numpy()
+  out = preprocess.resize_small_and_central_crop(tf.constant(image), 21, 0.875).numpy()
   assert out.shape == (21, 21, 3) and out.dtype == np.uint8
   np.testing.assert_array_equal(out, image[window])
 
@@ -235,7 +237,7 @@ def test_central_crop_averages_areas_as_big_vision_resize_small():
   # rows 5:26 and columns 1:22 of the 32 x 24. Catches bilinear, a crop of the unresized image or
   # a stretched aspect.
   image = np.random.default_rng(0).uniform(0, 255, (96, 72, 1)).astype(np.float32)
-  out = preprocess.resize_small_and_central_crop(tf.constant(image), 21).numpy()
+  out = preprocess.resize_small_and_central_crop(tf.constant(image), 21, 0.875).numpy()
   block_means = image.reshape(32, 3, 24, 3, 1).mean(axis=(1, 3))
   assert out.shape == (21, 21, 1)
   np.testing.assert_allclose(out, block_means[5:26, 1:22], atol=1e-3)
@@ -249,12 +251,52 @@ def test_central_crop_rounds_the_longer_side_as_big_vision_resize_small():
   # columns would be 1.2 off at the left edge.
   rows, cols = np.meshgrid(np.arange(375), np.arange(500), indexing='ij')
   ramp = np.stack([rows, cols], axis=-1).astype(np.float32)
-  out = preprocess.resize_small_and_central_crop(tf.constant(ramp), 224).numpy()
+  out = preprocess.resize_small_and_central_crop(tf.constant(ramp), 224, 0.875).numpy()
   i = np.arange(224)
   np.testing.assert_allclose(out[..., 0], np.broadcast_to(
       ((i + 16 + 0.5) * 375 / 256 - 0.5)[:, None], (224, 224)), atol=0.1)
   np.testing.assert_allclose(out[..., 1], np.broadcast_to(
       (i + 58 + 0.5) * 500 / 341 - 0.5, (224, 224)), atol=0.1)
+
+
+def _timm_eval_with_pil(pixels: np.ndarray, size: int, crop_fraction: float) -> np.ndarray:
+  """timm's 'center' eval crop, as torchvision performs it on a PIL image: the shorter side to
+  floor(size / crop_fraction), the longer int() of its proportion, PIL's bicubic (skipped when
+  the size is unchanged), then the crop at round((side - size) / 2), Python's half to even."""
+  image = PIL.Image.fromarray(pixels)
+  width, height = image.size
+  shorter = math.floor(size / crop_fraction)
+  if width <= height:
+    scaled = (shorter, int(shorter * height / width))
+  else:
+    scaled = (int(shorter * width / height), shorter)
+  if scaled != image.size:
+    image = image.resize(scaled, PIL.Image.BICUBIC)
+  left, top = (round((side - size) / 2) for side in scaled)
+  return np.asarray(image.crop((left, top, left + size, top + size)), np.float32)
+
+
+@pytest.mark.parametrize('crop_fraction', [0.9, 0.945, 1.0])
+def test_timm_crop_is_pils_bicubic_and_torchvisions_central_crop(crop_fraction):
+  """The pixels timm evaluates its weights on, on real photos: square, wide, tall and grey. At
+  224 px, 0.9 (augreg's crop_pct) resizes shorter sides to 248, 0.945 to 237 (13 px to spare:
+  an offset of 6.5, rounded to 6), 1.0 to 224 (the square ones then pass unresampled). PIL
+  resamples width, then height, rounding to 8 bits in between, which TF's resize does not: one
+  pass in float32 was up to 15 levels off PIL where PIL clips an overshoot. Catches bilinear,
+  no antialiasing, 0.875 for every fraction, a rounded longer side, an offset one pixel off."""
+  photos = {'astronaut': skimage.data.astronaut(), 'coffee': skimage.data.coffee(),
+            'tall rocket': skimage.data.rocket().transpose(1, 0, 2),
+            'grey camera': skimage.data.camera()[..., None]}
+  for name, pixels in photos.items():
+    out = preprocess.resize_small_and_central_crop_as_timm(
+        tf.constant(pixels), 224, crop_fraction).numpy()
+    expected = _timm_eval_with_pil(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels,
+                                   224, crop_fraction).reshape(224, 224, -1)
+    assert out.shape == expected.shape and out.dtype == np.float32, name
+    np.testing.assert_array_equal(out, np.round(out))  # 8-bit values, as PIL's.
+    differences = np.abs(out - expected)
+    assert differences.max() <= 2 and differences.mean() < 0.05, (name, differences.max(),
+                                                                   differences.mean())
 
 
 def test_value_range_maps_0_and_255_to_minus_one_and_one():

@@ -350,6 +350,10 @@ def test_to_global_and_prefetch_shard_the_batch():
      'pp.train.randaug=(True, 10)'),
     (lambda d: pp_options.from_config({'pp': 'resize'}, 'eval'), "pp='resize': pp holds"),
     (lambda d: pp_options.from_config({'pp': {'eval': {'crop': 'x'}}}, 'eval'), 'pp.eval.crop'),
+    # A fraction over 1 would crop outside the resized image (torchvision pads there).
+    (lambda d: _eval(d, pp={'eval': {'crop': 'timm', 'crop_fraction': 1.2}}),
+     'pp.eval.crop_fraction=1.2: use the fraction of the resized image kept, in (0, 1]'),
+    (lambda d: _eval(d, pp={'eval': {'crop_fraction': '0.9'}}), "pp.eval.crop_fraction='0.9'"),
 ])
 def test_mistakes_are_config_errors(prepared_data_dir, call, message):
   with pytest.raises(ConfigError) as e:

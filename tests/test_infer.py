@@ -23,6 +23,7 @@ import tensorflow_datasets as tfds
 from vit_jax import models
 from vit_jax.checkpoints import npz
 from vit_jax.data import input_pipeline
+from vit_jax.data import pp_options
 from vit_jax.data import prepare
 from vit_jax.data import preprocess
 from vit_jax.errors import ConfigError
@@ -220,10 +221,12 @@ def test_crop_overrides_the_eval_crop_of_a_workdir_or_a_npz(workdir, photos, tmp
   for checkpoint, model in ((workdir, None), (npz_path, 'ViT-Mu_4')):
     default = classify.Classifier.from_checkpoint(checkpoint, model)
     cropped = classify.Classifier.from_checkpoint(checkpoint, model, crop='resize_crop')
-    assert (default.checkpoint.crop, cropped.checkpoint.crop) == ('resize', 'resize_crop')
+    assert (default.checkpoint.eval_pp, cropped.checkpoint.eval_pp) == (
+        {'crop': 'resize', 'crop_fraction': 0.875}, {'crop': 'resize_crop', 'crop_fraction': 0.875})
     np.testing.assert_array_equal(
         cropped.checkpoint.preprocess(pixels),
-        preprocess.eval_image(tf.convert_to_tensor(pixels), 28, 1, 'resize_crop').numpy())
+        preprocess.eval_image(tf.convert_to_tensor(pixels), 28, 1,
+                              cropped.checkpoint.eval_pp).numpy())
   expected = cropped.logits(cropped.checkpoint.preprocess(pixels)[None])
   assert np.abs(expected - default.logits(default.checkpoint.preprocess(pixels)[None])).max() > 0.01
   proc = subprocess.run([sys.executable, '-m', 'vit_jax.infer', f'--checkpoint={npz_path}',
@@ -232,7 +235,7 @@ def test_crop_overrides_the_eval_crop_of_a_workdir_or_a_npz(workdir, photos, tmp
   assert proc.returncode == 0, proc.stderr
   np.testing.assert_allclose([json.loads(proc.stdout)['predictions'][0]['logits']], expected,
                              atol=1e-4)  # Batches of 32 here, of 1 there: other floats.
-  with pytest.raises(ConfigError, match='--crop=centre is not one of resize, resize_crop'):
+  with pytest.raises(ConfigError, match='--crop=centre is not one of resize, resize_crop, timm'):
     classify.load_checkpoint(workdir, crop='centre')
 
 
@@ -359,8 +362,8 @@ def test_a_16_bit_grey_tiff_keeps_its_high_byte(tmp_path):
 
 def test_jpeg_files_are_preprocessed_as_the_eval_pipeline_preprocesses_them(tmp_path):
   """The same JPEG bytes, stored in a prepared image folder and given to infer as a file, give
-  the same model input at 224 px with the ImageNet central crop and at 32 px resized. A PIL decode
-  moved 92% of the 224 px values, by up to 0.11."""
+  the same model input at 224 px with big_vision's and timm's central crops and at 32 px resized.
+  A PIL decode moved 92% of the 224 px values, by up to 0.11."""
   root = tmp_path / 'folder'
   for name in ('astronaut', 'camera', 'coffee'):  # RGB, grey, RGB.
     (root / 'test' / name).mkdir(parents=True)
@@ -375,15 +378,16 @@ def test_jpeg_files_are_preprocessed_as_the_eval_pipeline_preprocesses_them(tmp_
     files.append(str(tmp_path / f'stored_{i}.jpg'))
     with open(files[-1], 'wb') as f:
       f.write(example['image'])
-  for size, channels, crop in ((224, 3, 'resize_crop'), (32, 3, 'resize')):
+  for size, channels, crop in ((224, 3, 'resize_crop'), (32, 3, 'resize'), (224, 3, 'timm')):
+    eval_pp = pp_options.eval_options({'crop': crop})
     batch, = input_pipeline.make_eval_iterator(
         dataset='jpeg_photos', split='test', data_dir=data_dir, global_batch=3, image_size=size,
-        channels=channels, pp=ml_collections.ConfigDict({'eval': {'crop': crop}}),
+        channels=channels, pp=ml_collections.ConfigDict({'eval': eval_pp}),
         process_index=0, process_count=1)
     for path, expected in zip(files, batch['image']):
       pixels = tf.constant(classify.load_image(path))
       np.testing.assert_array_equal(
-          preprocess.eval_image(pixels, size, channels, crop).numpy(), expected)
+          preprocess.eval_image(pixels, size, channels, eval_pp).numpy(), expected)
 
 
 def test_a_hybrid_npz_runs_at_the_image_size_given_else_at_the_largest_its_grid_fits(

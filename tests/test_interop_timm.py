@@ -20,6 +20,7 @@ from timm.models import vision_transformer as timm_vit  # pylint: disable=wrong-
 import jax  # pylint: disable=wrong-import-order
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 import skimage.data
 
 import param_trees
@@ -28,6 +29,7 @@ from vit_jax import models
 from vit_jax.checkpoints import npz
 from vit_jax.checkpoints import restore
 from vit_jax.errors import ConfigError
+from vit_jax.evaluation import classify
 
 pytestmark = pytest.mark.interop
 
@@ -212,3 +214,26 @@ def test_timms_hub_folders_name_their_model_pooling_and_normalisation(tmp_path, 
       f"{tmp_path / 'deit' / 'config.json'}: its weights expect inputs normalised by mean "
       '(0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225); vit_jax scales them to [-1, 1] '
       '(mean = std = 0.5), so until fine-tuned its outputs are off']
+
+
+def test_timms_weights_score_the_pixels_timm_evaluates_them_on(tmp_path):
+  """timm's own eval transform (resolve_data_config and create_transform on PIL images: its
+  crop_pct, bicubic, central crop) against ours on real photos, wide and tall, read from the
+  config.json beside the weights; then the logits of infer's classifier and of timm's model."""
+  theirs, path = _saved_for_the_hub('vit_tiny_patch16_224', tmp_path / 'hub')
+  data_config = timm.data.resolve_data_config({}, model=theirs)
+  assert (data_config['crop_pct'], data_config['interpolation']) == (0.9, 'bicubic')
+  transform = timm.data.create_transform(**data_config)
+  classifier = classify.Classifier.from_checkpoint(path)
+  assert classifier.checkpoint.eval_pp == {'crop': 'timm', 'crop_fraction': 0.9}
+  photos = (skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(),
+            skimage.data.rocket().transpose(1, 0, 2))
+  ours = np.stack([classifier.checkpoint.preprocess(photo) for photo in photos])
+  timms = torch.stack([transform(PIL.Image.fromarray(photo)) for photo in photos])
+  timms = timms.permute(0, 2, 3, 1).numpy()  # (x / 255 - 0.5) / 0.5: our [-1, 1].
+  levels = np.abs(ours - timms) * 127.5  # PIL's 8-bit passes, within a level or two.
+  assert levels.max() < 2.01 and levels.mean() < 0.01, (levels.max(), levels.mean())
+  with torch.no_grad():
+    expected = theirs(torch.from_numpy(timms).permute(0, 3, 1, 2)).numpy()
+  np.testing.assert_allclose(classifier.logits(ours), expected, rtol=0,
+                             atol=2e-4 * np.abs(expected).max())

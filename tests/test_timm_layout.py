@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 import scipy.special
 from safetensors.numpy import save_file
+import tensorflow as tf
 
 import config_files
 import param_trees
 from vit_jax.checkpoints import npz
 from vit_jax.checkpoints import restore
+from vit_jax.data import preprocess
 from vit_jax.errors import ConfigError
 from vit_jax.evaluation import classify
 from vit_jax.training import experiment
@@ -207,16 +209,19 @@ def test_unreadable_files_and_a_missing_model_are_one_line(tmp_path):
 
 def _hub_snapshot(folder, state: dict[str, np.ndarray], architecture: str, pool: str = 'token',
                   mean: tuple[float, ...] = (0.5,) * 3, std: tuple[float, ...] = (0.5,) * 3,
-                  labels: Optional[dict] = None, **model_args) -> str:
+                  labels: Optional[dict] = None, eval_transform: Optional[dict] = None,
+                  **model_args) -> str:
   """The hub's layout, as timm's save_for_hf writes it: the weights and config.json in one
-  folder (`labels`: its label_names and label_descriptions)."""
+  folder (`labels`: its label_names and label_descriptions; `eval_transform`: pretrained_cfg's
+  crop_pct, interpolation, crop_mode)."""
   folder.mkdir()
   save_file(state, str(folder / 'model.safetensors'))
   (folder / 'config.json').write_text(json.dumps({
       'architecture': architecture, 'num_classes': 5, 'num_features': WIDTH, 'global_pool': pool,
       **(labels or {}),
       'model_args': {'in_chans': 1, 'num_classes': 5, 'global_pool': pool, **model_args},
-      'pretrained_cfg': {'tag': 'augreg_in21k', 'mean': mean, 'std': std}}))
+      'pretrained_cfg': {'tag': 'augreg_in21k', 'mean': mean, 'std': std,
+                         **(eval_transform or {})}}))
   return str(folder / 'model.safetensors')
 
 
@@ -324,6 +329,45 @@ def test_the_hub_configs_label_names_label_the_classes(tmp_path, caplog):
   assert 'names 3 classes but the head has 5; using class indices' in caplog.text
   given = classify.Classifier.from_checkpoint(named, 'ViT-Mu_4', class_names=list('abcde'))
   assert given.class_names == list('abcde')
+
+
+def test_timm_weights_are_read_with_the_crop_timm_evaluates_them_with(tmp_path, caplog):
+  """A config.json's crop_pct makes the eval crop timm's at that fraction (timm's 0.875 when it
+  names none); --crop overrides the crop, not the fraction; a bare file is resized, as a .npz;
+  an interpolation or crop mode other than timm's bicubic 'center' is logged, not refused."""
+  augreg = {'crop_pct': 0.9, 'interpolation': 'bicubic', 'crop_mode': 'center'}
+  path = _hub_snapshot(tmp_path / 'augreg', _timm_state(), 'vit_mu_patch4_8', eval_transform=augreg)
+  checkpoint = classify.load_checkpoint(path, 'ViT-Mu_4')
+  assert checkpoint.eval_pp == {'crop': 'timm', 'crop_fraction': 0.9}
+  photo = np.random.default_rng(0).integers(0, 256, (30, 20, 1), np.uint8)
+  np.testing.assert_array_equal(  # 8 px: the shorter side to 8, the longer to 12, rows 2:10.
+      checkpoint.preprocess(photo), preprocess.eval_image(tf.constant(photo), 8, 1, {
+          'crop': 'timm', 'crop_fraction': 0.9}).numpy())
+  assert classify.load_checkpoint(path, 'ViT-Mu_4', crop='resize').eval_pp == {
+      'crop': 'resize', 'crop_fraction': 0.9}
+  unstated = _hub_snapshot(tmp_path / 'unstated', _timm_state(), 'vit_mu_patch4_8')
+  assert classify.load_checkpoint(unstated, 'ViT-Mu_4').eval_pp == {
+      'crop': 'timm', 'crop_fraction': 0.875}
+  bare = str(tmp_path / 'bare.safetensors')
+  save_file(_timm_state(), bare)
+  assert classify.load_checkpoint(bare, 'ViT-Mu_4').eval_pp == {
+      'crop': 'resize', 'crop_fraction': 0.875}
+  squash = _hub_snapshot(tmp_path / 'squash', _timm_state(), 'vit_mu_patch4_8', num_heads=2,
+                         eval_transform={'crop_pct': 1.0, 'interpolation': 'bilinear',
+                                         'crop_mode': 'squash'})
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    assert classify.load_checkpoint(squash, 'ViT-Mu_4').eval_pp == {
+        'crop': 'timm', 'crop_fraction': 1.0}
+  assert [r.getMessage() for r in caplog.records] == [
+      f"{tmp_path / 'squash' / 'config.json'}: timm evaluates these weights with interpolation "
+      "'bilinear' and crop_mode 'squash'; vit_jax's crop 'timm' is timm's bicubic 'center' crop, "
+      'so their pixels differ slightly']
+  wide = _hub_snapshot(tmp_path / 'wide', _timm_state(), 'vit_mu_patch4_8',
+                       eval_transform={'crop_pct': 1.2})
+  with pytest.raises(ConfigError, match=r"config\.json, beside the weights, is not timm's "
+                                        r'\(crop_pct 1\.2 is not in \(0, 1\]\): re-download it'):
+    restore.load(wide, 'ViT-Mu_4')
 
 
 def test_a_broken_or_foreign_config_json_beside_the_file(tmp_path):

@@ -7,7 +7,7 @@ PATH is a training workdir (its newest checkpoint, architecture from its saved c
 released-layout `.npz` or timm's `.safetensors` (then --model names the architecture, and
 --image_size the resolution where a hybrid's position embeddings leave it open: see
 `vit_jax.infer`). Images are prepared as the checkpoint's evaluation saw them (its resolution and
-pp.eval.crop; --crop for a file), so the figures match the probe run during training. Prints mean
+pp.eval; timm's crop for timm's weights; --crop over either), so the figures match the probe run during training. Prints mean
 and spread of the test accuracy over seeds per shot count.
 """
 import json
@@ -60,7 +60,7 @@ def main(argv: list[str]) -> None:
       datasets={_DATASET.value: (_TRAIN_SPLIT.value, _TEST_SPLIT.value)},
       image_size=pretrained.image_size, channels=pretrained.channels,
       shots=[int(k) for k in _SHOTS.value], seeds=_SEEDS.value, l2_reg=_L2_REG.value,
-      batch=_BATCH.value, crop=pretrained.eval_crop(),
+      batch=_BATCH.value, eval_pp=pretrained.eval_pp(),
       data_dir=_DATA_DIR.value)
   results = evaluator.evaluate(jax.device_put(params, shardings))[_DATASET.value]
   if _JSON.value:

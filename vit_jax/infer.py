@@ -9,11 +9,13 @@ r"""Classifies image files with a trained ViT: the top-5 classes of each, or all
 Images of any size and mode are decoded, resized and converted as the model's eval split was, at
 the resolution of a workdir's config or, for a .npz, the one its position embeddings fit (for a
 hybrid the largest of several, which is logged: give --image_size when it was another), with its
-config's eval crop (--crop=resize_crop for a .npz evaluated as big_vision evaluates). Labels come
-from --labels when given, else from the config.json timm saved beside its weights (label_names,
-with label_descriptions' text), else from the dataset named in a workdir's config (when prepared
-in its data_dir or $TFDS_DATA_DIR), else they are class indices. A file that is not an image gets one
-line on stderr and the others are still classified; the exit status is then 1. The formats are
+config's eval crop; timm's weights with a config.json beside them are cropped as timm evaluates
+them (bicubic, its crop_pct), other files only resized (--crop=resize_crop for a .npz evaluated
+as big_vision evaluates, --crop=timm as timm evaluates). Labels come from --labels when given,
+else from the config.json timm saved beside its weights (label_names, with label_descriptions'
+text), else from the dataset named in a workdir's config (when prepared in its data_dir or
+$TFDS_DATA_DIR), else they are class indices. A file that is not an image gets one line on
+stderr and the others are still classified; the exit status is then 1. The formats are
 `vit_jax.evaluation.classify.report`'s.
 """
 from absl import flags

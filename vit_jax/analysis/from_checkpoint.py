@@ -23,7 +23,7 @@ def dataset_images(ckpt: classify.Checkpoint, dataset: str, split: str,
                    data_dir: Optional[str], count: int) -> np.ndarray:
   """The first `count` images of a split, through the model's eval preprocessing."""
   input_pipeline.get_info(dataset, split, data_dir)  # A wrong split named as given, unsliced.
-  pp = ml_collections.ConfigDict({'eval': {'crop': ckpt.crop}})
+  pp = ml_collections.ConfigDict({'eval': ckpt.eval_pp})
   read = split_read(split, count)
   batches = input_pipeline.make_eval_iterator(
       dataset=dataset, split=read, data_dir=data_dir, global_batch=count,
@@ -71,7 +71,7 @@ def analyze_checkpoint(checkpoint: str, out_dir: str, *, model: Optional[str] = 
   config = ckpt.pretrained.config or {}
   variables = {'params': ckpt.params}
   about = {'checkpoint': checkpoint, 'params': ckpt.pretrained.source,  # As infer --json.
-           'image_size': ckpt.image_size, 'crop': ckpt.crop}
+           'image_size': ckpt.image_size, **ckpt.eval_pp}
   if not set(which) & {'rollout', 'distance'}:  # Weights only: an image gives just the grid.
     blank = np.zeros((1, ckpt.image_size, ckpt.image_size, ckpt.channels), np.float32)
     return run.analyze(ckpt.model, variables, blank, out_dir=out_dir, which=which, about=about)

@@ -42,6 +42,7 @@ class Pretrained:
   source: str  # For messages: 'workdir W (step N...)' or the file's path.
   config: Optional[dict[str, Any]] = None  # The pre-training config (workdirs only).
   class_names: Optional[tuple[str, ...]] = None  # Those the file names (timm's config.json).
+  file_eval_pp: Optional[dict[str, Any]] = None  # pp.eval of timm's config.json (its crop_pct).
   requested_image_size: Optional[int] = None  # A reader's --image_size, over the config's.
   requested_crop: Optional[str] = None  # A reader's --crop, over the config's.
 
@@ -57,9 +58,14 @@ class Pretrained:
     first = self.params.get('conv_root') or self.params.get('embedding')
     return int(first['kernel'].shape[2]) if first else 3
 
-  def eval_crop(self) -> str:
-    """The reader's --crop, else pp.eval.crop of its training config ('resize' for a .npz)."""
-    return self.requested_crop or pp_options.from_config(self.config or {}, 'eval')['crop']
+  def eval_pp(self) -> dict[str, Any]:
+    """The pp.eval options of its training config, else of timm's config.json (the defaults for a
+    bare file: 'resize'), the crop the reader's --crop when given."""
+    config = self.config or {'pp': {'eval': self.file_eval_pp}}
+    options = pp_options.from_config(config, 'eval')
+    if self.requested_crop:
+      options['crop'] = self.requested_crop
+    return options
 
   @functools.cached_property
   def image_size(self) -> int:
@@ -149,10 +155,9 @@ def load(path: str, model: Optional[str] = None,
   _check_exists(path)
   path = timm_layout.weights_of_folder(path)
   # A workdir is a folder; a file is a .npz, or timm's .safetensors.
-  class_names = None
+  hub = None
   if timm_layout.is_safetensors(path):
     model, params, overrides, hub = timm_layout.load(path, model, model_overrides or {})
-    class_names = hub and hub.class_names
   elif is_npz(path) or os.path.isfile(path):
     _check_not_inside_a_workdir(path)
     if not model:
@@ -167,7 +172,8 @@ def load(path: str, model: Optional[str] = None,
                         'own architecture')
     return pretrained
   overrides |= npz.visible_architecture(params) | dict(model_overrides or {})
-  return Pretrained(params, model, overrides, path, class_names=class_names)
+  return Pretrained(params, model, overrides, path, class_names=hub and hub.class_names,
+                    file_eval_pp=hub and hub.eval_pp())
 
 
 def _open(workdir: str) -> tuple[Checkpointer, list[int]]:

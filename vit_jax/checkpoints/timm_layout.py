@@ -10,9 +10,10 @@ one line naming them (`UNSUPPORTED`), and so is any other tensor left over.
 The tensors do not tell the architecture's name, its head count, its pooling or the input
 normalisation its weights expect; the `config.json` that timm saves beside them (the Hugging Face
 hub's layout) tells the name, the pooling and the normalisation (and the head count, when the
-model was made with one given), and is read when it is there. What neither tells is assumed:
-the head count is the named model's, and without a config.json the pooling is the class token's
-output when there is one, else the mean (timm's global_pool='token' and 'avg').
+model was made with one given) and how timm evaluates them (crop_pct: readers of the weights
+crop as timm does), and is read when it is there. What neither tells is assumed: the head
+count is the named model's, and without a config.json the pooling is the class token's output
+when there is one, else the mean (timm's global_pool='token' and 'avg').
 """
 import dataclasses
 import json
@@ -29,6 +30,7 @@ import tensorflow as tf
 
 from vit_jax import models
 from vit_jax.checkpoints import npz
+from vit_jax.data import pp_options
 from vit_jax.errors import ConfigError, first_line
 
 Params = dict[str, Any]
@@ -67,6 +69,15 @@ class HubConfig:
   # Per class index: label_descriptions' text for its label_names entry, else that name (an
   # ImageNet synset: 'n01440764' -> 'tench, Tinca tinca'); None when the file names none.
   class_names: Optional[tuple[str, ...]] = None
+  # timm's eval transform: crop_pct (None: timm's default), interpolation and crop_mode.
+  crop_pct: Optional[float] = None
+  interpolation: Optional[str] = None
+  crop_mode: Optional[str] = None
+
+  def eval_pp(self) -> dict[str, Any]:
+    """The pp.eval options of timm's eval transform for these weights."""
+    return {'crop': 'timm',
+            'crop_fraction': self.crop_pct or pp_options.EVAL_DEFAULTS['crop_fraction']}
 
 
 def read_hub_config(weights: str) -> Optional[HubConfig]:
@@ -88,11 +99,16 @@ def read_hub_config(weights: str) -> Optional[HubConfig]:
     pretrained, model_args = config.get('pretrained_cfg') or {}, config.get('model_args') or {}
     pool = config.get('global_pool', model_args.get('global_pool'))
     num_heads = int(model_args['num_heads']) if 'num_heads' in model_args else None
-    return HubConfig(path, config['architecture'], pool, as_tuple(pretrained.get('mean')),
-                     as_tuple(pretrained.get('std')), num_heads, _class_names(config))
+    crop_pct = float(pretrained['crop_pct']) if pretrained.get('crop_pct') else None
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+      raise ValueError(f'crop_pct {crop_pct} is not in (0, 1]')
+    hub = HubConfig(path, config['architecture'], pool, as_tuple(pretrained.get('mean')),
+                    as_tuple(pretrained.get('std')), num_heads, _class_names(config), crop_pct,
+                    pretrained.get('interpolation'), pretrained.get('crop_mode'))
   except (AttributeError, TypeError, ValueError) as e:  # Not timm's dicts and lists of numbers.
     raise ConfigError(f"{path}, beside the weights, is not timm's ({e}): re-download it, or "
                       'remove it to load the weights without it') from e
+  return hub
 
 
 def _class_names(config: dict[str, Any]) -> Optional[tuple[str, ...]]:
@@ -161,6 +177,10 @@ def _warn_of_assumptions(hub: HubConfig, model: str, num_heads: int) -> None:
     logging.warning('%s: its weights expect inputs normalised by mean %s and std %s; vit_jax '
                     'scales them to [-1, 1] (mean = std = 0.5), so until fine-tuned its outputs '
                     'are off', hub.path, hub.mean, hub.std)
+  if hub.interpolation not in (None, 'bicubic') or hub.crop_mode not in (None, 'center'):
+    logging.warning("%s: timm evaluates these weights with interpolation %r and crop_mode %r; "
+                    "vit_jax's crop 'timm' is timm's bicubic 'center' crop, so their pixels "
+                    'differ slightly', hub.path, hub.interpolation, hub.crop_mode)
 
 
 def is_safetensors(path: str) -> bool:

@@ -395,7 +395,7 @@ def make_eval_iterator(*, dataset: str, split: str, data_dir: str | None,
 
   def example_fn(example):
     image = preprocess.decode(example['image'], info.image_shape[-1])
-    return {'image': preprocess.eval_image(image, image_size, channels, opts['crop']),
+    return {'image': preprocess.eval_image(image, image_size, channels, opts),
             'label': tf.cast(example['label'], tf.int32),
             'mask': tf.constant(True)}
 

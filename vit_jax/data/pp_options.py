@@ -18,7 +18,11 @@ The keys (every one optional; an unknown key is a ConfigError):
   pp.train.shuffle_buffer: 50_000 encoded examples (capped at the slice size); splits that
       fit it or `input_pipeline.IN_MEMORY_BYTES` are permuted exactly in memory instead.
   pp.eval.crop: 'resize' (default, the released fine-tuning code's) | 'resize_crop' (shorter
-      side to image_size / 0.875, then central crop: big_vision's ImageNet eval).
+      side to image_size / crop_fraction, then central crop: big_vision's ImageNet eval) |
+      'timm' (timm's eval: shorter side to floor(image_size / crop_fraction), bicubic, central
+      crop; the crop of timm's weights, its crop_pct their crop_fraction).
+  pp.eval.crop_fraction: 0.875 (resize_crop and timm: the central fraction of the resized image
+      kept, in (0, 1]).
 """
 import numbers
 from typing import Any
@@ -29,8 +33,8 @@ from vit_jax.errors import ConfigError
 
 TRAIN_DEFAULTS = dict(crop='inception', inception_area_min=0.05, random_crop_pad=4,
                       flip=True, mixup=0.0, randaug=None, shuffle_buffer=50_000)
-EVAL_DEFAULTS = dict(crop='resize')
-EVAL_CROPS = ('resize', 'resize_crop')
+EVAL_DEFAULTS = dict(crop='resize', crop_fraction=0.875)
+EVAL_CROPS = ('resize', 'resize_crop', 'timm')
 
 
 def _options(part: Any, defaults: dict, where: str) -> dict:
@@ -106,6 +110,9 @@ def eval_options(part: Any) -> dict:
   opts = _options(part, EVAL_DEFAULTS, 'pp.eval')
   if opts['crop'] not in EVAL_CROPS:
     raise ConfigError(f'pp.eval.crop={opts["crop"]!r}: use one of {EVAL_CROPS}')
+  if not _is_number(opts['crop_fraction']) or not 0 < opts['crop_fraction'] <= 1:
+    raise ConfigError(f'pp.eval.crop_fraction={opts["crop_fraction"]!r}: use the fraction of the '
+                      'resized image kept, in (0, 1], e.g. 0.875')
   return opts
 
 

@@ -4,6 +4,9 @@ Randomness comes only from an explicit `seed` (int64 [2]) so the pipeline can
 derive it from (run seed, example position) and stay a pure function of them.
 Images stay in 0..255 (uint8 or float32) until `value_range` maps them to [-1, 1].
 """
+import math
+from typing import Any, Mapping
+
 import tensorflow as tf
 
 from vit_jax.data.pp_options import EVAL_CROPS
@@ -57,17 +60,43 @@ def resize(image: tf.Tensor, size: int) -> tf.Tensor:
 
 
 def resize_small_and_central_crop(image: tf.Tensor, size: int,
-                                  crop_fraction: float = 0.875) -> tf.Tensor:
+                                  crop_fraction: float) -> tf.Tensor:
   """Shorter side to size/crop_fraction, then the central size x size (eval): big_vision's
-  `resize_small(256)|central_crop(224)` at 224 px, op for op (rounded sides, 'area' resize
-  without antialiasing, back to the input dtype), so its ImageNet evals score the same pixels."""
+  `resize_small(256)|central_crop(224)` at 224 px and 0.875, op for op (rounded sides, 'area'
+  resize without antialiasing, back to the input dtype), so its ImageNet evals score the same
+  pixels."""
   shape = tf.cast(tf.shape(image)[:2], tf.float32)
   scaled = tf.cast(tf.round(shape * (size / crop_fraction / tf.reduce_min(shape))), tf.int32)
   resized = tf.image.resize(image, scaled, method='area')
   image = tf.cast(tf.clip_by_value(resized, image.dtype.min, image.dtype.max), image.dtype)
-  top = (scaled[0] - size) // 2
-  left = (scaled[1] - size) // 2
-  image = image[top:top + size, left:left + size]
+  return _central_crop(image, size, (scaled - size) // 2)
+
+
+def resize_small_and_central_crop_as_timm(image: tf.Tensor, size: int,
+                                          crop_fraction: float) -> tf.Tensor:
+  """timm's eval transform (crop_mode 'center'), so timm's weights score the pixels timm feeds
+  them: the shorter side to floor(size / crop_fraction) and the longer in proportion, truncated
+  (torchvision's Resize); bicubic and antialiased as PIL resizes, width then height, each pass
+  rounded to 0..255 (PIL's 8-bit passes); then the central size x size, its offsets rounded half
+  to even (torchvision's CenterCrop). float32, whole numbers 0..255."""
+  shape = tf.shape(image)[:2]
+  scaled = shape * math.floor(size / crop_fraction) // tf.reduce_min(shape)
+
+  def resized(pixels: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
+    pixels = tf.image.resize(pixels, tf.stack([height, width]), method='bicubic', antialias=True)
+    return tf.round(tf.clip_by_value(pixels, 0.0, 255.0))
+
+  image = tf.cast(image, tf.float32)  # A side already its size is not resampled, as in PIL.
+  image = tf.cond(scaled[1] == shape[1], lambda: image,
+                  lambda: resized(image, shape[0], scaled[1]))
+  image = tf.cond(scaled[0] == shape[0], lambda: image,
+                  lambda: resized(image, scaled[0], scaled[1]))
+  offsets = tf.cast(tf.round((scaled - size) / 2), tf.int32)  # tf.round: half to even.
+  return _central_crop(image, size, offsets)
+
+
+def _central_crop(image: tf.Tensor, size: int, offsets: tf.Tensor) -> tf.Tensor:
+  image = image[offsets[0]:offsets[0] + size, offsets[1]:offsets[1] + size]
   image.set_shape([size, size, image.shape[-1]])
   return image
 
@@ -106,13 +135,18 @@ def value_range(image: tf.Tensor) -> tf.Tensor:
   return tf.clip_by_value(tf.cast(image, tf.float32) / 127.5 - 1.0, -1.0, 1.0)
 
 
-def eval_image(image: tf.Tensor, size: int, channels: int, crop: str) -> tf.Tensor:
-  """Decoded pixels -> the model's eval input, float32 [size, size, channels] in [-1, 1]: the
-  eval split and `vit_jax.infer`'s image files share it, so both give the model the same input."""
+def eval_image(image: tf.Tensor, size: int, channels: int,
+               eval_pp: Mapping[str, Any]) -> tf.Tensor:
+  """Decoded pixels -> the model's eval input, float32 [size, size, channels] in [-1, 1], as the
+  pp.eval options `eval_pp` say: the eval split and `vit_jax.infer`'s image files share it, so
+  both give the model the same input."""
+  crop = eval_pp['crop']
   if crop == 'resize':
     image = resize(image, size)
   elif crop == 'resize_crop':
-    image = resize_small_and_central_crop(image, size)
+    image = resize_small_and_central_crop(image, size, eval_pp['crop_fraction'])
+  elif crop == 'timm':
+    image = resize_small_and_central_crop_as_timm(image, size, eval_pp['crop_fraction'])
   else:
     raise ConfigError(f'pp.eval.crop={crop!r}: use one of {EVAL_CROPS}')
   return value_range(to_channels(image, channels))

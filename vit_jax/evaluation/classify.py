@@ -120,14 +120,14 @@ class Checkpoint:
   params: Any  # In the model's layout, host arrays.
   image_size: int
   channels: int
-  crop: str  # pp.eval.crop
+  eval_pp: dict[str, Any]  # The pp.eval options: the crop.
   pretrained: restore.Pretrained
 
   def preprocess(self, pixels: np.ndarray) -> np.ndarray:
     """Decoded pixels [H, W, C] -> float32 [image_size, image_size, channels], the eval split's
     input."""
     return preprocess.eval_image(tf.convert_to_tensor(pixels), self.image_size, self.channels,
-                                 self.crop).numpy()
+                                 self.eval_pp).numpy()
 
 
 def load_checkpoint(path: str, model: Optional[str] = None, image_size: Optional[int] = None,
@@ -139,7 +139,7 @@ def load_checkpoint(path: str, model: Optional[str] = None, image_size: Optional
   flax_model = pretrained.create_model(pretrained.num_classes, dtype='float32')
   params = restore.checked_params(pretrained, flax_model)
   return Checkpoint(flax_model, params, pretrained.image_size, pretrained.channels,
-                    pretrained.eval_crop(), pretrained)
+                    pretrained.eval_pp(), pretrained)
 
 
 @dataclasses.dataclass(frozen=True)

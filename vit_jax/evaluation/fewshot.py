@@ -90,7 +90,8 @@ class FewShotEvaluator:
   seeds: int = 3
   l2_reg: float = DEFAULT_L2_REG
   batch: int = 256
-  crop: str = 'resize'  # pp.eval.crop of the input pipeline.
+  eval_pp: Mapping[str, Any] = dataclasses.field(  # The input pipeline's pp.eval options.
+      default_factory=lambda: dict(pp_options.EVAL_DEFAULTS))
   data_dir: Optional[str] = None
   context: Callable[[], Any] = contextlib.nullcontext  # e.g. Experiment.rules_context.
 
@@ -128,7 +129,7 @@ class FewShotEvaluator:
     data = input_pipeline.make_eval_iterator(
         dataset=dataset, split=split, data_dir=self.data_dir, global_batch=self.batch,
         image_size=self.image_size, channels=self.channels,
-        pp=ml_collections.ConfigDict({'eval': {'crop': self.crop}}))
+        pp=ml_collections.ConfigDict({'eval': dict(self.eval_pp)}))
     feats, labels = [], []
     with self.context():
       for batch in global_batch.prefetch_to_mesh(data, self.mesh):
@@ -209,5 +210,5 @@ def from_experiment(exp: Experiment) -> FewShotEvaluator:
       channels=config.get('channels', 3), shots=tuple(fewshot.get('shots', DEFAULT_SHOTS)),
       seeds=fewshot.get('seeds', 3), l2_reg=fewshot.get('l2_reg', DEFAULT_L2_REG),
       batch=fewshot.get('batch', config.get('batch_eval', config.batch)),
-      crop=pp_options.from_config(config, 'eval')['crop'],
+      eval_pp=pp_options.from_config(config, 'eval'),
       data_dir=config.get('data_dir'), context=exp.rules_context)
