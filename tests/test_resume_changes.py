@@ -106,3 +106,16 @@ def test_resuming_with_changed_settings_names_each_change(baseline, tmp_path, ca
 def _saved_meta(workdir):
   with Checkpointer(workdir, read_only=True, async_save=False) as checkpointer:
     return checkpointer.restore_meta()
+
+
+def test_a_key_added_since_at_its_default_or_off_is_no_change():
+  """A workdir saved before pp.eval.crop_fraction (or polyak_decay) existed resumes without a
+  warning about them, as the code took their defaults then; any other value is named."""
+  saved = {'batch': 8, 'pp': {'eval': {'crop': 'resize_crop'}}}
+  config = ml_collections.ConfigDict({'batch': 8, 'polyak_decay': 0.0, 'pp': {
+      'eval': {'crop': 'resize_crop', 'crop_fraction': 0.875}}})
+  assert loop.config_changes(saved, config) == []
+  config.pp.eval.crop_fraction = 0.9
+  config.pp.eval.crop = 'timm'
+  assert loop.config_changes(saved, config) == ['pp.eval.crop: resize_crop -> timm',
+                                                'pp.eval.crop_fraction: unset -> 0.9']

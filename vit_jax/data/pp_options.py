@@ -67,6 +67,13 @@ def config_dict(train: dict, eval_crop: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({'train': train, 'eval': {**EVAL_DEFAULTS, 'crop': eval_crop}})
 
 
+def defaults_by_key() -> dict[str, Any]:
+  """Each option's default by its dotted config key ('pp.eval.crop_fraction': 0.875)."""
+  return {f'pp.{part}.{key}': value
+          for part, defaults in (('train', TRAIN_DEFAULTS), ('eval', EVAL_DEFAULTS))
+          for key, value in defaults.items()}
+
+
 def train_options(part: Any) -> dict:
   """pp.train over its defaults, checked."""
   opts = _options(part, TRAIN_DEFAULTS, 'pp.train')

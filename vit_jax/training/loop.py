@@ -24,6 +24,7 @@ import tensorflow as tf
 from vit_jax.checkpoints.manager import Checkpointer, StateStructureChanged
 from vit_jax.data import global_batch
 from vit_jax.data import input_pipeline
+from vit_jax.data import pp_options
 from vit_jax.errors import ConfigError, RunStopped, TrainingDiverged, check_not_a_file
 from vit_jax.training import metrics as metrics_lib
 from vit_jax.training import perf
@@ -107,10 +108,14 @@ def config_changes(saved: Optional[dict], config: ml_collections.ConfigDict) -> 
   as_saved = json.loads(json.dumps(config.to_dict(), default=str))  # Tuples as JSON keeps them.
   old = flax.traverse_util.flatten_dict(saved, sep='.')
   new = flax.traverse_util.flatten_dict(as_saved, sep='.')
-  # A key added to the configs since (polyak_decay), set to its off value, changes nothing.
-  added_off = {key for key in new.keys() - old.keys() if not new[key]}
+  # A key added to the configs since, set to its off value (polyak_decay) or to the default taken
+  # while it was unset (pp.eval.crop_fraction), changes nothing.
+  defaults = pp_options.defaults_by_key()
+  added_unchanged = {key for key in new.keys() - old.keys()
+                     if not new[key] or (key in defaults and new[key] == defaults[key])}
   return [f'{key}: {old.get(key, "unset")} -> {new.get(key, "unset")}'
-          for key in sorted((old.keys() | new.keys()) - added_off) if old.get(key) != new.get(key)]
+          for key in sorted((old.keys() | new.keys()) - added_unchanged)
+          if old.get(key) != new.get(key)]
 
 
 def _restore(checkpointer: Checkpointer, exp: Experiment,
