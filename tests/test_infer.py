@@ -363,7 +363,7 @@ def test_a_16_bit_grey_tiff_keeps_its_high_byte(tmp_path):
 def test_jpeg_files_are_preprocessed_as_the_eval_pipeline_preprocesses_them(tmp_path):
   """The same JPEG bytes, stored in a prepared image folder and given to infer as a file, give
   the same model input at 224 px with big_vision's and timm's central crops and at 32 px resized.
-  A PIL decode moved 92% of the 224 px values, by up to 0.11."""
+  A PIL decode moved 92% of the 224 px values, by up to 0.11; timm's crop decodes as PIL."""
   root = tmp_path / 'folder'
   for name in ('astronaut', 'camera', 'coffee'):  # RGB, grey, RGB.
     (root / 'test' / name).mkdir(parents=True)
@@ -384,10 +384,15 @@ def test_jpeg_files_are_preprocessed_as_the_eval_pipeline_preprocesses_them(tmp_
         dataset='jpeg_photos', split='test', data_dir=data_dir, global_batch=3, image_size=size,
         channels=channels, pp=ml_collections.ConfigDict({'eval': eval_pp}),
         process_index=0, process_count=1)
+    jpeg_as_pil = crop == 'timm'
     for path, expected in zip(files, batch['image']):
-      pixels = tf.constant(classify.load_image(path))
+      pixels = classify.load_image(path, jpeg_as_pil)
+      if jpeg_as_pil:  # timm reads its images with PIL: the same pixels, in both paths.
+        with Image.open(path) as image:
+          pil = np.asarray(image.convert('RGB' if pixels.shape[-1] == 3 else 'L'))
+        np.testing.assert_array_equal(pixels, pil.reshape(pixels.shape))
       np.testing.assert_array_equal(
-          preprocess.eval_image(pixels, size, channels, eval_pp).numpy(), expected)
+          preprocess.eval_image(tf.constant(pixels), size, channels, eval_pp).numpy(), expected)
 
 
 def test_a_hybrid_npz_runs_at_the_image_size_given_else_at_the_largest_its_grid_fits(

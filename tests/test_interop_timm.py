@@ -217,23 +217,27 @@ def test_timms_hub_folders_name_their_model_pooling_and_normalisation(tmp_path, 
 
 
 def test_timms_weights_score_the_pixels_timm_evaluates_them_on(tmp_path):
-  """timm's own eval transform (resolve_data_config and create_transform on PIL images: its
-  crop_pct, bicubic, central crop) against ours on real photos, wide and tall, read from the
-  config.json beside the weights; then the logits of infer's classifier and of timm's model."""
+  """timm's own eval transform (resolve_data_config and create_transform on the images PIL
+  reads: its crop_pct, bicubic, central crop) against ours on real photos saved as JPEGs, wide
+  and tall, read from the config.json beside the weights; then the logits of infer's classifier
+  and of timm's model."""
   theirs, path = _saved_for_the_hub('vit_tiny_patch16_224', tmp_path / 'hub')
   data_config = timm.data.resolve_data_config({}, model=theirs)
   assert (data_config['crop_pct'], data_config['interpolation']) == (0.9, 'bicubic')
   transform = timm.data.create_transform(**data_config)
   classifier = classify.Classifier.from_checkpoint(path)
   assert classifier.checkpoint.eval_pp == {'crop': 'timm', 'crop_fraction': 0.9}
-  photos = (skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(),
-            skimage.data.rocket().transpose(1, 0, 2))
-  ours = np.stack([classifier.checkpoint.preprocess(photo) for photo in photos])
-  timms = torch.stack([transform(PIL.Image.fromarray(photo)) for photo in photos])
+  photos = {'astronaut': skimage.data.astronaut(), 'coffee': skimage.data.coffee(),
+            'chelsea': skimage.data.chelsea(), 'rocket': skimage.data.rocket().transpose(1, 0, 2)}
+  paths = [str(tmp_path / f'{name}.jpg') for name in photos]
+  for path, photo in zip(paths, photos.values()):
+    PIL.Image.fromarray(photo).save(path, quality=95)
+  ours = np.stack([classifier.checkpoint.read(path) for path in paths])
+  timms = torch.stack([transform(PIL.Image.open(path).convert('RGB')) for path in paths])
   timms = timms.permute(0, 2, 3, 1).numpy()  # (x / 255 - 0.5) / 0.5: our [-1, 1].
   levels = np.abs(ours - timms) * 127.5  # PIL's 8-bit passes, within a level or two.
   assert levels.max() < 2.01 and levels.mean() < 0.01, (levels.max(), levels.mean())
   with torch.no_grad():
     expected = theirs(torch.from_numpy(timms).permute(0, 3, 1, 2)).numpy()
-  np.testing.assert_allclose(classifier.logits(ours), expected, rtol=0,
-                             atol=2e-4 * np.abs(expected).max())
+  infer = np.stack([p.logits for p in classifier.classify_files(paths)])
+  np.testing.assert_allclose(infer, expected, rtol=0, atol=2e-4 * np.abs(expected).max())

@@ -42,7 +42,7 @@ def split_read(split: str, count: int) -> str:
 
 def file_images(ckpt: classify.Checkpoint, paths: Sequence[str]) -> np.ndarray:
   """Image files through the model's eval preprocessing; any unreadable file is an error here."""
-  return np.stack([ckpt.preprocess(classify.load_image(path)) for path in paths])
+  return np.stack([ckpt.read(path) for path in paths])
 
 
 def analyze_checkpoint(checkpoint: str, out_dir: str, *, model: Optional[str] = None,

@@ -393,8 +393,10 @@ def make_eval_iterator(*, dataset: str, split: str, data_dir: str | None,
   padding = num_batches * local_batch - size
   assert padding >= 0, (sizes, index, local_batch)
 
+  jpeg_as_pil = preprocess.decodes_jpeg_as_pil(opts)
+
   def example_fn(example):
-    image = preprocess.decode(example['image'], info.image_shape[-1])
+    image = preprocess.decode(example['image'], info.image_shape[-1], jpeg_as_pil)
     return {'image': preprocess.eval_image(image, image_size, channels, opts),
             'label': tf.cast(example['label'], tf.int32),
             'mask': tf.constant(True)}

@@ -1,8 +1,8 @@
 """Classifies image files with a trained ViT, preprocessed exactly as its eval split was.
 
 Files are decoded as the eval pipeline decodes its examples (`preprocess.decode`, i.e.
-`tf.io.decode_image`, whose JPEG decoder differs from PIL's) and then go through its own
-`preprocess.eval_image`; PIL reads only the formats and modes TF does not (TIFF, palette BMP,
+`tf.io.decode_image`, whose JPEG decoder differs from PIL's, except under timm's crop, which
+decodes JPEGs as PIL) and then go through its own `preprocess.eval_image`; PIL reads only the formats and modes TF does not (TIFF, palette BMP,
 grey GIF, ...) and tells grey files from colour ones. Batches have one fixed size (the last one
 is padded), so the forward pass compiles once however many files come.
 """
@@ -53,9 +53,9 @@ def _pil_pixels(image: Image.Image) -> np.ndarray:
   return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
-def load_image(path: str) -> np.ndarray:
+def load_image(path: str, jpeg_as_pil: bool = False) -> np.ndarray:
   """uint8 [H, W, 1 or 3], the pixels the eval pipeline would decode from this file (first
-  frame, alpha dropped); grey files keep one channel."""
+  frame, alpha dropped; `jpeg_as_pil`: see `preprocess.decode`); grey files keep one channel."""
   if os.path.isdir(path):
     raise ImageError(path, f'a folder: pass the images in it, e.g. {os.path.join(path, "*.jpg")}')
   try:
@@ -65,7 +65,7 @@ def load_image(path: str) -> np.ndarray:
       if image.format in _TF_FORMATS:
         channels = 1 if image.mode in _GREY_8BIT + _GREY_16BIT else 3
         try:
-          return preprocess.decode(tf.constant(data), channels).numpy()
+          return preprocess.decode(tf.constant(data), channels, jpeg_as_pil).numpy()
         except tf.errors.InvalidArgumentError:
           pass  # TF decodes GIFs in colour only; a broken file fails in PIL too.
       return _pil_pixels(image)
@@ -128,6 +128,10 @@ class Checkpoint:
     input."""
     return preprocess.eval_image(tf.convert_to_tensor(pixels), self.image_size, self.channels,
                                  self.eval_pp).numpy()
+
+  def read(self, path: str) -> np.ndarray:
+    """An image file decoded and preprocessed as the eval split's examples."""
+    return self.preprocess(load_image(path, preprocess.decodes_jpeg_as_pil(self.eval_pp)))
 
 
 def load_checkpoint(path: str, model: Optional[str] = None, image_size: Optional[int] = None,
@@ -233,7 +237,7 @@ class Classifier:
 
     for path in paths:
       try:
-        pending.append((path, self.checkpoint.preprocess(load_image(path)), None))
+        pending.append((path, self.checkpoint.read(path), None))
       except ImageError as e:
         pending.append((path, None, e))
       if sum(image is not None for _, image, _ in pending) == self.batch_size:
