@@ -299,6 +299,17 @@ def test_timm_crop_is_pils_bicubic_and_torchvisions_central_crop(crop_fraction):
                                                                    differences.mean())
 
 
+def test_value_range_normalises_each_channel_by_its_mean_and_std():
+  """DeiT's ImageNet mean and std per channel, as timm's Normalize; the defaults are the released
+  x / 127.5 - 1, bit for bit."""
+  pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3)).astype(np.float32)
+  mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  np.testing.assert_allclose(preprocess.value_range(tf.constant(pixels), mean, std).numpy(),
+                             (pixels / 255 - np.array(mean)) / np.array(std), rtol=0, atol=1e-5)
+  np.testing.assert_array_equal(preprocess.value_range(tf.constant(pixels)).numpy(),
+                                pixels / np.float32(127.5) - np.float32(1))
+
+
 def test_value_range_maps_0_and_255_to_minus_one_and_one():
   np.testing.assert_array_equal(preprocess.value_range(tf.constant([0, 127.5, 255])), [-1, 0, 1])
 

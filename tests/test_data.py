@@ -354,6 +354,13 @@ def test_to_global_and_prefetch_shard_the_batch():
     (lambda d: _eval(d, pp={'eval': {'crop': 'timm', 'crop_fraction': 1.2}}),
      'pp.eval.crop_fraction=1.2: use the fraction of the resized image kept, in (0, 1]'),
     (lambda d: _eval(d, pp={'eval': {'crop_fraction': '0.9'}}), "pp.eval.crop_fraction='0.9'"),
+    (lambda d: _eval(d, pp={'eval': {'std': (0.2, 0.0, 0.2)}}),
+     'pp.eval.std=(0.2, 0.0, 0.2): use one value for every channel or one per channel, fractions '
+     'of 255 above 0'),
+    (lambda d: _eval(d, pp={'eval': {'mean': 'imagenet'}}), "pp.eval.mean='imagenet'"),
+    # Broadcast, a mean per channel of RGB made the grey images 3-channel.
+    (lambda d: _eval(d, pp={'eval': {'mean': (0.4, 0.5, 0.6)}}, channels=1),
+     'pp.eval.mean=(0.4, 0.5, 0.6) has 3 values for 1-channel inputs'),
 ])
 def test_mistakes_are_config_errors(prepared_data_dir, call, message):
   with pytest.raises(ConfigError) as e:

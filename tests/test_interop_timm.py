@@ -209,24 +209,29 @@ def test_timms_hub_folders_name_their_model_pooling_and_normalisation(tmp_path, 
     restore.load(path)
   _, path = _saved_for_the_hub('deit_tiny_patch16_224', tmp_path / 'deit')
   with caplog.at_level(logging.WARNING):
-    assert restore.load(path).model == 'ViT-Ti_16'
-  assert [r.getMessage() for r in caplog.records] == [
-      f"{tmp_path / 'deit' / 'config.json'}: its weights expect inputs normalised by mean "
-      '(0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225); vit_jax scales them to [-1, 1] '
-      '(mean = std = 0.5), so until fine-tuned its outputs are off']
+    deit = restore.load(path)
+  assert deit.model == 'ViT-Ti_16' and not caplog.records
+  assert (deit.eval_pp()['mean'], deit.eval_pp()['std']) == (  # ImageNet's, for readers.
+      (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-def test_timms_weights_score_the_pixels_timm_evaluates_them_on(tmp_path):
+@pytest.mark.parametrize('architecture,eval_pp', [
+    ('vit_tiny_patch16_224', {'crop': 'timm', 'crop_fraction': 0.9, 'mean': (0.5,),
+                              'std': (0.5,)}),
+    ('deit_tiny_patch16_224', {'crop': 'timm', 'crop_fraction': 0.9,
+                               'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225)})])
+def test_timms_weights_score_the_pixels_timm_evaluates_them_on(architecture, eval_pp, tmp_path):
   """timm's own eval transform (resolve_data_config and create_transform on the images PIL
-  reads: its crop_pct, bicubic, central crop) against ours on real photos saved as JPEGs, wide
-  and tall, read from the config.json beside the weights; then the logits of infer's classifier
-  and of timm's model."""
-  theirs, path = _saved_for_the_hub('vit_tiny_patch16_224', tmp_path / 'hub')
+  reads: its crop_pct, bicubic, central crop, mean and std) against ours on real photos saved as
+  JPEGs, wide and tall, read from the config.json beside the weights; then the logits of infer's
+  classifier and of timm's model."""
+  theirs, path = _saved_for_the_hub(architecture, tmp_path / 'hub')
   data_config = timm.data.resolve_data_config({}, model=theirs)
-  assert (data_config['crop_pct'], data_config['interpolation']) == (0.9, 'bicubic')
+  assert (data_config['crop_pct'], data_config['interpolation']) == (eval_pp['crop_fraction'],
+                                                                     'bicubic')
   transform = timm.data.create_transform(**data_config)
   classifier = classify.Classifier.from_checkpoint(path)
-  assert classifier.checkpoint.eval_pp == {'crop': 'timm', 'crop_fraction': 0.9}
+  assert classifier.checkpoint.eval_pp == eval_pp
   photos = {'astronaut': skimage.data.astronaut(), 'coffee': skimage.data.coffee(),
             'chelsea': skimage.data.chelsea(), 'rocket': skimage.data.rocket().transpose(1, 0, 2)}
   paths = [str(tmp_path / f'{name}.jpg') for name in photos]
@@ -234,8 +239,8 @@ def test_timms_weights_score_the_pixels_timm_evaluates_them_on(tmp_path):
     PIL.Image.fromarray(photo).save(path, quality=95)
   ours = np.stack([classifier.checkpoint.read(path) for path in paths])
   timms = torch.stack([transform(PIL.Image.open(path).convert('RGB')) for path in paths])
-  timms = timms.permute(0, 2, 3, 1).numpy()  # (x / 255 - 0.5) / 0.5: our [-1, 1].
-  levels = np.abs(ours - timms) * 127.5  # PIL's 8-bit passes, within a level or two.
+  timms = timms.permute(0, 2, 3, 1).numpy()  # (x / 255 - mean) / std, as ours.
+  levels = np.abs(ours - timms) * 255 * np.array(eval_pp['std'])  # PIL's 8-bit passes: 1 or 2.
   assert levels.max() < 2.01 and levels.mean() < 0.01, (levels.max(), levels.mean())
   with torch.no_grad():
     expected = theirs(torch.from_numpy(timms).permute(0, 3, 1, 2)).numpy()

@@ -29,6 +29,7 @@ from vit_jax.training import experiment
 from vit_jax.training import finetune
 
 WIDTH, MLP, HEADS, LAYERS, PATCH, IMAGE = 64, 256, 2, 4, 4, 8  # ViT-Mu_4 on 8 px grey images.
+HALF = {'mean': (0.5,), 'std': (0.5,)}  # The inputs of timm's ViTs: [-1, 1], as the released.
 
 
 def _timm_state(seed: int = 0, classes: int = 5, cls_token: bool = True,
@@ -118,18 +119,25 @@ def test_our_model_on_the_converted_weights_gives_timms_logits(kind, tmp_path):
   np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-5 * np.abs(theirs).max())
 
 
-def test_a_timm_file_fine_tunes_from_its_weights_with_a_new_head(prepared_data_dir, tmp_path):
+def test_a_timm_file_fine_tunes_from_its_weights_with_a_new_head(prepared_data_dir, tmp_path,
+                                                                 caplog):
   """The fine-tune's start: the file's weights, a zero head for digits' 10 classes, position
-  embeddings resized to 16 px (a 4x4 grid)."""
-  path = str(tmp_path / 'model.safetensors')
-  save_file(_timm_state(), path)
+  embeddings resized to 16 px (a 4x4 grid); that the weights expect other inputs than
+  training's [-1, 1] (DeiT's ImageNet mean and std) is said."""
+  path = _hub_snapshot(tmp_path / 'deit', _timm_state(), 'vit_mu_patch4_8', mean=(0.485,),
+                       std=(0.229,), num_heads=HEADS)
   config = config_files.get_config('finetune/digits')
   config.update(data_dir=prepared_data_dir, init=path, model='ViT-Mu_4', image_size=16, channels=1)
   pre = restore.load(path, config.model)
   exp = experiment.build(finetune.with_architecture(config, pre.model, pre.model_overrides,
                                                     pre.channels))
   assert not exp.model.gelu_approximate  # timm's GELU, kept for fine-tuning too.
-  params = param_trees.flat(jax.device_get(finetune.initial_state(exp, pre).params))
+  with caplog.at_level(logging.WARNING):
+    params = param_trees.flat(jax.device_get(finetune.initial_state(exp, pre).params))
+  assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+      f'{path}: its weights expect inputs normalised by mean (0.485,) and std (0.229,); '
+      'fine-tuning feeds them [-1, 1] (mean = std = 0.5), so its first steps start from outputs '
+      'that are off']
   converted = param_trees.flat(pre.params)
   assert params['head/kernel'].shape == (WIDTH, 10) and not params['head/kernel'].any()
   assert params[npz.POSEMB_KEY].shape == (1, 1 + 4 * 4, WIDTH)
@@ -285,23 +293,36 @@ def test_a_head_count_the_hub_config_gives_is_the_models(tmp_path, caplog):
   np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-5 * np.abs(theirs).max())
 
 
-def test_what_the_hub_config_says_is_assumed_or_off_is_logged(tmp_path, caplog):
+def test_what_the_hub_config_says_is_assumed_is_logged(tmp_path, caplog):
   plain = _hub_snapshot(tmp_path / 'plain', _timm_state(width=192, mlp=768, layers=12, patch=16),
                         'vit_tiny_patch16_224')
-  deit = _hub_snapshot(tmp_path / 'deit', _timm_state(), 'vit_mu_patch4_8',
-                       mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+  other = _hub_snapshot(tmp_path / 'other', _timm_state(), 'vit_mu_patch4_8')
   with caplog.at_level(logging.WARNING):
     restore.load(plain)
     assert not caplog.records
-    restore.load(deit, 'ViT-Mu_4')
-  messages = [r.getMessage() for r in caplog.records]
-  assert messages == [
-      f"{tmp_path / 'deit' / 'config.json'}: timm's vit_mu_patch4_8 is not one of its plain ViTs "
+    restore.load(other, 'ViT-Mu_4')
+  assert [r.getMessage() for r in caplog.records] == [
+      f"{tmp_path / 'other' / 'config.json'}: timm's vit_mu_patch4_8 is not one of its plain ViTs "
       "(vit_<size>_patch<N>_<res>), so its head count is taken as ViT-Mu_4's (2); if timm's is "
-      'another, its outputs here are wrong',
-      f"{tmp_path / 'deit' / 'config.json'}: its weights expect inputs normalised by mean "
-      '(0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225); vit_jax scales them to [-1, 1] '
-      '(mean = std = 0.5), so until fine-tuned its outputs are off']
+      'another, its outputs here are wrong']
+
+
+def test_readers_normalise_as_the_hub_config_says(tmp_path):
+  """DeiT's weights expect ImageNet's mean and std: infer, analyze and few-shot feed them
+  (pixels / 255 - mean) / std, not [-1, 1]. A mean per channel of another channel count is one
+  line (broadcast, it made grey images 3-channel)."""
+  deit = _hub_snapshot(tmp_path / 'deit', _timm_state(), 'vit_mu_patch4_8', mean=(0.485,),
+                       std=(0.229,), num_heads=HEADS, eval_transform={'crop_pct': 1.0})
+  checkpoint = classify.load_checkpoint(deit, 'ViT-Mu_4')
+  assert (checkpoint.eval_pp['mean'], checkpoint.eval_pp['std']) == ((0.485,), (0.229,))
+  photo = np.random.default_rng(0).integers(0, 256, (8, 8, 1), np.uint8)  # Not resampled: 8 px.
+  np.testing.assert_allclose(checkpoint.preprocess(photo), (photo / 255 - 0.485) / 0.229,
+                             rtol=0, atol=1e-5)
+  colour = _hub_snapshot(tmp_path / 'colour', _timm_state(), 'vit_mu_patch4_8',
+                         mean=(0.485, 0.456, 0.406), num_heads=HEADS)
+  with pytest.raises(ConfigError, match=r'^pp\.eval\.mean=\(0\.485, 0\.456, 0\.406\) has 3 values '
+                                        r'for 1-channel inputs: give one, or one per channel$'):
+    classify.load_checkpoint(colour, 'ViT-Mu_4')
 
 
 def test_the_hub_configs_label_names_label_the_classes(tmp_path, caplog):
@@ -338,27 +359,27 @@ def test_timm_weights_are_read_with_the_crop_timm_evaluates_them_with(tmp_path, 
   augreg = {'crop_pct': 0.9, 'interpolation': 'bicubic', 'crop_mode': 'center'}
   path = _hub_snapshot(tmp_path / 'augreg', _timm_state(), 'vit_mu_patch4_8', eval_transform=augreg)
   checkpoint = classify.load_checkpoint(path, 'ViT-Mu_4')
-  assert checkpoint.eval_pp == {'crop': 'timm', 'crop_fraction': 0.9}
+  assert checkpoint.eval_pp == {'crop': 'timm', 'crop_fraction': 0.9, **HALF}
   photo = np.random.default_rng(0).integers(0, 256, (30, 20, 1), np.uint8)
   np.testing.assert_array_equal(  # 8 px: the shorter side to 8, the longer to 12, rows 2:10.
       checkpoint.preprocess(photo), preprocess.eval_image(tf.constant(photo), 8, 1, {
-          'crop': 'timm', 'crop_fraction': 0.9}).numpy())
+          'crop': 'timm', 'crop_fraction': 0.9, **HALF}).numpy())
   assert classify.load_checkpoint(path, 'ViT-Mu_4', crop='resize').eval_pp == {
-      'crop': 'resize', 'crop_fraction': 0.9}
+      'crop': 'resize', 'crop_fraction': 0.9, **HALF}
   unstated = _hub_snapshot(tmp_path / 'unstated', _timm_state(), 'vit_mu_patch4_8')
   assert classify.load_checkpoint(unstated, 'ViT-Mu_4').eval_pp == {
-      'crop': 'timm', 'crop_fraction': 0.875}
+      'crop': 'timm', 'crop_fraction': 0.875, **HALF}
   bare = str(tmp_path / 'bare.safetensors')
   save_file(_timm_state(), bare)
   assert classify.load_checkpoint(bare, 'ViT-Mu_4').eval_pp == {
-      'crop': 'resize', 'crop_fraction': 0.875}
+      'crop': 'resize', 'crop_fraction': 0.875, **HALF}
   squash = _hub_snapshot(tmp_path / 'squash', _timm_state(), 'vit_mu_patch4_8', num_heads=2,
                          eval_transform={'crop_pct': 1.0, 'interpolation': 'bilinear',
                                          'crop_mode': 'squash'})
   caplog.clear()
   with caplog.at_level(logging.WARNING):
     assert classify.load_checkpoint(squash, 'ViT-Mu_4').eval_pp == {
-        'crop': 'timm', 'crop_fraction': 1.0}
+        'crop': 'timm', 'crop_fraction': 1.0, **HALF}
   assert [r.getMessage() for r in caplog.records] == [
       f"{tmp_path / 'squash' / 'config.json'}: timm evaluates these weights with interpolation "
       "'bilinear' and crop_mode 'squash'; vit_jax's crop 'timm' is timm's bicubic 'center' crop, "

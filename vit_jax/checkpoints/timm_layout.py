@@ -10,8 +10,8 @@ one line naming them (`UNSUPPORTED`), and so is any other tensor left over.
 The tensors do not tell the architecture's name, its head count, its pooling or the input
 normalisation its weights expect; the `config.json` that timm saves beside them (the Hugging Face
 hub's layout) tells the name, the pooling and the normalisation (and the head count, when the
-model was made with one given) and how timm evaluates them (crop_pct: readers of the weights
-crop as timm does), and is read when it is there. What neither tells is assumed: the head
+model was made with one given) and how timm evaluates them (crop_pct, mean and std: readers of
+the weights preprocess as timm does), and is read when it is there. What neither tells is assumed: the head
 count is the named model's, and without a config.json the pooling is the class token's output
 when there is one, else the mean (timm's global_pool='token' and 'avg').
 """
@@ -75,9 +75,11 @@ class HubConfig:
   crop_mode: Optional[str] = None
 
   def eval_pp(self) -> dict[str, Any]:
-    """The pp.eval options of timm's eval transform for these weights."""
-    return {'crop': 'timm',
-            'crop_fraction': self.crop_pct or pp_options.EVAL_DEFAULTS['crop_fraction']}
+    """The pp.eval options of timm's eval transform for these weights: its crop, and the mean and
+    std the weights expect (timm's ViTs: 0.5, the released ones'; DeiT's: ImageNet's)."""
+    defaults = pp_options.EVAL_DEFAULTS
+    return {'crop': 'timm', 'crop_fraction': self.crop_pct or defaults['crop_fraction'],
+            'mean': self.mean or defaults['mean'], 'std': self.std or defaults['std']}
 
 
 def read_hub_config(weights: str) -> Optional[HubConfig]:
@@ -173,10 +175,6 @@ def _warn_of_assumptions(hub: HubConfig, model: str, num_heads: int) -> None:
     logging.warning("%s: timm's %s is not one of its plain ViTs (vit_<size>_patch<N>_<res>), so "
                     "its head count is taken as %s's (%d); if timm's is another, its outputs "
                     'here are wrong', hub.path, hub.architecture, model, num_heads)
-  if not all(np.allclose(values, 0.5) for values in (hub.mean or 0.5, hub.std or 0.5)):
-    logging.warning('%s: its weights expect inputs normalised by mean %s and std %s; vit_jax '
-                    'scales them to [-1, 1] (mean = std = 0.5), so until fine-tuned its outputs '
-                    'are off', hub.path, hub.mean, hub.std)
   if hub.interpolation not in (None, 'bicubic') or hub.crop_mode not in (None, 'center'):
     logging.warning("%s: timm evaluates these weights with interpolation %r and crop_mode %r; "
                     "vit_jax's crop 'timm' is timm's bicubic 'center' crop, so their pixels "

@@ -383,6 +383,7 @@ def make_eval_iterator(*, dataset: str, split: str, data_dir: str | None,
   info = _info(builder, dataset, split)
   opts = pp_options.eval_options(pp.get('eval'))
   pp_options.check_channels(channels)
+  pp_options.check_eval_channels(opts, channels)
   index, count, local_batch, sliced = _process_slice(
       split, global_batch, process_index, process_count)
   # split_for_jax_process splits each '+'-joined piece of `split` on its own and gives each

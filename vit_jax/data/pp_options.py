@@ -23,6 +23,10 @@ The keys (every one optional; an unknown key is a ConfigError):
       crop; the crop of timm's weights, its crop_pct their crop_fraction).
   pp.eval.crop_fraction: 0.875 (resize_crop and timm: the central fraction of the resized image
       kept, in (0, 1]).
+  pp.eval.mean, pp.eval.std: (0.5,), (0.5,): inputs are (pixels / 255 - mean) / std, one value
+      for every channel or one per channel; the released ViTs' [-1, 1] by default, ImageNet's
+      (0.485, 0.456, 0.406) and (0.229, 0.224, 0.225) for DeiT's weights (timm's config.json
+      says so). Training's pipeline keeps [-1, 1].
 """
 import numbers
 from typing import Any
@@ -33,7 +37,7 @@ from vit_jax.errors import ConfigError
 
 TRAIN_DEFAULTS = dict(crop='inception', inception_area_min=0.05, random_crop_pad=4,
                       flip=True, mixup=0.0, randaug=None, shuffle_buffer=50_000)
-EVAL_DEFAULTS = dict(crop='resize', crop_fraction=0.875)
+EVAL_DEFAULTS = dict(crop='resize', crop_fraction=0.875, mean=(0.5,), std=(0.5,))
 EVAL_CROPS = ('resize', 'resize_crop', 'timm')
 
 
@@ -120,7 +124,26 @@ def eval_options(part: Any) -> dict:
   if not _is_number(opts['crop_fraction']) or not 0 < opts['crop_fraction'] <= 1:
     raise ConfigError(f'pp.eval.crop_fraction={opts["crop_fraction"]!r}: use the fraction of the '
                       'resized image kept, in (0, 1], e.g. 0.875')
+  for key in ('mean', 'std'):
+    values = opts[key] if isinstance(opts[key], (tuple, list)) else (opts[key],)
+    if (not values or not all(_is_number(v) for v in values)
+        or (key == 'std' and min(values) <= 0)):
+      raise ConfigError(f'pp.eval.{key}={opts[key]!r}: use one value for every channel or one per '
+                        f'channel, fractions of 255{" above 0" if key == "std" else ""}, e.g. '
+                        '(0.5,)')
+    values = tuple(float(v) for v in values)
+    # One value when all are the same: timm's configs give 3 for grey models too.
+    opts[key] = values[:1] if len(set(values)) == 1 else values
   return opts
+
+
+def check_eval_channels(opts: dict, channels: int) -> None:
+  """pp.eval's mean and std against the model's channels; called before any tf.data map, where a
+  3-value mean would turn grey images into 3 channels."""
+  for key in ('mean', 'std'):
+    if len(opts[key]) not in (1, channels):
+      raise ConfigError(f'pp.eval.{key}={opts[key]} has {len(opts[key])} values for '
+                        f'{channels}-channel inputs: give one, or one per channel')
 
 
 def from_config(config: Any, part: str) -> dict:

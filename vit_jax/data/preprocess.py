@@ -2,14 +2,16 @@
 
 Randomness comes only from an explicit `seed` (int64 [2]) so the pipeline can
 derive it from (run seed, example position) and stay a pure function of them.
-Images stay in 0..255 (uint8 or float32) until `value_range` maps them to [-1, 1].
+Images stay in 0..255 (uint8 or float32) until `value_range` maps them to [-1, 1] (or as
+pp.eval.mean and std say).
 """
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import tensorflow as tf
 
-from vit_jax.data.pp_options import EVAL_CROPS
+from vit_jax.data.pp_options import EVAL_CROPS, check_eval_channels
 from vit_jax.errors import ConfigError
 
 
@@ -141,15 +143,20 @@ def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   return tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
 
 
-def value_range(image: tf.Tensor) -> tf.Tensor:
-  """0..255 -> float32 [-1, 1] as in the ViT paper."""
-  return tf.clip_by_value(tf.cast(image, tf.float32) / 127.5 - 1.0, -1.0, 1.0)
+def value_range(image: tf.Tensor, mean: Sequence[float] = (0.5,),
+                std: Sequence[float] = (0.5,)) -> tf.Tensor:
+  """0..255 -> float32 (pixels / 255 - mean) / std, per channel when given one per channel: [-1, 1]
+  by default, as in the ViT paper (DeiT's weights expect ImageNet's mean and std)."""
+  mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+  pixels = tf.clip_by_value(tf.cast(image, tf.float32), 0.0, 255.0)
+  # Folded into one division and one subtraction: x / 127.5 - 1 for the defaults, bit for bit.
+  return pixels / (255 * std).astype(np.float32) - (mean / std).astype(np.float32)
 
 
 def eval_image(image: tf.Tensor, size: int, channels: int,
                eval_pp: Mapping[str, Any]) -> tf.Tensor:
-  """Decoded pixels -> the model's eval input, float32 [size, size, channels] in [-1, 1], as the
-  pp.eval options `eval_pp` say: the eval split and `vit_jax.infer`'s image files share it, so
+  """Decoded pixels -> the model's eval input, float32 [size, size, channels], as the pp.eval
+  options `eval_pp` say (cropped, normalised): the eval split and `vit_jax.infer`'s image files share it, so
   both give the model the same input."""
   crop = eval_pp['crop']
   if crop == 'resize':
@@ -160,4 +167,5 @@ def eval_image(image: tf.Tensor, size: int, channels: int,
     image = resize_small_and_central_crop_as_timm(image, size, eval_pp['crop_fraction'])
   else:
     raise ConfigError(f'pp.eval.crop={crop!r}: use one of {EVAL_CROPS}')
-  return value_range(to_channels(image, channels))
+  check_eval_channels(eval_pp, channels)
+  return value_range(to_channels(image, channels), eval_pp['mean'], eval_pp['std'])

@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from vit_jax.checkpoints import restore
 from vit_jax.data import input_pipeline
+from vit_jax.data import pp_options
 from vit_jax.data import preprocess
 from vit_jax.errors import ConfigError, first_line
 
@@ -140,10 +141,12 @@ def load_checkpoint(path: str, model: Optional[str] = None, image_size: Optional
   `model` (float32); `image_size` and `crop` override the resolution its config gives or its
   position embeddings suggest, and its eval crop."""
   pretrained = restore.load_for_reading(path, model, image_size, crop)
+  eval_pp = pretrained.eval_pp()
+  pp_options.check_eval_channels(eval_pp, pretrained.channels)
   flax_model = pretrained.create_model(pretrained.num_classes, dtype='float32')
   params = restore.checked_params(pretrained, flax_model)
-  return Checkpoint(flax_model, params, pretrained.image_size, pretrained.channels,
-                    pretrained.eval_pp(), pretrained)
+  return Checkpoint(flax_model, params, pretrained.image_size, pretrained.channels, eval_pp,
+                    pretrained)
 
 
 @dataclasses.dataclass(frozen=True)

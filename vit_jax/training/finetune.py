@@ -18,6 +18,7 @@ from vit_jax import sharding
 from vit_jax.checkpoints import restore
 from vit_jax.checkpoints import transfer
 from vit_jax.checkpoints.manager import Checkpointer, checkpoint_dir
+from vit_jax.data import pp_options
 from vit_jax.errors import ConfigError
 from vit_jax.training import experiment
 from vit_jax.training import loop
@@ -51,6 +52,7 @@ def with_architecture(config: ml_collections.ConfigDict, model: str,
 def initial_state(exp: experiment.Experiment, pretrained: restore.Pretrained, *,
                   keep_pre_logits: bool = False) -> state_lib.TrainState:
   """Step 0 of fine-tuning: the transferred params and a fresh optimizer state, on the mesh."""
+  _warn_of_another_normalisation(pretrained)
   init_fn = lambda rng: exp.model.init(rng, jnp.zeros((1,) + exp.image_shape))['params']
   rng = jax.random.PRNGKey(exp.config.get('seed', 0))
   with exp.rules_context():
@@ -73,6 +75,17 @@ def initial_state(exp: experiment.Experiment, pretrained: restore.Pretrained, *,
       params, exp.state_shardings.params)
   fresh = lambda p: state_lib.fresh_state(p, exp.tx, averaged=exp.keeps_average)
   return jax.jit(fresh, out_shardings=exp.state_shardings)(params)
+
+
+def _warn_of_another_normalisation(pretrained: restore.Pretrained) -> None:
+  """Weights that expect other inputs than training's [-1, 1] (DeiT's, normalised by ImageNet's
+  mean and std) fine-tune, but start from outputs that are off."""
+  expected = pretrained.eval_pp()
+  if jax.process_index() == 0 and any(
+      set(expected[key]) != set(pp_options.EVAL_DEFAULTS[key]) for key in ('mean', 'std')):
+    logging.warning('%s: its weights expect inputs normalised by mean %s and std %s; fine-tuning '
+                    'feeds them [-1, 1] (mean = std = 0.5), so its first steps start from '
+                    'outputs that are off', pretrained.source, expected['mean'], expected['std'])
 
 
 def _same_path(a: str, b: str) -> bool:

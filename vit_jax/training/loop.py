@@ -110,7 +110,7 @@ def config_changes(saved: Optional[dict], config: ml_collections.ConfigDict) -> 
   new = flax.traverse_util.flatten_dict(as_saved, sep='.')
   # A key added to the configs since, set to its off value (polyak_decay) or to the default taken
   # while it was unset (pp.eval.crop_fraction), changes nothing.
-  defaults = pp_options.defaults_by_key()
+  defaults = json.loads(json.dumps(pp_options.defaults_by_key()))  # Tuples as saved: lists.
   added_unchanged = {key for key in new.keys() - old.keys()
                      if not new[key] or (key in defaults and new[key] == defaults[key])}
   return [f'{key}: {old.get(key, "unset")} -> {new.get(key, "unset")}'
