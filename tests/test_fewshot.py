@@ -183,7 +183,8 @@ def test_fewshot_during_training_and_from_the_cli(prepared_data_dir, tmp_path,
   untrained = evaluator.scalars(init_state.params)
   # A .npz holds no config, so the CLI resizes (the default pp.eval.crop); a workdir's
   # checkpoint brings its config's crop.
-  untrained_resized = dataclasses.replace(evaluator, eval_pp=pp_options.EVAL_DEFAULTS).scalars(init_state.params)
+  untrained_resized = dataclasses.replace(evaluator, eval_pp=pp_options.EVAL_DEFAULTS).scalars(
+      init_state.params)
   untrained_npz = str(tmp_path_factory.mktemp('npz') / 'untrained.npz')
   npz.save_npz(jax.device_get(init_state.params), untrained_npz)
   untrained_workdir = str(tmp_path_factory.mktemp('untrained'))

@@ -15,7 +15,8 @@ analysis the architecture supports (no rollout for a MAP head, no filters for hy
 JSON also names what its numbers come from: "checkpoint", "params" (what was read, as
 `infer --json` names it: a workdir's step, its Polyak average where it keeps one), the
 "image_size" and the pp.eval options ("crop", "crop_fraction", "mean", "std") of the
-preprocessing, and the "images" or the "dataset" and the "split" read. Each written file's path is printed.
+preprocessing, and the "images" or the "dataset" and the "split" read. Each written file's path
+is printed.
 """
 import os
 

@@ -7,8 +7,9 @@ PATH is a training workdir (its newest checkpoint, architecture from its saved c
 released-layout `.npz` or timm's `.safetensors` (then --model names the architecture, and
 --image_size the resolution where a hybrid's position embeddings leave it open: see
 `vit_jax.infer`). Images are prepared as the checkpoint's evaluation saw them (its resolution and
-pp.eval; timm's crop for timm's weights; --crop over either), so the figures match the probe run during training. Prints mean
-and spread of the test accuracy over seeds per shot count.
+pp.eval; timm's crop and normalisation for timm's weights; --crop over either), so the figures
+match the probe run during training. Prints mean and spread of the test accuracy over seeds per
+shot count.
 """
 import json
 

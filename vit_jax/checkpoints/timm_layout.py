@@ -11,9 +11,9 @@ The tensors do not tell the architecture's name, its head count, its pooling or 
 normalisation its weights expect; the `config.json` that timm saves beside them (the Hugging Face
 hub's layout) tells the name, the pooling and the normalisation (and the head count, when the
 model was made with one given) and how timm evaluates them (crop_pct, mean and std: readers of
-the weights preprocess as timm does), and is read when it is there. What neither tells is assumed: the head
-count is the named model's, and without a config.json the pooling is the class token's output
-when there is one, else the mean (timm's global_pool='token' and 'avg').
+the weights preprocess as timm does), and is read when it is there. What neither tells is
+assumed: the head count is the named model's, and without a config.json the pooling is the class
+token's output when there is one, else the mean (timm's global_pool='token' and 'avg').
 """
 import dataclasses
 import json

@@ -155,9 +155,9 @@ def value_range(image: tf.Tensor, mean: Sequence[float] = (0.5,),
 
 def eval_image(image: tf.Tensor, size: int, channels: int,
                eval_pp: Mapping[str, Any]) -> tf.Tensor:
-  """Decoded pixels -> the model's eval input, float32 [size, size, channels], as the pp.eval
-  options `eval_pp` say (cropped, normalised): the eval split and `vit_jax.infer`'s image files share it, so
-  both give the model the same input."""
+  """Decoded pixels -> the model's eval input, float32 [size, size, channels], cropped and
+  normalised as the pp.eval options `eval_pp` say: the eval split and `vit_jax.infer`'s image
+  files share it, so both give the model the same input."""
   crop = eval_pp['crop']
   if crop == 'resize':
     image = resize(image, size)

@@ -2,8 +2,9 @@
 
 Files are decoded as the eval pipeline decodes its examples (`preprocess.decode`, i.e.
 `tf.io.decode_image`, whose JPEG decoder differs from PIL's, except under timm's crop, which
-decodes JPEGs as PIL) and then go through its own `preprocess.eval_image`; PIL reads only the formats and modes TF does not (TIFF, palette BMP,
-grey GIF, ...) and tells grey files from colour ones. Batches have one fixed size (the last one
+decodes JPEGs as PIL) and then go through its own `preprocess.eval_image`; PIL reads only the
+formats and modes TF does not (TIFF, palette BMP, grey GIF, ...) and tells grey files from colour
+ones. Batches have one fixed size (the last one
 is padded), so the forward pass compiles once however many files come.
 """
 import dataclasses
