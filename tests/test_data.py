@@ -169,6 +169,20 @@ def test_resume_yields_the_uninterrupted_stream(prepared_data_dir, start_step, e
 
 
 @pytest.mark.parametrize('crop', [{'randaug': (1, 5)}, {'crop': 'resize'}])  # Example-/batch-wise.
+def test_train_images_are_normalised_by_pp_trains_mean_and_std(prepared_data_dir, crop):
+  """ImageNet's mean and std per channel (DeiT's fine-tunes) against the default [-1, 1] of the
+  same examples: (x / 255 - mean) / std for x = (default + 1) * 127.5."""
+  mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  default = next(train_stream(prepared_data_dir, pp={'train': crop}))
+  imagenet = next(train_stream(prepared_data_dir, pp={'train': {**crop, 'mean': mean,
+                                                                'std': std}}))
+  np.testing.assert_array_equal(imagenet['label'], default['label'])
+  pixels = (default['image'] + 1) * 127.5
+  np.testing.assert_allclose(imagenet['image'], (pixels / 255 - np.array(mean)) / np.array(std),
+                             rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize('crop', [{'randaug': (1, 5)}, {'crop': 'resize'}])  # Example-/batch-wise.
 def test_a_second_process_resumes_its_own_slice_of_the_stream(prepared_data_dir, crop):
   # Process 1 of 2 reads 750 examples, 50 a step: resumed at step 7 its next batches cross its
   # epoch at step 15 as the uninterrupted stream's do (a global offset skipped twice as many).
@@ -358,6 +372,9 @@ def test_to_global_and_prefetch_shard_the_batch():
      'pp.eval.std=(0.2, 0.0, 0.2): use one value for every channel or one per channel, fractions '
      'of 255 above 0'),
     (lambda d: _eval(d, pp={'eval': {'mean': 'imagenet'}}), "pp.eval.mean='imagenet'"),
+    (lambda d: next(train_stream(d, pp={'train': {'std': -1}})), 'pp.train.std=-1: use one value'),
+    (lambda d: next(train_stream(d, pp={'train': {'mean': (0.4, 0.5)}})),
+     'pp.train.mean=(0.4, 0.5) has 2 values for 3-channel inputs'),
     # Broadcast, a mean per channel of RGB made the grey images 3-channel.
     (lambda d: _eval(d, pp={'eval': {'mean': (0.4, 0.5, 0.6)}}, channels=1),
      'pp.eval.mean=(0.4, 0.5, 0.6) has 3 values for 1-channel inputs'),

@@ -22,11 +22,13 @@ import config_files
 import param_trees
 from vit_jax.checkpoints import npz
 from vit_jax.checkpoints import restore
+from vit_jax.checkpoints.manager import Checkpointer
 from vit_jax.data import preprocess
 from vit_jax.errors import ConfigError
 from vit_jax.evaluation import classify
 from vit_jax.training import experiment
 from vit_jax.training import finetune
+from vit_jax.training import loop
 
 WIDTH, MLP, HEADS, LAYERS, PATCH, IMAGE = 64, 256, 2, 4, 4, 8  # ViT-Mu_4 on 8 px grey images.
 HALF = {'mean': (0.5,), 'std': (0.5,)}  # The inputs of timm's ViTs: [-1, 1], as the released.
@@ -119,30 +121,47 @@ def test_our_model_on_the_converted_weights_gives_timms_logits(kind, tmp_path):
   np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-5 * np.abs(theirs).max())
 
 
-def test_a_timm_file_fine_tunes_from_its_weights_with_a_new_head(prepared_data_dir, tmp_path,
-                                                                 caplog):
+def test_a_timm_file_fine_tunes_from_its_weights_with_a_new_head(prepared_data_dir, tmp_path):
   """The fine-tune's start: the file's weights, a zero head for digits' 10 classes, position
-  embeddings resized to 16 px (a 4x4 grid); that the weights expect other inputs than
-  training's [-1, 1] (DeiT's ImageNet mean and std) is said."""
-  path = _hub_snapshot(tmp_path / 'deit', _timm_state(), 'vit_mu_patch4_8', mean=(0.485,),
-                       std=(0.229,), num_heads=HEADS)
+  embeddings resized to 16 px (a 4x4 grid)."""
+  path = str(tmp_path / 'model.safetensors')
+  save_file(_timm_state(), path)
   config = config_files.get_config('finetune/digits')
   config.update(data_dir=prepared_data_dir, init=path, model='ViT-Mu_4', image_size=16, channels=1)
   pre = restore.load(path, config.model)
   exp = experiment.build(finetune.with_architecture(config, pre.model, pre.model_overrides,
                                                     pre.channels))
   assert not exp.model.gelu_approximate  # timm's GELU, kept for fine-tuning too.
-  with caplog.at_level(logging.WARNING):
-    params = param_trees.flat(jax.device_get(finetune.initial_state(exp, pre).params))
-  assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
-      f'{path}: its weights expect inputs normalised by mean (0.485,) and std (0.229,); '
-      'fine-tuning feeds them [-1, 1] (mean = std = 0.5), so its first steps start from outputs '
-      'that are off']
+  params = param_trees.flat(jax.device_get(finetune.initial_state(exp, pre).params))
   converted = param_trees.flat(pre.params)
   assert params['head/kernel'].shape == (WIDTH, 10) and not params['head/kernel'].any()
   assert params[npz.POSEMB_KEY].shape == (1, 1 + 4 * 4, WIDTH)
   for key in ('embedding/kernel', 'cls', 'Transformer/encoderblock_3/MlpBlock_3/Dense_1/kernel'):
     np.testing.assert_array_equal(params[key], converted[key])
+
+
+def test_fine_tuning_normalises_as_the_weights_expect_and_resuming_keeps_it(
+    prepared_data_dir, tmp_path, monkeypatch):
+  """DeiT's weights fine-tune on inputs normalised by the mean and std they expect, trained and
+  evaluated alike; a resumed fine-tune takes them from its saved config, not from the command
+  line's [-1, 1] default."""
+  deit = _hub_snapshot(tmp_path / 'deit', _timm_state(), 'vit_mu_patch4_8', mean=(0.485,),
+                       std=(0.229,), num_heads=HEADS)
+  runs = []  # The configs fine-tuning would train with.
+  monkeypatch.setattr(finetune, 'initial_state', lambda *args, **kwargs: None)
+  monkeypatch.setattr(finetune.loop, 'train_and_evaluate',
+                      lambda config, *args, **kwargs: runs.append(config))
+  command_line = config_files.get_config('finetune/digits')
+  command_line.update(data_dir=prepared_data_dir, init=deit, model='ViT-Mu_4', image_size=16)
+  workdir = str(tmp_path / 'fine_tune')
+  finetune.finetune(command_line.copy_and_resolve_references(), workdir)
+  with Checkpointer(workdir) as checkpointer:  # What that run saves.
+    checkpointer.save(2, {'w': np.zeros(3)}, {'step': 2, 'config': runs[0].to_dict()})
+  finetune.finetune(command_line.copy_and_resolve_references(), workdir)
+  for config in runs:
+    for part in ('train', 'eval'):
+      assert (config.pp[part].mean, config.pp[part].std) == ((0.485,), (0.229,)), part
+  assert loop.config_changes(json.loads(json.dumps(runs[0].to_dict())), runs[1]) == []
 
 
 def test_bfloat16_weights_and_a_headless_file_load(tmp_path):

@@ -366,6 +366,11 @@ CONFIG_ERRORS = {
         r"train_split 'train': hold them out of training"),
     'eval_slices_overlap': (dict(train_split='train[:90%]', eval_split='train[-10%:]+train[:5]'),
                             r'shares 5 examples'),
+    # Evaluated on other inputs than it trains on, a model scores as if broken.
+    'train_and_eval_normalised_apart': (
+        dict(pp={'train': {'crop': 'resize'}, 'eval': {'mean': (0.485, 0.456, 0.406)}}),
+        r'pp\.train\.mean=\(0\.5,\) but pp\.eval\.mean=\(0\.485, 0\.456, 0\.406\): the model would '
+        r'be evaluated on other inputs than it trains on; set both alike'),
     'head_smaller_than_the_classes': (dict(num_classes=5),
                                       r'digits has 10 classes but the model.s head 5: set '
                                       r'--config.num_classes=10'),

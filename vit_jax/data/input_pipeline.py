@@ -190,7 +190,7 @@ def _train_example_fn(opts: dict, image_size: int, channels: int,
       image = randaug.randaugment(image, aug_seed, *opts['randaug'])
     if opts['flip']:
       image = preprocess.random_flip(image, flip_seed)
-    return {'image': preprocess.value_range(image),
+    return {'image': preprocess.value_range(image, opts['mean'], opts['std']),
             'label': tf.cast(example['label'], tf.int32)}
 
   return fn
@@ -212,7 +212,7 @@ def _train_batch_fn(opts: dict, images: np.ndarray, labels: np.ndarray, image_si
       flip = tf.random.stateless_uniform(
           tf.shape(indices), tf.stack([tf.constant(seed, tf.int64), step * count + index])) < 0.5
       batch = tf.where(flip[:, None, None, None], tf.reverse(batch, [2]), batch)
-    return {'image': preprocess.value_range(batch),
+    return {'image': preprocess.value_range(batch, opts['mean'], opts['std']),
             'label': tf.cast(tf.gather(labels, indices), tf.int32)}
 
   return fn
@@ -238,7 +238,7 @@ def make_train_iterator(*, dataset: str, split: str, data_dir: str | None,
   """Infinite; yields this process's slice of each global batch.
 
   {'image': float32 [global_batch // process_count, image_size, image_size,
-  channels] in [-1, 1], 'label': int32 [local_batch] (float32 [local_batch,
+  channels] in [-1, 1] (pp.train.mean and std), 'label': int32 [local_batch] (float32 [local_batch,
   num_classes] with mixup)}. Starting at `start_step` yields exactly what an
   uninterrupted iterator yields from that step on.
   """
@@ -246,6 +246,7 @@ def make_train_iterator(*, dataset: str, split: str, data_dir: str | None,
   info = _info(builder, dataset, split)
   opts = pp_options.train_options(pp.get('train'))
   pp_options.check_channels(channels)
+  pp_options.check_normalisation(opts, channels, 'pp.train')
   if opts['crop'] == 'random_crop' and opts['random_crop_pad'] >= image_size:
     raise ConfigError(f'pp.train.random_crop_pad={opts["random_crop_pad"]} reflects at most '
                       f'image_size - 1 = {image_size - 1} pixels: use a smaller pad')
@@ -383,7 +384,7 @@ def make_eval_iterator(*, dataset: str, split: str, data_dir: str | None,
   info = _info(builder, dataset, split)
   opts = pp_options.eval_options(pp.get('eval'))
   pp_options.check_channels(channels)
-  pp_options.check_eval_channels(opts, channels)
+  pp_options.check_normalisation(opts, channels, 'pp.eval')
   index, count, local_batch, sliced = _process_slice(
       split, global_batch, process_index, process_count)
   # split_for_jax_process splits each '+'-joined piece of `split` on its own and gives each

@@ -17,6 +17,8 @@ The keys (every one optional; an unknown key is a ConfigError):
       (2, 20) (`vit_jax.data.randaug`: big_vision's 16 ops).
   pp.train.shuffle_buffer: 50_000 encoded examples (capped at the slice size); splits that
       fit it or `input_pipeline.IN_MEMORY_BYTES` are permuted exactly in memory instead.
+  pp.train.mean, pp.train.std: as pp.eval's, and the same (a ConfigError otherwise); fine-tuning
+      sets both to its checkpoint's.
   pp.eval.crop: 'resize' (default, the released fine-tuning code's) | 'resize_crop' (shorter
       side to image_size / crop_fraction, then central crop: big_vision's ImageNet eval) |
       'timm' (timm's eval: shorter side to floor(image_size / crop_fraction), bicubic, central
@@ -26,7 +28,7 @@ The keys (every one optional; an unknown key is a ConfigError):
   pp.eval.mean, pp.eval.std: (0.5,), (0.5,): inputs are (pixels / 255 - mean) / std, one value
       for every channel or one per channel; the released ViTs' [-1, 1] by default, ImageNet's
       (0.485, 0.456, 0.406) and (0.229, 0.224, 0.225) for DeiT's weights (timm's config.json
-      says so). Training's pipeline keeps [-1, 1].
+      says so).
 """
 import numbers
 from typing import Any
@@ -35,9 +37,10 @@ import ml_collections
 
 from vit_jax.errors import ConfigError
 
+NORMALISATION = dict(mean=(0.5,), std=(0.5,))  # [-1, 1], the released ViTs' inputs.
 TRAIN_DEFAULTS = dict(crop='inception', inception_area_min=0.05, random_crop_pad=4,
-                      flip=True, mixup=0.0, randaug=None, shuffle_buffer=50_000)
-EVAL_DEFAULTS = dict(crop='resize', crop_fraction=0.875, mean=(0.5,), std=(0.5,))
+                      flip=True, mixup=0.0, randaug=None, shuffle_buffer=50_000, **NORMALISATION)
+EVAL_DEFAULTS = dict(crop='resize', crop_fraction=0.875, **NORMALISATION)
 EVAL_CROPS = ('resize', 'resize_crop', 'timm')
 
 
@@ -105,7 +108,7 @@ def train_options(part: Any) -> dict:
       raise ConfigError(f'pp.train.randaug={layers_and_magnitude!r}: use None or (num_layers '
                         '>= 0, magnitude >= 0), e.g. (2, 10)')
     opts['randaug'] = (int(layers_and_magnitude[0]), float(layers_and_magnitude[1]))
-  return opts
+  return _with_normalisation(opts, 'pp.train')
 
 
 def check_channels(channels: int) -> None:
@@ -124,11 +127,16 @@ def eval_options(part: Any) -> dict:
   if not _is_number(opts['crop_fraction']) or not 0 < opts['crop_fraction'] <= 1:
     raise ConfigError(f'pp.eval.crop_fraction={opts["crop_fraction"]!r}: use the fraction of the '
                       'resized image kept, in (0, 1], e.g. 0.875')
-  for key in ('mean', 'std'):
+  return _with_normalisation(opts, 'pp.eval')
+
+
+def _with_normalisation(opts: dict, where: str) -> dict:
+  """`opts` with its mean and std checked, as tuples of floats."""
+  for key in NORMALISATION:
     values = opts[key] if isinstance(opts[key], (tuple, list)) else (opts[key],)
     if (not values or not all(_is_number(v) for v in values)
         or (key == 'std' and min(values) <= 0)):
-      raise ConfigError(f'pp.eval.{key}={opts[key]!r}: use one value for every channel or one per '
+      raise ConfigError(f'{where}.{key}={opts[key]!r}: use one value for every channel or one per '
                         f'channel, fractions of 255{" above 0" if key == "std" else ""}, e.g. '
                         '(0.5,)')
     values = tuple(float(v) for v in values)
@@ -137,13 +145,23 @@ def eval_options(part: Any) -> dict:
   return opts
 
 
-def check_eval_channels(opts: dict, channels: int) -> None:
-  """pp.eval's mean and std against the model's channels; called before any tf.data map, where a
-  3-value mean would turn grey images into 3 channels."""
-  for key in ('mean', 'std'):
+def check_normalisation(opts: dict, channels: int, where: str) -> None:
+  """The mean and std of pp.train or pp.eval (`where`) against the model's channels; called
+  before any tf.data map, where a 3-value mean would turn grey images into 3 channels."""
+  for key in NORMALISATION:
     if len(opts[key]) not in (1, channels):
-      raise ConfigError(f'pp.eval.{key}={opts[key]} has {len(opts[key])} values for '
+      raise ConfigError(f'{where}.{key}={opts[key]} has {len(opts[key])} values for '
                         f'{channels}-channel inputs: give one, or one per channel')
+
+
+def check_same_normalisation(config: Any) -> None:
+  """A model evaluated on other inputs than it trains on scores as if broken."""
+  train, evaluation = from_config(config, 'train'), from_config(config, 'eval')
+  for key in NORMALISATION:
+    if train[key] != evaluation[key]:
+      raise ConfigError(f'pp.train.{key}={train[key]} but pp.eval.{key}={evaluation[key]}: the '
+                        f'model would be evaluated on other inputs than it trains on; set both '
+                        'alike')
 
 
 def from_config(config: Any, part: str) -> dict:

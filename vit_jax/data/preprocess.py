@@ -2,8 +2,8 @@
 
 Randomness comes only from an explicit `seed` (int64 [2]) so the pipeline can
 derive it from (run seed, example position) and stay a pure function of them.
-Images stay in 0..255 (uint8 or float32) until `value_range` maps them to [-1, 1] (or as
-pp.eval.mean and std say).
+Images stay in 0..255 (uint8 or float32) until `value_range` maps them to [-1, 1] (or as the
+pp options' mean and std say).
 """
 import math
 from typing import Any, Mapping, Sequence
@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from vit_jax.data.pp_options import EVAL_CROPS, check_eval_channels
+from vit_jax.data.pp_options import EVAL_CROPS, check_normalisation
 from vit_jax.errors import ConfigError
 
 
@@ -167,5 +167,5 @@ def eval_image(image: tf.Tensor, size: int, channels: int,
     image = resize_small_and_central_crop_as_timm(image, size, eval_pp['crop_fraction'])
   else:
     raise ConfigError(f'pp.eval.crop={crop!r}: use one of {EVAL_CROPS}')
-  check_eval_channels(eval_pp, channels)
+  check_normalisation(eval_pp, channels, 'pp.eval')
   return value_range(to_channels(image, channels), eval_pp['mean'], eval_pp['std'])

@@ -143,7 +143,7 @@ def load_checkpoint(path: str, model: Optional[str] = None, image_size: Optional
   position embeddings suggest, and its eval crop."""
   pretrained = restore.load_for_reading(path, model, image_size, crop)
   eval_pp = pretrained.eval_pp()
-  pp_options.check_eval_channels(eval_pp, pretrained.channels)
+  pp_options.check_normalisation(eval_pp, pretrained.channels, 'pp.eval')
   flax_model = pretrained.create_model(pretrained.num_classes, dtype='float32')
   params = restore.checked_params(pretrained, flax_model)
   return Checkpoint(flax_model, params, pretrained.image_size, pretrained.channels, eval_pp,

@@ -7,7 +7,7 @@ module only builds the initial state and hands it to `loop.train_and_evaluate`.
 """
 import logging
 import os
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +29,11 @@ from vit_jax.training import state as state_lib
 PRETRAIN_ONLY = ('dropout_rate', 'attention_dropout_rate', 'head_bias_init')
 
 def with_architecture(config: ml_collections.ConfigDict, model: str,
-                      model_overrides: dict[str, Any], channels: int) -> ml_collections.ConfigDict:
-  """A copy of `config` with a checkpoint's architecture: model name, overrides, input channels.
+                      model_overrides: dict[str, Any], channels: int,
+                      normalisation: Mapping[str, Sequence[float]] = pp_options.NORMALISATION
+                      ) -> ml_collections.ConfigDict:
+  """A copy of `config` with a checkpoint's architecture: model name, overrides, input channels,
+  and the inputs its weights expect (`normalisation`: the mean and std of pp.train and pp.eval).
 
   Of the checkpoint's overrides, the pre-training recipe's regularisation and head init
   (`PRETRAIN_ONLY`) and, unless `keep_pre_logits`, the pre-logits layer are dropped; the
@@ -46,13 +49,28 @@ def with_architecture(config: ml_collections.ConfigDict, model: str,
       logging.info('config.%s=%s replaced by %s, the checkpoint\'s', key, config.get(key), value)
     config[key] = value
   config.model_overrides = overrides
+  expected = {key: tuple(values) for key, values in normalisation.items()}
+  if not config.get('pp'):
+    config.pp = ml_collections.ConfigDict()
+  for part in ('train', 'eval'):
+    given, options = pp_options.from_config(config, part), config.pp.get(part)
+    config.pp[part] = ml_collections.ConfigDict(
+        {**(options.to_dict() if options else {}), **expected})
+    for key, values in expected.items():
+      if given[key] != values:
+        logging.info("config.pp.%s.%s=%s replaced by %s, what the checkpoint's weights expect",
+                     part, key, given[key], values)
   return config
+
+
+def _normalisation(eval_pp: Mapping[str, Any]) -> dict[str, tuple[float, ...]]:
+  """The mean and std of pp.eval options."""
+  return {key: tuple(eval_pp[key]) for key in pp_options.NORMALISATION}
 
 
 def initial_state(exp: experiment.Experiment, pretrained: restore.Pretrained, *,
                   keep_pre_logits: bool = False) -> state_lib.TrainState:
   """Step 0 of fine-tuning: the transferred params and a fresh optimizer state, on the mesh."""
-  _warn_of_another_normalisation(pretrained)
   init_fn = lambda rng: exp.model.init(rng, jnp.zeros((1,) + exp.image_shape))['params']
   rng = jax.random.PRNGKey(exp.config.get('seed', 0))
   with exp.rules_context():
@@ -75,17 +93,6 @@ def initial_state(exp: experiment.Experiment, pretrained: restore.Pretrained, *,
       params, exp.state_shardings.params)
   fresh = lambda p: state_lib.fresh_state(p, exp.tx, averaged=exp.keeps_average)
   return jax.jit(fresh, out_shardings=exp.state_shardings)(params)
-
-
-def _warn_of_another_normalisation(pretrained: restore.Pretrained) -> None:
-  """Weights that expect other inputs than training's [-1, 1] (DeiT's, normalised by ImageNet's
-  mean and std) fine-tune, but start from outputs that are off."""
-  expected = pretrained.eval_pp()
-  if jax.process_index() == 0 and any(
-      set(expected[key]) != set(pp_options.EVAL_DEFAULTS[key]) for key in ('mean', 'std')):
-    logging.warning('%s: its weights expect inputs normalised by mean %s and std %s; fine-tuning '
-                    'feeds them [-1, 1] (mean = std = 0.5), so its first steps start from '
-                    'outputs that are off', pretrained.source, expected['mean'], expected['std'])
 
 
 def _same_path(a: str, b: str) -> bool:
@@ -141,11 +148,13 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if _has_checkpoints(workdir):
     saved = restore.saved_config(workdir)
     _check_resumes_the_same_run(saved, config, workdir)
-    architecture = (saved['model'], saved.get('model_overrides') or {}, saved.get('channels', 3))
+    architecture = (saved['model'], saved.get('model_overrides') or {}, saved.get('channels', 3),
+                    _normalisation(pp_options.from_config(saved, 'eval')))
   else:  # For a .npz, the model is config.model; for a workdir, the one it was trained as.
     pretrained = restore.load(config.init, config.get('model'),
                               models.given_overrides(config.get('model_overrides')))
-    architecture = (pretrained.model, pretrained.model_overrides, pretrained.channels)
+    architecture = (pretrained.model, pretrained.model_overrides, pretrained.channels,
+                    _normalisation(pretrained.eval_pp()))
   config = with_architecture(config, *architecture)
   exp = experiment.build(config)
   state = None

@@ -278,6 +278,7 @@ def check_run(config: ml_collections.ConfigDict, workdir: str,
       raise ConfigError(f'eval_split {splits[1]!r} shares {shared} examples with train_split '
                         f'{splits[0]!r}: hold them out of training, e.g. '
                         "--config.train_split='train[:90%]' --config.eval_split='train[90%:]'")
+  pp_options.check_same_normalisation(config)
   if config.get('fewshot'):
     from vit_jax.evaluation import fewshot  # pylint: disable=g-import-not-at-top
     fewshot.check_config(config)
