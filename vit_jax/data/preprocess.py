@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from vit_jax.data.pp_options import EVAL_CROPS, check_normalisation
+from vit_jax.data.pp_options import EVAL_CROPS
 from vit_jax.errors import ConfigError
 
 
@@ -167,5 +167,4 @@ def eval_image(image: tf.Tensor, size: int, channels: int,
     image = resize_small_and_central_crop_as_timm(image, size, eval_pp['crop_fraction'])
   else:
     raise ConfigError(f'pp.eval.crop={crop!r}: use one of {EVAL_CROPS}')
-  check_normalisation(eval_pp, channels, 'pp.eval')
   return value_range(to_channels(image, channels), eval_pp['mean'], eval_pp['std'])
