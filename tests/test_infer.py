@@ -212,31 +212,45 @@ def test_cli_top_k_reaches_the_json_and_is_clamped_to_the_class_count(workdir, p
     np.testing.assert_allclose(probs, np.sort(p['probabilities'])[::-1])
 
 
+CROP_0_9 = {'crop': 'resize_crop', 'crop_fraction': 0.9}
+
+
 def test_crop_overrides_the_eval_crop_of_a_workdir_or_a_npz(workdir, photos, tmp_path):
-  """big_vision evaluates ImageNet with resize_crop; a .npz cannot say so, so --crop does."""
+  """big_vision evaluates ImageNet with resize_crop; a .npz cannot say so, so --crop does (and
+  --crop_fraction how much it keeps)."""
   path = photos['coffee_rgba.png']  # 400 x 600: the crop drops a third of its width.
   pixels = classify.load_image(path)
   npz_path = str(tmp_path / 'mu4.npz')
   npz.save_npz(classify.load_checkpoint(workdir).params, npz_path)
   for checkpoint, model in ((workdir, None), (npz_path, 'ViT-Mu_4')):
     default = classify.Classifier.from_checkpoint(checkpoint, model)
-    cropped = classify.Classifier.from_checkpoint(checkpoint, model, crop='resize_crop')
+    cropped = classify.Classifier.from_checkpoint(checkpoint, model, eval_pp=CROP_0_9)
     assert (default.checkpoint.eval_pp, cropped.checkpoint.eval_pp) == (
-        pp_options.EVAL_DEFAULTS, {**pp_options.EVAL_DEFAULTS, 'crop': 'resize_crop'})
+        pp_options.EVAL_DEFAULTS, {**pp_options.EVAL_DEFAULTS, **CROP_0_9})
     np.testing.assert_array_equal(
         cropped.checkpoint.preprocess(pixels),
         preprocess.eval_image(tf.convert_to_tensor(pixels), 28, 1,
                               cropped.checkpoint.eval_pp).numpy())
+  at_default_fraction = preprocess.eval_image(
+      tf.convert_to_tensor(pixels), 28, 1, {**cropped.checkpoint.eval_pp, 'crop_fraction': 0.875})
+  assert np.abs(at_default_fraction.numpy() - cropped.checkpoint.preprocess(pixels)).max() > 0.1
   expected = cropped.logits(cropped.checkpoint.preprocess(pixels)[None])
   assert np.abs(expected - default.logits(default.checkpoint.preprocess(pixels)[None])).max() > 0.01
   proc = subprocess.run([sys.executable, '-m', 'vit_jax.infer', f'--checkpoint={npz_path}',
-                         '--model=ViT-Mu_4', '--crop=resize_crop', '--json', path],
+                         '--model=ViT-Mu_4', '--crop=resize_crop', '--crop_fraction=0.9', '--json',
+                         path],
                         capture_output=True, text=True, env=CLI_ENV, cwd=REPO, check=False)
   assert proc.returncode == 0, proc.stderr
   np.testing.assert_allclose([json.loads(proc.stdout)['predictions'][0]['logits']], expected,
                              atol=1e-4)  # Batches of 32 here, of 1 there: other floats.
   with pytest.raises(ConfigError, match='--crop=centre is not one of resize, resize_crop, timm'):
-    classify.load_checkpoint(workdir, crop='centre')
+    classify.load_checkpoint(workdir, eval_pp={'crop': 'centre'})
+  with pytest.raises(ConfigError, match=r'^--crop_fraction=1.5 is not in \(0, 1\]: pass the '):
+    classify.load_checkpoint(workdir, eval_pp={'crop': 'timm', 'crop_fraction': 1.5})
+  with pytest.raises(ConfigError, match=r"^--crop_fraction=0.9 keeps a central part only under "
+                     r"--crop=resize_crop or timm, and workdir .* is evaluated with 'resize': add "
+                     r'--crop=timm \(or resize_crop\)$'):
+    classify.load_checkpoint(workdir, eval_pp={'crop_fraction': 0.9})
 
 
 def test_the_forward_pass_compiles_once_for_any_number_of_batches(workdir, photos):

@@ -383,8 +383,10 @@ def test_timm_weights_are_read_with_the_crop_timm_evaluates_them_with(tmp_path, 
   np.testing.assert_array_equal(  # 8 px: the shorter side to 8, the longer to 12, rows 2:10.
       checkpoint.preprocess(photo), preprocess.eval_image(tf.constant(photo), 8, 1, {
           'crop': 'timm', 'crop_fraction': 0.9, **HALF}).numpy())
-  assert classify.load_checkpoint(path, 'ViT-Mu_4', crop='resize').eval_pp == {
+  assert classify.load_checkpoint(path, 'ViT-Mu_4', eval_pp={'crop': 'resize'}).eval_pp == {
       'crop': 'resize', 'crop_fraction': 0.9, **HALF}
+  assert classify.load_checkpoint(path, 'ViT-Mu_4', eval_pp={'crop_fraction': 1.0}).eval_pp == {
+      'crop': 'timm', 'crop_fraction': 1.0, **HALF}
   unstated = _hub_snapshot(tmp_path / 'unstated', _timm_state(), 'vit_mu_patch4_8')
   assert classify.load_checkpoint(unstated, 'ViT-Mu_4').eval_pp == {
       'crop': 'timm', 'crop_fraction': 0.875, **HALF}

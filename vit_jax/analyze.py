@@ -10,7 +10,7 @@ Writes DIR/<name>.png and DIR/<name>.json for each of rollout (attention rollout
 of the patch embedding; these two read no images). Images are --images files (by default all
 of them serve both), or the --split of --dataset (by default a workdir's own dataset and eval
 split; 8 and 32 images), preprocessed as the model's eval split was (at --image_size and with
---crop when given: see `vit_jax.infer`). --which defaults to every
+--crop and --crop_fraction when given: see `vit_jax.infer`). --which defaults to every
 analysis the architecture supports (no rollout for a MAP head, no filters for hybrids). Each
 JSON also names what its numbers come from: "checkpoint", "params" (what was read, as
 `infer --json` names it: a workdir's step, its Polyak average where it keeps one), the
@@ -48,7 +48,7 @@ def main(argv: list[str]) -> None:
   quiet_unless_verbose()
   results = from_checkpoint.analyze_checkpoint(
       reader_flags.CHECKPOINT.value, _OUT_DIR.value, model=reader_flags.MODEL.value,
-      image_size=reader_flags.IMAGE_SIZE.value, crop=reader_flags.CROP.value,
+      image_size=reader_flags.IMAGE_SIZE.value, eval_pp=reader_flags.eval_pp(),
       images=_IMAGES.value + argv[1:],
       dataset=_DATASET.value, split=_SPLIT.value, data_dir=_DATA_DIR.value,
       num_images=_NUM_IMAGES.value, num_distance_images=_NUM_DISTANCE_IMAGES.value,

@@ -7,9 +7,9 @@ PATH is a training workdir (its newest checkpoint, architecture from its saved c
 released-layout `.npz` or timm's `.safetensors` (then --model names the architecture, and
 --image_size the resolution where a hybrid's position embeddings leave it open: see
 `vit_jax.infer`). Images are prepared as the checkpoint's evaluation saw them (its resolution and
-pp.eval; timm's crop and normalisation for timm's weights; --crop over either), so the figures
-match the probe run during training. Prints mean and spread of the test accuracy over seeds per
-shot count.
+pp.eval; timm's crop and normalisation for timm's weights; --crop and --crop_fraction over
+either), so the figures match the probe run during training. Prints mean and spread of the test
+accuracy over seeds per shot count.
 """
 import json
 
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
   check_no_arguments(argv)
   quiet_unless_verbose()
   pretrained = restore.load_for_reading(reader_flags.CHECKPOINT.value, reader_flags.MODEL.value,
-                                        reader_flags.IMAGE_SIZE.value, reader_flags.CROP.value)
+                                        reader_flags.IMAGE_SIZE.value, reader_flags.eval_pp())
   model = pretrained.create_model(num_classes=0)
   params = restore.checked_params(pretrained, model)
   mesh = sharding.make_mesh('data:-1')

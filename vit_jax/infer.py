@@ -11,7 +11,8 @@ the resolution of a workdir's config or, for a .npz, the one its position embedd
 hybrid the largest of several, which is logged: give --image_size when it was another), with its
 config's eval crop; timm's weights with a config.json beside them are cropped as timm evaluates
 them (bicubic, its crop_pct), other files only resized (--crop=resize_crop for a .npz evaluated
-as big_vision evaluates, --crop=timm as timm evaluates). Labels come from --labels when given,
+as big_vision evaluates, --crop=timm as timm evaluates, both keeping the central --crop_fraction,
+0.875 unless a config gives it: 0.9 for timm's augreg ViTs). Labels come from --labels when given,
 else from the config.json timm saved beside its weights (label_names, with label_descriptions'
 text), else from the dataset named in a workdir's config (when prepared in its data_dir or
 $TFDS_DATA_DIR), else they are class indices. A file that is not an image gets one line on
@@ -38,7 +39,7 @@ def main(argv: list[str]) -> int:
   checkpoint = reader_flags.CHECKPOINT.value
   classifier = classify.Classifier.from_checkpoint(
       checkpoint, reader_flags.MODEL.value, image_size=reader_flags.IMAGE_SIZE.value,
-      crop=reader_flags.CROP.value, class_names=class_names, batch_size=_BATCH_SIZE.value)
+      eval_pp=reader_flags.eval_pp(), class_names=class_names, batch_size=_BATCH_SIZE.value)
   failed = classify.report(classifier, argv[1:], as_json=_JSON.value, top_k=_TOP_K.value,
                            source=checkpoint)
   return 1 if failed else 0

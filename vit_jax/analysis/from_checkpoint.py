@@ -1,7 +1,7 @@
 """The paper's analyses of a checkpoint (a workdir, a released-layout `.npz` or timm's
 `.safetensors`) on image files or on a dataset split, preprocessed as the model's eval split
 was: what `vit_jax.analyze` runs."""
-from typing import Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import ml_collections
 import numpy as np
@@ -46,7 +46,8 @@ def file_images(ckpt: classify.Checkpoint, paths: Sequence[str]) -> np.ndarray:
 
 
 def analyze_checkpoint(checkpoint: str, out_dir: str, *, model: Optional[str] = None,
-                       image_size: Optional[int] = None, crop: Optional[str] = None,
+                       image_size: Optional[int] = None,
+                       eval_pp: Optional[Mapping[str, Any]] = None,
                        images: Sequence[str] = (),
                        dataset: Optional[str] = None, split: Optional[str] = None,
                        data_dir: Optional[str] = None, num_images: Optional[int] = None,
@@ -57,8 +58,8 @@ def analyze_checkpoint(checkpoint: str, out_dir: str, *, model: Optional[str] = 
   The rollout shows the first `num_images` and the distance averages over the first
   `num_distance_images` (one forward pass: the first ones serve both) of the image files (by
   default all of them) or of the dataset's split (by default 8 and 32 of a workdir's own eval
-  split, else of 'test'). posemb and filters alone read no images. `image_size` and `crop`
-  override the checkpoint's own.
+  split, else of 'test'). posemb and filters alone read no images. `image_size` and `eval_pp`
+  (crop, crop_fraction) override the checkpoint's own.
   """
   if any(n is not None and n <= 0 for n in (num_images, num_distance_images)):
     raise ConfigError('num_images and num_distance_images must be positive')
@@ -66,7 +67,7 @@ def analyze_checkpoint(checkpoint: str, out_dir: str, *, model: Optional[str] = 
     raise ConfigError('pass image files or --dataset, not both')
   if which:
     run.check_names(which)
-  ckpt = classify.load_checkpoint(checkpoint, model, image_size, crop)
+  ckpt = classify.load_checkpoint(checkpoint, model, image_size, eval_pp)
   which = list(which) if which else supported(ckpt)
   config = ckpt.pretrained.config or {}
   variables = {'params': ckpt.params}

@@ -13,7 +13,7 @@ import functools
 import json
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +44,8 @@ class Pretrained:
   class_names: Optional[tuple[str, ...]] = None  # Those the file names (timm's config.json).
   file_eval_pp: Optional[dict[str, Any]] = None  # pp.eval of timm's config.json (its crop_pct).
   requested_image_size: Optional[int] = None  # A reader's --image_size, over the config's.
-  requested_crop: Optional[str] = None  # A reader's --crop, over the config's.
+  requested_eval_pp: Mapping[str, Any] = dataclasses.field(
+      default_factory=dict)  # A reader's --crop / --crop_fraction, over the config's.
 
   @property
   def num_classes(self) -> int:
@@ -60,11 +61,13 @@ class Pretrained:
 
   def eval_pp(self) -> dict[str, Any]:
     """The pp.eval options of its training config, else of timm's config.json (the defaults for a
-    bare file: 'resize'), the crop the reader's --crop when given."""
+    bare file: 'resize'), those the reader asked for over them."""
     config = self.config or {'pp': {'eval': self.file_eval_pp}}
-    options = pp_options.from_config(config, 'eval')
-    if self.requested_crop:
-      options['crop'] = self.requested_crop
+    options = pp_options.from_config(config, 'eval') | dict(self.requested_eval_pp)
+    if 'crop_fraction' in self.requested_eval_pp and options['crop'] == 'resize':
+      raise ConfigError(f'--crop_fraction={options["crop_fraction"]} keeps a central part only '
+                        f"under --crop=resize_crop or timm, and {self.source} is evaluated "
+                        "with 'resize': add --crop=timm (or resize_crop)")
     return options
 
   @functools.cached_property
@@ -133,18 +136,29 @@ def _check_exists(path: str) -> None:
                       "timm's .safetensors")
 
 
+READER_EVAL_OPTIONS = ('crop', 'crop_fraction')
+
+
 def load_for_reading(path: str, model: Optional[str] = None, image_size: Optional[int] = None,
-                     crop: Optional[str] = None) -> Pretrained:
+                     eval_pp: Optional[Mapping[str, Any]] = None) -> Pretrained:
   """`load` for the commands that only read params (infer, analyze, few-shot): their --model
   names a file's architecture; naming another one for a workdir is a mistake, not ignored.
-  Their --image_size and --crop override the resolution a config gives or position embeddings
-  suggest, and the config's eval crop."""
+  Their --image_size and `eval_pp` (--crop, --crop_fraction) override the resolution a config
+  gives or position embeddings suggest, and the config's pp.eval options."""
+  eval_pp = {key: value for key, value in (eval_pp or {}).items() if value is not None}
+  if set(eval_pp) - set(READER_EVAL_OPTIONS):
+    raise ValueError(f'eval_pp={eval_pp}: a reader sets only {READER_EVAL_OPTIONS}')
   pretrained = load(path, model)
   if image_size is not None and image_size <= 0:
     raise ConfigError(f'--image_size={image_size} must be positive (or left out)')
+  crop, fraction = eval_pp.get('crop'), eval_pp.get('crop_fraction')
   if crop is not None and crop not in pp_options.EVAL_CROPS:
     raise ConfigError(f'--crop={crop} is not one of {", ".join(pp_options.EVAL_CROPS)}')
-  return dataclasses.replace(pretrained, requested_image_size=image_size, requested_crop=crop)
+  if fraction is not None and not 0 < fraction <= 1:
+    raise ConfigError(f'--crop_fraction={fraction} is not in (0, 1]: pass the central fraction '
+                      "to keep, e.g. 0.9 (timm's crop_pct)")
+  return dataclasses.replace(pretrained, requested_image_size=image_size,
+                             requested_eval_pp=eval_pp)
 
 
 def load(path: str, model: Optional[str] = None,

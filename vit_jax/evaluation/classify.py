@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import sys
-from typing import Any, Iterable, Iterator, Optional, Sequence, TextIO
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, TextIO
 
 import flax.linen as nn
 import jax
@@ -122,7 +122,7 @@ class Checkpoint:
   params: Any  # In the model's layout, host arrays.
   image_size: int
   channels: int
-  eval_pp: dict[str, Any]  # The pp.eval options: the crop.
+  eval_pp: dict[str, Any]  # The pp.eval options: crop and normalisation.
   pretrained: restore.Pretrained
 
   def preprocess(self, pixels: np.ndarray) -> np.ndarray:
@@ -137,11 +137,11 @@ class Checkpoint:
 
 
 def load_checkpoint(path: str, model: Optional[str] = None, image_size: Optional[int] = None,
-                    crop: Optional[str] = None) -> Checkpoint:
+                    eval_pp: Optional[Mapping[str, Any]] = None) -> Checkpoint:
   """A workdir's newest params and architecture, or a `.npz` or timm `.safetensors` of the named
-  `model` (float32); `image_size` and `crop` override the resolution its config gives or its
-  position embeddings suggest, and its eval crop."""
-  pretrained = restore.load_for_reading(path, model, image_size, crop)
+  `model` (float32); `image_size` and `eval_pp` ({'crop': ..., 'crop_fraction': ...}) override
+  the resolution its config gives or its position embeddings suggest, and its pp.eval options."""
+  pretrained = restore.load_for_reading(path, model, image_size, eval_pp)
   eval_pp = pretrained.eval_pp()
   pp_options.check_normalisation(eval_pp, pretrained.channels, 'pp.eval')
   flax_model = pretrained.create_model(pretrained.num_classes, dtype='float32')
@@ -196,12 +196,13 @@ class Classifier:
 
   @classmethod
   def from_checkpoint(cls, path: str, model: Optional[str] = None, *,
-                      image_size: Optional[int] = None, crop: Optional[str] = None,
+                      image_size: Optional[int] = None,
+                      eval_pp: Optional[Mapping[str, Any]] = None,
                       class_names: Optional[Sequence[str]] = None,
                       batch_size: int = 32) -> 'Classifier':
     """From a workdir (architecture, image size, crop and labels from its config), a `.npz` or
     timm's `.safetensors` (labels from its config.json)."""
-    checkpoint = load_checkpoint(path, model, image_size, crop)
+    checkpoint = load_checkpoint(path, model, image_size, eval_pp)
     classifier = cls(checkpoint, class_names=class_names, batch_size=batch_size)
     if class_names is None:
       classifier.class_names = known_class_names(checkpoint.pretrained)
