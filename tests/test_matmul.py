@@ -149,3 +149,26 @@ def test_remat_dots_saves_the_narrow_products_as_it_saves_float32_ones():
   saved = _grad_dot_count('bfloat16', 'dots')
   assert saved == _grad_dot_count('float32', 'dots')
   assert _grad_dot_count('bfloat16', 'none') < saved < _grad_dot_count('bfloat16', 'full')
+
+
+ZEN3_FLAGS = 'fpu vme sse sse2 ssse3 fma sse4_1 sse4_2 avx f16c avx2 sha_ni vaes vpclmulqdq'
+X86_CPUINFO = 'processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: {}\nbugs\t\t: sysret_ss_attrs\n'
+
+
+@pytest.mark.parametrize('cpuinfo, dtype, slow', [
+    (X86_CPUINFO.format(ZEN3_FLAGS), 'bfloat16', True),  # AVX2 only: generic kernels.
+    (X86_CPUINFO.format(ZEN3_FLAGS), 'float32', False),
+    (X86_CPUINFO.format(ZEN3_FLAGS + ' avx512f avx512_bf16'), 'bfloat16', False),  # Zen 4.
+    (X86_CPUINFO.format(ZEN3_FLAGS + ' avx512f amx_bf16 amx_tile'), 'bfloat16', False),  # Xeon.
+    ('processor\t: 0\nFeatures\t: fp asimd sve bf16\n', 'bfloat16', False),  # Arm: not judged.
+])
+def test_bfloat16_training_is_called_slow_where_the_cpu_has_no_bfloat16_products(
+    tmp_path, cpuinfo, dtype, slow):
+  path = tmp_path / 'cpuinfo'
+  path.write_text(cpuinfo)
+  note = matmul.slow_bfloat16_note(dtype, str(path))
+  assert (note is not None) == slow
+  if slow:
+    assert note.startswith('dtype=bfloat16 on a CPU without bfloat16 product instructions')
+    assert note.endswith('--config.dtype=float32 trains faster here')
+  assert matmul.slow_bfloat16_note('bfloat16', str(tmp_path / 'missing')) is None

@@ -26,6 +26,7 @@ from vit_jax.data import global_batch
 from vit_jax.data import input_pipeline
 from vit_jax.data import pp_options
 from vit_jax.errors import ConfigError, RunStopped, TrainingDiverged, check_not_a_file
+from vit_jax.models import matmul
 from vit_jax.training import metrics as metrics_lib
 from vit_jax.training import perf
 from vit_jax.training import profiling
@@ -294,6 +295,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   exp = exp or build(config)
   check_run(config, workdir, exp.num_classes)  # build() skips the dataset given num_classes.
+  slow_dtype = matmul.slow_bfloat16_note(exp.model.dtype)
+  if slow_dtype and jax.process_index() == 0:
+    logging.warning(slow_dtype)
   fewshot = _fewshot_evaluator(exp)
   tf.io.gfile.makedirs(workdir)
   with Checkpointer(workdir, keep=config.get('keep_checkpoints', 3)) as checkpointer:
