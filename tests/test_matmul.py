@@ -170,5 +170,5 @@ def test_bfloat16_training_is_called_slow_where_the_cpu_has_no_bfloat16_products
   assert (note is not None) == slow
   if slow:
     assert note.startswith('dtype=bfloat16 on a CPU without bfloat16 product instructions')
-    assert note.endswith('--config.dtype=float32 trains faster here')
+    assert note.endswith('--config.dtype=float32 is faster here')
   assert matmul.slow_bfloat16_note('bfloat16', str(tmp_path / 'missing')) is None

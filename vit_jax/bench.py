@@ -14,6 +14,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from vit_jax.errors import ConfigError, check_no_arguments, quiet_unless_verbose, run_cli
+from vit_jax.models import matmul
 from vit_jax.training import benchmark
 from vit_jax.training import profiling
 from vit_jax.training.experiment import build
@@ -62,7 +63,9 @@ def main(argv: list[str]) -> None:
   if _WHAT.value == 'data':
     result = benchmark.bench_data(config, batches=_STEPS.value or 50)
   else:
-    result = benchmark.bench_step(build(config, num_classes=_NUM_CLASSES.value), _WHAT.value,
+    exp = build(config, num_classes=_NUM_CLASSES.value)
+    matmul.warn_of_slow_bfloat16(exp.model.dtype)
+    result = benchmark.bench_step(exp, _WHAT.value,
                                   steps=_STEPS.value or 20, warmup=_WARMUP.value,
                                   profile_dir=_PROFILE_DIR.value,
                                   profile_steps=_PROFILE_STEPS.value)

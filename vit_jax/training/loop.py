@@ -295,9 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   exp = exp or build(config)
   check_run(config, workdir, exp.num_classes)  # build() skips the dataset given num_classes.
-  slow_dtype = matmul.slow_bfloat16_note(exp.model.dtype)
-  if slow_dtype and jax.process_index() == 0:
-    logging.warning(slow_dtype)
+  matmul.warn_of_slow_bfloat16(exp.model.dtype)
   fewshot = _fewshot_evaluator(exp)
   tf.io.gfile.makedirs(workdir)
   with Checkpointer(workdir, keep=config.get('keep_checkpoints', 3)) as checkpointer:
