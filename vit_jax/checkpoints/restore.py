@@ -63,12 +63,7 @@ class Pretrained:
     """The pp.eval options of its training config, else of timm's config.json (the defaults for a
     bare file: 'resize'), those the reader asked for over them."""
     config = self.config or {'pp': {'eval': self.file_eval_pp}}
-    options = pp_options.from_config(config, 'eval') | dict(self.requested_eval_pp)
-    if 'crop_fraction' in self.requested_eval_pp and options['crop'] == 'resize':
-      raise ConfigError(f'--crop_fraction={options["crop_fraction"]} keeps a central part only '
-                        f"under --crop=resize_crop or timm, and {self.source} is evaluated "
-                        "with 'resize': add --crop=timm (or resize_crop)")
-    return options
+    return pp_options.from_config(config, 'eval') | dict(self.requested_eval_pp)
 
   @functools.cached_property
   def image_size(self) -> int:
@@ -157,8 +152,13 @@ def load_for_reading(path: str, model: Optional[str] = None, image_size: Optiona
   if fraction is not None and not 0 < fraction <= 1:
     raise ConfigError(f'--crop_fraction={fraction} is not in (0, 1]: pass the central fraction '
                       "to keep, e.g. 0.9 (timm's crop_pct)")
-  return dataclasses.replace(pretrained, requested_image_size=image_size,
-                             requested_eval_pp=eval_pp)
+  pretrained = dataclasses.replace(pretrained, requested_image_size=image_size,
+                                   requested_eval_pp=eval_pp)
+  if fraction is not None and pretrained.eval_pp()['crop'] == 'resize':
+    raise ConfigError(f'--crop_fraction={fraction} keeps a central part only under '
+                      f"--crop=resize_crop or timm, and {pretrained.source} is evaluated with "
+                      "'resize': add --crop=timm (or resize_crop)")
+  return pretrained
 
 
 def load(path: str, model: Optional[str] = None,

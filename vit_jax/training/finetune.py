@@ -7,7 +7,7 @@ module only builds the initial state and hands it to `loop.train_and_evaluate`.
 """
 import logging
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +30,11 @@ PRETRAIN_ONLY = ('dropout_rate', 'attention_dropout_rate', 'head_bias_init')
 
 def with_architecture(config: ml_collections.ConfigDict, model: str,
                       model_overrides: dict[str, Any], channels: int,
-                      normalisation: Mapping[str, Sequence[float]] = pp_options.NORMALISATION
+                      normalisation: Mapping[str, Any] = pp_options.NORMALISATION
                       ) -> ml_collections.ConfigDict:
   """A copy of `config` with a checkpoint's architecture: model name, overrides, input channels,
-  and the inputs its weights expect (`normalisation`: the mean and std of pp.train and pp.eval).
+  and the inputs its weights expect (the mean and std of `normalisation`, e.g. its pp.eval
+  options, for pp.train and pp.eval).
 
   Of the checkpoint's overrides, the pre-training recipe's regularisation and head init
   (`PRETRAIN_ONLY`) and, unless `keep_pre_logits`, the pre-logits layer are dropped; the
@@ -49,7 +50,7 @@ def with_architecture(config: ml_collections.ConfigDict, model: str,
       logging.info('config.%s=%s replaced by %s, the checkpoint\'s', key, config.get(key), value)
     config[key] = value
   config.model_overrides = overrides
-  expected = {key: tuple(values) for key, values in normalisation.items()}
+  expected = {key: tuple(normalisation[key]) for key in pp_options.NORMALISATION}
   if not config.get('pp'):
     config.pp = ml_collections.ConfigDict()
   for part in ('train', 'eval'):
@@ -61,11 +62,6 @@ def with_architecture(config: ml_collections.ConfigDict, model: str,
         logging.info("config.pp.%s.%s=%s replaced by %s, what the checkpoint's weights expect",
                      part, key, given[key], values)
   return config
-
-
-def _normalisation(eval_pp: Mapping[str, Any]) -> dict[str, tuple[float, ...]]:
-  """The mean and std of pp.eval options."""
-  return {key: tuple(eval_pp[key]) for key in pp_options.NORMALISATION}
 
 
 def initial_state(exp: experiment.Experiment, pretrained: restore.Pretrained, *,
@@ -149,12 +145,12 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict:
     saved = restore.saved_config(workdir)
     _check_resumes_the_same_run(saved, config, workdir)
     architecture = (saved['model'], saved.get('model_overrides') or {}, saved.get('channels', 3),
-                    _normalisation(pp_options.from_config(saved, 'eval')))
+                    pp_options.from_config(saved, 'eval'))
   else:  # For a .npz, the model is config.model; for a workdir, the one it was trained as.
     pretrained = restore.load(config.init, config.get('model'),
                               models.given_overrides(config.get('model_overrides')))
     architecture = (pretrained.model, pretrained.model_overrides, pretrained.channels,
-                    _normalisation(pretrained.eval_pp()))
+                    pretrained.eval_pp())
   config = with_architecture(config, *architecture)
   exp = experiment.build(config)
   state = None
