@@ -16,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+from orbax.checkpoint._src.metadata import array_metadata_store  # orbax's default's, not public.
 
 from vit_jax.checkpoints.orbax_console import (AbandonedShardsDropped, abandoned_reads_dropped,
                                                 error_summary)
@@ -53,6 +54,20 @@ def _check_outside_checkpoints(workdir: str) -> None:
       raise ConfigError(f'--workdir {workdir} lies inside the checkpoint of step {name} of the '
                         f'workdir {os.path.dirname(path)}, which may delete it: pass a workdir '
                         'of its own')
+
+
+def _save_each_array_whole() -> None:
+  """One process saves each replicated array whole, not in one slice per device.
+
+  Orbax's replica-parallel saving (its default off GPUs) splits a replicated array so that the
+  hosts holding it share the writing. With one host the same process writes every slice, and
+  each costs an eager slice op, compiled per shape at the first save: 2 s of the default's first
+  save on 2 CPU devices, 9 s of a 30-step ViT-Mu run on 8. The files are read alike either way.
+  """
+  if jax.process_count() == 1:
+    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+        array_metadata_store=array_metadata_store.Store(), use_replica_parallel=False),
+        override=True)
 
 
 def _retrying_once(read: Callable[[], Any], what: str) -> Any:
@@ -129,6 +144,7 @@ class Checkpointer:
     if not read_only:
       _check_outside_checkpoints(workdir)
       _check_writable(checkpoint_dir(workdir))
+      _save_each_array_whole()
     options = ocp.CheckpointManagerOptions(  # A reader neither keeps nor saves (or orbax warns).
         max_to_keep=None if read_only else keep or None,
         save_interval_steps=0 if read_only else 1, create=not read_only,
