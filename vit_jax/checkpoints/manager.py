@@ -56,6 +56,7 @@ def _check_outside_checkpoints(workdir: str) -> None:
                         'of its own')
 
 
+@functools.cache  # Once a process: orbax warns of each override (orbax_console hides ours).
 def _save_each_array_whole() -> None:
   """One process saves each replicated array whole, not in one slice per device.
 

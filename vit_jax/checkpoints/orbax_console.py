@@ -19,11 +19,13 @@ class _OrbaxConsole(logging.Filter):
   - its INFO lines (~80 a save: 320 of the 435 lines of `make train`) only at --verbosity=1;
   - no warning on every read-only open and on every state read (its per-item metadata file,
     which our composite checkpoints do not have): "Metadata file does not exist" read like
-    corruption on every export, infer or fine-tune;
+    corruption on every export, infer or fine-tune; nor on our own handler for jax.Array
+    (manager.py), which replaces orbax's default;
   - a failed save's error lines without their tracebacks (logging.exception from each of its
     threads, ~300 lines, before the error reaches us and becomes one line).
   """
-  ROUTINE = ('Given directory is read only', 'Metadata file does not exist: ')
+  ROUTINE = ('Given directory is read only', 'Metadata file does not exist: ',
+             'Type handler registry type ')
   ORBAX = os.path.dirname(ocp.__file__)
 
   def filter(self, record: logging.LogRecord) -> bool:
