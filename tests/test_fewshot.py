@@ -32,7 +32,7 @@ SHOTS = (1, 5, 10)
 # reach the evaluator.
 PROBE_SPLIT, PROBE_L2_REG = 'train[:60%]', 30.0
 # Steps are cheap at 16 px (~5 ms per image on 2 cores); compiling and evaluating dominate.
-TRAIN = dict(dataset='digits', image_size=16, total_steps=200, batch=64, warmup_steps=20,
+TRAIN = dict(dataset='digits', image_size=16, total_steps=100, batch=64, warmup_steps=10,
              base_lr=3e-3, eval_every=0, progress_every=50, checkpoint_every=1000,
              pp=ml_collections.ConfigDict({'train': {'crop': 'random_crop', 'random_crop_pad': 1,
                                                      'flip': False},
@@ -155,7 +155,7 @@ def _config(data_dir: str) -> ml_collections.ConfigDict:
   config = config_files.get_config('default')
   config.update(dict(TRAIN, data_dir=data_dir))
   config.fewshot = ml_collections.ConfigDict(dict(datasets={'digits': (PROBE_SPLIT, 'test')},
-                                                  shots=SHOTS, seeds=2, every=100,
+                                                  shots=SHOTS, seeds=2, every=50,
                                                   l2_reg=PROBE_L2_REG))
   return config
 
@@ -192,14 +192,14 @@ def test_fewshot_during_training_and_from_the_cli(prepared_data_dir, tmp_path,
     checkpointer.save(0, init_state, {'step': 0, 'config': config.to_dict()})
   final = loop.train_and_evaluate(config, str(tmp_path), exp=exp)
   rows = [r for r in read_jsonl(str(tmp_path / 'metrics.jsonl')) if 'fewshot/digits_1shot' in r]
-  assert [r['step'] for r in rows] == [100, 200]
+  assert [r['step'] for r in rows] == [50, 100]
   trained = {k: v for k, v in final.items() if k.startswith('fewshot/')}
   assert set(trained) == {f'fewshot/digits_{k}shot' for k in SHOTS}
-  # Measured 1/5/10-shot: trained 0.96/0.96/0.96 (its features separate the digits it was
-  # trained on), untrained 0.31/0.52/0.60 (0.34/0.54/0.63 resized; random ViT features are far
-  # from chance on digits, hence Gaussian noise for "chance" above).
+  # Measured 1/5/10-shot: trained 0.82/0.88/0.89 after its 100 steps (its features separate
+  # the digits it was trained on; 0.96 each after 200), untrained 0.23/0.43/0.51 (random ViT
+  # features are far from chance on digits, hence Gaussian noise for "chance" above).
   for k in SHOTS:
-    assert trained[f'fewshot/digits_{k}shot'] > 0.85, (trained, untrained)
+    assert trained[f'fewshot/digits_{k}shot'] > 0.7, (trained, untrained)
     assert trained[f'fewshot/digits_{k}shot'] > untrained[f'fewshot/digits_{k}shot'] + 0.1
 
   # The same params, splits, penalty, crop and seeds as the in-loop probes: the same

@@ -270,7 +270,7 @@ def test_export_names_the_image_size_a_hybrids_npz_cannot_tell(prepared_data_dir
   assert restore.load(str(tmp_path / 'h.npz'), config.model).image_size == 32  # Its guess.
 
 
-def test_cli_errors_are_one_line_without_traceback(
+def test_checkpoint_errors_are_one_line_without_traceback(
     pretrained, exported, prepared_data_dir, tmp_path):
   corrupt = tmp_path / 'corrupt.npz'
   corrupt.write_bytes(b'PK\x03\x04 not really a zip')
@@ -299,44 +299,53 @@ def test_cli_errors_are_one_line_without_traceback(
   head[0, 0] = np.nan  # Bytes overwritten: "loss is nan at step 5; lower base_lr".
   np.savez(damaged['nan_head'], **arrays | {'head/kernel': head})
   width = posemb.shape[-1]
-  cases = {
-      'does not exist': ['--config.init=/nonexistent/workdir'],
-      f'step {newest} in {bad_meta} has an unreadable meta (JSONDecodeError':
-          [f'--config.init={bad_meta}'],
-      'not a readable .npz': [f'--config.init={corrupt}', '--config.model=ViT-Mu_4'],
-      f"{exported} holds no architecture: name the model it was trained as (--model; "
-      "fine-tuning's --config.model)": [f'--config.init={exported}'],
-      'holds a ViT-Mu_4, not ViT-B_16: drop the model name':
-          [f'--config.init={pretrained}', '--config.model=ViT-B_16'],
+  # The command itself where its flags or orbax's background reads are what is tested (a read
+  # of a damaged checkpoint left shard reads behind, each a traceback at exit).
+  commands = {
       # Its only step: a newest one falls back to an older (test_resume.py).
       f'no checkpoint in {truncated} is readable (the newest, step {newest}: ValueError: '
       'OUT_OF_RANGE': [f'--config.init={truncated}'],
       f'no checkpoint in {no_tree} is readable (the newest, step {newest}: ValueError: its '
       '_METADATA names no arrays': [f'--config.init={no_tree}'],
-      f'the pre-trained checkpoint {exported} does not fit the model':
-          [f'--config.init={exported}', '--config.model=ViT-Ti_4'],
-      f"checkpoint {damaged['int_cls']} holds cls as int32, not floating point":
-          [f"--config.init={damaged['int_cls']}", '--config.model=ViT-Mu_4'],
-      f"the position embeddings of {damaged['flat_posemb']}, of shape (17, {width}), are not "
-      "(1, tokens, width)": [f"--config.init={damaged['flat_posemb']}", '--config.model=ViT-Mu_4'],
-      f"of shape (1, 13, {width}), are not (1, tokens, width) for a square grid of ViT-Mu_4's "
-      '4x4 px patches: the file is damaged':
-          [f"--config.init={damaged['odd_posemb']}", '--config.model=ViT-Mu_4'],
-      f"checkpoint {damaged['nan_head']} holds NaN or infinite values in 1 of its arrays (e.g. "
-      'head/kernel): it is damaged':
-          [f"--config.init={damaged['nan_head']}", '--config.model=ViT-Mu_4'],
       # The later --workdir wins: fine-tuning into the pre-training workdir.
       'is the pre-training workdir config.init': [f'--config.init={pretrained}',
                                                   f'--workdir={pretrained}/'],
-      # Accepted, then deleted with that step by the pre-training's keep_checkpoints.
-      f'lies inside the checkpoint of step {newest} of the workdir {pretrained}, which may delete':
-          [f'--config.init={pretrained}', f'--workdir={pretrained}/checkpoints/{newest}'],
   }
   procs = {expected: subprocess.Popen(
       [sys.executable, '-m', 'vit_jax.finetune', '--config=configs/finetune/digits.py',
        f'--workdir={tmp_path / "w"}', *args], cwd=ROOT, stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True, env=_env(prepared_data_dir))
-           for expected, args in cases.items()}
+           for expected, args in commands.items()}
+  # The rest in this process (each command imports TensorFlow: ~9 s of CPU), as
+  # (config.init, config.model, workdir).
+  calls = {
+      'does not exist': ('/nonexistent/workdir', None, None),
+      f'step {newest} in {bad_meta} has an unreadable meta (JSONDecodeError':
+          (str(bad_meta), None, None),
+      'not a readable .npz': (str(corrupt), 'ViT-Mu_4', None),
+      f"{exported} holds no architecture: name the model it was trained as (--model; "
+      "fine-tuning's --config.model)": (str(exported), None, None),
+      'holds a ViT-Mu_4, not ViT-B_16: drop the model name': (pretrained, 'ViT-B_16', None),
+      f'the pre-trained checkpoint {exported} does not fit the model':
+          (str(exported), 'ViT-Ti_4', None),
+      f"checkpoint {damaged['int_cls']} holds cls as int32, not floating point":
+          (str(damaged['int_cls']), 'ViT-Mu_4', None),
+      f"the position embeddings of {damaged['flat_posemb']}, of shape (17, {width}), are not "
+      "(1, tokens, width)": (str(damaged['flat_posemb']), 'ViT-Mu_4', None),
+      f"of shape (1, 13, {width}), are not (1, tokens, width) for a square grid of ViT-Mu_4's "
+      '4x4 px patches: the file is damaged': (str(damaged['odd_posemb']), 'ViT-Mu_4', None),
+      f"checkpoint {damaged['nan_head']} holds NaN or infinite values in 1 of its arrays (e.g. "
+      'head/kernel): it is damaged': (str(damaged['nan_head']), 'ViT-Mu_4', None),
+      # Accepted, then deleted with that step by the pre-training's keep_checkpoints.
+      f'lies inside the checkpoint of step {newest} of the workdir {pretrained}, which may delete':
+          (pretrained, None, f'{pretrained}/checkpoints/{newest}'),
+  }
+  for expected, (init, model, workdir) in calls.items():
+    config = _load_config('finetune/digits')
+    config.update(dict(data_dir=prepared_data_dir, init=init, model=model))
+    with pytest.raises(ConfigError) as error:
+      finetune.finetune(config, workdir or str(tmp_path / 'w'))
+    assert expected in str(error.value) and '\n' not in str(error.value), str(error.value)
   for expected, proc in procs.items():
     _, stderr = proc.communicate(timeout=300)
     errors = [line for line in stderr.splitlines() if line.startswith('error: ')]
