@@ -207,8 +207,9 @@ def test_cli_simulates_the_devices_it_is_asked_for_and_prints_json():
 
 
 def test_cli_report_and_one_line_errors():
-  result = run_plan('--config=configs/default.py', '--devices=2', '--num_classes=10',
-                    '--batch=32', '--mesh=fsdp:2', '--nomax_batch', '--device_memory_gib=1')
+  result = run_plan('--config=configs/default.py', f'--config.model={TINY_MODEL}', '--devices=2',
+                    '--num_classes=10', '--batch=32', '--mesh=fsdp:2', '--nomax_batch',
+                    '--device_memory_gib=1')
   assert result.returncode == 0, result.stderr[-2000:]
   assert 'on 2 cpu devices, mesh data=1 fsdp=2 tensor=1' in result.stdout
   assert 'batch 32 = 16 per device' in result.stdout and 'fits' in result.stdout
