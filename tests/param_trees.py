@@ -1,6 +1,15 @@
-"""Parameter-tree comparisons shared by the checkpoint and fine-tuning tests."""
+"""Parameter trees shared by the checkpoint, fine-tuning and reader tests: fresh ones, and
+comparisons."""
 import flax
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+
+def compiled_init(model: flax.linen.Module, shape: tuple[int, ...]) -> dict:
+  """The model's fresh variables (seed 0) for inputs of `shape`, unboxed. Compiled: a hybrid's
+  stem initialised op by op takes ~16 s on 2 cores."""
+  return flax.linen.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros(shape)))
 
 
 def flat(params) -> dict:

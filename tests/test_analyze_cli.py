@@ -6,7 +6,6 @@ import re
 import subprocess
 import sys
 
-import flax
 import jax
 from matplotlib import image as mpimg
 import ml_collections
@@ -14,6 +13,8 @@ import numpy as np
 from PIL import Image
 import pytest
 import skimage.data
+
+import param_trees
 
 from vit_jax import models
 from vit_jax.analysis import from_checkpoint
@@ -192,8 +193,7 @@ def test_a_hybrid_npz_is_analysed_at_the_image_size_given_in_one_pass(prepared_d
   """R8+ViT-Mu_8's position embeddings fit 25-32 px: at 28 the analyses are those of the 28 px
   eval images, from one pass of the model over the 4 images both analyses need."""
   model = models.create('R8+ViT-Mu_8', num_classes=10)
-  params = flax.linen.meta.unbox(jax.jit(model.init)(  # Compiled: ~16 s less than op by op.
-      jax.random.PRNGKey(0), np.zeros((1, 28, 28, 1), np.float32)))['params']
+  params = param_trees.compiled_init(model, (1, 28, 28, 1))['params']
   path = str(tmp_path / 'hybrid.npz')
   npz.save_npz(params, path)
   which = ['rollout', 'distance']
