@@ -48,9 +48,12 @@ def test_left_alone_on_accelerator_or_single_core_hosts(monkeypatch, cores, plat
 
 
 @pytest.mark.parametrize('env,line', [
-    # jax's "Could not determine process_index" traceback, and XLA's abort with its flag list.
+    # jax's "Could not determine process_index" traceback, jax's ValueError from `import jax`,
+    # and XLA's abort with its flag list.
     (dict(JAX_NUM_CPU_DEVICES='0'), "error: JAX_NUM_CPU_DEVICES='0' must be a positive number "
      'of CPU devices (1: one device) or unset'),
+    (dict(JAX_NUM_CPU_DEVICES='two'), "error: JAX_NUM_CPU_DEVICES='two' must be a positive "
+     'number of CPU devices (1: one device) or unset'),
     (dict(XLA_FLAGS='--xla_force_host_platform_device_count=x'), 'error: XLA_FLAGS has '
      '--xla_force_host_platform_device_count=x: it must be a positive number of CPU devices '
      '(1: one device) or left out')])

@@ -12,8 +12,6 @@ from absl import flags
 from absl import logging
 from ml_collections.config_flags import config_flags
 
-from vit_jax import host_devices
-
 
 # What timm, big_vision and other trainers call our config keys (ml_collections' own guess
 # can be far off: num_steps -> accum_steps).
@@ -151,9 +149,6 @@ def cli_main(main: Callable) -> Callable:
   @functools.wraps(main)
   def wrapped(*args, **kwargs):
     try:
-      mistake = host_devices.device_count_mistake()  # Before jax's backend starts.
-      if mistake:
-        raise ConfigError(mistake)
       return main(*args, **kwargs)
     except ConfigError as e:
       _exit_with(str(e))
