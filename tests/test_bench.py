@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -171,6 +172,24 @@ def test_bench_flags_that_would_do_nothing_are_refused(args, line):
                        capture_output=True, text=True, timeout=600, check=False)
   assert out.returncode == 2 and out.stdout == ''
   assert out.stderr.strip().splitlines() == [f'error: {line}']
+
+
+def test_eval_bench_holds_the_params_alone(monkeypatch):
+  """No optimizer state beside them: it was built (Adam's two moments, twice the params' bytes)
+  and counted in the eval step's peak memory."""
+  config = config_files.get_config('vit_ti16')
+  config.model, config.image_size, config.batch_eval = 'ViT-Mu_4', 32, 8
+  exp = experiment.build(config)
+
+  def no_train_state(*_):
+    raise AssertionError('the eval bench built a train state')
+  monkeypatch.setattr(experiment.Experiment, 'init_state', no_train_state)
+  monkeypatch.setattr(benchmark, '_peak_sizes', lambda: (256,))
+  params = exp.init_params()
+  assert jax.tree.map(lambda x: (x.shape, x.sharding), params) == jax.tree.map(
+      lambda x: (x.shape, x.sharding), exp.abstract_state.params)
+  result = benchmark.bench_step(exp, 'eval', steps=1, warmup=0)
+  assert (result['what'], result['batch'], result['steps_timed']) == ('eval', 8, 1)
 
 
 def test_bench_measures_the_matmul_peak_in_the_models_dtype():

@@ -104,13 +104,16 @@ def _time_steps(run: Callable[[], Any], warmup: int, steps: int,
   return times, probe_times
 
 
-def _compiled_step(exp: Experiment, what: str, state: Any, batch: Any,
+def _compiled_step(exp: Experiment, what: str, batch: Any,
                    compiler_options: Optional[dict] = None) -> tuple[Any, Callable[[], Any]]:
-  """The train or eval step compiled for `batch`, and a call of it; train steps carry `state`
-  from call to call (they donate it)."""
+  """The train or eval step compiled for `batch`, and a call of it on fresh params; train steps
+  carry their state from call to call (they donate it). An eval step gets the params alone, so
+  that the peak memory is an eval's, without an optimizer state."""
   if what == 'eval':
-    compiled = exp.jit_eval_step().lower(state.params, batch).compile(compiler_options)
-    return compiled, lambda: compiled(state.params, batch)
+    params = exp.init_params()
+    compiled = exp.jit_eval_step().lower(params, batch).compile(compiler_options)
+    return compiled, lambda: compiled(params, batch)
+  state = exp.init_state()
   compiled = exp.jit_train_step().lower(state, batch).compile(compiler_options)
   holder = [state]
 
@@ -127,9 +130,8 @@ def bench_step(exp: Experiment, what: str, steps: int = 20, warmup: int = 3,
   config = exp.config
   batch_size = config.batch if what == 'train' else config.get('batch_eval', config.batch)
   batch = _synthetic_batch(exp, batch_size, with_mask=what == 'eval')
-  state = exp.init_state()
   start = time.perf_counter()
-  compiled, run = _compiled_step(exp, what, state, batch)
+  compiled, run = _compiled_step(exp, what, batch)
   compile_s = time.perf_counter() - start
   flops_per_image = exp.flops_per_image if what == 'train' else exp.flops_per_image // 3
   # The MFU denominator: the best matmul size is picked first, then that matmul is timed after
@@ -182,8 +184,7 @@ def bench_step(exp: Experiment, what: str, steps: int = 20, warmup: int = 3,
     if jax.default_backend() == 'gpu':
       # A kernel run in a CUDA graph (XLA's command buffers) is named by the graph, not by its
       # HLO op: the trace is of a copy compiled without them, so its time is not the timed one.
-      compiled, run = _compiled_step(exp, what, exp.init_state(), batch,
-                                     {'xla_gpu_enable_command_buffer': ''})
+      compiled, run = _compiled_step(exp, what, batch, {'xla_gpu_enable_command_buffer': ''})
     result['trace'] = profiling.trace(run, profile_steps, profile_dir)
     result['top_ops'] = profiling.summarize(result['trace'], compiled.as_text())
   return result

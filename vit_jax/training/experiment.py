@@ -63,11 +63,20 @@ class Experiment:
 
   def init_state(self, rng: Optional[jax.Array] = None) -> state_lib.TrainState:
     """Params and optimizer state created already sharded (jit with out_shardings)."""
-    rng = jax.random.PRNGKey(self.config.get('seed', 0)) if rng is None else rng
     init = lambda r: state_lib.init_state(self.model, self.tx, r, self.image_shape,
                                           averaged=self.keeps_average)
+    return self._init_sharded(init, self.state_shardings, rng)
+
+  def init_params(self, rng: Optional[jax.Array] = None) -> Any:
+    """The params alone, created already sharded: all an eval step reads (no optimizer state
+    in memory beside it)."""
+    init = lambda r: state_lib.init_params(self.model, r, self.image_shape)
+    return self._init_sharded(init, self.state_shardings.params, rng)
+
+  def _init_sharded(self, init: Callable, shardings: Any, rng: Optional[jax.Array]) -> Any:
+    rng = jax.random.PRNGKey(self.config.get('seed', 0)) if rng is None else rng
     with self.rules_context():
-      return jax.jit(init, out_shardings=self.state_shardings)(rng)
+      return jax.jit(init, out_shardings=shardings)(rng)
 
   def jit_train_step(self) -> Callable:
     """The update, jitted with the state's shardings and donated (updated in place)."""

@@ -10,7 +10,6 @@ import os
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from vit_jax import models
@@ -67,7 +66,7 @@ def with_architecture(config: ml_collections.ConfigDict, model: str,
 def initial_state(exp: experiment.Experiment, pretrained: restore.Pretrained, *,
                   keep_pre_logits: bool = False) -> state_lib.TrainState:
   """Step 0 of fine-tuning: the transferred params and a fresh optimizer state, on the mesh."""
-  init_fn = lambda rng: exp.model.init(rng, jnp.zeros((1,) + exp.image_shape))['params']
+  init_fn = lambda rng: state_lib.init_params(exp.model, rng, exp.image_shape)
   rng = jax.random.PRNGKey(exp.config.get('seed', 0))
   with exp.rules_context():
     # The checkpoint gives every other value: the new model's init contributes its shapes and

@@ -51,8 +51,12 @@ def eval_params(state: TrainState) -> Any:
   return getattr(state, 'averaged_params', state.params)
 
 
+def init_params(model: nn.Module, rng: jax.Array, image_shape: tuple[int, ...]) -> Any:
+  """Fresh params (under `jit` with out_shardings they are born sharded)."""
+  return model.init(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32))['params']
+
+
 def init_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
                image_shape: tuple[int, ...], averaged: bool = False) -> TrainState:
   """A fresh state (under `jit` with out_shardings it is born sharded)."""
-  params = model.init(rng, jnp.zeros((1,) + tuple(image_shape), jnp.float32))['params']
-  return fresh_state(params, tx, averaged)
+  return fresh_state(init_params(model, rng, image_shape), tx, averaged)
