@@ -1,4 +1,5 @@
 """The model zoo: exact parameter counts, layouts, options, equivalences and errors."""
+import functools
 import types
 
 import flax
@@ -97,14 +98,39 @@ def test_stem_stride_and_weight_standardisation_are_the_released_ones():
 @pytest.mark.parametrize('shape', [(2, 14, 14, 3), (2, 15, 15, 3), (1, 7, 9, 2), (1, 1, 1, 1)])
 def test_stem_max_pool_is_flaxs_in_values_and_gradient(shape):
   """Its own formulation, for XLA's CPU gradient of flax's (9x slower); ties aside (none in
-  random data), the same."""
+  random data), the same (the gradient of a pixel in two windows summed in another order)."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=shape), jnp.float32)
   flax_pool = lambda x: flax.linen.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
   np.testing.assert_array_equal(resnet.max_pool(x), flax_pool(x))
   cotangent = jnp.asarray(rng.normal(size=flax_pool(x).shape), jnp.float32)
   grad = lambda pool: jax.grad(lambda x: (pool(x) * cotangent).sum())(x)
-  np.testing.assert_array_equal(grad(resnet.max_pool), grad(flax_pool))
+  np.testing.assert_allclose(grad(resnet.max_pool), grad(flax_pool), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize('shape,strides', [((2, 7, 7, 8), 1), ((2, 7, 7, 8), 2), ((1, 4, 6, 3), 2)])
+def test_stem_1x1_conv_is_flaxs_conv_in_values_and_gradients(shape, strides):
+  """A matmul of its own (XLA:CPU ran the conv's gradients as slow convolutions), with the
+  conv's parameters: flax's conv on the standardised kernel gives the same outputs and
+  gradients, for the input and the raw kernel."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  conv = resnet.StdConv(5, (1, 1), (strides, strides), use_bias=False)
+  params = conv.init(jax.random.PRNGKey(0), x)
+  assert params['params']['kernel'].shape == (1, 1, shape[-1], 5)
+  flax_conv = lambda p, x: flax.linen.Conv(5, (1, 1), (strides, strides), use_bias=False).apply(
+      {'params': {'kernel': resnet.weight_standardize(p['params']['kernel'], (0, 1, 2), 1e-5)}},
+      x)
+  assert 'conv_general_dilated' not in str(jax.make_jaxpr(jax.grad(
+      lambda p: conv.apply(p, x).sum()))(params))
+  ours, theirs = conv.apply(params, x), flax_conv(params, x)
+  assert ours.shape == theirs.shape == (shape[0], -(-shape[1] // strides),
+                                        -(-shape[2] // strides), 5)
+  np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+  cotangent = jnp.asarray(rng.normal(size=theirs.shape), jnp.float32)
+  grads = lambda f: jax.grad(lambda p, x: (f(p, x) * cotangent).sum(), argnums=(0, 1))(params, x)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5),
+               grads(conv.apply), grads(flax_conv))
 
 
 def test_init_is_deterministic_and_head_is_zero():

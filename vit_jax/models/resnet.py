@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_jax.models import matmul
+
 
 @dataclasses.dataclass(frozen=True)
 class ResNetConfig:
@@ -41,13 +43,28 @@ def weight_standardize(w: jnp.ndarray, axis: int | tuple[int, ...], eps: float) 
 
 
 class StdConv(nn.Conv):
-  """Conv whose kernel is weight-standardised on every use (the stored kernel stays raw)."""
+  """Conv whose kernel is weight-standardised on every use (the stored kernel stays raw).
+
+  A 1x1 conv without bias runs as the matmul it is, strided by slicing (SAME pads nothing at
+  1x1): XLA:CPU ran its gradients as convolutions of its own, 13% of the embedded default's
+  train step (docs/performance.md). Same parameters and values as the conv.
+  """
 
   def param(self, name: str, *args: Any, **kwargs: Any) -> Any:  # pylint: disable=arguments-differ
     value = super().param(name, *args, **kwargs)
     if name == 'kernel':
       value = weight_standardize(value, axis=(0, 1, 2), eps=1e-5)
     return value
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    if tuple(self.kernel_size) != (1, 1) or self.use_bias:
+      return super().__call__(x)
+    kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features),
+                        self.param_dtype)
+    rows, columns = self.strides
+    x, kernel = nn.dtypes.promote_dtype(x[:, ::rows, ::columns], kernel[0, 0], dtype=self.dtype)
+    return matmul.einsum_for(x.dtype)('bhwc,cf->bhwf', x, kernel)
 
 
 class BottleneckUnit(nn.Module):
@@ -86,17 +103,19 @@ class ResNetStage(nn.Module):
 
 
 def max_pool(x: jnp.ndarray, window: int = 3, stride: int = 2) -> jnp.ndarray:
-  """`nn.max_pool(x, (window,) * 2, (stride,) * 2, 'SAME')` as the maximum of window**2 strided
-  views: the same values and, but for ties (shared here, not given to the first), the same
-  gradient. XLA's CPU gradient of the pooling op (select-and-scatter, with iotas of the window
-  indices) took ~9x as long on one device; the embedded default's train step is ~6% faster
-  (bench, 2 devices, batch 128: 84-90 ms median against 91-93)."""
+  """`nn.max_pool(x, (window,) * 2, (stride,) * 2, 'SAME')` as the maximum of `window` strided
+  row views, then of `window` strided column views: the same values and, but for ties (shared
+  here, not given to the first), the same gradient. XLA's CPU gradient of the pooling op
+  (select-and-scatter, with iotas of the window indices) took ~9x as long on one device; of
+  window**2 views at once, XLA fused the gradient into one loop that recomputed the maxima for
+  every input pixel, ~13 ms a step in the embedded default's (docs/performance.md)."""
   pads = jax.lax.padtype_to_pads(x.shape[1:3], (window, window), (stride, stride), 'SAME')
   x = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
   height, width = ((size - window) // stride + 1 for size in x.shape[1:3])
-  views = [x[:, i:i + stride * (height - 1) + 1:stride, j:j + stride * (width - 1) + 1:stride]
-           for i in range(window) for j in range(window)]
-  return functools.reduce(jnp.maximum, views)
+  x = functools.reduce(jnp.maximum, [x[:, i:i + stride * (height - 1) + 1:stride]
+                                     for i in range(window)])
+  return functools.reduce(jnp.maximum, [x[:, :, j:j + stride * (width - 1) + 1:stride]
+                                        for j in range(window)])
 
 
 def resnet_stem(x: jnp.ndarray, config: ResNetConfig, dtype: Any) -> jnp.ndarray:
