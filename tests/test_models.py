@@ -111,13 +111,14 @@ def test_stem_max_pool_is_flaxs_in_values_and_gradient(shape):
 @pytest.mark.parametrize('shape,strides', [((2, 7, 7, 8), 1), ((2, 7, 7, 8), 2), ((1, 4, 6, 3), 2)])
 def test_stem_1x1_conv_is_flaxs_conv_in_values_and_gradients(shape, strides):
   """A matmul of its own (XLA:CPU ran the conv's gradients as slow convolutions), with the
-  conv's parameters: flax's conv on the standardised kernel gives the same outputs and
-  gradients, for the input and the raw kernel."""
+  StdConv's parameter and init: flax's conv on the standardised kernel gives the same outputs
+  and gradients, for the input and the raw kernel."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=shape), jnp.float32)
-  conv = resnet.StdConv(5, (1, 1), (strides, strides), use_bias=False)
+  conv = resnet.StdConv1x1(5, strides)
   params = conv.init(jax.random.PRNGKey(0), x)
-  assert params['params']['kernel'].shape == (1, 1, shape[-1], 5)
+  jax.tree.map(np.testing.assert_array_equal, params, resnet.StdConv(
+      5, (1, 1), (strides, strides), use_bias=False).init(jax.random.PRNGKey(0), x))
   flax_conv = lambda p, x: flax.linen.Conv(5, (1, 1), (strides, strides), use_bias=False).apply(
       {'params': {'kernel': resnet.weight_standardize(p['params']['kernel'], (0, 1, 2), 1e-5)}},
       x)

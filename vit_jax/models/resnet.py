@@ -43,12 +43,7 @@ def weight_standardize(w: jnp.ndarray, axis: int | tuple[int, ...], eps: float) 
 
 
 class StdConv(nn.Conv):
-  """Conv whose kernel is weight-standardised on every use (the stored kernel stays raw).
-
-  A 1x1 conv without bias runs as the matmul it is, strided by slicing (SAME pads nothing at
-  1x1): XLA:CPU ran its gradients as convolutions of its own, 13% of the embedded default's
-  train step (docs/performance.md). Same parameters and values as the conv.
-  """
+  """Conv whose kernel is weight-standardised on every use (the stored kernel stays raw)."""
 
   def param(self, name: str, *args: Any, **kwargs: Any) -> Any:  # pylint: disable=arguments-differ
     value = super().param(name, *args, **kwargs)
@@ -56,15 +51,24 @@ class StdConv(nn.Conv):
       value = weight_standardize(value, axis=(0, 1, 2), eps=1e-5)
     return value
 
+
+class StdConv1x1(nn.Module):
+  """`StdConv(features, (1, 1), (strides, strides), use_bias=False)` as the matmul it is, strided
+  by slicing (SAME pads nothing at 1x1); the same parameter and initialiser. XLA:CPU ran the
+  conv's gradients as convolutions of its own, 13% of the embedded default's train step
+  (docs/performance.md)."""
+  features: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    if tuple(self.kernel_size) != (1, 1) or self.use_bias:
-      return super().__call__(x)
-    kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features),
-                        self.param_dtype)
-    rows, columns = self.strides
-    x, kernel = nn.dtypes.promote_dtype(x[:, ::rows, ::columns], kernel[0, 0], dtype=self.dtype)
-    return matmul.einsum_for(x.dtype)('bhwc,cf->bhwf', x, kernel)
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (1, 1, x.shape[-1], self.features), jnp.float32)
+    kernel = weight_standardize(kernel, axis=(0, 1, 2), eps=1e-5)[0, 0]
+    x = x[:, ::self.strides, ::self.strides]
+    return matmul.einsum_for(self.dtype)('bhwc,cf->bhwf', x.astype(self.dtype),
+                                         kernel.astype(self.dtype))
 
 
 class BottleneckUnit(nn.Module):
@@ -75,8 +79,11 @@ class BottleneckUnit(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    conv = lambda f, k, s, name: StdConv(  # pylint: disable=g-long-lambda
-        f, (k, k), (s, s), use_bias=False, dtype=self.dtype, name=name)
+    def conv(features: int, size: int, strides: int, name: str) -> nn.Module:
+      if size == 1:
+        return StdConv1x1(features, strides, dtype=self.dtype, name=name)
+      return StdConv(features, (size, size), (strides, strides), use_bias=False, dtype=self.dtype,
+                     name=name)
     gn = lambda name, **kw: nn.GroupNorm(dtype=self.dtype, name=name, **kw)
     residual = x
     if x.shape[-1] != self.features * 4 or self.strides != 1:
