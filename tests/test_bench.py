@@ -174,9 +174,10 @@ def test_bench_flags_that_would_do_nothing_are_refused(args, line):
   assert out.stderr.strip().splitlines() == [f'error: {line}']
 
 
-def test_eval_bench_holds_the_params_alone(monkeypatch):
-  """No optimizer state beside them: it was built (Adam's two moments, twice the params' bytes)
-  and counted in the eval step's peak memory."""
+def test_eval_bench_memory_is_the_steps_own(monkeypatch):
+  """Read without an optimizer state beside the params (it was built: Adam's two moments, twice
+  the params' bytes) and before the matmul probe's arrays exist (a 4096^2 probe is 64 MiB of
+  float32 beside a model of a few MiB)."""
   config = config_files.get_config('vit_ti16')
   config.model, config.image_size, config.batch_eval = 'ViT-Mu_4', 32, 8
   exp = experiment.build(config)
@@ -184,12 +185,23 @@ def test_eval_bench_holds_the_params_alone(monkeypatch):
   def no_train_state(*_):
     raise AssertionError('the eval bench built a train state')
   monkeypatch.setattr(experiment.Experiment, 'init_state', no_train_state)
+  events = []
+
+  def recorded(name, fn):
+    def wrapped(*args):
+      events.append(name)
+      return fn(*args)
+    return wrapped
   monkeypatch.setattr(benchmark, '_peak_sizes', lambda: (256,))
+  monkeypatch.setattr(benchmark, '_matmul_probe', recorded('probe', benchmark._matmul_probe))
+  monkeypatch.setattr(benchmark, 'peak_memory_bytes',
+                      recorded('memory', benchmark.peak_memory_bytes))
   params = exp.init_params()
   assert jax.tree.map(lambda x: (x.shape, x.sharding), params) == jax.tree.map(
       lambda x: (x.shape, x.sharding), exp.abstract_state.params)
-  result = benchmark.bench_step(exp, 'eval', steps=1, warmup=0)
+  result = benchmark.bench_step(exp, 'eval', steps=1, warmup=1)
   assert (result['what'], result['batch'], result['steps_timed']) == ('eval', 8, 1)
+  assert events == ['memory', 'probe']
 
 
 def test_bench_measures_the_matmul_peak_in_the_models_dtype():

@@ -24,8 +24,9 @@ _WHAT = flags.DEFINE_enum('what', 'train', benchmark.WHATS, 'What to time.')
 _STEPS = flags.DEFINE_integer(
     'steps', None, 'Timed steps after warm-up (default 20); with --what=data, timed batches '
     '(default 50).', lower_bound=1)
-_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compiling (train, eval).',
-                               lower_bound=0)
+_WARMUP = flags.DEFINE_integer(
+    'warmup', 3, 'Untimed steps after compiling (train, eval); the peak memory is read after '
+    'them, before the matmul peak is measured.', lower_bound=1)
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
 _PROFILE_DIR = flags.DEFINE_string(
     'profile_dir', None, 'Trace --profile_steps steps after the timed ones into this folder.')

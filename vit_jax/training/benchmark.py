@@ -91,11 +91,9 @@ def _synthetic_batch(exp: Experiment, batch: int, with_mask: bool) -> dict:
   return global_batch.to_global(host, exp.mesh)
 
 
-def _time_steps(run: Callable[[], Any], warmup: int, steps: int,
+def _time_steps(run: Callable[[], Any], steps: int,
                 probe: Optional[Callable[[], Any]] = None) -> tuple[list, list]:
   """(wall, CPU) seconds of each step, and wall seconds of `probe` run right after each step."""
-  for _ in range(warmup):
-    jax.block_until_ready(run())
   times, probe_times = [], []
   for _ in range(steps):
     times.append(_timed_with_cpu(run))
@@ -125,14 +123,20 @@ def _compiled_step(exp: Experiment, what: str, batch: Any,
 
 def bench_step(exp: Experiment, what: str, steps: int = 20, warmup: int = 3,
                profile_dir: Optional[str] = None, profile_steps: int = 3) -> dict:
-  """Compile time, step-time median / p90, images/s, TFLOP/s, MFU and peak memory; with
+  """Compile time, step-time median / p90, images/s, TFLOP/s, MFU and peak memory (read after
+  the `warmup` untimed steps, at least 1, before the matmul probe's arrays exist); with
   `profile_dir`, also a trace of `profile_steps` more steps there and its top ops (`top_ops`)."""
+  if warmup < 1:
+    raise ValueError(f'warmup={warmup}: the peak memory is read after at least 1 untimed step')
   config = exp.config
   batch_size = config.batch if what == 'train' else config.get('batch_eval', config.batch)
   batch = _synthetic_batch(exp, batch_size, with_mask=what == 'eval')
   start = time.perf_counter()
   compiled, run = _compiled_step(exp, what, batch)
   compile_s = time.perf_counter() - start
+  for _ in range(warmup):
+    jax.block_until_ready(run())
+  memory, memory_kind = peak_memory_bytes()
   flops_per_image = exp.flops_per_image if what == 'train' else exp.flops_per_image // 3
   # The MFU denominator: the best matmul size is picked first, then that matmul is timed after
   # every step, so that it samples the same machine as the steps (on a shared CPU the load
@@ -141,13 +145,12 @@ def bench_step(exp: Experiment, what: str, steps: int = 20, warmup: int = 3,
   dtype = jnp.dtype(getattr(exp.model, 'dtype', None) or jnp.float32)
   first_peak, probe, probe_flops, peak_size = max(
       (_peak_of(dtype, n, repeats=3) for n in _peak_sizes()), key=lambda peak: peak[0])
-  timed, probe_timed = _time_steps(run, warmup, steps, probe)
+  timed, probe_timed = _time_steps(run, steps, probe)
   times = [wall for wall, _, _ in timed]
   median = statistics.median(times)
   matmul_peak = max(first_peak, probe_flops / min(probe_timed) / 1e12)
   tflops_per_step = flops_per_image * batch_size / 1e12
   achieved = tflops_per_step / median / perf.compute_units()
-  memory, memory_kind = peak_memory_bytes()
   result = {
       'what': what, 'model': config.model, 'batch': batch_size,
       'image_size': config.image_size, 'dtype': dtype.name,
