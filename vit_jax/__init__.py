@@ -1,6 +1,5 @@
 """vit_jax: Vision Transformers in JAX/Flax, from a laptop CPU to TPU pods."""
-import sys
-
+from vit_jax import errors
 from vit_jax import host_allocator
 from vit_jax import host_devices
 
@@ -8,8 +7,7 @@ from vit_jax import host_devices
 # a traceback, and a zero count stops jax's backend (or XLA aborts) later. One line instead.
 DEVICE_COUNT_MISTAKE = host_devices.device_count_mistake()
 if DEVICE_COUNT_MISTAKE:
-  print(f'error: {DEVICE_COUNT_MISTAKE}', file=sys.stderr)
-  raise SystemExit(2)
+  errors.exit_with(DEVICE_COUNT_MISTAKE)
 
 # First thing, before jax or tensorflow start threads: see host_allocator's docstring.
 HOST_ALLOCATOR_TUNED = host_allocator.keep_freed_memory()

@@ -99,7 +99,8 @@ def nearest_existing(path: str) -> str:
   return path
 
 
-def _exit_with(message: str) -> NoReturn:
+def exit_with(message: str) -> NoReturn:
+  """The one-line exit of every command's user error: `error: message` on stderr, status 2."""
   print(f'error: {message}', file=sys.stderr)
   sys.exit(2)
 
@@ -151,27 +152,27 @@ def cli_main(main: Callable) -> Callable:
     try:
       return main(*args, **kwargs)
     except ConfigError as e:
-      _exit_with(str(e))
+      exit_with(str(e))
     except RunStopped as e:
       _stop_as_signalled(str(e), e.signum)
     except KeyboardInterrupt:  # A second Ctrl-C in training; the first anywhere else.
       _stop_as_signalled('interrupted (Ctrl-C)', signal.SIGINT)
     except Exception as e:  # pylint: disable=broad-except
       if _is_out_of_memory(e):
-        _exit_with(f'out of memory ({first_line(e)}): lower the batch (--config.batch '
+        exit_with(f'out of memory ({first_line(e)}): lower the batch (--config.batch '
                    "or --config.batch_eval; infer's --batch_size, fewshot's --batch); python -m "
                    'vit_jax.plan tells what fits a device')
       if type(e).__name__ == 'DataLossError':  # TensorFlow's, for a record cut short or corrupt.
         reason = re.sub(r'^\{\{function_node [^}]*\}\}\s*|\s*\[Op:.*$', '', first_line(e))
-        _exit_with(f'a dataset file is damaged ({reason}): prepare the dataset again '
+        exit_with(f'a dataset file is damaged ({reason}): prepare the dataset again '
                    '(delete its folder in the data_dir; python -m vit_jax.datasets prepare NAME, '
                    'or tfds build NAME), then run again (a training run resumes)')
       if _is_disk_full(e):
-        _exit_with(f'no space left on the device ({first_line(e)}): free disk space, or pass '
+        exit_with(f'no space left on the device ({first_line(e)}): free disk space, or pass '
                    'another path, then run again (a training run resumes)')
       if not _is_permission_error(e):
         raise
-      _exit_with(f'permission denied ({type(e).__name__}: {e}): pass a path you can write to, '
+      exit_with(f'permission denied ({type(e).__name__}: {e}): pass a path you can write to, '
                  'or change its permissions')
 
   return wrapped
@@ -207,7 +208,7 @@ def _check_config_files_loaded() -> None:
       try:
         flag.value.keys()
       except OSError:
-        _exit_with(f'--{name}={flag.serialize().split("=", 1)[-1]}: no such config file '
+        exit_with(f'--{name}={flag.serialize().split("=", 1)[-1]}: no such config file '
                    '(paths are relative to the current folder, e.g. configs/default.py)')
 
 
@@ -216,7 +217,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     remaining = flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError) as e:
-    _exit_with(_flag_error_line(e))
+    exit_with(_flag_error_line(e))
   _check_config_files_loaded()
   return remaining
 

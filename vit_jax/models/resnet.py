@@ -42,13 +42,18 @@ def weight_standardize(w: jnp.ndarray, axis: int | tuple[int, ...], eps: float) 
   return w / (jnp.std(w, axis=axis, keepdims=True) + eps)
 
 
+def standardized_kernel(kernel: jnp.ndarray) -> jnp.ndarray:
+  """A conv kernel (h, w, in, out) standardised per output filter, as the stem uses it."""
+  return weight_standardize(kernel, axis=(0, 1, 2), eps=1e-5)
+
+
 class StdConv(nn.Conv):
   """Conv whose kernel is weight-standardised on every use (the stored kernel stays raw)."""
 
   def param(self, name: str, *args: Any, **kwargs: Any) -> Any:  # pylint: disable=arguments-differ
     value = super().param(name, *args, **kwargs)
     if name == 'kernel':
-      value = weight_standardize(value, axis=(0, 1, 2), eps=1e-5)
+      value = standardized_kernel(value)
     return value
 
 
@@ -65,7 +70,7 @@ class StdConv1x1(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (1, 1, x.shape[-1], self.features), jnp.float32)
-    kernel = weight_standardize(kernel, axis=(0, 1, 2), eps=1e-5)[0, 0]
+    kernel = standardized_kernel(kernel)[0, 0]
     x = x[:, ::self.strides, ::self.strides]
     return matmul.einsum_for(self.dtype)('bhwc,cf->bhwf', x.astype(self.dtype),
                                          kernel.astype(self.dtype))
