@@ -58,12 +58,13 @@ def _plain_attention(q, k, v):
 @pytest.mark.parametrize('dtype,tolerance', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 @pytest.mark.parametrize('shape', [(2, 3, 11, 16), (3, 2, 17, 32)])
 def test_cpu_attention_core_has_autodiffs_gradients(shape, dtype, tolerance):
-  """The CPU core's hand-written backward (dk and dv from transposed copies) gives the gradients
-  autodiff gives the textbook formulation, in float32 and through bfloat16's narrow products."""
+  """The CPU core, whose products' backward is laid out by hand (`matmul.cpu_batched_einsum`),
+  gives the gradients autodiff gives the textbook formulation, in float32 and in bfloat16."""
   q, k, v = (2 * jax.random.normal(key, shape).astype(dtype)
              for key in jax.random.split(jax.random.PRNGKey(0), 3))
   cotangent = jax.random.normal(jax.random.PRNGKey(1), shape)
-  core = lambda q, k, v: attention._attention_cpu(q, k, v, matmul.einsum_for(dtype))  # pylint: disable=protected-access
+  core = lambda q, k, v: attention._attention_cpu(  # pylint: disable=protected-access
+      q, k, v, matmul.cpu_batched_einsum(dtype))
   objectives = [lambda q, k, v, f=f: jnp.sum(f(q, k, v).astype(jnp.float32) * cotangent)
                 for f in (core, _plain_attention)]
   (value, grads), (expected_value, expected_grads) = [
@@ -75,13 +76,15 @@ def test_cpu_attention_core_has_autodiffs_gradients(shape, dtype, tolerance):
     assert rel(grad, expected) < tolerance
 
 
-def test_cpu_attention_gradient_contracts_every_product_over_the_last_axis():
+def test_float32_cpu_attention_gradient_contracts_every_product_over_the_last_axis():
   """XLA's CPU backend runs a batched product that contracts its left operand's leading token axis
-  on slow kernels; the backward's transposed copies keep every product of the gradient off them."""
+  on slower kernels; a float32 model's attention core keeps every product of its gradient off
+  them, as bfloat16's narrow products do (tests/test_matmul.py)."""
   q, k, v = (jax.random.normal(key, (2, 3, 11, 16))
              for key in jax.random.split(jax.random.PRNGKey(0), 3))
-  grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(attention._attention_cpu(  # pylint: disable=protected-access
-      q, k, v, jnp.einsum))), argnums=(0, 1, 2)))
+  core = lambda q, k, v: attention._attention_cpu(  # pylint: disable=protected-access
+      q, k, v, matmul.cpu_batched_einsum(jnp.float32))
+  grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(core(q, k, v))), argnums=(0, 1, 2)))
   hlo = grad.lower(q, k, v).compile().as_text()
   contractions = re.findall(r' dot\(.*?lhs_contracting_dims=\{(\d+)\}', hlo)
   assert len(contractions) >= 5  # q k^T, and dv, dk, dq, dweights in the backward.

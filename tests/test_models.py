@@ -199,6 +199,24 @@ def test_scan_and_unrolled_give_the_same_outputs():
           == jax.tree.structure(variables['params']))
 
 
+@pytest.mark.parametrize('scan,remat', [(False, 'dots'), (True, 'full')])
+def test_scan_and_remat_keep_the_gradients(scan, remat):
+  """Rematerialisation and the scan over layers change how the gradient is computed, not what it
+  is (the CPU attention's hand-written backward under jax.checkpoint and lax.scan included)."""
+  plain = models.create('ViT-Mu_4', num_classes=5)
+  variant = models.create('ViT-Mu_4', num_classes=5, scan=scan, remat=remat)
+  params = jax.tree.map(lambda p: p + 0.05, _init(plain)['params'])  # A non-zero head.
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+
+  def gradient(model, params):
+    objective = lambda p: jnp.sum(jnp.sin(model.apply({'params': p}, images)))
+    return jax.jit(jax.grad(objective))(params)
+
+  got = scan_layout.to_layout(gradient(variant, scan_layout.to_layout(params, scan)), False)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), got,
+               gradient(plain, params))
+
+
 def test_patch_embedding_is_the_strided_conv():
   images = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 24, 3))
   embed = vit.PatchEmbedding(16, (8, 4))

@@ -4,7 +4,6 @@ One layer, several formulations chosen per backend and dtype: head-major with la
 normalisation on CPU, `jax.nn.dot_product_attention` (cuDNN's fused kernel where it applies)
 elsewhere, explicit weights when the analyses read them or attention dropout is on.
 """
-import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -20,49 +19,19 @@ from vit_jax.models.dropout import Dropout
 Dtype = Any
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _attention_cpu(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
                    einsum: matmul.Einsum) -> jnp.ndarray:
   """softmax(q k^T) v on head-major (b, heads, t, d), normalised after the PV matmul.
 
   Head-major operands make every batched matmul contiguous per (b, head): on CPU the attention
   core ran ~2x faster forward + backward than on (b, t, heads, d). Normalising the (b, heads, t,
-  d) output rather than the (b, heads, t, t) weights saves a pass over the largest tensor. The
-  gradient is `_attention_cpu_backward`'s.
+  d) output rather than the (b, heads, t, t) weights saves a pass over the largest tensor.
+  `einsum` is `matmul.cpu_batched_einsum`'s, whose backward products XLA:CPU runs fast.
   """
-  return _attention_cpu_forward(q, k, v, einsum)[0]
-
-
-def _attention_cpu_forward(q, k, v, einsum):
   logits = einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32)
-  unnormalized = jnp.exp(logits - logits.max(-1, keepdims=True))
-  total = unnormalized.sum(-1, keepdims=True)
-  y = einsum('bhqk,bhkd->bhqd', unnormalized.astype(v.dtype), v).astype(jnp.float32) / total
-  return y.astype(v.dtype), (q, k, v, unnormalized, total, y)
-
-
-def _attention_cpu_backward(einsum, residuals, y_grad):
-  """The gradient autodiff would give, with the (t, t) factors of dk and dv transposed in memory.
-
-  Autodiff contracts dk = dlogits^T q and dv = weights^T dy over the first token axis of the
-  (t, t) factor; XLA hands such products to Eigen, which on CPU ran them several times slower
-  than the same products on a transposed copy (YNNPACK's). The barrier keeps XLA from folding
-  the copies back into the products: the embedded default's train step ran 1.09-1.24x faster,
-  ViT-S/16's the same (docs/performance.md).
-  """
-  q, k, v, unnormalized, total, y = residuals
-  output_grad = y_grad.astype(jnp.float32) / total  # Of the unnormalised PV product.
-  weights_grad = einsum('bhqd,bhkd->bhqk', output_grad.astype(v.dtype), v).astype(jnp.float32)
-  logits_grad = unnormalized * (weights_grad - jnp.sum(output_grad * y, -1, keepdims=True))
-  unnormalized_t, logits_grad_t = jax.lax.optimization_barrier(
-      (jnp.swapaxes(unnormalized, -1, -2), jnp.swapaxes(logits_grad, -1, -2)))
-  q_grad = einsum('bhqk,bhkd->bhqd', logits_grad.astype(k.dtype), k)
-  k_grad = einsum('bhkq,bhqd->bhkd', logits_grad_t.astype(q.dtype), q)
-  v_grad = einsum('bhkq,bhqd->bhkd', unnormalized_t.astype(v.dtype), output_grad.astype(v.dtype))
-  return q_grad.astype(q.dtype), k_grad.astype(k.dtype), v_grad.astype(v.dtype)
-
-
-_attention_cpu.defvjp(_attention_cpu_forward, _attention_cpu_backward)
+  unnormalized = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+  y = einsum('bhqk,bhkd->bhqd', unnormalized.astype(v.dtype), v).astype(jnp.float32)
+  return (y / unnormalized.sum(-1, keepdims=True)).astype(v.dtype)
 
 
 # 'auto' picks per backend and dtype; 'xla' and 'cudnn' are `jax.nn.dot_product_attention`'s.
@@ -160,7 +129,7 @@ class MultiHeadDotProductAttention(nn.Module):
         weights = Dropout(self.dropout_rate)(weights, deterministic=False)
       y = einsum('bhqk,bhkd->bhqd', weights, v)
     elif head_major:
-      y = _attention_cpu(q, k, v, einsum)
+      y = _attention_cpu(q, k, v, matmul.cpu_batched_einsum(self.dtype))
     else:
       lengths = jnp.full((x.shape[0],), tokens, jnp.int32) if padded else None
       y = jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation=fused,

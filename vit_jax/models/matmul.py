@@ -184,6 +184,16 @@ def einsum_for(dtype: Any) -> Einsum:
   return lambda spec, a, b: _named_narrow_einsum(spec, operand_dtype, a, b)
 
 
+def cpu_batched_einsum(dtype: Any) -> Einsum:
+  """On CPU, the einsum of batched products in `dtype`, float32 included: `narrow_einsum`, whose
+  backward products contract their lhs over its last axes. Autodiff of a plain einsum contracts
+  the attention core's weights^T dy and dlogits^T q over their first token axis, products XLA:CPU
+  left to slower kernels than these (the embedded default's train step 1.09-1.24x faster with
+  them laid out, docs/performance.md)."""
+  operand_dtype = jnp.dtype(dtype)
+  return lambda spec, a, b: narrow_einsum(spec, operand_dtype, a, b)
+
+
 def dot_general_for(dtype: Any) -> Optional[Callable[..., jax.Array]]:
   """The `dot_general` for flax's Dense / DenseGeneral (None: flax's default, lax.dot_general)."""
   if not _narrow_on_cpu(dtype):
