@@ -202,7 +202,7 @@ def test_scan_and_unrolled_give_the_same_outputs():
 @pytest.mark.parametrize('scan,remat', [(False, 'dots'), (True, 'full')])
 def test_scan_and_remat_keep_the_gradients(scan, remat):
   """Rematerialisation and the scan over layers change how the gradient is computed, not what it
-  is (the CPU attention's hand-written backward under jax.checkpoint and lax.scan included)."""
+  is (the CPU attention core's custom-VJP products under jax.checkpoint and lax.scan included)."""
   plain = models.create('ViT-Mu_4', num_classes=5)
   variant = models.create('ViT-Mu_4', num_classes=5, scan=scan, remat=remat)
   params = jax.tree.map(lambda p: p + 0.05, _init(plain)['params'])  # A non-zero head.
