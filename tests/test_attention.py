@@ -58,7 +58,7 @@ def _plain_attention(q, k, v):
 @pytest.mark.parametrize('dtype,tolerance', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 @pytest.mark.parametrize('shape', [(2, 3, 11, 16), (3, 2, 17, 32)])
 def test_cpu_attention_core_has_autodiffs_gradients(shape, dtype, tolerance):
-  """The CPU core, whose products' backward is laid out by hand (`matmul.cpu_batched_einsum`),
+  """The CPU core, whose products' backward is laid out for XLA:CPU (`matmul.cpu_batched_einsum`),
   gives the gradients autodiff gives the textbook formulation, in float32 and in bfloat16."""
   q, k, v = (2 * jax.random.normal(key, shape).astype(dtype)
              for key in jax.random.split(jax.random.PRNGKey(0), 3))

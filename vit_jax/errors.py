@@ -160,20 +160,20 @@ def cli_main(main: Callable) -> Callable:
     except Exception as e:  # pylint: disable=broad-except
       if _is_out_of_memory(e):
         exit_with(f'out of memory ({first_line(e)}): lower the batch (--config.batch '
-                   "or --config.batch_eval; infer's --batch_size, fewshot's --batch); python -m "
-                   'vit_jax.plan tells what fits a device')
+                  "or --config.batch_eval; infer's --batch_size, fewshot's --batch); python -m "
+                  'vit_jax.plan tells what fits a device')
       if type(e).__name__ == 'DataLossError':  # TensorFlow's, for a record cut short or corrupt.
         reason = re.sub(r'^\{\{function_node [^}]*\}\}\s*|\s*\[Op:.*$', '', first_line(e))
         exit_with(f'a dataset file is damaged ({reason}): prepare the dataset again '
-                   '(delete its folder in the data_dir; python -m vit_jax.datasets prepare NAME, '
-                   'or tfds build NAME), then run again (a training run resumes)')
+                  '(delete its folder in the data_dir; python -m vit_jax.datasets prepare NAME, '
+                  'or tfds build NAME), then run again (a training run resumes)')
       if _is_disk_full(e):
         exit_with(f'no space left on the device ({first_line(e)}): free disk space, or pass '
-                   'another path, then run again (a training run resumes)')
+                  'another path, then run again (a training run resumes)')
       if not _is_permission_error(e):
         raise
       exit_with(f'permission denied ({type(e).__name__}: {e}): pass a path you can write to, '
-                 'or change its permissions')
+                'or change its permissions')
 
   return wrapped
 
@@ -209,7 +209,7 @@ def _check_config_files_loaded() -> None:
         flag.value.keys()
       except OSError:
         exit_with(f'--{name}={flag.serialize().split("=", 1)[-1]}: no such config file '
-                   '(paths are relative to the current folder, e.g. configs/default.py)')
+                  '(paths are relative to the current folder, e.g. configs/default.py)')
 
 
 def parse_flags(argv: list[str]) -> list[str]:
