@@ -11,7 +11,6 @@ import pytest
 from vit_jax import models
 from vit_jax.errors import ConfigError
 from vit_jax.models import attention
-from vit_jax.models import matmul
 
 
 def test_fused_attention_matches_explicit_softmax():
@@ -58,13 +57,13 @@ def _plain_attention(q, k, v):
 @pytest.mark.parametrize('dtype,tolerance', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 @pytest.mark.parametrize('shape', [(2, 3, 11, 16), (3, 2, 17, 32)])
 def test_cpu_attention_core_has_autodiffs_gradients(shape, dtype, tolerance):
-  """The CPU core, whose products' backward is laid out for XLA:CPU (`matmul.cpu_batched_einsum`),
-  gives the gradients autodiff gives the textbook formulation, in float32 and in bfloat16."""
+  """The CPU core, whose backward is written out for XLA:CPU in float32 and goes through the
+  narrow products in bfloat16, gives the gradients autodiff gives the textbook formulation."""
   q, k, v = (2 * jax.random.normal(key, shape).astype(dtype)
              for key in jax.random.split(jax.random.PRNGKey(0), 3))
   cotangent = jax.random.normal(jax.random.PRNGKey(1), shape)
   core = lambda q, k, v: attention._attention_cpu(  # pylint: disable=protected-access
-      q, k, v, matmul.cpu_batched_einsum(dtype))
+      q, k, v, dtype)
   objectives = [lambda q, k, v, f=f: jnp.sum(f(q, k, v).astype(jnp.float32) * cotangent)
                 for f in (core, _plain_attention)]
   (value, grads), (expected_value, expected_grads) = [
@@ -83,7 +82,7 @@ def test_float32_cpu_attention_gradient_contracts_every_product_over_the_last_ax
   q, k, v = (jax.random.normal(key, (2, 3, 11, 16))
              for key in jax.random.split(jax.random.PRNGKey(0), 3))
   core = lambda q, k, v: attention._attention_cpu(  # pylint: disable=protected-access
-      q, k, v, matmul.cpu_batched_einsum(jnp.float32))
+      q, k, v, jnp.float32)
   grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(core(q, k, v))), argnums=(0, 1, 2)))
   hlo = grad.lower(q, k, v).compile().as_text()
   contractions = re.findall(r' dot\(.*?lhs_contracting_dims=\{(\d+)\}', hlo)

@@ -19,19 +19,63 @@ from vit_jax.models.dropout import Dropout
 Dtype = Any
 
 
-def _attention_cpu(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
-                   einsum: matmul.Einsum) -> jnp.ndarray:
-  """softmax(q k^T) v on head-major (b, heads, t, d), normalised after the PV matmul.
+def _unnormalized_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, einsum: matmul.Einsum
+                            ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+  """(exp(q k^T - max) v, exp(q k^T - max), its row sums) on head-major (b, heads, t, d), float32.
 
   Head-major operands make every batched matmul contiguous per (b, head): on CPU the attention
   core ran ~2x faster forward + backward than on (b, t, heads, d). Normalising the (b, heads, t,
   d) output rather than the (b, heads, t, t) weights saves a pass over the largest tensor.
-  `einsum` is `matmul.cpu_batched_einsum`'s, whose backward products XLA:CPU runs fast.
   """
   logits = einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32)
   unnormalized = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
   y = einsum('bhqk,bhkd->bhqd', unnormalized.astype(v.dtype), v).astype(jnp.float32)
-  return (y / unnormalized.sum(-1, keepdims=True)).astype(v.dtype)
+  return y, unnormalized, unnormalized.sum(-1, keepdims=True)
+
+
+@jax.custom_vjp
+def _attention_cpu_float32(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
+  """softmax(q k^T) v in float32, its backward products laid out for XLA:CPU's fast kernels.
+
+  Autodiff contracts dk = dlogits^T q and dv = weights^T dy over the first token axis of the
+  (t, t) factor, which XLA:CPU runs on slower kernels at few tokens; `matmul.narrow_einsum`'s
+  backward transposes the (t, d) operands instead, and its products with the head dim as their
+  rows ran slower at 197 tokens. Here the (t, t) factors are transposed (a copy, behind a barrier
+  that keeps XLA from folding it back into the product), and the softmax's gradient takes the
+  row sums of dy * y, (t, d), rather than of dweights * weights, (t, t). The core alone ran
+  10-20% faster forward + backward than either at 17 to 197 tokens (docs/performance.md).
+  """
+  return _attention_cpu_float32_fwd(q, k, v)[0]
+
+
+def _attention_cpu_float32_fwd(q, k, v):
+  y, unnormalized, sums = _unnormalized_attention(q, k, v, jnp.einsum)
+  y = y / sums
+  return y, (q, k, v, unnormalized, sums, y)
+
+
+def _attention_cpu_float32_bwd(residuals, dy):
+  q, k, v, unnormalized, sums, y = residuals
+  dy_unnormalized = dy / sums
+  dlogits = unnormalized * (jnp.einsum('bhqd,bhkd->bhqk', dy_unnormalized, v)
+                            - (dy * y).sum(-1, keepdims=True) / sums)
+  transposed = lambda x: jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+  return (jnp.einsum('bhqk,bhkd->bhqd', dlogits, k),
+          jnp.einsum('bhkq,bhqd->bhkd', transposed(dlogits), q),
+          jnp.einsum('bhkq,bhqd->bhkd', transposed(unnormalized), dy_unnormalized))
+
+
+_attention_cpu_float32.defvjp(_attention_cpu_float32_fwd, _attention_cpu_float32_bwd)
+
+
+def _attention_cpu(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, dtype: Dtype) -> jnp.ndarray:
+  """softmax(q k^T) v on head-major (b, heads, t, d), normalised after the PV matmul, with the
+  products in `dtype` (a narrow dtype's through `matmul.einsum_for`, whose backward lays out its
+  operands as XLA:CPU's matrix units take them)."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return _attention_cpu_float32(q, k, v)
+  y, _, sums = _unnormalized_attention(q, k, v, matmul.einsum_for(dtype))
+  return (y / sums).astype(v.dtype)
 
 
 # 'auto' picks per backend and dtype; 'xla' and 'cudnn' are `jax.nn.dot_product_attention`'s.
@@ -129,7 +173,7 @@ class MultiHeadDotProductAttention(nn.Module):
         weights = Dropout(self.dropout_rate)(weights, deterministic=False)
       y = einsum('bhqk,bhkd->bhqd', weights, v)
     elif head_major:
-      y = _attention_cpu(q, k, v, matmul.cpu_batched_einsum(self.dtype))
+      y = _attention_cpu(q, k, v, self.dtype)
     else:
       lengths = jnp.full((x.shape[0],), tokens, jnp.int32) if padded else None
       y = jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation=fused,

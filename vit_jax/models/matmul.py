@@ -9,8 +9,7 @@ op. So on CPU a narrow compute dtype applies to the products alone: operands rou
 accumulation and results in float32, backward products the same way, each laid out as the matrix
 units take it (`_lhs_contracting_last`); the element-wise work in between stays float32.
 Accelerators get the plain `jnp.einsum` / `lax.dot_general` (bfloat16 results, accumulated in
-float32 by the hardware), and so do float32 models everywhere, but for the CPU attention core's
-batched products, whose backward is laid out as bfloat16's (`cpu_batched_einsum`).
+float32 by the hardware), and so do float32 models everywhere.
 """
 import functools
 import logging
@@ -183,16 +182,6 @@ def einsum_for(dtype: Any) -> Einsum:
     return jnp.einsum
   operand_dtype = jnp.dtype(dtype)
   return lambda spec, a, b: _named_narrow_einsum(spec, operand_dtype, a, b)
-
-
-def cpu_batched_einsum(dtype: Any) -> Einsum:
-  """On CPU, the einsum of batched products in `dtype`, float32 included: `narrow_einsum`, whose
-  backward products contract their lhs over its last axes. Autodiff of a plain einsum contracts
-  the attention core's weights^T dy and dlogits^T q over their first token axis, products XLA:CPU
-  left to slower kernels than these (the embedded default's train step 1.05-1.17x faster with
-  them laid out, docs/performance.md)."""
-  operand_dtype = jnp.dtype(dtype)
-  return lambda spec, a, b: narrow_einsum(spec, operand_dtype, a, b)
 
 
 def dot_general_for(dtype: Any) -> Optional[Callable[..., jax.Array]]:
