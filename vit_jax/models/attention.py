@@ -42,8 +42,9 @@ def _attention_cpu_float32(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jn
   backward transposes the (t, d) operands instead, and its products with the head dim as their
   rows ran slower at 197 tokens. Here the (t, t) factors are transposed (a copy, behind a barrier
   that keeps XLA from folding it back into the product), and the softmax's gradient takes the
-  row sums of dy * y, (t, d), rather than of dweights * weights, (t, t). The core alone ran
-  10-20% faster forward + backward than either at 17 to 197 tokens (docs/performance.md).
+  row sums of dy * y, (t, d), rather than of dweights * weights, (t, t). The core alone, forward
+  + backward, ran 11-20% faster than through the narrow products at 17, 50 and 197 tokens, and
+  than autodiff's at 17 and 50 (level at 197; docs/performance.md).
   """
   return _attention_cpu_float32_fwd(q, k, v)[0]
 
