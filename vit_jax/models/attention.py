@@ -43,8 +43,8 @@ def _attention_cpu_float32(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jn
   rows ran slower at 197 tokens. Here the (t, t) factors are transposed (a copy, behind a barrier
   that keeps XLA from folding it back into the product), and the softmax's gradient takes the
   row sums of dy * y, (t, d), rather than of dweights * weights, (t, t). The core alone, forward
-  + backward, ran 11-20% faster than through the narrow products at 17, 50 and 197 tokens, and
-  than autodiff's at 17 and 50 (level at 197; docs/performance.md).
+  + backward, ran faster than through the narrow products at 17, 50 and 197 tokens (11-20%),
+  and than autodiff's at 17 and 50 (19-34%; level at 197; docs/performance.md).
   """
   return _attention_cpu_float32_fwd(q, k, v)[0]
 
