@@ -2,6 +2,7 @@
 its arguments, environment, exit codes and signals are checked in seconds; the real 2-process
 training runs are in test_multihost.py."""
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -103,6 +104,28 @@ def test_processes_get_their_ids_devices_and_coordinator(tmp_path):
                     f'--process_id={i} --config=a b --workdir=w '
                     '--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=2 '
                     f'127.0.0.1:{port}')  # JAX's coordinator binds there, not on every interface
+
+
+@pytest.mark.skipif(not hasattr(os, 'sched_getaffinity') or len(os.sched_getaffinity(0)) < 2,
+                    reason='needs CPU affinity masks and two CPUs')
+def test_processes_get_disjoint_shares_of_the_cpus_or_all_of_them_when_too_few(tmp_path):
+  """As hosts of a pod: each process its own cores (XLA's threads, the per-core rates), while
+  there are at least as many CPUs as processes; with fewer, every process keeps them all."""
+  env = fake_module(tmp_path, 'import json, os\n'
+                               "print('cpus', json.dumps(sorted(os.sched_getaffinity(0))))\n")
+  cpus = sorted(os.sched_getaffinity(0))
+
+  def shares(n, launcher_cpus):
+    result = subprocess.run([LOCAL, str(n), '--module=fake_main'], env=env, capture_output=True,
+                            text=True, timeout=60,
+                            preexec_fn=lambda: os.sched_setaffinity(0, launcher_cpus))
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line.split(' cpus ')[1]) for line in sorted(result.stdout.splitlines())]
+
+  two = shares(2, cpus)
+  assert sorted(two[0] + two[1]) == cpus and two[0] and two[1]
+  assert two[0] == cpus[:len(cpus) // 2]
+  assert shares(2, cpus[:1]) == [cpus[:1], cpus[:1]]
 
 
 def test_a_closed_stdout_drops_the_output_and_the_processes_run_on(tmp_path):

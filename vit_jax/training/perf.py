@@ -25,7 +25,8 @@ def device_peak_tflops(device: Optional[jax.Device] = None) -> Optional[float]:
 
 def cores() -> int:
   """Accelerator devices, or on CPU the cores (logical CPUs) every process may run on: its own
-  times the process count."""
+  times the process count (processes on one machine share none under launch/local.sh, which
+  gives each its own)."""
   if jax.default_backend() == 'cpu':
     return host_devices.schedulable_cores() * jax.process_count()
   return jax.device_count()
