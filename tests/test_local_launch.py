@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -116,9 +117,11 @@ def test_processes_get_disjoint_shares_of_the_cpus_or_all_of_them_when_too_few(t
   cpus = sorted(os.sched_getaffinity(0))
 
   def shares(n, launcher_cpus):
-    result = subprocess.run([LOCAL, str(n), '--module=fake_main'], env=env, capture_output=True,
-                            text=True, timeout=60,
-                            preexec_fn=lambda: os.sched_setaffinity(0, launcher_cpus))
+    # The launcher started with `launcher_cpus` (a preexec_fn would fork this JAX process).
+    pinned_launcher = (f'import os; os.sched_setaffinity(0, {launcher_cpus}); '
+                       f'os.execv({LOCAL!r}, [{LOCAL!r}, "{n}", "--module=fake_main"])')
+    result = subprocess.run([sys.executable, '-c', pinned_launcher], env=env,
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return [json.loads(line.split(' cpus ')[1]) for line in sorted(result.stdout.splitlines())]
 
