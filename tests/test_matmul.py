@@ -9,6 +9,7 @@ import pytest
 
 from vit_jax import models
 from vit_jax.models import matmul
+from vit_jax.models import vit
 
 
 def _operands(seed, *shapes):
@@ -172,3 +173,26 @@ def test_bfloat16_training_is_called_slow_where_the_cpu_has_no_bfloat16_products
     assert note.startswith('dtype=bfloat16 on a CPU without bfloat16 product instructions')
     assert note.endswith('--config.dtype=float32 is faster here')
   assert matmul.slow_bfloat16_note('bfloat16', str(tmp_path / 'missing')) is None
+
+
+def test_float32_mlp_on_cpu_takes_the_laid_out_backward_with_autodiffs_gradients():
+  """The MLP's float32 layers go through narrow_einsum's backward on CPU (a faster layout of the
+  weight gradients), with the plain formulation's outputs and gradients."""
+  assert jax.default_backend() == 'cpu'
+  assert matmul.dot_general_for(jnp.float32, laid_out_on_cpu=True) is not None
+  x, = _operands(0, (2, 7, 16))
+  block = vit.MlpBlock(mlp_dim=48)
+  params = block.init(jax.random.PRNGKey(1), x, deterministic=True)['params']
+
+  def plain(params, x):
+    hidden = nn.gelu(x @ params['Dense_0']['kernel'] + params['Dense_0']['bias'])
+    return hidden @ params['Dense_1']['kernel'] + params['Dense_1']['bias']
+
+  def laid_out(params, x):
+    return block.apply({'params': params}, x, deterministic=True)
+
+  np.testing.assert_allclose(laid_out(params, x), plain(params, x), rtol=1e-5, atol=1e-6)
+  loss = lambda f: lambda params, x: jnp.sum(jnp.sin(f(params, x)))
+  grads = [jax.grad(loss(f), argnums=(0, 1))(params, x) for f in (laid_out, plain)]
+  for got, want in zip(*map(jax.tree.leaves, grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

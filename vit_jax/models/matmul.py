@@ -9,7 +9,8 @@ op. So on CPU a narrow compute dtype applies to the products alone: operands rou
 accumulation and results in float32, backward products the same way, each laid out as the matrix
 units take it (`_lhs_contracting_last`); the element-wise work in between stays float32.
 Accelerators get the plain `jnp.einsum` / `lax.dot_general` (bfloat16 results, accumulated in
-float32 by the hardware), and so do float32 models everywhere.
+float32 by the hardware), and so do float32 models everywhere, but for the MLP's layers on CPU,
+whose backward takes the same layout (`dot_general_for`'s `laid_out_on_cpu`).
 """
 import functools
 import logging
@@ -184,9 +185,19 @@ def einsum_for(dtype: Any) -> Einsum:
   return lambda spec, a, b: _named_narrow_einsum(spec, operand_dtype, a, b)
 
 
-def dot_general_for(dtype: Any) -> Optional[Callable[..., jax.Array]]:
-  """The `dot_general` for flax's Dense / DenseGeneral (None: flax's default, lax.dot_general)."""
-  if not _narrow_on_cpu(dtype):
+def dot_general_for(dtype: Any, *, laid_out_on_cpu: bool = False
+                    ) -> Optional[Callable[..., jax.Array]]:
+  """The `dot_general` for flax's Dense / DenseGeneral (None: flax's default, lax.dot_general).
+
+  `laid_out_on_cpu`: float32 products on CPU take `narrow_einsum`'s backward too (the MLP's
+  layers). Autodiff's weight gradient comes out (out, in), from a transposed copy of the output
+  gradient, and is transposed back in the optimizer's fusions after the all-reduce;
+  `narrow_einsum`'s transposes the narrower input and leaves it (in, out). The ViT-S/16 float32
+  train step: 0.99-1.04x in five alternated pairs (median 1.03); the attention's output layer,
+  whose backward then transposes more, did not gain (docs/performance.md).
+  """
+  float32_laid_out = laid_out_on_cpu and jax.default_backend() == 'cpu'
+  if not (_narrow_on_cpu(dtype) or float32_laid_out):
     return None
   operand_dtype = jnp.dtype(dtype)
 

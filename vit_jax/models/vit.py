@@ -83,7 +83,8 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, deterministic: bool) -> jnp.ndarray:
     dense = lambda features, name: nn.Dense(  # pylint: disable=g-long-lambda
-        features, dtype=self.dtype, name=name, dot_general=matmul.dot_general_for(self.dtype),
+        features, dtype=self.dtype, name=name,
+        dot_general=matmul.dot_general_for(self.dtype, laid_out_on_cpu=True),
         kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6))
     y = dense(self.mlp_dim, 'Dense_0')(x)
