@@ -7,8 +7,6 @@ import sys
 import jax
 import numpy as np
 import pytest
-from absl import flags
-from ml_collections import config_flags
 
 import config_files
 import imports
@@ -45,11 +43,7 @@ EPOCHS_21K = {'vit_ti16': 90, 'vit_s16': 90, 'vit_b16': 90, 'vit_b32': 90, 'r50_
 def _load(name: str, arg=None):
   """Exactly what `--config=configs/NAME.py[:ARG]` gives main (config_flags, locked)."""
   argv = ['main', f'--config={os.path.join(CONFIGS_DIR, name)}.py' + (f':{arg}' if arg else '')]
-  flag_values = flags.FlagValues()
-  flag = config_flags.DEFINE_config_file('config', flag_values=flag_values, lock_config=True,
-                                         sys_argv=argv)
-  flag_values(argv)
-  return flag.value
+  return config_files.parse_config_flag(argv)
 
 
 def _vit_params(hidden, mlp, layers, patch, num_classes, representation_size=None,
@@ -155,11 +149,9 @@ def test_default_argument_is_imagenet2012():
 def test_overrides_apply_on_top_of_the_recipe():
   argv = ['main', f'--config={CONFIGS_DIR}/vit_l16.py:imagenet21k', '--config.batch=512',
           '--config.grad_norm_clip=1.0', '--config.model_overrides.dropout_rate=0.0']
-  flag_values = flags.FlagValues()
-  flag = config_flags.DEFINE_config_file('config', flag_values=flag_values, sys_argv=argv)
-  flag_values(argv)
-  assert flag.value.batch == 512 and flag.value.grad_norm_clip == 1.0
-  assert flag.value.model_overrides.dropout_rate == 0.0
+  config = config_files.parse_config_flag(argv)
+  assert config.batch == 512 and config.grad_norm_clip == 1.0
+  assert config.model_overrides.dropout_rate == 0.0
 
 
 @pytest.mark.parametrize('name', ['default', 'vit_ti16'])
@@ -167,11 +159,8 @@ def test_scan_and_remat_can_be_set_from_the_command_line(name):
   """The model options the README names as flags exist in the configs, so they can be set."""
   argv = ['main', f'--config={CONFIGS_DIR}/{name}.py', '--config.model_overrides.scan=True',
           '--config.model_overrides.remat=dots']
-  flag_values = flags.FlagValues()
-  flag = config_flags.DEFINE_config_file('config', flag_values=flag_values, sys_argv=argv,
-                                         lock_config=True)
-  flag_values(argv)
-  model = experiment.build(flag.value, num_classes=10).model
+  config = config_files.parse_config_flag(argv)
+  model = experiment.build(config, num_classes=10).model
   assert model.scan and model.remat == 'dots'
 
 
@@ -207,17 +196,11 @@ def test_a_library_error_is_quoted_by_its_first_line(error, first_line, summary)
 def test_data_dir_can_be_given_on_the_command_line(config_arg, tmp_path):
   """Unset it is None (TFDS_DATA_DIR); as a flag it reaches the config (it was an untyped None)."""
   argv = ['main', f'--config={CONFIGS_DIR}/{config_arg}']
-  flag_values = flags.FlagValues()
-  flag = config_flags.DEFINE_config_file('config', flag_values=flag_values, sys_argv=argv,
-                                         lock_config=True)
-  flag_values(argv)
-  assert flag.value.data_dir is None
+  config = config_files.parse_config_flag(argv)
+  assert config.data_dir is None
   argv.append(f'--config.data_dir={tmp_path}')
-  flag_values = flags.FlagValues()
-  flag = config_flags.DEFINE_config_file('config', flag_values=flag_values, sys_argv=argv,
-                                         lock_config=True)
-  flag_values(argv)
-  assert flag.value.data_dir == str(tmp_path) and flag.value.get('data_dir') == str(tmp_path)
+  config = config_files.parse_config_flag(argv)
+  assert config.data_dir == str(tmp_path) and config.get('data_dir') == str(tmp_path)
 
 
 @pytest.mark.parametrize('flags_given', [False, True])
@@ -227,12 +210,9 @@ def test_finetune_compute_options_default_to_the_checkpoints(flags_given):
   if flags_given:
     argv += ['--config.model_overrides.scan=False', '--config.model_overrides.remat=dots',
              '--config.model_overrides.dropout_rate=0.2']
-  flag_values = flags.FlagValues()
-  flag = config_flags.DEFINE_config_file('config', flag_values=flag_values, sys_argv=argv,
-                                         lock_config=True)
-  flag_values(argv)
+  config = config_files.parse_config_flag(argv)
   checkpoints = {'scan': True, 'remat': 'full', 'dropout_rate': 0.1}
-  overrides = finetune.with_architecture(flag.value, 'ViT-Mu_4', checkpoints, 1).model_overrides
+  overrides = finetune.with_architecture(config, 'ViT-Mu_4', checkpoints, 1).model_overrides
   expected = {'scan': False, 'remat': 'dots'} if flags_given else {'scan': True, 'remat': 'full'}
   assert {k: overrides[k] for k in expected} == expected
   # Pre-training's dropout is not inherited; the fine-tune's own is set like the rest.
@@ -389,12 +369,9 @@ def test_every_pp_option_can_be_set_on_the_command_line(config_arg):
            '--config.pp.eval.crop=resize_crop']
   values = []
   for args in ([], given):
-    flag_values = flags.FlagValues()
-    flag = config_flags.DEFINE_config_file('config', flag_values=flag_values,
-                                           sys_argv=argv + args, lock_config=True)
-    flag_values(argv + args)
-    values.append(pp_options.train_options(flag.value.pp.train) | {
-        'eval_crop': pp_options.eval_options(flag.value.pp.eval)['crop']})
+    config = config_files.parse_config_flag(argv + args)
+    values.append(pp_options.train_options(config.pp.train) | {
+        'eval_crop': pp_options.eval_options(config.pp.eval)['crop']})
   unset, set_ = values
   assert unset['randaug'] is None and unset['mixup'] == 0.0
   assert set_ == unset | dict(mixup=0.2, randaug=(2, 15.0), inception_area_min=0.08,

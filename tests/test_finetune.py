@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
-from ml_collections import config_flags
 
 import param_trees
 
@@ -45,11 +44,7 @@ FINETUNE = dict(image_size=24, total_steps=40, batch=64, eval_every=40, progress
 def _load_config(name: str, arg: str = ''):
   """What `--config=configs/NAME.py[:ARG]` gives a command (config_flags, locked)."""
   argv = ['cmd', f'--config={ROOT / "configs" / name}.py' + (f':{arg}' if arg else '')]
-  flag_values = flags.FlagValues()
-  flag = config_flags.DEFINE_config_file('config', flag_values=flag_values, lock_config=True,
-                                         sys_argv=argv)
-  flag_values(argv)
-  return flag.value
+  return config_files.parse_config_flag(argv)
 
 
 def _default_config(**overrides):

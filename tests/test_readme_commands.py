@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from absl import flags
-from ml_collections import config_flags
 
+import config_files
 from vit_jax import bench  # Defines the bench's flags on absl's FLAGS.
 from vit_jax.training import experiment
 
@@ -32,9 +32,7 @@ def parse_bench_command(argv: list[str]) -> flags.FlagValues:
   for flag in flags.FLAGS.get_flags_for_module(bench.__name__):
     if flag.name != 'config':
       values[flag.name] = copy.deepcopy(flag)
-  config_flags.DEFINE_config_file('config', flag_values=values, lock_config=False,
-                                  sys_argv=['bench', *argv])
-  values(['bench', *argv])
+  config_files.parse_config_flag(['bench', *argv], values, lock_config=False)
   return values
 
 

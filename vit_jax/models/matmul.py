@@ -196,8 +196,7 @@ def dot_general_for(dtype: Any, *, laid_out_on_cpu: bool = False
   train step: 0.99-1.04x in five alternated pairs (median 1.03); the attention's output layer,
   whose backward then transposes more, did not gain (docs/performance.md).
   """
-  float32_laid_out = laid_out_on_cpu and jax.default_backend() == 'cpu'
-  if not (_narrow_on_cpu(dtype) or float32_laid_out):
+  if not (_narrow_on_cpu(dtype) or (laid_out_on_cpu and jax.default_backend() == 'cpu')):
     return None
   operand_dtype = jnp.dtype(dtype)
 
