@@ -102,20 +102,33 @@ def test_summary_attributes_the_ops_of_exactly_the_traced_steps(tmp_path):
   assert 'ms/step' in profiling.format_summary(rows)
 
 
+def _event(name, ms, /, **stats):  # A stat may be called name.
+  return types.SimpleNamespace(name=name, duration_ns=ms * 1e6, stats=list(stats.items()))
+
+
+def _plane(name, *events):
+  return types.SimpleNamespace(name=name, lines=[types.SimpleNamespace(events=list(events))])
+
+
+_MLP_HLO = textwrap.dedent("""\
+    HloModule jit_loss
+    ENTRY %main {
+      %dot.1 = f32[8] dot(%a, %b), metadata={op_name="jit(loss)/MlpBlock/dot_general"}
+      %tanh.2 = f32[8] tanh(%dot.1), metadata={op_name="jit(loss)/MlpBlock/tanh"}
+      %all-reduce.3 = f32[8] all-reduce(%tanh.2), metadata={op_name="jit(loss)/MlpBlock/psum"}
+    }""")
+
+
 def test_summary_reads_gpu_kernels_by_their_hlo_op_and_skips_host_launches(monkeypatch):
   """The shape of a real H200 trace (jax 0.11.2), hand-made with 2 steps: a kernel event is named
   by the kernel, its HLO op is a stat, it carries no run_id (the host's launch of the module
   does), and the host plane holds launches of the same ops. A kernel inside a CUDA graph is
   named by the graph (hlo_op 'command_buffer_1'): unattributed."""
-  event = lambda kernel, ms, **stats: types.SimpleNamespace(  # pylint: disable=g-long-lambda
-      name=kernel, duration_ns=ms * 1e6, stats=list(stats.items()))
-  plane = lambda name, *events: types.SimpleNamespace(  # pylint: disable=g-long-lambda
-      name=name, lines=[types.SimpleNamespace(events=list(events))])
-  launches = [event('CommonPjRtLoadedExecutable::Execute (jit_loss)', 9.0, run_id=run,
+  launches = [_event('CommonPjRtLoadedExecutable::Execute (jit_loss)', 9.0, run_id=run,
                     name='jit_loss') for run in (7, 8)]
-  planes = [plane('/host:CPU', event('dot.1', 50.0, hlo_op='dot.1', hlo_module='jit_loss'),
-                  *launches),
-            plane('/device:GPU:0', *[event(kernel, ms, hlo_op=op, hlo_module='jit_loss')
+  planes = [_plane('/host:CPU', _event('dot.1', 50.0, hlo_op='dot.1', hlo_module='jit_loss'),
+                   *launches),
+            _plane('/device:GPU:0', *[_event(kernel, ms, hlo_op=op, hlo_module='jit_loss')
                                      for _ in launches
                                      for kernel, op, ms in [('sm90_xmma_gemm_bf16', 'dot.1', 3.0),
                                                             ('loop_tanh_fusion', 'tanh.2', 1.0),
@@ -124,17 +137,31 @@ def test_summary_reads_gpu_kernels_by_their_hlo_op_and_skips_host_launches(monke
                                                              0.25)]])]
   monkeypatch.setattr(profiling.ProfileData, 'from_file',
                       lambda path: types.SimpleNamespace(planes=planes))
-  hlo_text = textwrap.dedent("""\
-      HloModule jit_loss
-      ENTRY %main {
-        %dot.1 = f32[8] dot(%a, %b), metadata={op_name="jit(loss)/MlpBlock/dot_general"}
-        %tanh.2 = f32[8] tanh(%dot.1), metadata={op_name="jit(loss)/MlpBlock/tanh"}
-      }""")
   rows = {(row['direction'], row['scope']): (row['ms_per_step'], row['ops_per_step'])
-          for row in profiling.summarize('trace.xplane.pb', hlo_text)}
+          for row in profiling.summarize('trace.xplane.pb', _MLP_HLO)}
   assert rows == {('forward', 'MlpBlock/dot_general'): (3.0, 1),
                   ('forward', 'MlpBlock/tanh'): (1.0, 1), ('other', 'unattributed'): (0.75, 2)}
   assert profiling.traced_steps('trace.xplane.pb', 'jit_loss') == 2
+
+
+def test_a_stalled_cpu_step_does_not_swell_the_op_that_waited_for_it(monkeypatch):
+  """The shape of a traced ViT-Ti/16 step on two CPU devices: each op names its step (run_id);
+  in one of three steps device 1's ops ran 2.3x slower (tracing stalls a device now and then),
+  and device 0 waited for it inside the gradients' all-reduce. The median step is reported."""
+  def device_ops(run_id, slowdown, all_reduce_ms):
+    return [_event(op, ms, hlo_op=op, hlo_module='jit_loss', run_id=run_id)
+            for op, ms in [('dot.1', 600.0 * slowdown), ('tanh.2', 100.0 * slowdown),
+                           ('all-reduce.3', all_reduce_ms)]]
+  planes = [_plane('/host:CPU', *device_ops(1, 1.0, 10.0), *device_ops(1, 1.0, 12.0),
+                   *device_ops(2, 1.0, 950.0), *device_ops(2, 2.3, 11.0),  # The stalled step.
+                   *device_ops(3, 1.0, 12.0), *device_ops(3, 1.0, 10.0))]
+  monkeypatch.setattr(profiling.ProfileData, 'from_file',
+                      lambda path: types.SimpleNamespace(planes=planes))
+  rows = {row['scope']: (row['ms_per_step'], row['ops_per_step'], row['share'])
+          for row in profiling.summarize('trace.xplane.pb', _MLP_HLO)}
+  assert rows['MlpBlock/dot_general'] == pytest.approx((1200.0, 2, 1200 / 1422))
+  assert rows['MlpBlock/tanh'] == pytest.approx((200.0, 2, 200 / 1422))
+  assert rows['MlpBlock/psum'] == pytest.approx((22.0, 2, 22 / 1422))  # Not (22 + 961) / 3.
 
 
 def test_the_train_profiler_is_off_by_default_and_skips_runs_too_short(caplog):

@@ -44,8 +44,8 @@ def _print_table(result: dict) -> None:
     text = f'{value:,.4g}' if isinstance(value, float) else str(value)
     print(f'{key:<{width}}  {text}')
   if top_ops:
-    print(f'\nTop ops of the traced steps (op time summed over devices and threads):\n'
-          f'{profiling.format_summary(top_ops)}')
+    print(f'\nTop ops per traced step (op time summed over devices and threads; on CPU each '
+          f"scope's median over the steps):\n{profiling.format_summary(top_ops)}")
 
 
 def main(argv: list[str]) -> None:
