@@ -147,7 +147,8 @@ def test_summary_reads_gpu_kernels_by_their_hlo_op_and_skips_host_launches(monke
 def test_a_stalled_cpu_step_does_not_swell_the_op_that_waited_for_it(monkeypatch):
   """The shape of a traced ViT-Ti/16 step on two CPU devices: each op names its step (run_id);
   in one of three steps device 1's ops ran 2.3x slower (tracing stalls a device now and then),
-  and device 0 waited for it inside the gradients' all-reduce. The median step is reported."""
+  and device 0 waited for it inside the gradients' all-reduce. Each scope's median over the
+  steps is reported."""
   def device_ops(run_id, slowdown, all_reduce_ms):
     return [_event(op, ms, hlo_op=op, hlo_module='jit_loss', run_id=run_id)
             for op, ms in [('dot.1', 600.0 * slowdown), ('tanh.2', 100.0 * slowdown),
