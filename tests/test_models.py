@@ -199,7 +199,7 @@ def test_scan_and_unrolled_give_the_same_outputs():
           == jax.tree.structure(variables['params']))
 
 
-@pytest.mark.parametrize('scan,remat', [(False, 'dots'), (True, 'full')])
+@pytest.mark.parametrize('scan,remat', [(False, 'dots'), (True, 'full'), (True, 'none')])
 def test_scan_and_remat_keep_the_gradients(scan, remat):
   """Rematerialisation and the scan over layers change how the gradient is computed, not what it
   is (the CPU attention core's custom-VJP products under jax.checkpoint and lax.scan included)."""
@@ -215,6 +215,21 @@ def test_scan_and_remat_keep_the_gradients(scan, remat):
   got = scan_layout.to_layout(gradient(variant, scan_layout.to_layout(params, scan)), False)
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6), got,
                gradient(plain, params))
+
+
+def test_a_scanned_stack_saves_no_more_for_the_backward_pass_than_an_unrolled_one():
+  """Under scan each value saved for the backward pass is written out per layer; the scanned
+  blocks recompute the LayerNorms' and GELU's element-wise intermediates instead, which unrolled
+  XLA fuses away by itself (XLA:CPU temp here: unrolled 135 MiB; scanned 182 before, 100 now)."""
+  images = jnp.zeros((64, 32, 32, 3))
+
+  def gradient_temp(model):
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images))
+    loss = lambda p: model.apply(p, images, train=True).sum()
+    return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+  unrolled = gradient_temp(models.create('ViT-Mu_4', num_classes=5))
+  assert gradient_temp(models.create('ViT-Mu_4', num_classes=5, scan=True)) < 0.9 * unrolled
 
 
 def test_patch_embedding_is_the_strided_conv():

@@ -165,7 +165,7 @@ def cpu_memory_notes(config: ml_collections.ConfigDict, model: Any) -> list[str]
                  'expect a TPU\'s activations at up to about half of it')
   if model.remat != 'none' and not model.scan:
     # Measured (jax 0.10.2): ViT-B/16's step had the same temp with remat none, full and dots
-    # unrolled, and 1.59 -> 0.65 GiB (none -> full) scanned.
+    # unrolled (1.06 GiB), and 1.06 -> 0.65 GiB (none -> full) scanned.
     notes.append(f"remat='{model.remat}' without scan saves no memory on XLA:CPU, whose "
                  'scheduler recomputes the layers before the backward pass, so temp is that of '
                  'no remat: plan with --config.model_overrides.scan=True to see what remat saves')
